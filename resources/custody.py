@@ -1,0 +1,166 @@
+"""The chain of custody as Dagster resources: the encrypted store, the audit log, the actor.
+
+Assets seal what they produce (``custody.output(frame)``), which encrypts it into the store and
+returns a ``dg.Output`` whose metadata and data version carry the plaintext SHA-256. Downstream
+assets receive their inputs through :class:`EncryptedIOManager`, which loads by the digest
+recorded on the upstream materialization and never by a path.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+
+from secure_ml.audit import AuditLog
+from secure_ml.settings import Settings
+from secure_ml.store import ArtifactRef, ArtifactStore
+
+
+@dataclass(frozen=True)
+class Sealed:
+    """An artifact already encrypted into the store; what an asset hands to the IO manager."""
+
+    ref: ArtifactRef
+
+    @property
+    def sha256(self) -> str:
+        return self.ref.sha256
+
+
+class CustodyResource(dg.ConfigurableResource):  # type: ignore[type-arg]
+    """Encrypted artifact store and audit log under ``home`` (``$SECURE_ML_HOME``)."""
+
+    home: str
+    env: str = "local"
+
+    def settings(self) -> Settings:
+        import os
+
+        environ = dict(os.environ)
+        environ["SECURE_ML_HOME"] = self.home
+        environ["SECURE_ML_ENV"] = self.env
+        return Settings.from_env(environ)
+
+    def actor(self, context: Any = None) -> str:
+        tags = getattr(getattr(context, "run", None), "tags", None)
+        return self.settings().actor(tags)
+
+    def store(self, context: Any = None) -> ArtifactStore:
+        return self.settings().artifact_store(actor=self.actor(context))
+
+    def audit(self) -> AuditLog:
+        return self.settings().audit_log()
+
+    def record(self, context: Any, action: str, **fields: Any) -> None:
+        """Audit a security decision, tagged with the Dagster run it happened in."""
+        details = dict(fields.pop("details", {}) or {})
+        run_id = getattr(context, "run_id", None)
+        if run_id:
+            details["run_id"] = run_id
+        self.audit().record(self.actor(context), action, details=details, **fields)
+
+    # -- sealing outputs ------------------------------------------------------------------
+    def seal(self, context: Any, value: Any, **details: Any) -> Sealed:
+        store = self.store(context)
+        if isinstance(value, pd.DataFrame):
+            ref = store.put_dataframe(value, details=details)
+        elif isinstance(value, Path):
+            ref = store.put_tree(value, details=details)
+        elif isinstance(value, bytes):
+            ref = store.put_bytes(value, details=details)
+        else:
+            ref = store.put_json(value, details=details)
+        return Sealed(ref)
+
+    def output(self, context: Any, value: Any, *, metadata: dict[str, Any] | None = None) -> dg.Output[Sealed]:
+        """Seal ``value`` and return the Output that records its digest as the data version."""
+        return sealed_output(self.seal(context, value), metadata)
+
+    # -- reading what upstream recorded ---------------------------------------------------
+    def recorded(self, instance: dg.DagsterInstance, asset_key: dg.AssetKey,
+                 partition: str | None = None) -> dict[str, Any]:
+        """Metadata of the latest materialization of ``asset_key`` (values unwrapped)."""
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=[partition] if partition else None),
+            limit=1,
+        ).records
+        if not records:
+            raise dg.Failure(f"{asset_key.to_user_string()} has never been materialized")
+        materialization = records[0].asset_materialization
+        assert materialization is not None
+        return {k: getattr(v, "value", v) for k, v in materialization.metadata.items()}
+
+
+def sealed_output(sealed: Sealed, metadata: dict[str, Any] | None = None) -> dg.Output[Sealed]:
+    """The Output for an already sealed artifact: digest in metadata and as the data version."""
+    return dg.Output(
+        sealed,
+        data_version=dg.DataVersion(sealed.sha256),
+        metadata={**digest_metadata(sealed.ref), **(metadata or {})},
+    )
+
+
+def digest_metadata(ref: ArtifactRef) -> dict[str, Any]:
+    return {
+        "sha256": ref.sha256,
+        "size_bytes": ref.size,
+        "artifact_kind": ref.kind,
+        "stored_at": ref.location,
+        "key_id": ref.key_id,
+    }
+
+
+class EncryptedIOManager(dg.ConfigurableIOManager):  # type: ignore[type-arg]
+    """Loads inputs by the digest recorded on the upstream materialization; never pickles."""
+
+    custody: dg.ResourceDependency[CustodyResource]
+
+    def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
+        if obj is None:
+            return
+        if not isinstance(obj, Sealed):
+            # Assets must seal explicitly so the digest is also the data version.
+            raise dg.Failure(f"{context.asset_key.to_user_string()} returned an unsealed value; use custody.output()")
+
+    def load_input(self, context: dg.InputContext) -> Any:
+        key = context.asset_key
+        partition = context.asset_partition_key if context.has_asset_partitions else None
+        recorded = self.custody.recorded(context.instance, key, partition)
+        digest, kind = recorded["sha256"], recorded["artifact_kind"]
+        store = self.custody.store(context.step_context if hasattr(context, "step_context") else None)
+        if kind == "parquet":
+            return store.get_dataframe(digest)
+        if kind == "json":
+            return store.get_json(digest)
+        if kind == "bytes":
+            return store.get_bytes(digest)
+        return recorded  # trees are materialised on demand by the asset that needs the files
+
+
+def build_resources(settings: Settings) -> dict[str, Any]:
+    """Resources for an environment; the one place they are chosen."""
+    custody = CustodyResource(home=str(settings.home), env=settings.env)
+    return {"custody": custody, "io_manager": EncryptedIOManager(custody=custody)}
+
+
+def verdict(
+    custody: CustodyResource,
+    context: Any,
+    *,
+    check: str,
+    subject: str,
+    passed: bool,
+    reason: str,
+    metadata: dict[str, Any] | None = None,
+    severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR,
+) -> dg.AssetCheckResult:
+    """An audited check result whose metadata says, in words, why it passed or failed."""
+    custody.record(context, f"check.{check}", subject=subject, outcome="pass" if passed else "fail",
+                   details={"reason": reason})
+    return dg.AssetCheckResult(
+        passed=passed,
+        severity=severity,
+        metadata={"reason": reason, "subject": subject, **(metadata or {})},
+    )

@@ -1,0 +1,3 @@
+from secure_ml.cli import main
+
+raise SystemExit(main())

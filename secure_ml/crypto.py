@@ -1,0 +1,238 @@
+"""Streaming authenticated encryption: AES-256-GCM in the STREAM construction.
+
+    from secure_ml.crypto import encrypt_stream, decrypt_stream
+    with open("in", "rb") as src, open("out.smle", "wb") as dst:
+        encrypt_stream(src, dst, keys)          # keys: a secure_ml.keys.KeyProvider
+    with open("out.smle", "rb") as src, open("back", "wb") as dst:
+        decrypt_stream(src, dst, keys)
+
+File format, version 1 (all integers big-endian)::
+
+    fixed header   magic "SMLENC" | version u8 | algorithm u8 | chunk size u32 | nonce prefix 7B
+    key slot       key-id length u8 | key id | wrap nonce 12B | wrapped data key 48B
+    chunks         AES-256-GCM(data key, nonce = prefix | counter u32 | last u8, aad = fixed header)
+
+Each artifact has its own random data key. The fixed header is the associated data of every
+chunk, so a header edit, truncation (the last chunk is flagged), reordering, duplication or
+splicing (the counter is in the nonce, the key is per artifact) fails authentication. The key
+slot is sealed by the key-encryption key with the fixed header and key id as associated data, so
+rotating the key-encryption key rewrites only the key slot (see :func:`rewrap`); the data chunks
+are copied untouched. Memory is bounded by the chunk size.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from typing import BinaryIO, Protocol
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from secure_ml.errors import BadInput, IntegrityError, KeyUnavailable
+
+MAGIC = b"SMLENC"
+FORMAT_VERSION = 1
+ALGORITHM_AES256GCM_STREAM = 1
+DEFAULT_CHUNK_SIZE = 1 << 20
+MAX_CHUNK_SIZE = 1 << 26
+_FIXED = struct.Struct(">6sBBI7s")
+_TAG = 16
+_WRAPPED_LEN = 32 + _TAG
+_COPY_BLOCK = 1 << 20
+
+
+class KeySource(Protocol):
+    """What encryption needs from a key provider (see secure_ml.keys)."""
+
+    def active_key(self) -> tuple[str, bytes]: ...
+
+    def key(self, key_id: str) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class Header:
+    """A parsed artifact header; ``fixed`` is the authenticated prefix."""
+
+    fixed: bytes
+    chunk_size: int
+    nonce_prefix: bytes
+    key_id: str
+    wrap_nonce: bytes
+    wrapped_key: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.fixed) + 1 + len(self.key_id.encode()) + 12 + _WRAPPED_LEN
+
+
+def _key_slot(fixed: bytes, key_id: str, kek: bytes, data_key: bytes) -> bytes:
+    kid = key_id.encode("ascii")
+    wrap_nonce = os.urandom(12)
+    wrapped = AESGCM(kek).encrypt(wrap_nonce, data_key, fixed + kid)
+    return bytes([len(kid)]) + kid + wrap_nonce + wrapped
+
+
+def _read_exact(src: BinaryIO, size: int) -> bytes:
+    data = src.read(size)
+    while data is not None and len(data) < size:
+        more = src.read(size - len(data))
+        if not more:
+            break
+        data += more
+    return data or b""
+
+
+def read_header(src: BinaryIO) -> Header:
+    """Parse and sanity-check a header; raises BadInput for anything that is not one of ours."""
+    fixed = _read_exact(src, _FIXED.size)
+    if not fixed:
+        raise BadInput("empty input: not a secure-ml encrypted artifact")
+    if not fixed.startswith(MAGIC[: len(fixed)]) or len(fixed) < len(MAGIC):
+        raise BadInput("not a secure-ml encrypted artifact (bad magic; is it plaintext?)")
+    if fixed[:6] != MAGIC:
+        raise BadInput("not a secure-ml encrypted artifact (bad magic; is it plaintext?)")
+    if len(fixed) < _FIXED.size:
+        raise IntegrityError("artifact truncated inside its header")
+    _, version, algorithm, chunk_size, nonce_prefix = _FIXED.unpack(fixed)
+    if version != FORMAT_VERSION:
+        raise BadInput(f"unsupported artifact format version {version} (this build reads 1)")
+    if algorithm != ALGORITHM_AES256GCM_STREAM:
+        raise BadInput(f"unsupported artifact algorithm {algorithm}")
+    if not 0 < chunk_size <= MAX_CHUNK_SIZE:
+        raise IntegrityError(f"artifact header has an impossible chunk size {chunk_size}")
+    kid_len_byte = _read_exact(src, 1)
+    if not kid_len_byte:
+        raise IntegrityError("artifact truncated inside its header")
+    kid = _read_exact(src, kid_len_byte[0])
+    rest = _read_exact(src, 12 + _WRAPPED_LEN)
+    if len(kid) < kid_len_byte[0] or len(rest) < 12 + _WRAPPED_LEN:
+        raise IntegrityError("artifact truncated inside its header")
+    try:
+        key_id = kid.decode("ascii")
+    except UnicodeDecodeError:
+        raise IntegrityError("artifact header has a malformed key id") from None
+    return Header(fixed, chunk_size, nonce_prefix, key_id, rest[:12], rest[12:])
+
+
+def unwrap_data_key(header: Header, keys: KeySource) -> bytes:
+    """Open the key slot; a wrong or missing key-encryption key is a clear one-line error."""
+    kek = keys.key(header.key_id)
+    try:
+        return AESGCM(kek).decrypt(
+            header.wrap_nonce, header.wrapped_key, header.fixed + header.key_id.encode()
+        )
+    except InvalidTag:
+        raise IntegrityError(
+            f"key '{header.key_id}' does not open this artifact: wrong key, or the header was modified"
+        ) from None
+
+
+def _nonce(prefix: bytes, counter: int, last: bool) -> bytes:
+    return prefix + struct.pack(">IB", counter, 1 if last else 0)
+
+
+def encrypt_stream(
+    src: BinaryIO, dst: BinaryIO, keys: KeySource, *, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> int:
+    """Encrypt everything readable from ``src`` into ``dst``; returns the plaintext size."""
+    if not 0 < chunk_size <= MAX_CHUNK_SIZE:
+        raise BadInput(f"chunk size must be between 1 and {MAX_CHUNK_SIZE} bytes")
+    key_id, kek = keys.active_key()
+    data_key = AESGCM.generate_key(bit_length=256)
+    nonce_prefix = os.urandom(7)
+    fixed = _FIXED.pack(MAGIC, FORMAT_VERSION, ALGORITHM_AES256GCM_STREAM, chunk_size, nonce_prefix)
+    dst.write(fixed + _key_slot(fixed, key_id, kek, data_key))
+    aead = AESGCM(data_key)
+    total = 0
+    counter = 0
+    chunk = _read_exact(src, chunk_size)
+    while True:
+        following = _read_exact(src, chunk_size) if len(chunk) == chunk_size else b""
+        last = not following
+        dst.write(aead.encrypt(_nonce(nonce_prefix, counter, last), chunk, fixed))
+        total += len(chunk)
+        if last:
+            return total
+        counter += 1
+        if counter >= 1 << 32:
+            raise BadInput("input too large for one artifact (2^32 chunks)")
+        chunk = following
+
+
+def decrypt_stream(src: BinaryIO, dst: BinaryIO, keys: KeySource) -> int:
+    """Decrypt and authenticate ``src`` into ``dst``; returns the plaintext size.
+
+    Plaintext is written chunk by chunk as each authenticates, so callers that must not leave
+    partial output write ``dst`` to a temporary file and rename it only on success (see
+    secure_ml.integrity.atomic_write).
+    """
+    header = read_header(src)
+    aead = AESGCM(unwrap_data_key(header, keys))
+    sealed_size = header.chunk_size + _TAG
+    total = 0
+    counter = 0
+    sealed = _read_exact(src, sealed_size)
+    while True:
+        following = _read_exact(src, sealed_size) if len(sealed) == sealed_size else b""
+        last = not following
+        try:
+            plain = aead.decrypt(_nonce(header.nonce_prefix, counter, last), sealed, header.fixed)
+        except InvalidTag:
+            raise _explain_chunk_failure(aead, header, counter, sealed, last) from None
+        dst.write(plain)
+        total += len(plain)
+        if last:
+            return total
+        counter += 1
+        sealed = following
+
+
+def _explain_chunk_failure(
+    aead: AESGCM, header: Header, counter: int, sealed: bytes, last: bool
+) -> IntegrityError:
+    if last and len(sealed) < _TAG:
+        return IntegrityError(f"artifact truncated: chunk {counter} is incomplete")
+    if last:
+        try:
+            aead.decrypt(_nonce(header.nonce_prefix, counter, False), sealed, header.fixed)
+        except InvalidTag:
+            pass
+        else:
+            return IntegrityError(
+                f"artifact truncated: it ends after chunk {counter}, which is not the final chunk"
+            )
+    return IntegrityError(
+        f"chunk {counter} failed authentication: the artifact was modified, reordered, spliced or truncated"
+    )
+
+
+def rewrap(src: BinaryIO, dst: BinaryIO, keys: KeySource) -> tuple[str, str]:
+    """Copy an artifact with its data key re-wrapped under the active key-encryption key.
+
+    The chunks are copied byte for byte: nothing is decrypted or re-encrypted. Returns the
+    (old, new) key ids.
+    """
+    header = read_header(src)
+    data_key = unwrap_data_key(header, keys)
+    key_id, kek = keys.active_key()
+    dst.write(header.fixed + _key_slot(header.fixed, key_id, kek, data_key))
+    while block := src.read(_COPY_BLOCK):
+        dst.write(block)
+    return header.key_id, key_id
+
+
+def peek_key_id(src: BinaryIO) -> str:
+    """The id of the key-encryption key that wraps this artifact's data key."""
+    return read_header(src).key_id
+
+
+def require_key(keys: KeySource, key_id: str) -> bytes:
+    """Fetch a key, mapping any provider failure to KeyUnavailable."""
+    try:
+        return keys.key(key_id)
+    except KeyUnavailable:
+        raise
+    except Exception as exc:  # a provider bug must not leak key material in a traceback
+        raise KeyUnavailable(f"key provider failed for key '{key_id}': {type(exc).__name__}") from None

@@ -1,0 +1,203 @@
+"""Key-encryption keys (KEKs) from a key provider; data keys never leave an artifact's key slot.
+
+    keys = LocalKeyring.create(home / "keys" / "keyring.json")   # once: `secure-ml keys init`
+    keys = LocalKeyring(home / "keys" / "keyring.json")          # then
+    key_id, kek = keys.active_key()
+
+Providers share the small :class:`KeyProvider` interface, so a cloud KMS or Vault provider can
+stand behind it later:
+
+- :class:`LocalKeyring`: a JSON keyring file that must be owned by this user and readable by
+  nobody else (mode 0600); the default for local development.
+- :class:`EnvKeyProvider`: base64 keys from environment variables, for CI secrets.
+
+Key material never appears in a repr, a log line or an exception message: only key ids, which
+are derived from the key by a one-way hash.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+import stat
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from secure_ml.errors import ConfigurationError, KeyUnavailable
+from secure_ml.integrity import atomic_write_bytes
+
+KEY_BYTES = 32
+
+
+class KeyProvider(Protocol):
+    """Where key-encryption keys come from."""
+
+    def active_key(self) -> tuple[str, bytes]:
+        """The (key id, key) new artifacts are wrapped under."""
+        ...
+
+    def key(self, key_id: str) -> bytes:
+        """The key with this id; raises KeyUnavailable when there is none."""
+        ...
+
+
+def key_id_for(material: bytes) -> str:
+    """A public, one-way identifier for a key (never the key itself)."""
+    return "kek-" + hashlib.sha256(b"secure-ml key id v1\0" + material).hexdigest()[:16]
+
+
+class LocalKeyring:
+    """A keyring file with owner-only permissions holding one active and any older KEKs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"LocalKeyring({str(self.path)!r})"
+
+    # -- creation and rotation -------------------------------------------------------------
+    @classmethod
+    def create(cls, path: Path, *, exist_ok: bool = True) -> LocalKeyring:
+        """Create a keyring with one fresh key (idempotent unless ``exist_ok`` is False)."""
+        path = Path(path)
+        if path.exists():
+            if not exist_ok:
+                raise ConfigurationError(f"keyring already exists: {path}")
+            keyring = cls(path)
+            keyring._load()  # refuse an unsafe existing keyring now, not later
+            return keyring
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o700)
+        material = os.urandom(KEY_BYTES)
+        kid = key_id_for(material)
+        cls(path)._save({"version": 1, "active": kid, "rotation_pending": False,
+                         "keys": {kid: _entry(material)}})
+        return cls(path)
+
+    def begin_rotation(self) -> tuple[str, bool]:
+        """Add a new active key (or keep the one of an unfinished rotation).
+
+        Returns (active key id, whether this resumed an unfinished rotation). The old keys stay
+        until :meth:`finish_rotation`, so an interrupted rotation never strands an artifact.
+        """
+        data = self._load()
+        if data.get("rotation_pending"):
+            return str(data["active"]), True
+        material = os.urandom(KEY_BYTES)
+        kid = key_id_for(material)
+        data["keys"][kid] = _entry(material)
+        data["active"] = kid
+        data["rotation_pending"] = True
+        self._save(data)
+        return kid, False
+
+    def finish_rotation(self, still_in_use: set[str]) -> list[str]:
+        """Drop every retired key no artifact uses any more; returns the ids dropped."""
+        data = self._load()
+        dropped = [k for k in data["keys"] if k != data["active"] and k not in still_in_use]
+        for kid in dropped:
+            del data["keys"][kid]
+        data["rotation_pending"] = bool(still_in_use - {data["active"]})
+        self._save(data)
+        return dropped
+
+    def key_ids(self) -> list[str]:
+        return list(self._load()["keys"])
+
+    # -- KeyProvider -----------------------------------------------------------------------
+    def active_key(self) -> tuple[str, bytes]:
+        data = self._load()
+        return str(data["active"]), _material(data, str(data["active"]), self.path)
+
+    def key(self, key_id: str) -> bytes:
+        return _material(self._load(), key_id, self.path)
+
+    # -- storage ---------------------------------------------------------------------------
+    def _load(self) -> dict[str, Any]:
+        try:
+            info = self.path.stat()
+        except FileNotFoundError:
+            raise KeyUnavailable(
+                f"no keyring at {self.path}: run `secure-ml keys init` (or set SECURE_ML_KEK)"
+            ) from None
+        # A key file others can read is a leaked key: refuse it rather than use it.
+        if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise KeyUnavailable(
+                f"keyring {self.path} is accessible to group or others "
+                f"(mode {stat.S_IMODE(info.st_mode):04o}); run: chmod 600 {self.path}"
+            )
+        if hasattr(os, "geteuid") and info.st_uid != os.geteuid():
+            raise KeyUnavailable(f"keyring {self.path} is not owned by the current user")
+        try:
+            data = json.loads(self.path.read_bytes())
+            if not isinstance(data, dict) or data.get("version") != 1 or data["active"] not in data["keys"]:
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            raise KeyUnavailable(f"keyring {self.path} is malformed") from None
+        return data
+
+    def _save(self, data: dict[str, Any]) -> None:
+        atomic_write_bytes(self.path, json.dumps(data, indent=1).encode(), mode=0o600)
+
+
+def _entry(material: bytes) -> dict[str, str]:
+    return {"material": base64.b64encode(material).decode(), "created": datetime.now(UTC).isoformat()}
+
+
+def _material(data: dict[str, Any], key_id: str, where: Path | str) -> bytes:
+    entry = data["keys"].get(key_id)
+    if entry is None:
+        raise KeyUnavailable(f"key '{key_id}' is not in {where} (missing key, or the wrong keyring)")
+    try:
+        material = base64.b64decode(entry["material"], validate=True)
+    except (binascii.Error, KeyError, TypeError):
+        raise KeyUnavailable(f"key '{key_id}' in {where} is malformed") from None
+    if len(material) != KEY_BYTES:
+        raise KeyUnavailable(f"key '{key_id}' in {where} is not a 256-bit key")
+    return material
+
+
+class EnvKeyProvider:
+    """Keys from environment variables: ``SECURE_ML_KEK`` (active, base64 of 32 bytes) and
+    ``SECURE_ML_KEK_RETIRED`` (comma-separated older keys, still accepted for reading)."""
+
+    def __init__(self, environ: dict[str, str] | None = None, *, variable: str = "SECURE_ML_KEK") -> None:
+        env = os.environ if environ is None else environ
+        self._variable = variable
+        raw = env.get(variable, "")
+        if not raw:
+            raise KeyUnavailable(f"environment variable {variable} is not set")
+        self._active = self._decode(raw, variable)
+        self._keys = {key_id_for(self._active): self._active}
+        retired = env.get(f"{variable}_RETIRED", "")
+        for item in filter(None, (s.strip() for s in retired.split(","))):
+            material = self._decode(item, f"{variable}_RETIRED")
+            self._keys[key_id_for(material)] = material
+
+    def __repr__(self) -> str:
+        return f"EnvKeyProvider(variable={self._variable!r})"
+
+    @staticmethod
+    def _decode(raw: str, variable: str) -> bytes:
+        try:
+            material = base64.b64decode(raw, validate=True)
+        except binascii.Error:
+            raise KeyUnavailable(f"{variable} is not valid base64") from None
+        if len(material) != KEY_BYTES:
+            raise KeyUnavailable(f"{variable} must hold a base64-encoded 256-bit key")
+        return material
+
+    def active_key(self) -> tuple[str, bytes]:
+        return key_id_for(self._active), self._active
+
+    def key(self, key_id: str) -> bytes:
+        try:
+            return self._keys[key_id]
+        except KeyError:
+            raise KeyUnavailable(
+                f"key '{key_id}' is not provided by {self._variable} (missing key, or the wrong key)"
+            ) from None

@@ -1,0 +1,129 @@
+"""Where things live and which environment we are in: the one place that reads the environment.
+
+    settings = Settings.from_env()          # SECURE_ML_HOME, SECURE_ML_ENV, DAGSTER_HOME, ...
+    store = settings.artifact_store(actor=settings.actor())
+
+``SECURE_ML_HOME`` defaults to ``./.secure_ml``; ``SECURE_ML_ENV`` is ``local`` (default) or
+``production``; ``DAGSTER_HOME`` defaults to ``$SECURE_ML_HOME/dagster``. The key provider is the
+environment variable ``SECURE_ML_KEK`` when it is set (CI secrets), otherwise the local keyring.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from secure_ml.audit import AuditLog
+from secure_ml.errors import ConfigurationError
+from secure_ml.keys import EnvKeyProvider, KeyProvider, LocalKeyring
+from secure_ml.store import ArtifactStore
+
+ENVIRONMENTS = ("local", "production")
+ACTOR_TAG = "secure_ml/actor"
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    env: str = "local"
+    environ: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env_vars = dict(os.environ if environ is None else environ)
+        home = Path(env_vars.get("SECURE_ML_HOME") or ".secure_ml").absolute()
+        env = env_vars.get("SECURE_ML_ENV", "local")
+        if env not in ENVIRONMENTS:
+            raise ConfigurationError(f"SECURE_ML_ENV must be one of {', '.join(ENVIRONMENTS)}, not {env!r}")
+        return cls(home=home, env=env, environ=env_vars)
+
+    # -- paths -----------------------------------------------------------------------------
+    @property
+    def keys_dir(self) -> Path:
+        return self.home / "keys"
+
+    @property
+    def keyring_path(self) -> Path:
+        return self.keys_dir / "keyring.json"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.home / "artifacts"
+
+    @property
+    def landing_dir(self) -> Path:
+        return self.home / "landing"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.home / "audit" / "audit.jsonl"
+
+    @property
+    def dagster_home(self) -> Path:
+        return Path(self.environ.get("DAGSTER_HOME") or self.home / "dagster").absolute()
+
+    # -- components ------------------------------------------------------------------------
+    def key_provider(self) -> KeyProvider:
+        if self.environ.get("SECURE_ML_KEK"):
+            return EnvKeyProvider(dict(self.environ))
+        return LocalKeyring(self.keyring_path)
+
+    def audit_log(self) -> AuditLog:
+        return AuditLog(self.audit_path)
+
+    def artifact_store(self, *, actor: str | None = None) -> ArtifactStore:
+        return ArtifactStore(self.artifacts_dir, self.key_provider(), self.audit_log(),
+                             actor=actor or self.actor())
+
+    def actor(self, tags: Mapping[str, str] | None = None) -> str:
+        return resolve_actor(tags, self.environ)
+
+
+def resolve_actor(tags: Mapping[str, str] | None = None, environ: Mapping[str, str] | None = None) -> str:
+    """Who is acting: a run tag, else a CI identity, else SECURE_ML_ACTOR, else the OS user.
+
+    Run tags and environment variables are claims, not proof: in production the identity should
+    come from the CI's OIDC token or the Dagster+ user, and policy treats it that way.
+    """
+    env = os.environ if environ is None else environ
+    if tags and tags.get(ACTOR_TAG):
+        return str(tags[ACTOR_TAG])
+    if env.get("GITHUB_ACTIONS") == "true" and env.get("GITHUB_ACTOR"):
+        return f"github:{env['GITHUB_ACTOR']}"
+    if env.get("GITLAB_CI") == "true" and env.get("GITLAB_USER_LOGIN"):
+        return f"gitlab:{env['GITLAB_USER_LOGIN']}"
+    if env.get("SECURE_ML_ACTOR"):
+        return str(env["SECURE_ML_ACTOR"])
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid:{os.getuid()}"
+
+
+def init_home(settings: Settings) -> list[str]:
+    """Create the home: keyring (0600), dirs, and a Dagster home with telemetry off. Idempotent."""
+    done: list[str] = []
+    settings.home.mkdir(parents=True, exist_ok=True)
+    for directory in (settings.artifacts_dir, settings.landing_dir, settings.audit_path.parent):
+        directory.mkdir(parents=True, exist_ok=True)
+    if not settings.environ.get("SECURE_ML_KEK") and not settings.keyring_path.exists():
+        LocalKeyring.create(settings.keyring_path)
+        done.append(f"created keyring {settings.keyring_path}")
+    dagster_yaml = settings.dagster_home / "dagster.yaml"
+    if not dagster_yaml.exists():
+        settings.dagster_home.mkdir(parents=True, exist_ok=True)
+        dagster_yaml.write_text(
+            "# Written by `secure-ml init`. No telemetry: nothing leaves this machine.\n"
+            "telemetry:\n  enabled: false\n"
+            "nux:\n  enabled: false\n"
+        )
+        done.append(f"created Dagster home {settings.dagster_home}")
+    if not settings.audit_path.exists():
+        key_id = settings.key_provider().active_key()[0]
+        settings.audit_log().record(settings.actor(), "home.init", subject=str(settings.home),
+                                    details={"key_id": key_id})
+        done.append(f"started audit log {settings.audit_path}")
+    return done

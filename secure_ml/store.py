@@ -1,0 +1,272 @@
+"""The artifact store: every pipeline artifact encrypted at rest, content-addressed, verified on read.
+
+    store = ArtifactStore(home / "artifacts", keys, audit, actor="alice")
+    ref = store.put_dataframe(df)                    # Parquet, encrypted; ref.sha256 is the plaintext digest
+    df = store.get_dataframe(ref.sha256)             # refuses bytes whose tag or digest do not match
+    tree = store.put_tree(model_dir)                 # each file, plus a manifest naming them
+    store.get_tree(tree.sha256, out_dir)             # all files verified before out_dir appears
+
+Objects live at ``objects/<aa>/<sha256>.smle``, named by the SHA-256 of their plaintext. A reader
+always asks for a digest (never a path it was handed), and the store checks both the AES-GCM
+tags and the plaintext digest before it returns a byte.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from secure_ml import crypto
+from secure_ml.audit import AuditLog
+from secure_ml.errors import BadInput, Error, IntegrityError
+from secure_ml.integrity import atomic_write, list_tree
+from secure_ml.keys import KeyProvider
+
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+SUFFIX = ".smle"
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    """Where an artifact is and what it must hash to."""
+
+    sha256: str
+    size: int
+    kind: str
+    key_id: str
+    location: str
+
+    def metadata(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _HashingReader(io.RawIOBase):
+    def __init__(self, src: BinaryIO) -> None:
+        self._src = src
+        self.sha = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._src.read(size)
+        self.sha.update(data)
+        return data
+
+
+class _HashingWriter(io.RawIOBase):
+    def __init__(self, dst: BinaryIO | None) -> None:
+        self._dst = dst
+        self.sha = hashlib.sha256()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self.sha.update(data)
+        if self._dst is not None:
+            self._dst.write(data)
+        return len(data)
+
+
+def check_digest(digest: str) -> str:
+    if not isinstance(digest, str) or not _DIGEST.match(digest):
+        raise BadInput(f"not a SHA-256 digest: {str(digest)[:80]!r}")
+    return digest
+
+
+class ArtifactStore:
+    """Encrypted, content-addressed storage for pipeline artifacts."""
+
+    def __init__(self, root: Path | str, keys: KeyProvider, audit: AuditLog, *, actor: str) -> None:
+        self.root = Path(root)
+        self.keys = keys
+        self.audit = audit
+        self.actor = actor
+
+    def __repr__(self) -> str:
+        return f"ArtifactStore({str(self.root)!r})"
+
+    def path_for(self, digest: str) -> Path:
+        check_digest(digest)
+        return self.root / "objects" / digest[:2] / f"{digest}{SUFFIX}"
+
+    def exists(self, digest: str) -> bool:
+        return self.path_for(digest).exists()
+
+    # -- writing ---------------------------------------------------------------------------
+    def put_stream(self, src: BinaryIO, *, kind: str = "bytes", details: dict[str, Any] | None = None) -> ArtifactRef:
+        """Encrypt a stream into the store; memory stays bounded by the chunk size."""
+        staging = self.root / "staging"
+        staging.mkdir(parents=True, exist_ok=True)
+        reader = _HashingReader(src)
+        fd, tmp_name = tempfile.mkstemp(prefix=".incoming-", dir=staging)
+        tmp = Path(tmp_name)
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                size = crypto.encrypt_stream(reader, out, self.keys)  # type: ignore[arg-type]
+                out.flush()
+                os.fsync(out.fileno())
+            with tmp.open("rb") as sealed:
+                key_id = crypto.peek_key_id(sealed)
+            digest = reader.sha.hexdigest()
+            target = self.path_for(digest)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, target)  # same content, same name: a re-put is idempotent
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+        ref = ArtifactRef(digest, size, kind, key_id, str(target.relative_to(self.root)))
+        self.audit.record(self.actor, "store.write", subject=f"sha256:{digest}",
+                          details={"kind": kind, "size": size, **(details or {})})
+        return ref
+
+    def put_file(self, path: Path | str, *, kind: str = "bytes", details: dict[str, Any] | None = None) -> ArtifactRef:
+        with open(path, "rb") as src:
+            return self.put_stream(src, kind=kind, details=details)
+
+    def put_bytes(self, data: bytes, *, kind: str = "bytes", details: dict[str, Any] | None = None) -> ArtifactRef:
+        return self.put_stream(io.BytesIO(data), kind=kind, details=details)
+
+    def put_json(self, obj: Any, *, details: dict[str, Any] | None = None) -> ArtifactRef:
+        data = json.dumps(obj, sort_keys=True, indent=1, allow_nan=False).encode()
+        return self.put_bytes(data, kind="json", details=details)
+
+    def put_dataframe(self, frame: Any, *, details: dict[str, Any] | None = None) -> ArtifactRef:
+        buffer = io.BytesIO()
+        frame.to_parquet(buffer, index=False, engine="pyarrow")
+        return self.put_bytes(buffer.getvalue(), kind="parquet", details=details)
+
+    def put_tree(self, directory: Path | str, *, details: dict[str, Any] | None = None) -> ArtifactRef:
+        """Store each file of a directory, then a manifest of them; the manifest's ref names the tree."""
+        directory = Path(directory)
+        files = {name: self.put_file(directory / name, kind="file").sha256 for name in list_tree(directory)}
+        return self.put_bytes(
+            json.dumps({"format": "secure-ml-tree/1", "files": files}, sort_keys=True).encode(),
+            kind="tree", details=details,
+        )
+
+    # -- reading ---------------------------------------------------------------------------
+    def _fail(self, digest: str, error: Error) -> Error:
+        self.audit.record(self.actor, "store.verify", subject=f"sha256:{digest}", outcome="fail",
+                          details={"reason": error.explain()})
+        return error
+
+    def read_into(self, digest: str, dst: BinaryIO | None) -> int:
+        """Decrypt into ``dst`` (or nowhere, to verify), checking tags and digest; returns size.
+
+        ``dst`` receives plaintext as chunks authenticate: give it a temp file and discard it on
+        error (get_file and get_bytes do).
+        """
+        path = self.path_for(digest)
+        if not path.exists():
+            raise self._fail(digest, IntegrityError(f"artifact sha256:{digest[:16]}… is missing from the store"))
+        writer = _HashingWriter(dst)
+        try:
+            with path.open("rb") as src:
+                size = crypto.decrypt_stream(src, writer, self.keys)  # type: ignore[arg-type]
+        except Error as exc:
+            raise self._fail(digest, type(exc)(f"artifact sha256:{digest[:16]}…: {exc}")) from None
+        actual = writer.sha.hexdigest()
+        if actual != digest:
+            raise self._fail(digest, IntegrityError(
+                f"artifact sha256:{digest[:16]}… decrypts to sha256:{actual[:16]}…: it was replaced"))
+        return size
+
+    def verify(self, digest: str) -> int:
+        """Authenticate and digest-check an artifact without keeping the plaintext."""
+        return self.read_into(digest, None)
+
+    def get_bytes(self, digest: str) -> bytes:
+        buffer = io.BytesIO()
+        self.read_into(digest, buffer)
+        return buffer.getvalue()
+
+    def get_file(self, digest: str, dst: Path | str, *, overwrite: bool = True) -> int:
+        with atomic_write(dst, overwrite=overwrite) as out:
+            return self.read_into(digest, out)
+
+    def get_json(self, digest: str) -> Any:
+        try:
+            return json.loads(self.get_bytes(digest))
+        except ValueError:
+            raise BadInput(f"artifact sha256:{digest[:16]}… is not JSON") from None
+
+    def get_dataframe(self, digest: str) -> Any:
+        import pandas as pd
+
+        return pd.read_parquet(io.BytesIO(self.get_bytes(digest)), engine="pyarrow")
+
+    def get_tree(self, digest: str, dst: Path | str) -> dict[str, str]:
+        """Decrypt a stored tree into ``dst`` (which must not exist); all or nothing."""
+        dst = Path(dst)
+        if dst.exists():
+            raise BadInput(f"output exists: {dst}")
+        manifest = self.get_json(digest)
+        if not isinstance(manifest, dict) or manifest.get("format") != "secure-ml-tree/1":
+            raise IntegrityError(f"artifact sha256:{digest[:16]}… is not a stored directory")
+        files: dict[str, str] = manifest["files"]
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".tmp-{dst.name}.", dir=dst.parent))
+        try:
+            for name, file_digest in files.items():
+                target = (staging / name).resolve()
+                if staging.resolve() not in target.parents:  # a hostile manifest path
+                    raise IntegrityError(f"stored directory names a path outside itself: {name!r}")
+                self.get_file(file_digest, target)
+            os.rename(staging, dst)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return files
+
+    # -- maintenance -----------------------------------------------------------------------
+    def objects(self) -> Iterator[Path]:
+        yield from sorted((self.root / "objects").glob(f"*/*{SUFFIX}"))
+
+
+def rotate_keys(store: ArtifactStore, keyring: Any) -> dict[str, int]:
+    """Re-wrap every artifact's data key under a new key-encryption key (no data re-encrypted).
+
+    Safe to interrupt: the new key is saved before any artifact changes, each artifact is
+    replaced atomically, and old keys are dropped only once no artifact needs them. Running it
+    again after an interruption finishes the same rotation.
+    """
+    new_id, resumed = keyring.begin_rotation()
+    store.audit.record(store.actor, "keys.rotate.begin", subject=new_id, details={"resumed": resumed})
+    rewrapped = skipped = 0
+    still_in_use: set[str] = set()
+    for path in store.objects():
+        with path.open("rb") as src:
+            old_id = crypto.peek_key_id(src)
+        if old_id == new_id:
+            skipped += 1
+            continue
+        try:
+            with path.open("rb") as src, atomic_write(path) as dst:
+                crypto.rewrap(src, dst, store.keys)
+        except Error as exc:
+            still_in_use.add(old_id)
+            store.audit.record(store.actor, "keys.rotate.artifact", subject=path.name, outcome="fail",
+                               details={"reason": exc.explain()})
+            continue
+        rewrapped += 1
+    dropped = keyring.finish_rotation(still_in_use)
+    store.audit.record(store.actor, "keys.rotate.finish", subject=new_id,
+                       outcome="ok" if not still_in_use else "fail",
+                       details={"rewrapped": rewrapped, "already_current": skipped,
+                                "retired": dropped, "unreadable": len(still_in_use)})
+    return {"rewrapped": rewrapped, "already_current": skipped, "retired": len(dropped),
+            "unreadable": len(still_in_use)}
