@@ -15,6 +15,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from secure_ml.audit import AuditLog
 from secure_ml.errors import ConfigurationError
@@ -60,6 +63,26 @@ class Settings:
     @property
     def audit_path(self) -> Path:
         return self.home / "audit" / "audit.jsonl"
+
+    @property
+    def config_dir(self) -> Path:
+        """Pipeline configuration (YAML): ``$SECURE_ML_CONFIG`` or the defaults shipped in the package."""
+        return Path(self.environ.get("SECURE_ML_CONFIG") or Path(__file__).parent / "config")
+
+    def load_config(self, name: str) -> dict[str, Any]:
+        """``config_dir/NAME.yaml`` parsed with yaml.safe_load; a clear error if it is unusable."""
+        path = self.config_dir / f"{name}.yaml"
+        try:
+            data = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigurationError(f"configuration file not found: {path}") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigurationError(f"configuration file {path} is not valid YAML{where}") from None
+        if not isinstance(data, dict):
+            raise ConfigurationError(f"configuration file {path} must hold a mapping")
+        return data
 
     @property
     def dagster_home(self) -> Path:
