@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from secure_ml.audit import AuditLog
-from secure_ml.errors import ConfigurationError
+from secure_ml.errors import ConfigurationError, KeyUnavailable
 from secure_ml.keys import EnvKeyProvider, KeyProvider, LocalKeyring
 from secure_ml.store import ArtifactStore
 
@@ -92,6 +92,10 @@ class Settings:
     def key_provider(self) -> KeyProvider:
         if self.environ.get("SECURE_ML_KEK"):
             return EnvKeyProvider(dict(self.environ))
+        if self.env == "production":
+            # A keyring file on a pod's disk is not a production key store.
+            raise KeyUnavailable("production needs its key-encryption key from a secret: set SECURE_ML_KEK "
+                                 "(e.g. from a Kubernetes Secret, KMS or Vault)")
         return LocalKeyring(self.keyring_path)
 
     def audit_log(self) -> AuditLog:
@@ -126,6 +130,31 @@ def resolve_actor(tags: Mapping[str, str] | None = None, environ: Mapping[str, s
         return f"uid:{os.getuid()}"
 
 
+_POSTGRES_STORAGE = """storage:
+  postgres:
+    postgres_db:
+      # SQLAlchemy 2.1 defaults postgresql:// to psycopg 3, which Dagster's SQL does not support;
+      # psycopg2 is the driver dagster-postgres declares.
+      scheme: postgresql+psycopg2
+      hostname: {env: DAGSTER_PG_HOST}
+      port: {env: DAGSTER_PG_PORT}
+      username: {env: DAGSTER_PG_USER}
+      password: {env: DAGSTER_PG_PASSWORD}
+      db_name: {env: DAGSTER_PG_DB}
+"""
+
+
+def dagster_instance_yaml(env: str) -> str:
+    """dagster.yaml for an environment: SQLite locally, PostgreSQL in production; telemetry off.
+
+    The database password is an environment reference, resolved by Dagster at start-up, so it
+    is never written to disk.
+    """
+    text = ("# Written by `secure-ml init`. No telemetry: nothing leaves this machine.\n"
+            "telemetry:\n  enabled: false\nnux:\n  enabled: false\n")
+    return text + (_POSTGRES_STORAGE if env == "production" else "")
+
+
 def init_home(settings: Settings) -> list[str]:
     """Create the home: keyring (0600), dirs, and a Dagster home with telemetry off. Idempotent."""
     done: list[str] = []
@@ -138,12 +167,8 @@ def init_home(settings: Settings) -> list[str]:
     dagster_yaml = settings.dagster_home / "dagster.yaml"
     if not dagster_yaml.exists():
         settings.dagster_home.mkdir(parents=True, exist_ok=True)
-        dagster_yaml.write_text(
-            "# Written by `secure-ml init`. No telemetry: nothing leaves this machine.\n"
-            "telemetry:\n  enabled: false\n"
-            "nux:\n  enabled: false\n"
-        )
-        done.append(f"created Dagster home {settings.dagster_home}")
+        dagster_yaml.write_text(dagster_instance_yaml(settings.env))
+        done.append(f"created Dagster home {settings.dagster_home} ({settings.env})")
     if not settings.audit_path.exists():
         key_id = settings.key_provider().active_key()[0]
         settings.audit_log().record(settings.actor(), "home.init", subject=str(settings.home),
