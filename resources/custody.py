@@ -139,8 +139,8 @@ class EncryptedIOManager(dg.ConfigurableIOManager):  # type: ignore[type-arg]
         return recorded  # trees are materialised on demand by the asset that needs the files
 
 
-def build_resources(settings: Settings) -> dict[str, Any]:
-    """Resources for an environment; the one place they are chosen."""
+def resources_for(settings: Settings, built: dict[str, Any]) -> dict[str, Any]:
+    """The custody resource and the encrypted IO manager (every other resource builds on these)."""
     custody = CustodyResource(home=str(settings.home), env=settings.env)
     return {"custody": custody, "io_manager": EncryptedIOManager(custody=custody)}
 
