@@ -23,8 +23,8 @@ help:
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r requirements.lock
-	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation --no-index -e .
+	$(BIN)/python -m pip install -qq --require-hashes --no-deps -r requirements.lock
+	$(BIN)/python -m pip install -qq --no-deps --no-build-isolation --no-index -e . >/dev/null
 	$(BIN)/python -m pip check
 	touch $(STAMP)
 
@@ -40,6 +40,9 @@ demo: init
 system-deps:
 	@bash scripts/system-deps.sh
 
+# Two workers (the machine has two cores); a module's tests stay on one worker, so module-scoped
+# servers (PostgreSQL, the Dagster webserver) start once.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 test: install system-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
