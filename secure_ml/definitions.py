@@ -129,11 +129,8 @@ def summarise(result: dg.ExecuteInProcessResult, selected_keys: list[dg.AssetKey
         digest = getattr(metadata.get("sha256"), "value", None)
         summary_assets.append({"asset": key.to_user_string(), "materialized": event is not None, "sha256": digest})
     failed = [f"{c['asset']}:{c['check']}" for c in checks if c["blocking"] and not c["passed"]]
-    step_failures = [
-        {"step": e.step_key, "error": (e.step_failure_data.error.message.strip().splitlines() or [""])[-1]
-         if e.step_failure_data.error else ""}
-        for e in result.get_step_failure_events()
-    ]
+    step_failures = [{"step": e.step_key, "error": _root_cause(e.step_failure_data.error)}
+                     for e in result.get_step_failure_events()]
     return {
         "run_id": result.run_id,
         "success": result.success and not failed,
@@ -143,6 +140,18 @@ def summarise(result: dg.ExecuteInProcessResult, selected_keys: list[dg.AssetKey
         "failed_blocking_checks": failed,
         "step_failures": step_failures,
     }
+
+
+def _root_cause(error: Any) -> str:
+    """The one line that says what went wrong: the innermost cause, not Dagster's wrapper."""
+    while error is not None and getattr(error, "cause", None) is not None:
+        error = error.cause
+    if error is None:
+        return ""
+    lines = [line.strip() for line in error.message.strip().splitlines() if line.strip()]
+    line = lines[-1] if lines else error.cls_name or ""
+    # A dg.Failure carries our own one-line explanation: drop Dagster's class path before it.
+    return line.split(": ", 1)[1] if error.cls_name == "Failure" and ": " in line else line
 
 
 def _check_specs(definitions: dg.Definitions) -> Sequence[dg.AssetCheckSpec]:
