@@ -22,6 +22,7 @@ are copied untouched. Memory is bounded by the chunk size.
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 from dataclasses import dataclass
@@ -133,10 +134,46 @@ def _nonce(prefix: bytes, counter: int, last: bool) -> bytes:
     return prefix + struct.pack(">IB", counter, 1 if last else 0)
 
 
+def _fill(src: BinaryIO, buf: memoryview) -> int:
+    """Fill ``buf`` from ``src`` (short only at end of input); returns the bytes read.
+
+    ``readinto`` a preallocated buffer avoids allocating (and page-faulting) a fresh megabyte
+    per chunk, which costs more than the AES-GCM itself; streams without it fall back to read.
+    """
+    readinto = getattr(src, "readinto", None)
+    filled = 0
+    size = len(buf)
+    while filled < size:
+        got: int | None
+        if readinto is not None:
+            try:
+                got = readinto(buf[filled:])
+            except (io.UnsupportedOperation, NotImplementedError):  # e.g. a RawIOBase with only read()
+                readinto = None
+                continue
+        else:
+            data = src.read(size - filled)
+            got = None if data is None else len(data)
+            if got:
+                buf[filled : filled + got] = data
+        if got is None:
+            # A non-blocking stream with nothing ready: treating it as the end would seal a
+            # silently truncated (yet authentic) artifact.
+            raise BadInput("input stream is non-blocking and had no data ready; give a blocking stream")
+        if not got:  # end of input
+            break
+        filled += got
+    return filled
+
+
 def encrypt_stream(
     src: BinaryIO, dst: BinaryIO, keys: KeySource, *, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> int:
-    """Encrypt everything readable from ``src`` into ``dst``; returns the plaintext size."""
+    """Encrypt everything readable from ``src`` into ``dst``; returns the plaintext size.
+
+    ``dst.write`` receives views of a reused buffer: it must copy or write them out before it
+    returns (files, BytesIO and the store's writers do).
+    """
     if not 0 < chunk_size <= MAX_CHUNK_SIZE:
         raise BadInput(f"chunk size must be between 1 and {MAX_CHUNK_SIZE} bytes")
     key_id, kek = keys.active_key()
@@ -145,20 +182,25 @@ def encrypt_stream(
     fixed = _FIXED.pack(MAGIC, FORMAT_VERSION, ALGORITHM_AES256GCM_STREAM, chunk_size, nonce_prefix)
     dst.write(fixed + _key_slot(fixed, key_id, kek, data_key))
     aead = AESGCM(data_key)
+    # Two input buffers: the next chunk is read before this one is sealed, because only
+    # reaching the end of the input tells us this chunk is the last (its nonce says so).
+    current, following = memoryview(bytearray(chunk_size)), memoryview(bytearray(chunk_size))
+    sealed = memoryview(bytearray(chunk_size + _TAG))
     total = 0
     counter = 0
-    chunk = _read_exact(src, chunk_size)
+    length = _fill(src, current)
     while True:
-        following = _read_exact(src, chunk_size) if len(chunk) == chunk_size else b""
-        last = not following
-        dst.write(aead.encrypt(_nonce(nonce_prefix, counter, last), chunk, fixed))
-        total += len(chunk)
+        following_length = _fill(src, following) if length == chunk_size else 0
+        last = following_length == 0
+        written = aead.encrypt_into(_nonce(nonce_prefix, counter, last), current[:length], fixed, sealed[: length + _TAG])
+        dst.write(sealed[:written])
+        total += length
         if last:
             return total
         counter += 1
         if counter >= 1 << 32:
             raise BadInput("input too large for one artifact (2^32 chunks)")
-        chunk = following
+        current, following, length = following, current, following_length
 
 
 def decrypt_stream(src: BinaryIO, dst: BinaryIO, keys: KeySource) -> int:
@@ -166,27 +208,32 @@ def decrypt_stream(src: BinaryIO, dst: BinaryIO, keys: KeySource) -> int:
 
     Plaintext is written chunk by chunk as each authenticates, so callers that must not leave
     partial output write ``dst`` to a temporary file and rename it only on success (see
-    secure_ml.integrity.atomic_write).
+    secure_ml.integrity.atomic_write). ``dst.write`` receives views of a reused buffer.
     """
     header = read_header(src)
     aead = AESGCM(unwrap_data_key(header, keys))
     sealed_size = header.chunk_size + _TAG
+    current, following = memoryview(bytearray(sealed_size)), memoryview(bytearray(sealed_size))
+    plain = memoryview(bytearray(header.chunk_size))
     total = 0
     counter = 0
-    sealed = _read_exact(src, sealed_size)
+    length = _fill(src, current)
     while True:
-        following = _read_exact(src, sealed_size) if len(sealed) == sealed_size else b""
-        last = not following
+        following_length = _fill(src, following) if length == sealed_size else 0
+        last = following_length == 0
         try:
-            plain = aead.decrypt(_nonce(header.nonce_prefix, counter, last), sealed, header.fixed)
+            if length < _TAG:
+                raise InvalidTag
+            size = aead.decrypt_into(_nonce(header.nonce_prefix, counter, last), current[:length],
+                                     header.fixed, plain[: length - _TAG])
         except InvalidTag:
-            raise _explain_chunk_failure(aead, header, counter, sealed, last) from None
-        dst.write(plain)
-        total += len(plain)
+            raise _explain_chunk_failure(aead, header, counter, bytes(current[:length]), last) from None
+        dst.write(plain[:size])
+        total += size
         if last:
             return total
         counter += 1
-        sealed = following
+        current, following, length = following, current, following_length
 
 
 def _explain_chunk_failure(

@@ -63,6 +63,19 @@ class _HashingReader(io.RawIOBase):
         self.sha.update(data)
         return data
 
+    def readinto(self, buffer: Any) -> int:
+        """Read straight into the caller's buffer (the encryptor reuses one per chunk)."""
+        readinto = getattr(self._src, "readinto", None)
+        if readinto is None:
+            data = self._src.read(len(buffer))
+            buffer[: len(data)] = data
+            got = len(data)
+        else:
+            got = readinto(buffer)
+        if got:
+            self.sha.update(memoryview(buffer)[:got])
+        return got
+
 
 class _HashingWriter(io.RawIOBase):
     def __init__(self, dst: BinaryIO | None) -> None:
