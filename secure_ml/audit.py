@@ -43,7 +43,8 @@ _HEAD_SIZE = 128
 
 
 def _canonical(entry: dict[str, Any]) -> bytes:
-    return json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    # default=str: a Path or datetime in details is recorded as text (and verifies as text).
+    return json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str).encode()
 
 
 def entry_hash(entry: dict[str, Any]) -> str:
@@ -76,11 +77,17 @@ class AuditLog:
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._head_fd: int | None = None
+        self._pid = os.getpid()
 
     def __repr__(self) -> str:
         return f"AuditLog({str(self.path)!r})"
 
     def _open(self) -> tuple[int, int]:
+        if self._pid != os.getpid():
+            # A forked child shares the parent's open file description, and with it the parent's
+            # flock: appends would no longer exclude each other. Reopen in the child.
+            self._fd = self._head_fd = None
+            self._pid = os.getpid()
         if self._fd is None or self._head_fd is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
@@ -88,9 +95,10 @@ class AuditLog:
         return self._fd, self._head_fd
 
     def close(self) -> None:
-        for fd in (self._fd, self._head_fd):
-            if fd is not None:
-                os.close(fd)
+        if self._pid == os.getpid():  # a forked child must not close its parent's descriptors
+            for fd in (self._fd, self._head_fd):
+                if fd is not None:
+                    os.close(fd)
         self._fd = self._head_fd = None
 
     def __del__(self) -> None:  # pragma: no cover - best effort
@@ -111,6 +119,8 @@ class AuditLog:
         """Append one entry and return it (with its ``seq`` and ``hash``)."""
         if not actor or not action:
             raise BadInput("an audit entry needs an actor and an action")
+        if self._pid != os.getpid():
+            self._lock = threading.Lock()  # it may have been held by another thread at fork time
         with self._lock:
             fd, head_fd = self._open()
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -194,13 +204,23 @@ class AuditLog:
                 if entry.get("hash") != entry_hash(entry):
                     raise VerificationError(f"{where} ({entry.get('action')}) was modified after it was written")
                 prev, seq = entry["hash"], seq + 1
-        head = self.head_path.read_text().split() if self.head_path.exists() else []
+        head = self.head_path.read_bytes().decode(errors="replace").split() if self.head_path.exists() else []
+        if head and not (len(head) == 3 and head[0].isdigit() and head[2].isdigit()):
+            raise VerificationError(f"audit log head {self.head_path} is malformed: it was edited")
+        if not seq and len(head) == 3 and int(head[0]) > 0:
+            raise VerificationError(
+                f"audit log is empty but its head records entry {head[0]}: every entry was removed"
+            )
         if seq and len(head) == 3:
             head_seq, head_hash, head_len = int(head[0]), head[1], int(head[2])
-            if head_seq > seq or (head_seq == seq and (head_hash != prev or head_len != length)):
+            if head_seq > seq:
                 raise VerificationError(
                     f"audit log ends at entry {seq} but its head records entry {head_seq}: "
                     "entries were removed from the end"
+                )
+            if head_seq == seq and (head_hash != prev or head_len != length):
+                raise VerificationError(
+                    f"audit log entry {seq} (the last) is not the one its head records: the end was rewritten"
                 )
         elif seq and not head:
             raise VerificationError(f"audit log head {self.head_path} is missing")
