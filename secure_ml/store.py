@@ -14,6 +14,7 @@ tags and the plaintext digest before it returns a byte.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -23,12 +24,12 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 from secure_ml import crypto
 from secure_ml.audit import AuditLog
-from secure_ml.errors import BadInput, Error, IntegrityError
+from secure_ml.errors import BadInput, ConfigurationError, Error, IntegrityError
 from secure_ml.integrity import atomic_write, list_tree
 from secure_ml.keys import KeyProvider
 
@@ -98,6 +99,21 @@ def check_digest(digest: str) -> str:
     return digest
 
 
+@contextlib.contextmanager
+def _flock(path: Path, operation: int, *, busy: str = "") -> Iterator[None]:
+    """Hold an flock on ``path`` (created 0600); with LOCK_NB, ``busy`` is the error if it is held."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        try:
+            fcntl.flock(fd, operation)
+        except BlockingIOError:
+            raise ConfigurationError(busy or f"{path} is locked by another process") from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 class ArtifactStore:
     """Encrypted, content-addressed storage for pipeline artifacts."""
 
@@ -117,6 +133,11 @@ class ArtifactStore:
     def exists(self, digest: str) -> bool:
         return self.path_for(digest).exists()
 
+    def writers_lock(self, *, exclusive: bool = False) -> contextlib.AbstractContextManager[None]:
+        """Writers share this lock while they seal an artifact; key rotation takes it exclusively
+        before it retires old keys, so no artifact sealed under an old key lands after the sweep."""
+        return _flock(self.root / ".writers.lock", fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+
     # -- writing ---------------------------------------------------------------------------
     def put_stream(self, src: BinaryIO, *, kind: str = "bytes", details: dict[str, Any] | None = None) -> ArtifactRef:
         """Encrypt a stream into the store; memory stays bounded by the chunk size."""
@@ -127,16 +148,17 @@ class ArtifactStore:
         tmp = Path(tmp_name)
         try:
             os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                size = crypto.encrypt_stream(reader, out, self.keys)  # type: ignore[arg-type]
-                out.flush()
-                os.fsync(out.fileno())
-            with tmp.open("rb") as sealed:
-                key_id = crypto.peek_key_id(sealed)
-            digest = reader.sha.hexdigest()
-            target = self.path_for(digest)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, target)  # same content, same name: a re-put is idempotent
+            with self.writers_lock():
+                with os.fdopen(fd, "wb") as out:
+                    size = crypto.encrypt_stream(reader, out, self.keys)  # type: ignore[arg-type]
+                    out.flush()
+                    os.fsync(out.fileno())
+                with tmp.open("rb") as sealed:
+                    key_id = crypto.peek_key_id(sealed)
+                digest = reader.sha.hexdigest()
+                target = self.path_for(digest)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, target)  # same content, same name: a re-put is idempotent
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
@@ -230,15 +252,14 @@ class ArtifactStore:
         manifest = self.get_json(digest)
         if not isinstance(manifest, dict) or manifest.get("format") != "secure-ml-tree/1":
             raise IntegrityError(f"artifact sha256:{digest[:16]}… is not a stored directory")
-        files: dict[str, str] = manifest["files"]
+        files = _manifest_files(manifest, digest)
         dst.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".tmp-{dst.name}.", dir=dst.parent))
         try:
             for name, file_digest in files.items():
-                target = (staging / name).resolve()
-                if staging.resolve() not in target.parents:  # a hostile manifest path
-                    raise IntegrityError(f"stored directory names a path outside itself: {name!r}")
-                self.get_file(file_digest, target)
+                target = staging.joinpath(*PurePosixPath(name).parts)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self.get_file(file_digest, target, overwrite=False)
             os.rename(staging, dst)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -250,36 +271,80 @@ class ArtifactStore:
         yield from sorted((self.root / "objects").glob(f"*/*{SUFFIX}"))
 
 
+def _manifest_files(manifest: dict[str, Any], digest: str) -> dict[str, str]:
+    """The {relative path: digest} of a tree manifest, refusing any path that could escape.
+
+    A manifest is authenticated, but it may have been written by anyone who could write the
+    store: names must be plain relative POSIX paths (no ``..``, ``.``, empty or absolute parts,
+    backslashes or NULs) and no name may be a directory of another.
+    """
+    files = manifest.get("files")
+    where = f"stored directory sha256:{digest[:16]}…"
+    if not isinstance(files, dict):
+        raise IntegrityError(f"{where} has no file list")
+    for name, file_digest in files.items():
+        parts = PurePosixPath(name).parts if isinstance(name, str) else ()
+        if (not parts or name != "/".join(parts) or parts[0] == "/" or "\\" in name or "\0" in name
+                or any(part in {".", ".."} for part in parts)):
+            raise IntegrityError(f"{where} names a path outside itself or not a plain path: {str(name)[:80]!r}")
+        if not isinstance(file_digest, str) or not _DIGEST.match(file_digest):
+            raise IntegrityError(f"{where} gives {name!r} a malformed digest")
+    names = set(files)
+    for name in files:
+        parents = PurePosixPath(name).parents
+        clash = next((str(p) for p in parents if str(p) in names), None)
+        if clash:
+            raise IntegrityError(f"{where} names {clash!r} both as a file and as a directory")
+    return dict(files)
+
+
 def rotate_keys(store: ArtifactStore, keyring: Any) -> dict[str, int]:
     """Re-wrap every artifact's data key under a new key-encryption key (no data re-encrypted).
 
     Safe to interrupt: the new key is saved before any artifact changes, each artifact is
     replaced atomically, and old keys are dropped only once no artifact needs them. Running it
-    again after an interruption finishes the same rotation.
+    again after an interruption finishes the same rotation. Writers keep working meanwhile: a
+    second sweep, with writers paused, catches artifacts sealed under the old key during the
+    first, so none lands after the old key is gone. Two rotations at once are refused.
     """
-    new_id, resumed = keyring.begin_rotation()
-    store.audit.record(store.actor, "keys.rotate.begin", subject=new_id, details={"resumed": resumed})
-    rewrapped = skipped = 0
-    still_in_use: set[str] = set()
+    with _flock(store.root / ".rotate.lock", fcntl.LOCK_EX | fcntl.LOCK_NB,
+                busy="another key rotation is running on this store"):
+        new_id, resumed = keyring.begin_rotation()
+        store.audit.record(store.actor, "keys.rotate.begin", subject=new_id, details={"resumed": resumed})
+        counts = {"rewrapped": 0, "already_current": 0, "unreadable": 0}
+        still_in_use: set[str] = set()
+        _rewrap_all(store, new_id, counts, still_in_use)
+        with store.writers_lock(exclusive=True):
+            counts["already_current"] = counts["unreadable"] = 0
+            still_in_use.clear()
+            _rewrap_all(store, new_id, counts, still_in_use)
+            dropped = keyring.finish_rotation(still_in_use)
+    store.audit.record(store.actor, "keys.rotate.finish", subject=new_id,
+                       outcome="ok" if not counts["unreadable"] else "fail",
+                       details={**counts, "retired": dropped})
+    return {**counts, "retired": len(dropped)}
+
+
+def _rewrap_all(store: ArtifactStore, new_id: str, counts: dict[str, int], still_in_use: set[str]) -> None:
     for path in store.objects():
-        with path.open("rb") as src:
-            old_id = crypto.peek_key_id(src)
+        try:
+            with path.open("rb") as src:
+                old_id = crypto.peek_key_id(src)
+        except Error as exc:  # not an artifact any key opens: it cannot hold a key back
+            counts["unreadable"] += 1
+            store.audit.record(store.actor, "keys.rotate.artifact", subject=path.name, outcome="fail",
+                               details={"reason": exc.explain()})
+            continue
         if old_id == new_id:
-            skipped += 1
+            counts["already_current"] += 1
             continue
         try:
             with path.open("rb") as src, atomic_write(path) as dst:
                 crypto.rewrap(src, dst, store.keys)
         except Error as exc:
-            still_in_use.add(old_id)
+            still_in_use.add(old_id)  # keep the key it needs; a later rotation retries
+            counts["unreadable"] += 1
             store.audit.record(store.actor, "keys.rotate.artifact", subject=path.name, outcome="fail",
                                details={"reason": exc.explain()})
             continue
-        rewrapped += 1
-    dropped = keyring.finish_rotation(still_in_use)
-    store.audit.record(store.actor, "keys.rotate.finish", subject=new_id,
-                       outcome="ok" if not still_in_use else "fail",
-                       details={"rewrapped": rewrapped, "already_current": skipped,
-                                "retired": dropped, "unreadable": len(still_in_use)})
-    return {"rewrapped": rewrapped, "already_current": skipped, "retired": len(dropped),
-            "unreadable": len(still_in_use)}
+        counts["rewrapped"] += 1
