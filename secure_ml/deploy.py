@@ -1,0 +1,562 @@
+"""Releasing a model: registration, approval, promotion, the deploy gate, deployment and rollback.
+
+    release = Release.from_settings(settings)                   # registry + policies + verifiers + roles
+    version, staging, production = release.register(model_digest, evidence, actor="bob")  # candidate -> staging?
+    release.approve("v1", identity="carol")                     # SoD + roles; promotes to production if allowed
+    record = release.deploy("production", actor="dave")         # verify from bytes, then write; health check
+    release.rollback(actor="dave")                              # previous verified version, re-verified
+
+The deploy gate (:meth:`Release.gate`) runs before anything is written to a target: it decrypts
+the model tree, the signature bundle and the attestation from the encrypted store (the store
+checks every tag and digest), re-verifies the signature over the decrypted files and the
+attestation over the model and bundle, recomputes the model digest from those bytes and compares
+it with the registry's, checks that the registry says production, and evaluates the promotion and
+deployment policies again. Any failure is audited and raises; the private staging directory is
+removed and no target is touched. Metadata is never trusted for any of it.
+
+Targets: ``local`` (default; a verified model directory under ``$SECURE_ML_HOME/deployments/local``
+and a ``current.json`` pointer the local server reads) and ``kubernetes`` (rendered manifests,
+validated in strict mode and by the admission policy, beside the verified model directory to be
+copied onto the models volume). After a local deploy a health check loads the model the way the
+server does and predicts one row; a failure rolls back by itself and records why.
+
+"Changed the pipeline" (separation of duties, DESIGN section 6) is concrete here: the identity
+that registered the version (ran the pipeline run that produced it), the identity that trained
+it, and the git author of the code commit in its training record. None of them may deploy it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from secure_ml.access import AccessPolicy
+from secure_ml.audit import AuditLog
+from secure_ml.errors import BadInput, ConfigurationError, Error, PolicyDenied, VerificationError
+from secure_ml.integrity import atomic_write, sha256_tree, tree_digest
+from secure_ml.policy import PolicyDecision, PolicyEngine
+from secure_ml.registry import Deployment, ModelVersion, Registry
+from secure_ml.store import ArtifactStore
+
+TARGETS = ("local", "kubernetes")
+SIGNATURE_FILE = "model.sig"
+ATTESTATION_FILE = "attestation.dsse.json"
+RECEIPT_FILE = "DEPLOYMENT.json"
+
+
+class _Settings(Protocol):
+    @property
+    def home(self) -> Path: ...
+    def load_config(self, name: str) -> dict[str, Any]: ...
+    def audit_log(self) -> AuditLog: ...
+    def artifact_store(self, *, actor: str | None = None) -> ArtifactStore: ...
+
+
+# -- verification: the security stage's verifiers behind a small interface ----------------------
+SignatureVerifier = Callable[[Path, bytes], Mapping[str, Any]]
+"""(model_dir, bundle bytes) -> details (e.g. signer); raises VerificationError if it does not verify."""
+AttestationVerifier = Callable[[bytes, Path, bytes], Mapping[str, Any]]
+"""(DSSE envelope, model_dir, bundle) -> details; raises VerificationError unless it verifies AND its
+subjects name exactly the model files (and bundle) given."""
+
+
+@dataclass(frozen=True)
+class Verifiers:
+    signature: SignatureVerifier
+    attestation: AttestationVerifier
+
+
+def default_verifiers(settings: Any) -> Verifiers:
+    """The security stage's verifiers (secure_ml.signing / secure_ml.attestation), trust from its config."""
+    try:
+        from secure_ml import attestation, signing
+    except ImportError as exc:  # fail closed: without a verifier nothing deploys
+        raise ConfigurationError(f"model verification is unavailable ({exc})") from None
+    return Verifiers(signature=signing.release_signature_verifier(settings),  # type: ignore[attr-defined]
+                     attestation=attestation.release_attestation_verifier(settings))  # type: ignore[attr-defined]
+
+
+def model_digest(model_dir: Path) -> str:
+    """The digest the registry addresses a version by: over every file's SHA-256 and path."""
+    return tree_digest(sha256_tree(model_dir))
+
+
+@dataclass(frozen=True)
+class VerifiedModel:
+    """A model decrypted into a private directory and verified from its bytes."""
+
+    version: str
+    model_digest: str
+    directory: Path
+    bundle: bytes
+    envelope: bytes
+    signature: Mapping[str, Any]
+    attestation: Mapping[str, Any]
+    seconds: float
+
+
+@dataclass
+class HealthResult:
+    healthy: bool
+    reason: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+HealthCheck = Callable[[Path, ModelVersion], HealthResult]
+
+
+# -- evidence and policy input -------------------------------------------------------------------
+def _numbers(mapping: Any, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a nested mapping, keyed by their last name (and dotted path)."""
+    out: dict[str, float] = {}
+    if not isinstance(mapping, Mapping):
+        return out
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int | float):
+            out[str(key)] = float(value)
+            out[name] = float(value)
+        elif isinstance(value, Mapping):
+            for sub_key, sub_value in _numbers(value, f"{name}.").items():
+                out.setdefault(sub_key, sub_value)
+    return out
+
+
+def _fairness_gaps(fairness: Any) -> list[dict[str, Any]]:
+    """Every numeric bias metric as {attribute, metric, value}, whatever nesting evaluation used."""
+    gaps: list[dict[str, Any]] = []
+
+    def walk(node: Any, path: list[str]) -> None:
+        if isinstance(node, Mapping):
+            if "value" in node and isinstance(node["value"], int | float) and not isinstance(node["value"], bool):
+                gaps.append({"attribute": ".".join(path[:-1]) or "*", "metric": path[-1] if path else "value",
+                             "value": float(node["value"])})
+                return
+            for key, value in node.items():
+                walk(value, [*path, str(key)])
+        elif isinstance(node, int | float) and not isinstance(node, bool) and path:
+            gaps.append({"attribute": ".".join(path[:-1]) or "*", "metric": path[-1], "value": float(node)})
+
+    walk(fairness, [])
+    return gaps
+
+
+def evaluation_evidence(evaluation: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of model_evaluation the policy reads, normalised."""
+    return {
+        "passed": evaluation.get("passed") is True,
+        "metrics": _numbers(evaluation.get("metrics")),
+        "fairness_gaps": _fairness_gaps(evaluation.get("fairness")),
+        "robustness": _numbers(evaluation.get("robustness")),
+    }
+
+
+def scan_evidence(scan: Mapping[str, Any]) -> dict[str, Any]:
+    findings = []
+    for item in scan.get("findings") or []:
+        if not isinstance(item, Mapping):
+            continue
+        findings.append({
+            "id": str(item.get("id") or item.get("rule") or item.get("advisory") or item.get("test_id") or "finding"),
+            "severity": str(item.get("severity") or "unknown"),
+            "blocking": item.get("blocking") is True,
+            "where": str(item.get("where") or item.get("path") or item.get("package") or item.get("file") or "?"),
+        })
+    return {"blocking": bool(scan.get("blocking")), "counts": dict(scan.get("counts") or {}), "findings": findings}
+
+
+def pipeline_changers(version: ModelVersion) -> list[dict[str, str]]:
+    training = version.evidence.get("training") or {}
+    changers = [{"identity": version.registered_by, "why": f"registered {version.version} (ran its pipeline)"}]
+    if training.get("actor"):
+        changers.append({"identity": str(training["actor"]), "why": f"trained {version.version}"})
+    if training.get("code_author"):
+        commit = str(training.get("code_commit") or "")[:12]
+        changers.append({"identity": str(training["code_author"]),
+                         "why": f"authored the pipeline code commit {commit} that produced {version.version}"})
+    return changers
+
+
+def promotion_input(version: ModelVersion, *, target_stage: str, signature: Mapping[str, Any],
+                    attestation: Mapping[str, Any], access: AccessPolicy) -> dict[str, Any]:
+    """The promotion policy's input: recorded evidence plus verification done just now."""
+    evidence = version.evidence
+    return {
+        "version": version.version,
+        "model_digest": version.model_digest,
+        "target_stage": target_stage,
+        "evaluation": evidence.get("evaluation"),
+        "scan": evidence.get("scan"),
+        "signature": dict(signature),
+        "attestation": dict(attestation),
+        "provenance": evidence.get("provenance") or {},
+        "training": evidence.get("training") or {},
+        "registered_by": version.registered_by,
+        # Roles are looked up now, not when the approval was given: a revoked approver stops counting.
+        "approvals": [{"identity": a["identity"], "roles": list(access.roles_of(a["identity"]))}
+                      for a in version.approvals],
+    }
+
+
+# -- the release service -------------------------------------------------------------------------
+class Release:
+    """Registry, policy, roles, verifiers, store and audit log: every release decision goes through here."""
+
+    def __init__(self, *, home: Path, registry: Registry, engine: PolicyEngine, access: AccessPolicy,
+                 store: ArtifactStore, audit: AuditLog, verifiers: Verifiers | Callable[[], Verifiers],
+                 config: Mapping[str, Any] | None = None, health_check: HealthCheck | None = None) -> None:
+        self.home = Path(home)
+        self.registry = registry
+        self.engine = engine
+        self.access = access
+        self.store = store
+        self.audit = audit
+        self._verifiers = verifiers
+        self.config = dict(config or {})
+        self.health_check = health_check
+
+    @classmethod
+    def from_settings(cls, settings: _Settings, *, verifiers: Verifiers | None = None,
+                      health_check: HealthCheck | None = None, actor: str | None = None) -> Release:
+        config = settings.load_config("release")
+        return cls(home=settings.home, registry=Registry.from_settings(settings),
+                   engine=PolicyEngine.from_settings(settings), access=AccessPolicy.from_settings(settings),
+                   store=settings.artifact_store(actor=actor), audit=settings.audit_log(),
+                   verifiers=verifiers or (lambda: default_verifiers(settings)), config=config,
+                   health_check=health_check)
+
+    @property
+    def verifiers(self) -> Verifiers:
+        if callable(self._verifiers) and not isinstance(self._verifiers, Verifiers):
+            self._verifiers = self._verifiers()  # resolved lazily: status and approve need no signer config
+        assert isinstance(self._verifiers, Verifiers)
+        return self._verifiers
+
+    @property
+    def deployments_dir(self) -> Path:
+        return self.home / "deployments"
+
+    # -- verification from bytes ------------------------------------------------------------
+    def verify(self, version: ModelVersion, *, actor: str, into: Path | None = None) -> VerifiedModel:
+        """Decrypt the model, bundle and attestation from the store and verify them; audited.
+
+        The model lands in a private directory (``into``, or a new temp dir under deployments);
+        the caller owns it. On failure it is removed and VerificationError/IntegrityError raised.
+        """
+        started = time.perf_counter()
+        stored = version.evidence.get("store") or {}
+        scratch_parent = self.deployments_dir / ".staging"
+        scratch_parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        scratch = Path(tempfile.mkdtemp(prefix=f"{version.version}-", dir=scratch_parent))
+        model_dir = into or scratch / "model"
+        try:
+            for key in ("model_tree", "signature", "attestation"):
+                if not stored.get(key):
+                    raise VerificationError(f"{version.version} has no stored {key.replace('_', ' ')}")
+            self.store.get_tree(stored["model_tree"], model_dir)
+            bundle = self.store.get_bytes(stored["signature"])
+            envelope = self.store.get_bytes(stored["attestation"])
+            digest = model_digest(model_dir)
+            if digest != version.model_digest:
+                raise VerificationError(
+                    f"{version.version}: the stored model hashes to {digest[:16]}…, the registry says "
+                    f"{version.model_digest[:16]}…: it was replaced")
+            signature = dict(self.verifiers.signature(model_dir, bundle))
+            attestation = dict(self.verifiers.attestation(envelope, model_dir, bundle))
+        except Error as exc:
+            shutil.rmtree(scratch, ignore_errors=True)
+            if into is not None:
+                shutil.rmtree(into, ignore_errors=True)
+            self.audit.record(actor, "model.verify", subject=f"{version.version} sha256:{version.model_digest}",
+                              outcome="fail", details={"reason": exc.explain()})
+            raise
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+        elapsed = time.perf_counter() - started
+        self.audit.record(actor, "model.verify", subject=f"{version.version} sha256:{digest}",
+                          details={"seconds": round(elapsed, 4), "signer": str(signature.get("signer", ""))})
+        return VerifiedModel(version.version, digest, model_dir, bundle, envelope, signature, attestation, elapsed)
+
+    def _verification_facts(self, version: ModelVersion, *, actor: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Signature/attestation facts for the policy, verified now (a failure becomes a deny reason)."""
+        try:
+            verified = self.verify(version, actor=actor)
+        except Error as exc:
+            reason = exc.explain()
+            return ({"verified": False, "reason": reason, "digest": ""},
+                    {"verified": False, "subject_matches": False, "reason": reason})
+        shutil.rmtree(verified.directory.parent, ignore_errors=True)
+        return ({"verified": True, "digest": verified.model_digest, "reason": "",
+                 "signer": str(verified.signature.get("signer", ""))},
+                {"verified": True, "subject_matches": True, "reason": "",
+                 **{k: v for k, v in verified.attestation.items() if isinstance(v, str | bool | int)}})
+
+    # -- registration and promotion ------------------------------------------------------------
+    def register(self, model_dir_digest: str, evidence: Mapping[str, Any], *,
+                 actor: str) -> tuple[ModelVersion, PolicyDecision, PolicyDecision]:
+        """Register a candidate, verify it from the stored bytes, promote to staging if policy allows.
+
+        Returns the version and the staging and production decisions (the production one names
+        what is still missing, normally the approval by a second identity).
+        """
+        self.access.require(actor, "model.register", audit=self.audit, subject=f"sha256:{model_dir_digest}")
+        version, created = self.registry.register(model_dir_digest, evidence, actor=actor)
+        if created:
+            self.audit.record(actor, "registry.register", subject=f"{version.version} sha256:{version.model_digest}",
+                              details={"stage": "candidate"})
+        signature, attestation = self._verification_facts(version, actor=actor)
+        staging = self.decide(version, "staging", signature=signature, attestation=attestation, actor=actor)
+        production = self.decide(version, "production", signature=signature, attestation=attestation, actor=actor)
+        self._remember_decision(version, production)
+        if staging.allowed and version.stage == "candidate":
+            version = self.registry.set_stage(version.version, "staging", actor=actor, expect=("candidate",),
+                                              reason="promotion policy allows staging; production awaits approval")
+            self.audit.record(actor, "model.promote", subject=version.version, outcome="allow",
+                              details={"to": "staging", "input_sha256": staging.input_sha256})
+        elif not staging.allowed:
+            self.audit.record(actor, "model.promote", subject=version.version, outcome="deny",
+                              details={"to": "staging", "reasons": list(staging.reasons)})
+        return version, staging, production
+
+    def decide(self, version: ModelVersion, stage: str, *, signature: Mapping[str, Any],
+               attestation: Mapping[str, Any], actor: str) -> PolicyDecision:
+        """Evaluate the promotion policy for ``stage``; the decision and every reason are audited."""
+        decision = self.engine.decide("promotion", promotion_input(
+            version, target_stage=stage, signature=signature, attestation=attestation, access=self.access))
+        self.audit.record(actor, "policy.promotion", subject=f"{version.version} -> {stage}",
+                          outcome="allow" if decision.allowed else "deny",
+                          details={"reasons": list(decision.reasons), "input_sha256": decision.input_sha256})
+        return decision
+
+    def approve(self, ref: str, *, identity: str) -> tuple[ModelVersion, PolicyDecision]:
+        """``identity`` approves a version; promoted to production when the policy then allows.
+
+        Denied (audited, PolicyDenied) when the identity is not an approver, added the data,
+        trained the model, already approved, or the version is not awaiting approval.
+        """
+        version = self.registry.get(ref)
+        subject = f"{version.version} sha256:{version.model_digest}"
+        try:
+            self.access.require(identity, "model.approve", audit=self.audit, subject=subject)
+        except PolicyDenied as exc:
+            self.audit.record(identity, "model.approve", subject=subject, outcome="deny",
+                              details={"reasons": [str(exc)]})
+            self.registry.record_event(identity, "approve.denied", version.version, {"reasons": [str(exc)]})
+            raise
+        evidence = version.evidence
+        sod = self.engine.decide("approval", {
+            "version": version.version, "stage": version.stage,
+            "approver": {"identity": identity, "roles": list(self.access.roles_of(identity))},
+            "provenance": evidence.get("provenance") or {}, "training": evidence.get("training") or {},
+            "approvals": [{"identity": a["identity"]} for a in version.approvals],
+        })
+        if not sod.allowed:
+            self.audit.record(identity, "model.approve", subject=subject, outcome="deny",
+                              details={"reasons": list(sod.reasons)})
+            self.registry.record_event(identity, "approve.denied", version.version, {"reasons": list(sod.reasons)})
+            raise PolicyDenied(f"{identity} may not approve {version.version}: " + "; ".join(sod.reasons))
+        version = self.registry.add_approval(version.version, identity, roles=self.access.roles_of(identity))
+        self.audit.record(identity, "model.approve", subject=subject, outcome="allow",
+                          details={"roles": list(self.access.roles_of(identity))})
+        return self.promote(version.version, actor=identity)
+
+    def promote(self, ref: str, *, actor: str, stage: str = "production") -> tuple[ModelVersion, PolicyDecision]:
+        """Re-verify from the bytes and evaluate the policy; move to ``stage`` only if it allows."""
+        version = self.registry.get(ref)
+        signature, attestation = self._verification_facts(version, actor=actor)
+        decision = self.decide(version, stage, signature=signature, attestation=attestation, actor=actor)
+        self._remember_decision(version, decision)
+        if not decision.allowed:
+            self.registry.record_event(actor, "promote.denied", version.version,
+                                       {"to": stage, "reasons": list(decision.reasons)})
+            self.audit.record(actor, "model.promote", subject=version.version, outcome="deny",
+                              details={"to": stage, "reasons": list(decision.reasons)})
+            return self.registry.get(version.version), decision
+        version = self.registry.set_stage(version.version, stage, actor=actor, expect=("candidate", "staging"),
+                                          reason="promotion policy allows")
+        self.audit.record(actor, "model.promote", subject=f"{version.version} sha256:{version.model_digest}",
+                          outcome="allow", details={"to": stage, "input_sha256": decision.input_sha256})
+        return version, decision
+
+    def _remember_decision(self, version: ModelVersion, decision: PolicyDecision) -> None:
+        self.registry.record_event("policy", "policy.decision", version.version,
+                                   {"package": decision.package, "allowed": decision.allowed,
+                                    "reasons": list(decision.reasons)})
+
+    # -- the deploy gate -------------------------------------------------------------------------
+    def gate(self, ref: str, *, actor: str, target: str, permission: str = "model.deploy") -> VerifiedModel:
+        """Everything that must hold before a byte is written to ``target``; raises otherwise."""
+        if target not in TARGETS:
+            raise BadInput(f"unknown deploy target {target!r} (one of {', '.join(TARGETS)})")
+        version = self.registry.get(ref)
+        subject = f"{version.version} sha256:{version.model_digest} -> {target}"
+        self.access.require(actor, permission, audit=self.audit, subject=subject)
+        deployment = self.engine.decide("deployment", {
+            "version": version.version, "stage": version.stage, "target": target,
+            "deployer": {"identity": actor, "roles": list(self.access.roles_of(actor))},
+            "pipeline_changers": pipeline_changers(version),
+        })
+        if not deployment.allowed:
+            self._deny(actor, subject, deployment.reasons)
+        verified = self.verify(version, actor=actor)
+        try:
+            promotion = self.engine.decide("promotion", promotion_input(
+                version, target_stage="production", access=self.access,
+                signature={"verified": True, "digest": verified.model_digest, "reason": ""},
+                attestation={"verified": True, "subject_matches": True, "reason": ""}))
+            if not promotion.allowed:
+                self._deny(actor, subject, promotion.reasons)
+        except BaseException:
+            shutil.rmtree(verified.directory.parent, ignore_errors=True)
+            raise
+        self.audit.record(actor, "deploy.gate", subject=subject, outcome="allow",
+                          details={"verify_seconds": round(verified.seconds, 4)})
+        return verified
+
+    def _deny(self, actor: str, subject: str, reasons: tuple[str, ...]) -> None:
+        self.audit.record(actor, "deploy", subject=subject, outcome="deny", details={"reasons": list(reasons)})
+        raise PolicyDenied(f"deploy of {subject.split(' ')[0]} denied: " + "; ".join(reasons))
+
+    def deploy(self, ref: str = "production", *, actor: str, target: str = "local",
+               health: bool = True, _action: str = "deployed", _permission: str = "model.deploy") -> Deployment:
+        """Gate, then write the verified model to ``target``; health-check it; roll back on failure."""
+        verified = self.gate(ref, actor=actor, target=target, permission=_permission)
+        version = self.registry.get(verified.version)
+        try:
+            location = self._write_target(verified, version, target=target, actor=actor)
+        finally:
+            shutil.rmtree(verified.directory.parent, ignore_errors=True)
+        record = self.registry.record_deployment(actor=actor, target=target, version=version.version,
+                                                 model_digest=verified.model_digest, status=_action,
+                                                 location=str(location))
+        self.audit.record(actor, "deploy", subject=f"{version.version} sha256:{verified.model_digest} -> {target}",
+                          details={"location": str(location), "status": _action})
+        if health and target == "local":
+            result = self._health(location, version)
+            if not result.healthy:
+                return self._automatic_rollback(record, result, actor=actor)
+        return record
+
+    def _health(self, location: Path, version: ModelVersion) -> HealthResult:
+        check = self.health_check or _default_health_check
+        try:
+            return check(location, version)
+        except Error as exc:
+            return HealthResult(False, exc.explain())
+        except Exception as exc:  # a crash in the health check is an unhealthy deployment
+            return HealthResult(False, f"health check crashed: {type(exc).__name__}: {str(exc)[:160]}")
+
+    def _automatic_rollback(self, failed: Deployment, result: HealthResult, *, actor: str) -> Deployment:
+        reason = f"health check failed after deploying {failed.version}: {result.reason}"
+        self.registry.record_deployment(actor=actor, target=failed.target, version=failed.version,
+                                        model_digest=failed.model_digest, status="rolled_back",
+                                        location=failed.location, reason=reason)
+        self.audit.record(actor, "deploy.health", subject=f"{failed.version} -> {failed.target}", outcome="fail",
+                          details={"reason": result.reason})
+        previous = self.registry.previous_deployment(failed.target)
+        if previous is None:
+            self._clear_current(failed.target)
+            self.audit.record(actor, "deploy.rollback", subject=f"{failed.version} -> {failed.target}", outcome="fail",
+                              details={"reason": reason + "; no earlier verified version to restore: nothing is live"})
+            raise VerificationError(reason + "; no earlier verified version to restore, nothing is live")
+        self.audit.record(actor, "deploy.rollback", subject=f"{failed.version} -> {previous.version}",
+                          details={"reason": reason, "automatic": True})
+        self._restore_stage(previous.version, failed.version, actor=actor, reason=reason)
+        restored = self.deploy(previous.version, actor=actor, target=failed.target, health=False,
+                               _action="rollback", _permission="model.rollback")
+        raise VerificationError(f"{reason}; rolled back to {restored.version}")
+
+    def rollback(self, *, actor: str, target: str = "local", reason: str = "requested") -> Deployment:
+        """Redeploy the previously deployed version, re-verified through the full gate."""
+        current = self.registry.current_deployment(target)
+        if current is None:
+            raise BadInput(f"nothing is deployed to {target}")
+        previous = self.registry.previous_deployment(target)
+        if previous is None:
+            raise BadInput(f"no earlier verified deployment to roll back to on {target}")
+        self.access.require(actor, "model.rollback", audit=self.audit, subject=f"{current.version} -> {previous.version}")
+        replaced_stage = self.registry.get(current.version).stage
+        self._restore_stage(previous.version, current.version, actor=actor, reason=reason)
+        try:
+            record = self.deploy(previous.version, actor=actor, target=target, _action="rollback",
+                                 _permission="model.rollback")
+        except Error as exc:
+            if replaced_stage == "production":  # nothing changed on the target: the registry says so too
+                self.registry.set_stage(current.version, "production", actor=actor, action="rollback.failed",
+                                        reason=exc.explain())
+            self.audit.record(actor, "deploy.rollback", subject=f"{current.version} -> {previous.version}",
+                              outcome="fail", details={"reason": exc.explain()})
+            raise
+        self.registry.record_deployment(actor=actor, target=target, version=current.version,
+                                        model_digest=current.model_digest, status="rolled_back",
+                                        location=current.location, reason=reason)
+        self.audit.record(actor, "deploy.rollback", subject=f"{current.version} -> {previous.version}",
+                          details={"reason": reason})
+        return record
+
+    def _restore_stage(self, restore: str, replaced: str, *, actor: str, reason: str) -> None:
+        """Rollback makes the restored version production again (and archives the replaced one)."""
+        if self.registry.get(restore).stage != "production":
+            self.registry.set_stage(restore, "production", actor=actor, action="rollback",
+                                    reason=f"rolled back from {replaced}: {reason}")
+
+    # -- targets -----------------------------------------------------------------------------
+    def _write_target(self, verified: VerifiedModel, version: ModelVersion, *, target: str, actor: str) -> Path:
+        root = self.deployments_dir / target
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        name = f"{version.version}-{verified.model_digest[:12]}"
+        final = root / name
+        receipt = {
+            "format": "secure-ml-deployment/1", "version": version.version, "model_digest": verified.model_digest,
+            "target": target, "actor": actor, "signature_file": SIGNATURE_FILE, "attestation_file": ATTESTATION_FILE,
+            "signer": str(verified.signature.get("signer", "")),
+        }
+        staging = Path(tempfile.mkdtemp(prefix=f".tmp-{name}.", dir=root))
+        try:
+            shutil.copytree(verified.directory, staging / "model")
+            (staging / SIGNATURE_FILE).write_bytes(verified.bundle)
+            (staging / ATTESTATION_FILE).write_bytes(verified.envelope)
+            if target == "kubernetes":
+                from secure_ml import k8s_render
+
+                manifests = k8s_render.render(self.config.get("kubernetes") or {}, version=version.version,
+                                              model_digest=verified.model_digest)
+                k8s_render.validate(manifests, signed_digests=[verified.model_digest],
+                                    kubernetes_version=str((self.config.get("kubernetes") or {})
+                                                           .get("kubernetes_version", "1.33")))
+                (staging / "manifests.yaml").write_text(k8s_render.to_yaml(manifests))
+                receipt["manifests"] = "manifests.yaml"
+            (staging / RECEIPT_FILE).write_text(json.dumps(receipt, indent=1, sort_keys=True))
+            if final.exists():
+                shutil.rmtree(final)  # same version and digest: an identical redeploy replaces it
+            os.rename(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if target == "local":
+            with atomic_write(root / "current.json") as out:
+                out.write(json.dumps({"version": version.version, "model_digest": verified.model_digest,
+                                      "directory": name}, sort_keys=True).encode())
+        return final
+
+    def _clear_current(self, target: str) -> None:
+        pointer = self.deployments_dir / target / "current.json"
+        if pointer.exists():
+            pointer.unlink()
+
+
+def _default_health_check(location: Path, version: ModelVersion) -> HealthResult:
+    """Load the deployed model the way the server does and predict one representative row."""
+    from secure_ml import serving
+
+    return serving.health_probe(location)
