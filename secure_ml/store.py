@@ -315,9 +315,11 @@ def rotate_keys(store: ArtifactStore, keyring: Any) -> dict[str, int]:
         still_in_use: set[str] = set()
         _rewrap_all(store, new_id, counts, still_in_use)
         with store.writers_lock(exclusive=True):
-            counts["already_current"] = counts["unreadable"] = 0
             still_in_use.clear()
-            _rewrap_all(store, new_id, counts, still_in_use)
+            final = {"rewrapped": 0, "already_current": 0, "unreadable": 0}
+            _rewrap_all(store, new_id, final, still_in_use)
+            counts["rewrapped"] += final["rewrapped"]
+            counts["unreadable"] = final["unreadable"]
             dropped = keyring.finish_rotation(still_in_use)
     store.audit.record(store.actor, "keys.rotate.finish", subject=new_id,
                        outcome="ok" if not counts["unreadable"] else "fail",
