@@ -83,6 +83,32 @@ def default_verifiers(settings: Any) -> Verifiers:
                      attestation=attestation.release_attestation_verifier(settings))  # type: ignore[attr-defined]
 
 
+def key_signature_verifier(public_key: Path | str) -> SignatureVerifier:
+    """Verify an elliptic-key model-signing bundle against one trusted public key (PEM).
+
+    The security stage's verifier is preferred where it is configured (:func:`default_verifiers`);
+    this is the offline form the Kubernetes init container and ``serve --public-key`` use.
+    """
+    key = Path(public_key)
+    if not key.is_file():
+        raise ConfigurationError(f"public key not found: {key}")
+
+    def verify(model_dir: Path, bundle: bytes) -> Mapping[str, Any]:
+        import model_signing
+
+        with tempfile.TemporaryDirectory(prefix="secure-ml-sig-") as scratch:
+            sig = Path(scratch) / "model.sig"
+            sig.write_bytes(bundle)
+            try:
+                model_signing.verifying.Config().use_elliptic_key_verifier(public_key=key).verify(model_dir, sig)
+            except Exception as exc:  # model_signing raises ValueError and friends: all mean "does not verify"
+                first = " ".join(str(exc).split())[:200] or type(exc).__name__
+                raise VerificationError(f"model signature does not verify against {key.name}: {first}") from None
+        return {"signer": f"key:{key.name}", "method": "elliptic-key"}
+
+    return verify
+
+
 def model_digest(model_dir: Path) -> str:
     """The digest the registry addresses a version by: over every file's SHA-256 and path."""
     return tree_digest(sha256_tree(model_dir))
@@ -346,25 +372,24 @@ class Release:
         """
         version = self.registry.get(ref)
         subject = f"{version.version} sha256:{version.model_digest}"
-        try:
-            self.access.require(identity, "model.approve", audit=self.audit, subject=subject)
-        except PolicyDenied as exc:
-            self.audit.record(identity, "model.approve", subject=subject, outcome="deny",
-                              details={"reasons": [str(exc)]})
-            self.registry.record_event(identity, "approve.denied", version.version, {"reasons": [str(exc)]})
-            raise
         evidence = version.evidence
+        access = self.access.decide(identity, "model.approve")
+        self.audit.record(identity, "access.allow" if access.allowed else "access.deny", subject=subject,
+                          outcome="allow" if access.allowed else "deny",
+                          details={"permission": "model.approve", "roles": list(access.roles), "reason": access.reason})
         sod = self.engine.decide("approval", {
             "version": version.version, "stage": version.stage,
             "approver": {"identity": identity, "roles": list(self.access.roles_of(identity))},
             "provenance": evidence.get("provenance") or {}, "training": evidence.get("training") or {},
             "approvals": [{"identity": a["identity"]} for a in version.approvals],
         })
-        if not sod.allowed:
-            self.audit.record(identity, "model.approve", subject=subject, outcome="deny",
-                              details={"reasons": list(sod.reasons)})
-            self.registry.record_event(identity, "approve.denied", version.version, {"reasons": list(sod.reasons)})
-            raise PolicyDenied(f"{identity} may not approve {version.version}: " + "; ".join(sod.reasons))
+        # Every reason at once: a person denied for two reasons should not have to find the second.
+        reasons = [*([] if access.allowed else [access.reason]),
+                   *(r for r in sod.reasons if access.allowed or "is not an" not in r)]
+        if reasons:
+            self.audit.record(identity, "model.approve", subject=subject, outcome="deny", details={"reasons": reasons})
+            self.registry.record_event(identity, "approve.denied", version.version, {"reasons": reasons})
+            raise PolicyDenied(f"{identity} may not approve {version.version}: " + "; ".join(reasons))
         version = self.registry.add_approval(version.version, identity, roles=self.access.roles_of(identity))
         self.audit.record(identity, "model.approve", subject=subject, outcome="allow",
                           details={"roles": list(self.access.roles_of(identity))})
@@ -428,7 +453,8 @@ class Release:
         raise PolicyDenied(f"deploy of {subject.split(' ')[0]} denied: " + "; ".join(reasons))
 
     def deploy(self, ref: str = "production", *, actor: str, target: str = "local",
-               health: bool = True, _action: str = "deployed", _permission: str = "model.deploy") -> Deployment:
+               health: bool = True, _action: str = "deployed", _permission: str = "model.deploy",
+               _reason: str = "") -> Deployment:
         """Gate, then write the verified model to ``target``; health-check it; roll back on failure."""
         verified = self.gate(ref, actor=actor, target=target, permission=_permission)
         version = self.registry.get(verified.version)
@@ -438,7 +464,7 @@ class Release:
             shutil.rmtree(verified.directory.parent, ignore_errors=True)
         record = self.registry.record_deployment(actor=actor, target=target, version=version.version,
                                                  model_digest=verified.model_digest, status=_action,
-                                                 location=str(location))
+                                                 location=str(location), reason=_reason)
         self.audit.record(actor, "deploy", subject=f"{version.version} sha256:{verified.model_digest} -> {target}",
                           details={"location": str(location), "status": _action})
         if health and target == "local":
@@ -473,7 +499,7 @@ class Release:
                           details={"reason": reason, "automatic": True})
         self._restore_stage(previous.version, failed.version, actor=actor, reason=reason)
         restored = self.deploy(previous.version, actor=actor, target=failed.target, health=False,
-                               _action="rollback", _permission="model.rollback")
+                               _action="rollback", _permission="model.rollback", _reason=reason)
         raise VerificationError(f"{reason}; rolled back to {restored.version}")
 
     def rollback(self, *, actor: str, target: str = "local", reason: str = "requested") -> Deployment:
@@ -489,7 +515,7 @@ class Release:
         self._restore_stage(previous.version, current.version, actor=actor, reason=reason)
         try:
             record = self.deploy(previous.version, actor=actor, target=target, _action="rollback",
-                                 _permission="model.rollback")
+                                 _permission="model.rollback", _reason=reason)
         except Error as exc:
             if replaced_stage == "production":  # nothing changed on the target: the registry says so too
                 self.registry.set_stage(current.version, "production", actor=actor, action="rollback.failed",

@@ -17,19 +17,34 @@ lock because a regopy interpreter holds its input as state.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Protocol
-
-import regopy
 
 from secure_ml.errors import ConfigurationError, PolicyDenied
 
 POLICY_DIR = Path(__file__).parent / "policies"
 PACKAGES = ("promotion", "approval", "deployment", "admission")
+
+
+def _regopy() -> ModuleType:
+    """regopy, loaded after torch when torch is installed.
+
+    rego-cpp's shared library and libtorch_cpu cannot be loaded in that order in one process:
+    glibc aborts ("double free or corruption") in torch's static initialisers. Torch first works,
+    so a process that may need both (the deploy health check, a Dagster run) loads torch first.
+    """
+    if "regopy" not in sys.modules and "torch" not in sys.modules and importlib.util.find_spec("torch"):
+        import torch  # noqa: F401
+    import regopy
+
+    return regopy
 
 
 class _HasConfig(Protocol):
@@ -74,6 +89,8 @@ class PolicyEngine:
         files = sorted(self.policy_dir.glob("*.rego"))
         if not files:
             raise ConfigurationError(f"no Rego policies in {self.policy_dir}")
+        regopy = _regopy()
+        self._regopy = regopy
         self._lock = threading.Lock()
         self._rego = regopy.Interpreter()
         try:
@@ -106,7 +123,7 @@ class PolicyEngine:
                 output = self._rego.query(f"x := {{\"allow\": data.secure_ml.{package}.allow, "
                                           f"\"deny\": data.secure_ml.{package}.deny}}")
                 result = output[0]["x"] if output.ok() and len(output) else None
-            except (regopy.RegoError, IndexError, KeyError, ValueError) as exc:
+            except (self._regopy.RegoError, IndexError, KeyError, ValueError) as exc:
                 result = None
                 error = " ".join(str(exc).split())[:200]
             else:

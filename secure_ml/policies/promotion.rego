@@ -2,7 +2,7 @@
 #
 # Input (built by secure_ml.registry.promotion_input):
 #   version, model_digest, target_stage ("staging" | "production")
-#   evaluation {passed, metrics, fairness, robustness, failures?}
+#   evaluation {passed, metrics {name: number}, fairness_gaps [{attribute, metric, value}], robustness {name: number}}
 #   scan {blocking, counts, findings[{id, severity, blocking, where}]}
 #   signature {verified, digest, reason}        -- verified from the bytes, never from metadata
 #   attestation {verified, subject_matches, reason}
@@ -48,17 +48,16 @@ deny contains msg if {
 }
 
 deny contains msg if {
-	some name, maximum in cfg.max_fairness_gap
-	value := input.evaluation.fairness[name]
-	is_number(value)
-	abs(value) > maximum
-	msg := sprintf("fairness breach: %s is %v, over the maximum %v", [name, value, maximum])
+	some gap in input.evaluation.fairness_gaps
+	maximum := cfg.max_fairness_gap[gap.metric]
+	abs(gap.value) > maximum
+	msg := sprintf("fairness breach: %s for %s is %v, over the maximum %v", [gap.metric, gap.attribute, gap.value, maximum])
 }
 
 deny contains msg if {
 	input.evaluation
 	some name, _ in cfg.max_fairness_gap
-	not is_number(input.evaluation.fairness[name])
+	count([g | some g in object.get(input.evaluation, "fairness_gaps", []); g.metric == name]) == 0
 	msg := sprintf("bias metric %s is missing from the evaluation", [name])
 }
 

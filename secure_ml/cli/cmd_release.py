@@ -1,0 +1,202 @@
+"""secure-ml approve | promote | status | deploy | rollback | serve: the release commands.
+
+    secure-ml status [--json] [VERSION]                  versions, stages, approvals, what is deployed
+    secure-ml approve v3 --as carol                       a second identity approves; production if policy allows
+    secure-ml promote v3 [--stage staging]                re-evaluate the promotion policy now
+    SECURE_ML_ACTOR=dave secure-ml deploy [VERSION] [--target local|kubernetes]
+    SECURE_ML_ACTOR=dave secure-ml rollback [--target local] [--reason TEXT]
+    secure-ml serve [--issue-token NAME]                  serve the verified local deployment
+
+The acting identity is ``--as`` for approve and otherwise what secure_ml.settings.resolve_actor
+returns (SECURE_ML_ACTOR, a CI identity, or the OS user). Denials exit 1 with every reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from secure_ml.errors import BadInput
+from secure_ml.settings import Settings
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    status = sub.add_parser("status", help="model versions, stages, approvals and deployments")
+    status.add_argument("version", nargs="?", help="show one version's history")
+    status.add_argument("--json", action="store_true", help="machine-readable")
+    status.set_defaults(handler=cmd_status)
+
+    approve = sub.add_parser("approve", help="approve a model version (a second identity)")
+    approve.add_argument("version", help="v1, sha256:<prefix>, or a stage name")
+    approve.add_argument("--as", dest="identity", required=True, help="the approving identity")
+    approve.set_defaults(handler=cmd_approve)
+
+    promote = sub.add_parser("promote", help="re-evaluate the promotion policy for a version")
+    promote.add_argument("version")
+    promote.add_argument("--stage", choices=("staging", "production"), default="production")
+    promote.set_defaults(handler=cmd_promote)
+
+    deploy = sub.add_parser("deploy", help="verify the production model from its bytes, then deploy it")
+    deploy.add_argument("version", nargs="?", default="production")
+    deploy.add_argument("--target", choices=("local", "kubernetes"), default=None)
+    deploy.add_argument("--no-health-check", action="store_true", help="skip the post-deploy health check")
+    deploy.set_defaults(handler=cmd_deploy)
+
+    rollback = sub.add_parser("rollback", help="redeploy the previous verified version")
+    rollback.add_argument("--target", choices=("local", "kubernetes"), default="local")
+    rollback.add_argument("--reason", default="requested by an operator")
+    rollback.set_defaults(handler=cmd_rollback)
+
+    serve = sub.add_parser("serve", help="serve the verified local deployment (or a pinned model dir)")
+    serve.add_argument("--model-dir", type=Path, help="a deployed model directory (Kubernetes: on the volume)")
+    serve.add_argument("--digest", help="sha256:<hex> the model directory must hash to (with --model-dir)")
+    serve.add_argument("--public-key", type=Path, help="trusted model-signing public key (with --model-dir)")
+    serve.add_argument("--tokens", type=Path, help="hashed bearer tokens file (default: $SECURE_ML_HOME/serving)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--issue-token", metavar="NAME", help="create a bearer token for NAME, print it once, exit")
+    serve.add_argument("--revoke-token", metavar="NAME", help="revoke NAME's token and exit")
+    serve.set_defaults(handler=cmd_serve)
+
+
+def _release(settings: Settings, actor: str | None = None) -> Any:
+    from secure_ml.deploy import Release
+
+    return Release.from_settings(settings, actor=actor)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from secure_ml.registry import Registry
+
+    registry = Registry.from_settings(Settings.from_env())
+    if args.version:
+        version = registry.get(args.version)
+        data: dict[str, Any] = {**version.as_dict(), "history": registry.history(version.version)}
+        if args.json:
+            print(json.dumps(data, indent=1, default=str))
+            return 0
+        print(f"{version.version}  sha256:{version.model_digest}  {version.stage}  registered by {version.registered_by}")
+        for event in data["history"]:
+            reasons = event["details"].get("reasons")
+            extra = f"  ({'; '.join(reasons)})" if reasons else ""
+            print(f"  {event['at'][:19]}  {event['actor']:<14} {event['action']:<18}{extra}")
+        return 0
+    status = registry.status()
+    if args.json:
+        print(json.dumps(status, indent=1, default=str))
+        return 0
+    if not status["versions"]:
+        print("no model versions registered yet (run `secure-ml pipeline run`)")
+    for v in status["versions"]:
+        approvers = ", ".join(a["identity"] for a in v["approvals"]) or "none"
+        print(f"{v['version']:<5} {v['stage']:<11} sha256:{v['model_digest'][:16]}…  registered by "
+              f"{v['registered_by']}; approvals: {approvers}")
+        policy = v.get("policy") or {}
+        for reason in policy.get("reasons", []) if not policy.get("allowed") else []:
+            print(f"      waiting: {reason}")
+    for target, deployed in status["deployed"].items():
+        if deployed:
+            print(f"deployed to {target}: {deployed['version']} sha256:{deployed['model_digest'][:16]}… "
+                  f"by {deployed['actor']} at {deployed['at'][:19]} ({deployed['status']})")
+        else:
+            print(f"deployed to {target}: nothing")
+    return 0
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    release = _release(Settings.from_env(), actor=args.identity)
+    version, decision = release.approve(args.version, identity=args.identity)
+    print(f"{args.identity} approved {version.version}")
+    if decision.allowed:
+        print(f"{version.version} is now {version.stage}: the promotion policy allows it")
+        return 0
+    print(f"{version.version} stays {version.stage}: the promotion policy denies production:", file=sys.stderr)
+    for reason in decision.reasons:
+        print(f"  - {reason}", file=sys.stderr)
+    return 1
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    release = _release(settings)
+    version, decision = release.promote(args.version, actor=settings.actor(), stage=args.stage)
+    print(decision.markdown().replace("**", ""))
+    print(f"{version.version} is {version.stage}")
+    return 0 if decision.allowed else 1
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    actor = settings.actor()
+    release = _release(settings, actor=actor)
+    target = args.target or str((release.config.get("deploy") or {}).get("default_target", "local"))
+    record = release.deploy(args.version, actor=actor, target=target, health=not args.no_health_check)
+    print(f"deployed {record.version} sha256:{record.model_digest[:16]}… to {target} as {actor}: {record.location}")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    actor = settings.actor()
+    record = _release(settings, actor=actor).rollback(actor=actor, target=args.target, reason=args.reason)
+    print(f"rolled back {args.target} to {record.version} sha256:{record.model_digest[:16]}… (re-verified)")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from secure_ml import serving
+    from secure_ml.deploy import key_signature_verifier
+
+    settings = Settings.from_env()
+    config = settings.load_config("release").get("serving") or {}
+    tokens = serving.TokenStore(args.tokens or serving.tokens_path(settings.home))
+    if args.issue_token:
+        secret = tokens.issue(args.issue_token)
+        settings.audit_log().record(settings.actor(), "serve.token.issue", subject=args.issue_token)
+        print(secret)
+        return 0
+    if args.revoke_token:
+        revoked = tokens.revoke(args.revoke_token)
+        settings.audit_log().record(settings.actor(), "serve.token.revoke", subject=args.revoke_token,
+                                    outcome="ok" if revoked else "fail")
+        print("revoked" if revoked else "no such token")
+        return 0 if revoked else 1
+    if not tokens.names():
+        raise BadInput(f"no bearer tokens in {tokens.path}: create one with `secure-ml serve --issue-token NAME`")
+    audit = settings.audit_log()
+    if args.model_dir:
+        if not (args.digest and args.digest.startswith("sha256:") and args.public_key):
+            raise BadInput("--model-dir needs --digest sha256:<hex> and --public-key")
+        model = serving.load_deployment(args.model_dir, expected_digest=args.digest[len("sha256:"):],
+                                        verify_signature=key_signature_verifier(args.public_key))
+    else:
+        model = _local_deployment(settings)
+    audit.record(settings.actor(), "serve.start", subject=f"{model.version} sha256:{model.model_digest}")
+
+    def on_event(client: str, action: str, outcome: str, details: dict[str, Any]) -> None:
+        audit.record(client, action, subject=model.version, outcome=outcome, details=details)
+
+    app = serving.create_app(model, tokens, rate_per_minute=int(config.get("rate_limit_per_minute", 120)),
+                             max_batch=int(config.get("max_batch", 256)),
+                             max_body_bytes=int(config.get("max_body_bytes", 1 << 20)), on_event=on_event)
+    host = args.host or str(config.get("host", "127.0.0.1"))
+    port = args.port or int(config.get("port", 8765))
+    print(f"serving {model.version} sha256:{model.model_digest[:16]}… on http://{host}:{port}", flush=True)
+    serving.serve(app, host=host, port=port)
+    return 0
+
+
+def _local_deployment(settings: Settings) -> Any:
+    """The current local deployment, re-verified against the registry and the signature."""
+    from secure_ml import serving
+    from secure_ml.deploy import Release
+
+    release = Release.from_settings(settings)
+    current = release.registry.current_deployment("local")
+    if current is None:
+        raise BadInput("nothing is deployed locally: run `secure-ml deploy` first")
+    return serving.load_deployment(current.location, expected_digest=current.model_digest,
+                                   verify_signature=release.verifiers.signature)
