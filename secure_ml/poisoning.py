@@ -1,0 +1,534 @@
+"""Poisoning screening: is this data drop consistent with the last version we trusted?
+
+    report = screen(drop, reference, label="risk", numeric=[...], categorical=[...])
+    report.blocked, report.drop_score          # drop-level verdict against the configured limits
+    report.row_scores                          # per-row suspicion in [0, 1] (numpy array, drop order)
+    report.summary()                           # JSON-ready: each detector's score, limit, count, indices
+
+    config = ScreeningConfig.from_mapping(settings.load_config("validation")["poisoning"])
+    report = screen(drop, reference, label=..., numeric=..., categorical=..., config=config)
+
+Four detectors, each reporting a score, its configured limit, a count and the first 50 row
+positions (0-based data rows of the drop, most suspicious first):
+
+``outliers``
+    per-feature statistical outliers: numeric values far outside the reference's spread (robust z
+    against the reference median/MAD) and categories the reference never had. Score: how many
+    standard errors the drop's outlier rate is above the reference's own rate.
+``label_neighbours``
+    label consistency against the *reference's* neighbourhood. A row with an exact (or near)
+    duplicate in the reference must carry one of the labels the reference gave it; any other row is
+    compared with the labels of its k nearest reference rows. Score: a one-sided z statistic of the
+    drop's disagreement against what the reference's own label noise predicts (the Gini impurity of
+    each neighbourhood), so ordinary label noise does not count and flipped labels do.
+``label_cross_validated``
+    confident learning (Northcutt et al.): out-of-fold predicted probabilities from a
+    cross-validated logistic regression on the drop, per-class confidence thresholds, and the share
+    of rows whose confident class is not their label, compared with the same share on the reference.
+``shift``
+    population stability index (PSI) of every feature and of the label balance against the
+    reference. Score: the largest PSI.
+
+The drop score is the largest ``score / limit`` over detectors; the drop is blocked when it passes
+``threshold`` (1.0 by default: any detector over its limit). Limits were calibrated on clean
+bootstrap resamples of the trusted sample (seeds 10000+, distinct from the benchmark's); see
+``secure_ml/config/validation.yaml``.
+
+At scale, the model-based parts (nearest neighbours, cross-validated predictions) run on a
+deterministic subsample of at most ``max_model_rows`` rows of the drop and of the reference; the
+exact-duplicate check, outliers and shift always use every row. ``report.subsampled`` says so.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from secure_ml.errors import BadInput, ConfigurationError
+
+FIRST_INDICES = 50
+_NEAR_DUPLICATE = 1e-3  # encoded distance under which a reference row counts as the same record
+
+
+@dataclass(frozen=True)
+class ScreeningConfig:
+    """Limits and knobs; the defaults are the calibrated ones shipped in validation.yaml."""
+
+    threshold: float = 1.0
+    outliers_limit: float = 8.0
+    outlier_z: float = 6.0
+    neighbours_limit: float = 4.0
+    neighbours_k: int = 15
+    duplicate_mismatch_rate: float = 0.01
+    cross_validated_limit: float = 8.0
+    cv_folds: int = 5
+    shift_limit: float = 0.25
+    max_model_rows: int = 20_000
+    seed: int = 0
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any] | None) -> ScreeningConfig:
+        """From validation.yaml's ``poisoning`` section; unknown keys are a configuration error."""
+        raw = dict(raw or {})
+        detectors = dict(raw.pop("detectors", {}) or {})
+        flat: dict[str, Any] = {}
+        for key in ("threshold", "max_model_rows", "seed"):
+            if key in raw:
+                flat[key] = raw.pop(key)
+        if raw:
+            raise ConfigurationError(f"validation.yaml poisoning: unknown keys {sorted(raw)}")
+        names = {
+            "outliers": {"limit": "outliers_limit", "robust_z": "outlier_z"},
+            "label_neighbours": {"limit": "neighbours_limit", "k": "neighbours_k",
+                                 "duplicate_mismatch_rate": "duplicate_mismatch_rate"},
+            "label_cross_validated": {"limit": "cross_validated_limit", "folds": "cv_folds"},
+            "shift": {"limit": "shift_limit"},
+        }
+        for detector, values in detectors.items():
+            if detector not in names:
+                raise ConfigurationError(f"validation.yaml poisoning: unknown detector {detector!r}")
+            for key, value in dict(values or {}).items():
+                if key not in names[detector]:
+                    raise ConfigurationError(f"validation.yaml poisoning.detectors.{detector}: unknown key {key!r}")
+                flat[names[detector][key]] = value
+        try:
+            config = cls(**{k: type(getattr(cls, k))(v) for k, v in flat.items()})
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"validation.yaml poisoning: {exc}") from None
+        if config.threshold <= 0 or config.neighbours_k < 1 or config.cv_folds < 2 or config.max_model_rows < 100:
+            raise ConfigurationError("validation.yaml poisoning: threshold > 0, k >= 1, folds >= 2, "
+                                     "max_model_rows >= 100 are required")
+        return config
+
+
+@dataclass
+class DetectorResult:
+    name: str
+    score: float
+    limit: float
+    count: int
+    indices: list[int]
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.score / self.limit if self.limit else float("inf")
+
+    @property
+    def over(self) -> bool:
+        return self.score > self.limit
+
+    def summary(self) -> dict[str, Any]:
+        return {"score": _round(self.score), "limit": self.limit, "ratio": _round(self.ratio),
+                "count": self.count, "indices": self.indices, "over_limit": self.over, **self.detail}
+
+
+@dataclass
+class PoisoningReport:
+    detectors: list[DetectorResult]
+    threshold: float
+    row_scores: np.ndarray
+    rows: int
+    reference_rows: int
+    subsampled: str = ""
+    design_effect: float = 1.0
+
+    @property
+    def drop_score(self) -> float:
+        return max((d.ratio for d in self.detectors), default=0.0)
+
+    @property
+    def blocked(self) -> bool:
+        return self.drop_score > self.threshold
+
+    def detector(self, name: str) -> DetectorResult:
+        return next(d for d in self.detectors if d.name == name)
+
+    def reasons(self) -> list[str]:
+        """One sentence per detector over its limit."""
+        return [f"{d.name} score {d.score:.3g} is over its limit {d.limit:g} "
+                f"({d.count} rows flagged; first: {d.indices[:10]})" for d in self.detectors if d.over]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "drop_score": _round(self.drop_score),
+            "threshold": self.threshold,
+            "blocked": self.blocked,
+            "rows": self.rows,
+            "reference_rows": self.reference_rows,
+            "subsampled": self.subsampled,
+            "duplicate_design_effect": _round(self.design_effect),
+            "detectors": {d.name: d.summary() for d in self.detectors},
+        }
+
+
+# -- the encoded feature space -------------------------------------------------------------------
+@dataclass
+class FeatureSpace:
+    """Numeric features standardised by the reference, categories one-hot (unknown: all zero).
+
+    Each categorical column contributes at most distance 1 between two rows, like one standard
+    deviation of a numeric feature.
+    """
+
+    numeric: list[str]
+    categorical: list[str]
+    center: np.ndarray
+    scale: np.ndarray
+    categories: dict[str, list[Any]]
+
+    @classmethod
+    def fit(cls, frame: pd.DataFrame, numeric: Sequence[str], categorical: Sequence[str]) -> FeatureSpace:
+        values = frame[list(numeric)].to_numpy(dtype=np.float64, na_value=np.nan) if numeric else np.empty((len(frame), 0))
+        center = np.nanmean(values, axis=0) if len(frame) else np.zeros(len(numeric))
+        scale = np.nanstd(values, axis=0) if len(frame) else np.ones(len(numeric))
+        scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
+        center = np.where(np.isfinite(center), center, 0.0)
+        categories = {c: sorted(frame[c].dropna().astype(str).unique().tolist()) for c in categorical}
+        return cls(list(numeric), list(categorical), center, scale, categories)
+
+    def transform(self, frame: pd.DataFrame) -> np.ndarray:
+        parts: list[np.ndarray] = []
+        if self.numeric:
+            values = frame[self.numeric].to_numpy(dtype=np.float64, na_value=np.nan)
+            parts.append(np.nan_to_num((values - self.center) / self.scale).astype(np.float32))
+        weight = np.float32(1 / math.sqrt(2))
+        for column in self.categorical:
+            cats = self.categories[column]
+            codes = pd.Categorical(frame[column].astype(str), categories=cats).codes
+            onehot = np.zeros((len(frame), len(cats)), dtype=np.float32)
+            known = codes >= 0
+            onehot[np.flatnonzero(known), codes[known]] = weight
+            parts.append(onehot)
+        return np.hstack(parts) if parts else np.zeros((len(frame), 0), dtype=np.float32)
+
+
+# -- screening -----------------------------------------------------------------------------------
+def screen(
+    drop: pd.DataFrame,
+    reference: pd.DataFrame | None,
+    *,
+    label: str,
+    numeric: Sequence[str],
+    categorical: Sequence[str],
+    config: ScreeningConfig | None = None,
+) -> PoisoningReport:
+    """Screen ``drop`` against ``reference`` (the last accepted version; None on a first version)."""
+    config = config or ScreeningConfig()
+    features = [*numeric, *categorical]
+    missing = [c for c in [label, *features] if c not in drop.columns]
+    if missing:
+        raise BadInput(f"poisoning screening: the drop lacks columns {missing}")
+    if len(drop) == 0:
+        raise BadInput("poisoning screening: the drop has no rows")
+    if reference is not None:
+        missing = [c for c in [label, *features] if c not in reference.columns]
+        if missing:
+            raise BadInput(f"poisoning screening: the reference lacks columns {missing}")
+        if len(reference) == 0:
+            reference = None
+    base = reference if reference is not None else drop
+    space = FeatureSpace.fit(base, numeric, categorical)
+    y_drop = _labels(drop[label])
+    classes = sorted(set(_labels(base[label]).tolist()) | set(y_drop.tolist()))
+
+    model_rows = _subsample(len(drop), config.max_model_rows, config.seed)
+    ref_rows = _subsample(len(base), config.max_model_rows, config.seed + 1)
+    notes = []
+    if len(model_rows) < len(drop):
+        notes.append(f"model-based scores on a deterministic subsample of {len(model_rows)} of {len(drop)} drop rows")
+    if len(ref_rows) < len(base):
+        notes.append(f"nearest neighbours among a deterministic subsample of {len(ref_rows)} of {len(base)} reference rows")
+
+    # Identical rows within a drop are not independent evidence: inflate variances by the design
+    # effect of these clusters (sum of squared cluster sizes / rows; 1 when every row is distinct).
+    drop_keys = _row_keys(drop, [label, *features])
+    sizes = pd.Series(drop_keys).value_counts().to_numpy(dtype=np.float64)
+    deff = float((sizes ** 2).sum() / len(drop))
+    detectors = [_outliers(drop, base, numeric, categorical, config, is_reference=reference is not None, deff=deff)]
+    row_scores = np.zeros(len(drop))
+    if reference is not None:
+        neighbours, ref_score = _label_neighbours(drop, reference, y_drop, classes, space, label, features,
+                                                  model_rows, ref_rows, config, deff)
+        detectors.append(neighbours)
+        row_scores += 0.7 * ref_score
+    else:
+        detectors.append(DetectorResult("label_neighbours", 0.0, config.neighbours_limit, 0, [],
+                                        {"note": "no reference version yet: nothing to compare labels with"}))
+    cv, cv_score = _label_cross_validated(drop, reference, y_drop, classes, space, label, model_rows, ref_rows,
+                                          config, deff)
+    detectors.append(cv)
+    row_scores += (0.3 if reference is not None else 1.0) * cv_score
+    detectors.append(_shift(drop, reference, label, numeric, categorical, config))
+    report = PoisoningReport(detectors, config.threshold, row_scores, len(drop),
+                             0 if reference is None else len(reference), "; ".join(notes))
+    report.design_effect = deff
+    return report
+
+
+def _labels(series: pd.Series) -> np.ndarray:
+    return series.astype(str).to_numpy()
+
+
+def _subsample(n: int, limit: int, seed: int) -> np.ndarray:
+    if n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+
+
+def _top(scores: np.ndarray, flagged: np.ndarray) -> list[int]:
+    """Positions of flagged rows, most suspicious first, at most FIRST_INDICES."""
+    positions = np.flatnonzero(flagged)
+    order = np.argsort(-scores[positions], kind="stable")
+    return [int(i) for i in positions[order][:FIRST_INDICES]]
+
+
+def _excess_z(observed: float, expected: float, variance: float) -> float:
+    return float((observed - expected) / math.sqrt(max(variance, 1e-9)))
+
+
+# -- (1) outliers --------------------------------------------------------------------------------
+def _outlier_flags(frame: pd.DataFrame, base: pd.DataFrame, numeric: Sequence[str], categorical: Sequence[str],
+                   z_limit: float) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    worst = np.zeros(len(frame))
+    per_feature: dict[str, int] = {}
+    for column in numeric:
+        ref = base[column].to_numpy(dtype=np.float64, na_value=np.nan)
+        median = float(np.nanmedian(ref))
+        mad = float(np.nanmedian(np.abs(ref - median))) * 1.4826
+        spread = mad if mad > 0 else (float(np.nanstd(ref)) or 1.0)
+        values = frame[column].to_numpy(dtype=np.float64, na_value=np.nan)
+        z = np.nan_to_num(np.abs(values - median) / spread, nan=0.0)
+        per_feature[column] = int((z > z_limit).sum())
+        np.maximum(worst, z, out=worst)
+    flags = worst > z_limit
+    for column in categorical:
+        known = set(base[column].dropna().astype(str).unique().tolist())
+        unseen = ~frame[column].astype(str).isin(known).to_numpy() & frame[column].notna().to_numpy()
+        per_feature[column] = int(unseen.sum())
+        flags |= unseen
+        worst[unseen] = np.maximum(worst[unseen], z_limit * 2)
+    return flags, worst, per_feature
+
+
+def _outliers(drop: pd.DataFrame, base: pd.DataFrame, numeric: Sequence[str], categorical: Sequence[str],
+              config: ScreeningConfig, *, is_reference: bool, deff: float) -> DetectorResult:
+    flags, worst, per_feature = _outlier_flags(drop, base, numeric, categorical, config.outlier_z)
+    n = len(drop)
+    if is_reference:
+        ref_flags, _, _ = _outlier_flags(base, base, numeric, categorical, config.outlier_z)
+        rate = max(float(ref_flags.mean()), 1.0 / max(len(base), 1), 1e-3)
+    else:  # a first version is its own yardstick: only a heavy tail inside it can show
+        rate = max(float(np.median(list(per_feature.values()) or [0])) / n, 1e-3)
+    count = int(flags.sum())
+    score = _excess_z(count, n * rate, n * rate * (1 - rate) * deff)
+    return DetectorResult("outliers", score, config.outliers_limit, count, _top(worst, flags),
+                          {"reference_rate": _round(rate), "per_feature": per_feature,
+                           "robust_z": config.outlier_z})
+
+
+# -- (2a) label consistency against the reference's neighbourhood --------------------------------
+def _row_keys(frame: pd.DataFrame, features: Sequence[str]) -> np.ndarray:
+    normal = pd.DataFrame({c: (frame[c].astype(np.float64) if pd.api.types.is_numeric_dtype(frame[c])
+                               else frame[c].astype(str)) for c in features})
+    return pd.util.hash_pandas_object(normal, index=False).to_numpy()
+
+
+def _label_neighbours(drop: pd.DataFrame, reference: pd.DataFrame, y_drop: np.ndarray, classes: list[str],
+                      space: FeatureSpace, label: str, features: Sequence[str], model_rows: np.ndarray,
+                      ref_rows: np.ndarray, config: ScreeningConfig, deff: float) -> tuple[DetectorResult, np.ndarray]:
+    from sklearn.neighbors import NearestNeighbors
+
+    n, n_classes = len(drop), len(classes)
+    index = {c: i for i, c in enumerate(classes)}
+    y_ref = _labels(reference[label])
+    y_drop_codes = np.array([index[v] for v in y_drop])
+    y_ref_codes = np.array([index[v] for v in y_ref])
+
+    # Exact duplicates, on every row: the labels the reference gave the very same record.
+    ref_keys = _row_keys(reference, features)
+    dup_table = pd.crosstab(pd.Series(ref_keys, name="k"), pd.Series(y_ref_codes, name="y"))
+    dup_table = dup_table.reindex(columns=range(n_classes), fill_value=0)
+    dup_counts = dup_table.reindex(pd.Index(_row_keys(drop, features))).fillna(0).to_numpy()
+
+    # Near duplicates and neighbourhoods, on the (sub)sampled rows.
+    neighbour_counts = np.zeros((n, n_classes))
+    near_counts = np.zeros((n, n_classes))
+    scored = np.zeros(n, dtype=bool)
+    k = min(config.neighbours_k, len(ref_rows))
+    if k >= 1:
+        ref_x = space.transform(reference.iloc[ref_rows])
+        finder = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(ref_x)
+        for start in range(0, len(model_rows), 8192):
+            rows = model_rows[start:start + 8192]
+            distance, found = finder.kneighbors(space.transform(drop.iloc[rows]))
+            labels = y_ref_codes[ref_rows][found]
+            for c in range(n_classes):
+                neighbour_counts[rows, c] = (labels == c).sum(axis=1)
+                near_counts[rows, c] = ((labels == c) & (distance <= _NEAR_DUPLICATE)).sum(axis=1)
+            scored[rows] = True
+    known = np.maximum(dup_counts, near_counts)
+    is_dup = known.sum(axis=1) > 0
+    prior = np.bincount(y_ref_codes, minlength=n_classes) / max(len(y_ref_codes), 1)
+
+    # Rows seen before: disagreement is a label the reference never gave this record.
+    eps = config.duplicate_mismatch_rate
+    dup_share = known / np.maximum(known.sum(axis=1, keepdims=True), 1)
+    dup_mismatch = is_dup & (known[np.arange(n), y_drop_codes] == 0)
+    # New rows: the neighbourhood's label distribution (smoothed by the prior), and what its own
+    # noise predicts the disagreement to be (Gini impurity) with that prediction's variance.
+    smooth = neighbour_counts + prior
+    p = smooth / smooth.sum(axis=1, keepdims=True)
+    p_label = p[np.arange(n), y_drop_codes]
+    gini = 1 - (p ** 2).sum(axis=1)
+    var_new = (p * (1 - p) ** 2).sum(axis=1) - gini ** 2
+    new = scored & ~is_dup
+
+    observed = dup_mismatch[is_dup].sum() + (1 - p_label[new]).sum()
+    expected = is_dup.sum() * eps + gini[new].sum()
+    variance = is_dup.sum() * eps * (1 - eps) + var_new[new].sum()
+    score = _excess_z(float(observed), float(expected), float(variance) * deff)
+
+    row = np.where(is_dup, 1 - dup_share[np.arange(n), y_drop_codes], np.where(scored, 1 - p_label, 0.0))
+    flagged = dup_mismatch | (new & (p_label < 0.2))
+    detail = {
+        "seen_before": int(is_dup.sum()),
+        "seen_before_relabelled": int(dup_mismatch.sum()),
+        "new_rows_scored": int(new.sum()),
+        "new_rows_disagreeing": int((new & (p_label < 0.5)).sum()),
+        "expected_disagreement": _round(float(expected)),
+        "observed_disagreement": _round(float(observed)),
+        "k": k,
+    }
+    return DetectorResult("label_neighbours", score, config.neighbours_limit, int(flagged.sum()),
+                          _top(row, flagged), detail), row
+
+
+# -- (2b) confident learning on cross-validated predictions --------------------------------------
+def _cross_validated_proba(x: np.ndarray, y: np.ndarray, folds: int, seed: int) -> np.ndarray | None:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    counts = np.bincount(y)
+    if len(counts) < 2 or counts[counts > 0].min() < folds:
+        return None
+    model = LogisticRegression(C=1.0, max_iter=300)
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return np.asarray(cross_val_predict(model, x, y, cv=cv, method="predict_proba"))
+
+
+def confident_learning_issues(proba: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Rows whose confident class (probability over that class's threshold) is not their label."""
+    n_classes = proba.shape[1]
+    thresholds = np.array([proba[y == c, c].mean() if (y == c).any() else 1.0 for c in range(n_classes)])
+    above = proba >= thresholds
+    masked = np.where(above, proba, -1.0)
+    confident = masked.argmax(axis=1)
+    return above.any(axis=1) & (confident != y)
+
+
+def _label_cross_validated(drop: pd.DataFrame, reference: pd.DataFrame | None, y_drop: np.ndarray,
+                           classes: list[str], space: FeatureSpace, label: str, model_rows: np.ndarray,
+                           ref_rows: np.ndarray, config: ScreeningConfig, deff: float) -> tuple[DetectorResult, np.ndarray]:
+    index = {c: i for i, c in enumerate(classes)}
+    y_codes = np.array([index[v] for v in y_drop])[model_rows]
+    proba = _cross_validated_proba(space.transform(drop.iloc[model_rows]), y_codes, config.cv_folds, config.seed)
+    row = np.zeros(len(drop))
+    if proba is None:
+        return DetectorResult("label_cross_validated", 0.0, config.cross_validated_limit, 0, [],
+                              {"note": f"too few rows per class for {config.cv_folds}-fold cross-validation"}), row
+    issues = confident_learning_issues(proba, y_codes)
+    self_confidence = proba[np.arange(len(y_codes)), y_codes]
+    row[model_rows] = 1 - self_confidence
+    rate = float(issues.mean())
+    ref_rate = rate
+    if reference is not None:
+        y_ref = np.array([index.get(v, -1) for v in _labels(reference[label])])[ref_rows]
+        keep = y_ref >= 0
+        ref_proba = _cross_validated_proba(space.transform(reference.iloc[ref_rows[keep]]), y_ref[keep],
+                                           config.cv_folds, config.seed)
+        if ref_proba is not None:
+            ref_rate = float(confident_learning_issues(ref_proba, y_ref[keep]).mean())
+    n = len(y_codes)
+    base_rate = min(max(ref_rate, 1e-3), 1 - 1e-3)
+    score = _excess_z(rate * n, base_rate * n, n * base_rate * (1 - base_rate) * deff) if reference is not None else 0.0
+    flagged = np.zeros(len(drop), dtype=bool)
+    flagged[model_rows[issues]] = True
+    return DetectorResult("label_cross_validated", score, config.cross_validated_limit, int(issues.sum()),
+                          _top(row, flagged),
+                          {"issue_rate": _round(rate), "reference_issue_rate": _round(ref_rate),
+                           "rows_scored": n}), row
+
+
+# -- (3) shift against the reference --------------------------------------------------------------
+def psi(expected: np.ndarray, actual: np.ndarray) -> float:
+    """Population stability index of two histograms over the same bins."""
+    e = np.clip(expected / max(expected.sum(), 1), 1e-4, None)
+    a = np.clip(actual / max(actual.sum(), 1), 1e-4, None)
+    return float(((a - e) * np.log(a / e)).sum())
+
+
+def _shift(drop: pd.DataFrame, reference: pd.DataFrame | None, label: str, numeric: Sequence[str],
+           categorical: Sequence[str], config: ScreeningConfig) -> DetectorResult:
+    if reference is None:
+        return DetectorResult("shift", 0.0, config.shift_limit, 0, [],
+                              {"note": "no reference version yet: nothing to compare distributions with"})
+    per_feature: dict[str, float] = {}
+    for column in numeric:
+        ref = reference[column].to_numpy(dtype=np.float64, na_value=np.nan)
+        ref = ref[np.isfinite(ref)]
+        edges = np.unique(np.quantile(ref, np.linspace(0, 1, 11)[1:-1])) if len(ref) else np.array([])
+        values = drop[column].to_numpy(dtype=np.float64, na_value=np.nan)
+        values = values[np.isfinite(values)]
+        bins = len(edges) + 1
+        per_feature[column] = psi(np.bincount(np.searchsorted(edges, ref, side="right"), minlength=bins),
+                                  np.bincount(np.searchsorted(edges, values, side="right"), minlength=bins))
+    for column in [*categorical, label]:
+        ref_counts = reference[column].astype(str).value_counts()
+        drop_counts = drop[column].astype(str).value_counts()
+        cats = sorted(set(ref_counts.index) | set(drop_counts.index))
+        per_feature[column] = psi(ref_counts.reindex(cats, fill_value=0).to_numpy(),
+                                  drop_counts.reindex(cats, fill_value=0).to_numpy())
+    worst = max(per_feature, key=lambda c: per_feature[c])
+    ref_share = reference[label].astype(str).value_counts(normalize=True).sort_index()
+    drop_share = drop[label].astype(str).value_counts(normalize=True).sort_index()
+    over = [c for c, v in per_feature.items() if v > config.shift_limit]
+    return DetectorResult("shift", per_feature[worst], config.shift_limit, len(over), [],
+                          {"psi": {c: _round(v) for c, v in per_feature.items()}, "most_shifted": worst,
+                           "features_over_limit": over,
+                           "label_share": {str(k): _round(float(v)) for k, v in drop_share.items()},
+                           "reference_label_share": {str(k): _round(float(v)) for k, v in ref_share.items()}})
+
+
+# -- simulation helpers (benchmarks, tests, calibration) -----------------------------------------
+def flip_labels(frame: pd.DataFrame, label: str, fraction: float, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """A copy with ``fraction`` of rows given a different label at random; returns (frame, flipped mask)."""
+    rng = np.random.default_rng(seed)
+    out = frame.copy()
+    n = len(out)
+    chosen = rng.choice(n, size=int(round(fraction * n)), replace=False)
+    values = out[label].to_numpy().copy()
+    classes = np.unique(values)
+    for i in chosen:
+        others = classes[classes != values[i]]
+        values[i] = others[rng.integers(len(others))]
+    out[label] = values
+    mask = np.zeros(n, dtype=bool)
+    mask[chosen] = True
+    return out, mask
+
+
+def bootstrap(frame: pd.DataFrame, seed: int, rows: int | None = None) -> pd.DataFrame:
+    """A resample with replacement (a plausible new drop of the same population)."""
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(frame), size=rows or len(frame))
+    return frame.iloc[picks].reset_index(drop=True)
+
+
+def _round(value: float) -> float:
+    return round(float(value), 4) if math.isfinite(value) else float(value)
