@@ -42,14 +42,22 @@ def _sensor_modules() -> list[ModuleType]:
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or Settings.from_env()
     stage_modules = _modules(assets_package)
+    stage_assets: list[Any] = list(dg.load_assets_from_modules(stage_modules))
     automation: dict[str, list[Any]] = {"sensors": [], "schedules": [], "jobs": []}
+    executor = None
     for module in _sensor_modules():
         for name in automation:
             automation[name].extend(getattr(module, name.upper(), []))
+        # sensors/ may apply automation conditions, freshness policies and the executor to every stage.
+        if hasattr(module, "map_assets"):
+            stage_assets = module.map_assets(stage_assets)
+        if hasattr(module, "executor_for"):
+            executor = module.executor_for(settings) or executor
     return dg.Definitions(
-        assets=dg.load_assets_from_modules(stage_modules),
+        assets=stage_assets,
         asset_checks=dg.load_asset_checks_from_modules(stage_modules),
         resources=resources.build_resources(settings),
+        executor=executor,
         **automation,
     )
 
