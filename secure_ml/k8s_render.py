@@ -167,7 +167,8 @@ def render(config: Mapping[str, Any], *, version: str, model_digest: str) -> lis
 
 
 def validate(manifests: Sequence[Mapping[str, Any]], *, signed_digests: Sequence[str],
-             kubernetes_version: str = "1.33", annotation: str = ANNOTATION) -> None:
+             kubernetes_version: str = "1.33", annotation: str = ANNOTATION,
+             model_namespaces: Sequence[str] = ("secure-ml",)) -> None:
     """kubernetes-validate in strict mode, then the Rego admission policy; raise on the first bad object.
 
     ``signed_digests`` are the model digests (64 hex) that verified at deploy time.
@@ -176,7 +177,8 @@ def validate(manifests: Sequence[Mapping[str, Any]], *, signed_digests: Sequence
 
     from secure_ml.policy import PolicyEngine
 
-    engine = PolicyEngine({"admission": {"model_digest_annotation": annotation,
+    namespaces = {*model_namespaces, *(str((m.get("metadata") or {}).get("namespace", "")) for m in manifests)} - {""}
+    engine = PolicyEngine({"admission": {"model_digest_annotation": annotation, "model_namespaces": sorted(namespaces),
                                          "signed_model_digests": [f"sha256:{d}" for d in signed_digests]}})
     for manifest in manifests:
         what = f"{manifest.get('kind', '?')}/{(manifest.get('metadata') or {}).get('name', '?')}"

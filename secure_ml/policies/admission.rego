@@ -2,7 +2,9 @@
 #
 # Input: one Kubernetes object, bare or as an AdmissionReview (`input.request.object`).
 # Data: data.secure_ml_config.admission.signed_model_digests (digests of signed, verified models),
-#       data.secure_ml_config.admission.model_digest_annotation.
+#       .model_digest_annotation, .model_namespaces (where only signed models may run; an object
+#       with no namespace counts as being there, so leaving it out never skips the rule).
+# The hardening rules apply to every pod (model server and Dagster run/step pods alike).
 # `deny` holds one reason per violated rule; an object is admitted only when it is empty.
 package secure_ml.admission
 
@@ -123,23 +125,31 @@ deny contains msg if {
 	msg := concat("", [name, sprintf(": volume %s mounts a host path", [v.name])])
 }
 
+# The model server needs no Kubernetes API access (Dagster's run pods do: they launch step jobs).
 deny contains msg if {
 	pod_spec
+	serves_models
 	not pod_spec.automountServiceAccountToken == false
 	msg := concat("", [name, ": the pod mounts a service account token it does not need"])
 }
 
 # -- only signed model digests -------------------------------------------------------------------
+serves_models if not obj.metadata.namespace
+
+serves_models if obj.metadata.namespace in object.get(adm, "model_namespaces", [])
+
 model_digest := object.get(object.get(pod_meta, "annotations", {}), adm.model_digest_annotation, "")
 
 deny contains msg if {
 	pod_spec
+	serves_models
 	model_digest == ""
 	msg := concat("", [name, sprintf(": no model digest pinned (annotation %s)", [adm.model_digest_annotation])])
 }
 
 deny contains msg if {
 	pod_spec
+	serves_models
 	model_digest != ""
 	not model_digest in adm.signed_model_digests
 	msg := concat("", [name, sprintf(": model %s is not a signed, verified model", [model_digest])])
@@ -154,6 +164,7 @@ verifies_model(c) if {
 
 deny contains msg if {
 	pod_spec
+	serves_models
 	model_digest != ""
 	count([c | some c in pod_spec.initContainers; verifies_model(c)]) == 0
 	msg := concat("", [name, sprintf(": no init container runs `secure-ml verify-model --digest %s`", [model_digest])])
