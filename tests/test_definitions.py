@@ -1,0 +1,92 @@
+"""Loading the Dagster definitions: secure_ml/definitions.py, workspace.yaml, and where the code comes from.
+
+Touches: the real `defs` object (every module of assets/ and sensors/, resources built for the
+local environment), `dagster definitions validate` over workspace.yaml in a subprocess (the way
+the UI loads the code location), and the import paths of the top-level assets/resources/sensors
+packages from a different working directory.
+Does not touch: materialising anything (tests/test_dataset_asset.py and each stage's tests do).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defs_load_with_the_dataset_asset_its_blocking_checks_and_custody_resources() -> None:
+    from resources.custody import CustodyResource, EncryptedIOManager
+    from secure_ml.definitions import defs
+
+    assert isinstance(defs, dg.Definitions)
+    graph = defs.resolve_asset_graph()
+    keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
+    assert "dataset" in keys
+    check_keys = {(k.asset_key.to_user_string(), k.name) for k in graph.asset_check_keys}
+    assert {("dataset", "dataset_ciphertext_authentic"), ("dataset", "dataset_digest_matches_provenance")} <= check_keys
+    specs = {spec.name: spec for item in [*defs.assets, *defs.asset_checks] for spec in getattr(item, "check_specs", [])}
+    assert specs["dataset_ciphertext_authentic"].blocking and specs["dataset_digest_matches_provenance"].blocking
+    resources = defs.resources or {}
+    assert isinstance(resources["custody"], CustodyResource)
+    # Never the default (pickling, pod-local) IO manager.
+    assert isinstance(resources["io_manager"], EncryptedIOManager)
+    dataset = graph.get(dg.AssetKey("dataset"))
+    assert dataset.group_name == "data" and dataset.owners and dataset.code_version
+    assert defs.resolve_job_def("__ASSET_JOB") is not None
+
+
+def test_every_asset_is_described_grouped_and_owned() -> None:
+    from secure_ml.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        node = graph.get(key)
+        if not node.is_materializable:
+            continue
+        name = key.to_user_string()
+        assert node.group_name and node.group_name != "default", name
+        assert node.owners, name
+        assert node.code_version, name
+        assert (node.description or "").strip(), name
+
+
+def test_packages_are_imported_from_this_repository_not_site_packages(tmp_path: Path) -> None:
+    import assets
+    import resources
+    import secure_ml
+    import sensors
+
+    for package in (assets, resources, sensors, secure_ml):
+        assert Path(package.__file__).resolve().is_relative_to(REPO), package.__file__  # type: ignore[arg-type]
+    # The same from elsewhere (no repository on sys.path via the working directory).
+    probe = ("import json, assets, resources, sensors, secure_ml, secure_ml.definitions as d; "
+             "print(json.dumps({m.__name__: m.__file__ for m in (assets, resources, sensors, secure_ml, d)}))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    files = json.loads(result.stdout.strip().splitlines()[-1])
+    for name, file in files.items():
+        assert Path(file).resolve().is_relative_to(REPO), (name, file)
+        assert "site-packages" not in file
+    site = Path(dg.__file__).resolve().parents[1]
+    for name in ("assets", "resources", "sensors", "secure_ml"):
+        assert not (site / name).exists(), f"a stale copy of {name} in {site}"
+
+
+@pytest.mark.slow
+def test_workspace_yaml_loads_the_code_location(home: Path) -> None:
+    """`dagster definitions validate -w workspace.yaml`: what `make ui` and the webserver load."""
+    env = {**os.environ, "DAGSTER_DISABLE_TELEMETRY": "1"}
+    result = subprocess.run([str(Path(sys.executable).parent / "dagster"), "definitions", "validate",
+                             "-w", "workspace.yaml"], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "secure_ml" in output
