@@ -1,0 +1,179 @@
+"""validated_dataset on a real Dagster instance: the proof that bad data never reaches training.
+
+Touches: a real SQLite Dagster instance under a fresh DAGSTER_HOME, the real `dataset` and
+`validated_dataset` assets with every resource from ``resources.build_resources``, the encrypted
+store, the audit log, real Great Expectations, scikit-learn and DVC (through `dataset`). Drops are
+landed as files in the landing area. A small consumer asset downstream of validated_dataset stands
+in for training, so "nothing downstream runs" is observed, not assumed.
+
+Does not touch: the training stage itself, the UI, automation sensors (the run is started with
+dg.materialize, as `secure-ml pipeline run` does).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+import resources
+from assets import data as data_stage
+from assets import validation as validation_stage
+from secure_ml.poisoning import flip_labels
+from secure_ml.settings import Settings
+from tests.conftest import SAMPLE_CSV, land_file
+
+CHECKS = ("expectations_pass", "poisoning_score_under_threshold", "no_unhandled_pii")
+
+
+@dg.asset(ins={"validated_dataset": dg.AssetIn()}, group_name="test")
+def training_stand_in(validated_dataset: dict[str, Any]) -> None:
+    """Stands in for trained_model: it only runs when every blocking check upstream passed."""
+    assert validated_dataset["format"] == "secure-ml-validated/1"
+
+
+def _materialize(settings: Settings, drop: str) -> dg.ExecuteInProcessResult:
+    modules = [data_stage, validation_stage]
+    with dg.DagsterInstance.get() as instance:
+        return dg.materialize(
+            [*dg.load_assets_from_modules(modules), *dg.load_asset_checks_from_modules(modules), training_stand_in],
+            instance=instance,
+            resources=resources.build_resources(settings),
+            run_config={"ops": {"dataset": {"config": {"drop": drop}}},
+                        "loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+            raise_on_error=False,
+        )
+
+
+def _checks(result: dg.ExecuteInProcessResult) -> dict[str, dg.AssetCheckEvaluation]:
+    return {e.check_name: e for e in result.get_asset_check_evaluations()
+            if e.asset_key == dg.AssetKey("validated_dataset")}
+
+
+def _reason(evaluation: dg.AssetCheckEvaluation) -> str:
+    return str(evaluation.metadata["reason"].value)
+
+
+def _materialized(result: dg.ExecuteInProcessResult) -> set[str]:
+    return {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+
+
+def _record(settings: Settings, result: dg.ExecuteInProcessResult) -> dict[str, Any]:
+    event = next(e for e in result.get_asset_materialization_events()
+                 if e.asset_key == dg.AssetKey("validated_dataset"))
+    digest = event.materialization.metadata["sha256"].value
+    return settings.artifact_store(actor="test").get_json(str(digest))
+
+
+def _land_frame(settings: Settings, frame: pd.DataFrame, name: str, tmp_path: Path) -> str:
+    path = tmp_path / name
+    frame.to_csv(path, index=False)
+    return land_file(settings, path, name)
+
+
+def test_clean_drop_passes_then_flipped_labels_are_blocked_and_nothing_downstream_runs(
+        settings: Settings, tmp_path: Path) -> None:
+    clean = _materialize(settings, land_file(settings, SAMPLE_CSV, "german_credit-v1.csv"))
+    checks = _checks(clean)
+    assert set(checks) == set(CHECKS)
+    assert all(c.passed for c in checks.values()), {k: _reason(c) for k, c in checks.items()}
+    assert "training_stand_in" in _materialized(clean)
+    record = _record(settings, clean)
+    assert record["format"] == "secure-ml-validated/1" and record["accepted"] is True
+    assert record["label"] == "risk" and record["protected"] == ["sex", "age"]
+    assert set(record["numeric"]) | set(record["categorical"]) == set(record["features"])
+    store = settings.artifact_store(actor="test")
+    train, test = store.get_dataframe(record["train_sha256"]), store.get_dataframe(record["test_sha256"])
+    assert len(train) + len(test) == 1000 and len(test) == 200
+    assert train["risk"].mean() == pytest.approx(0.7) and test["risk"].mean() == pytest.approx(0.7)
+    assert "bundled trusted sample" in record["poisoning"]["reference"]
+
+    sample = pd.read_csv(SAMPLE_CSV)
+    flipped, mask = flip_labels(sample, "risk", 0.10, seed=3)
+    blocked = _materialize(settings, _land_frame(settings, flipped, "german_credit-v2.csv", tmp_path))
+    checks = _checks(blocked)
+    poisoning = checks["poisoning_score_under_threshold"]
+    assert not poisoning.passed
+    reason = _reason(poisoning)
+    assert "over the threshold" in reason and "label_neighbours" in reason
+    assert "last accepted version" in str(poisoning.metadata["reference"].value)
+    assert checks["expectations_pass"].passed and checks["no_unhandled_pii"].passed
+    assert "validated_dataset" in _materialized(blocked)
+    assert "training_stand_in" not in _materialized(blocked)  # the blocking check stopped it
+    record = _record(settings, blocked)
+    assert record["accepted"] is False
+    flagged = record["poisoning"]["detectors"]["label_neighbours"]["indices"]
+    assert len(flagged) == 50 and set(flagged) <= set(np.flatnonzero(mask).tolist())
+    # the rejected drop does not become the reference: the next clean drop is judged against v1
+    audit = settings.audit_path.read_text()
+    assert "check.poisoning_score_under_threshold" in audit and "validation.reject" in audit
+
+
+def test_schema_drift_is_blocked_with_the_column_named(settings: Settings, tmp_path: Path) -> None:
+    drifted = pd.read_csv(SAMPLE_CSV).rename(columns={"credit_amount": "amount"})
+    drifted["duration"] = drifted["duration"].astype(float) * 30.5  # months became days, as floats
+    result = _materialize(settings, _land_frame(settings, drifted, "german_credit-drift.csv", tmp_path))
+    checks = _checks(result)
+    expectations = checks["expectations_pass"]
+    assert not expectations.passed
+    reason = _reason(expectations)
+    assert "credit_amount" in reason or "amount" in reason
+    table = str(expectations.metadata["table"].value)
+    assert "duration" in table and "float64" in table and "**FAIL**" in table
+    assert not checks["poisoning_score_under_threshold"].passed  # fails closed: it could not screen
+    assert "not screened" in _reason(checks["poisoning_score_under_threshold"])
+    assert "training_stand_in" not in _materialized(result)
+
+
+def test_injected_email_column_is_blocked_until_a_rule_hashes_it(
+        settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    frame = pd.read_csv(SAMPLE_CSV)
+    frame.insert(1, "contact", [f"applicant{i}@example.org" for i in range(len(frame))])
+    name = _land_frame(settings, frame, "german_credit-contacts.csv", tmp_path)
+    blocked = _materialize(settings, name)
+    pii_check = _checks(blocked)["no_unhandled_pii"]
+    assert not pii_check.passed
+    assert "'contact'" in _reason(pii_check) and "email" in _reason(pii_check)
+    assert "training_stand_in" not in _materialized(blocked)
+
+    config = tmp_path / "config"
+    shutil.copytree(Path(validation_stage.__file__).parents[1] / "secure_ml" / "config", config)
+    validation = yaml.safe_load((config / "validation.yaml").read_text())
+    validation["pii"]["rules"] = [{"column": "contact", "kind": "email", "action": "hash"}]
+    (config / "validation.yaml").write_text(yaml.safe_dump(validation))
+    monkeypatch.setenv("SECURE_ML_CONFIG", str(config))
+    settings = Settings.from_env()
+    passed = _materialize(settings, name)
+    checks = _checks(passed)
+    assert all(c.passed for c in checks.values()), {k: _reason(c) for k, c in checks.items()}
+    assert "contact (email) hash" in _reason(checks["no_unhandled_pii"])
+    assert "training_stand_in" in _materialized(passed)
+    record = _record(settings, passed)
+    train = settings.artifact_store(actor="test").get_dataframe(record["train_sha256"])
+    assert "contact" in train.columns and "contact" not in record["features"]
+    assert not train["contact"].str.contains("@").any() and train["contact"].str.len().eq(32).all()
+    assert record["pii"]["hmac_key_id"].startswith("kek-")
+    # no address reached the event log, the record or the audit log
+    events = json.dumps([str(e.event_specific_data) for e in passed.all_events])
+    assert "@example.org" not in events and "@example.org" not in json.dumps(record)
+    assert "@example.org" not in settings.audit_path.read_text()
+
+
+def test_broken_validation_config_fails_the_asset_with_one_reason(
+        settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "config"
+    shutil.copytree(Path(validation_stage.__file__).parents[1] / "secure_ml" / "config", config)
+    (config / "validation.yaml").write_text("schemas: {default: schemas/missing.yaml}\n")
+    monkeypatch.setenv("SECURE_ML_CONFIG", str(config))
+    settings = Settings.from_env()
+    result = _materialize(settings, land_file(settings, SAMPLE_CSV, "german_credit-v1.csv"))
+    assert "validated_dataset" not in _materialized(result)
+    failure = next(e for e in result.get_step_failure_events() if e.step_key == "validated_dataset")
+    assert "schema file not found" in str(failure.step_failure_data.error.message)
