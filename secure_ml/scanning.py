@@ -387,8 +387,7 @@ def scan_model_dir(model_dir: Path | str, *, allowed_types: Sequence[str] = (".s
                                     f"{name} is {what}; our models are safetensors and JSON only",
                                     {"kinds": info["kinds"]}))
             findings += scan_foreign_file(path, name)
-            continue
-        if suffix not in allowed_types:
+        elif suffix not in allowed_types:
             findings.append(Finding("model", "high", name, "model-file-type",
                                     f"{name}: {suffix or 'no extension'} is not an allowed model file type "
                                     f"({', '.join(allowed_types)})"))

@@ -1,0 +1,267 @@
+"""The security stage: nothing leaves training unscanned, unsigned or unattested.
+
+scan_report -> model_signature -> attestation, each guarded by a blocking check that verifies
+from the store (never from a path or from metadata alone), so a failed check stops every
+asset after it (registration, deployment).
+"""
+
+
+import hashlib
+import json
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from resources import CustodyResource, verdict
+from resources.security import SigningResource
+from secure_ml import attestation as provenance
+from secure_ml import scanning
+from secure_ml import signing as signatures
+from secure_ml.errors import Error
+from secure_ml.integrity import sha256_file, sha256_tree
+from secure_ml.sbom import DatasetRef
+
+SECURITY = "security"
+REPO = Path(__file__).resolve().parents[1]
+TRAINED_MODEL = dg.AssetKey("trained_model")
+
+
+def _trained_model_defined_elsewhere() -> bool:
+    here = Path(__file__)
+    return any("def trained_model(" in module.read_text() for module in here.parent.glob("*.py") if module != here)
+
+
+if not _trained_model_defined_elsewhere():
+    # Until the training stage lands, trained_model is an external asset so the graph still loads.
+    trained_model_placeholder = dg.AssetsDefinition(specs=[dg.AssetSpec(
+        TRAINED_MODEL, group_name="training",
+        description="Placeholder: the training stage (assets/training.py) defines this asset.")])
+
+
+@contextmanager
+def _model_dir(context: Any, custody: CustodyResource, tree_sha256: str) -> Iterator[Path]:
+    """The model's files decrypted from the store (each verified) into a private temp dir."""
+    with tempfile.TemporaryDirectory(prefix="secure-ml-model-") as tmp:
+        target = Path(tmp) / "model"
+        custody.store(context).get_tree(tree_sha256, target)
+        yield target
+
+
+def _recorded_or_none(custody: CustodyResource, context: Any, key: str) -> dict[str, Any] | None:
+    try:
+        return custody.recorded(context.instance, dg.AssetKey(key))
+    except dg.Failure:
+        return None
+
+
+def _dataset_refs(custody: CustodyResource, context: Any) -> list[dict[str, Any]]:
+    """ResourceDescriptors for the data the model was trained on, from the recorded materializations."""
+    refs = []
+    for key in ("dataset", "validated_dataset"):
+        recorded = _recorded_or_none(custody, context, key)
+        if recorded and recorded.get("sha256"):
+            refs.append({"name": key, "uri": f"secure-ml://artifacts/sha256:{recorded['sha256']}",
+                         "digest": {"sha256": str(recorded["sha256"])},
+                         "annotations": {"dvc_version": str(recorded.get("dvc_version") or "")}})
+    return refs
+
+
+@dg.asset(group_name=SECURITY, kinds={"json", "cyclonedx"}, owners=["team:security"], code_version="1",
+          ins={"trained_model": dg.AssetIn()})
+def scan_report(context: dg.AssetExecutionContext, trained_model: dict[str, Any], custody: CustodyResource,
+                signing: SigningResource) -> dg.Output[Any]:
+    """Model file scan (safetensors/JSON only, headers validated, no pickle under any name), pip-audit of
+    the lock file, bandit over the pipeline code, and a CycloneDX SBOM. Guarded by: no finding at or over
+    the blocking severity."""
+    tree = str(trained_model["sha256"])
+    config = signing.config()
+    datasets = _dataset_refs(custody, context)
+    try:
+        with _model_dir(context, custody, tree) as model_dir:
+            report, sbom_document = scanning.release_scan(
+                model_dir, config, repo_root=REPO, model_name=f"secure-ml-model@{tree[:12]}",
+                datasets=[DatasetRef(d["name"], d["digest"]["sha256"], d["annotations"]["dvc_version"]) for d in datasets])
+    except Error as exc:
+        custody.record(context, "scan.model", subject=f"sha256:{tree}", outcome="fail", details={"reason": exc.explain()})
+        raise dg.Failure(exc.explain()) from None
+    sbom = custody.seal(context, sbom_document.encode(), role="sbom")
+    report["model_sha256"] = tree
+    custody.record(context, "scan.model", subject=f"sha256:{tree}", outcome="deny" if report["blocking"] else "allow",
+                   details={"counts": report["counts"], "blocking": report["blocking_count"], "sbom_sha256": sbom.sha256})
+    return custody.output(context, report, metadata={
+        "summary": dg.MetadataValue.md(scanning.summary_markdown(report)),
+        "blocking": report["blocking"],
+        "counts": dg.MetadataValue.json(report["counts"]),
+        "model_sha256": tree,
+        "sbom_sha256": sbom.sha256,
+        "sbom_components": sbom_document.count('"bom-ref"'),
+        "vulnerability_source": report["vulnerability_source"],
+    })
+
+
+@dg.asset_check(asset=scan_report, blocking=True)
+def scan_report_clear(context: dg.AssetCheckExecutionContext, custody: CustodyResource) -> dg.AssetCheckResult:
+    """No finding at or over the blocking severity (code: medium and above)."""
+    recorded = custody.recorded(context.instance, scan_report.key)
+    report = custody.store(context).get_json(recorded["sha256"])
+    blocking = list(scanning.iter_blocking(report))
+    subject = f"sha256:{report.get('model_sha256', '')}"
+    if blocking:
+        reason = f"{len(blocking)} blocking finding(s): " + "; ".join(
+            f"{row['where']}: {row['why']}" for row in blocking[:3])
+    else:
+        reason = f"no finding at or over {report['blocking_severity']} ({json.dumps(report['counts'])})"
+    return verdict(custody, context, check="scan_report_clear", subject=subject, passed=not blocking,
+                   reason=reason[:900], metadata={"blocking_findings": len(blocking)})
+
+
+@dg.asset(group_name=SECURITY, kinds={"sigstore"}, owners=["team:security"], code_version="1",
+          ins={"trained_model": dg.AssetIn(), "scan_report": dg.AssetIn()})
+def model_signature(context: dg.AssetExecutionContext, trained_model: dict[str, Any], scan_report: dict[str, Any],
+                    custody: CustodyResource, signing: SigningResource) -> dg.Output[Any]:
+    """The OpenSSF model-signing bundle over the model directory (local ECDSA key by default, Sigstore
+    keyless by configuration). Guarded by: verifies against the trusted keys or identities in config."""
+    tree = str(trained_model["sha256"])
+    # Gate: only the model that was scanned, and scanned clean, is signed.
+    if scan_report.get("model_sha256") != tree or scan_report.get("blocking"):
+        reason = ("the scan report is for another model" if scan_report.get("model_sha256") != tree
+                  else "the scan report has blocking findings")
+        custody.record(context, "sign.model", subject=f"sha256:{tree}", outcome="deny", details={"reason": reason})
+        raise dg.Failure(f"refusing to sign: {reason}")
+    with _model_dir(context, custody, tree) as model_dir, tempfile.TemporaryDirectory() as tmp:
+        try:
+            bundle = signing.sign_model(model_dir, Path(tmp) / "model.sig")
+        except Error as exc:
+            custody.record(context, "sign.model", subject=f"sha256:{tree}", outcome="fail",
+                           details={"reason": exc.explain()})
+            raise dg.Failure(exc.explain()) from None
+    method = signing.method()
+    custody.record(context, "sign.model", subject=f"sha256:{tree}",
+                   details={"method": method, "bundle_sha256": hashlib.sha256(bundle).hexdigest()})
+    return custody.output(context, bundle, metadata={"model_sha256": tree, "method": method,
+                                                     "media_type": signing_media_type(bundle)})
+
+
+def signing_media_type(bundle: bytes) -> str:
+    try:
+        return str(json.loads(bundle).get("mediaType", ""))
+    except ValueError:
+        return ""
+
+
+@dg.asset_check(asset=model_signature, blocking=True)
+def model_signature_verifies(context: dg.AssetCheckExecutionContext, custody: CustodyResource,
+                             signing: SigningResource) -> dg.AssetCheckResult:
+    """The bundle verifies over the model's files (decrypted from the store) against the trusted keys
+    or identities in security.yaml, and it is the signature of the current trained_model."""
+    recorded = custody.recorded(context.instance, model_signature.key)
+    model_tree = custody.recorded(context.instance, TRAINED_MODEL)["sha256"]
+    subject = f"sha256:{model_tree}"
+    try:
+        bundle = custody.store(context).get_bytes(recorded["sha256"])
+        with _model_dir(context, custody, model_tree) as model_dir, tempfile.TemporaryDirectory() as tmp:
+            bundle_path = Path(tmp) / "model.sig"
+            bundle_path.write_bytes(bundle)
+            verified = signatures.verify_model(model_dir, bundle_path, signing.trust())
+    except Error as exc:
+        return verdict(custody, context, check="model_signature_verifies", subject=subject, passed=False,
+                       reason=exc.explain())
+    return verdict(custody, context, check="model_signature_verifies", subject=subject, passed=True,
+                   reason=f"{len(verified.files)} files verified; signed by {verified.signer}",
+                   metadata={"signer": verified.signer, "method": verified.method})
+
+
+@dg.asset(group_name=SECURITY, kinds={"slsa", "in-toto"}, owners=["team:security"], code_version="1",
+          ins={"trained_model": dg.AssetIn(), "model_signature": dg.AssetIn()})
+def attestation(context: dg.AssetExecutionContext, trained_model: dict[str, Any], model_signature: bytes,
+                custody: CustodyResource, signing: SigningResource) -> dg.Output[Any]:
+    """A signed in-toto Statement (SLSA provenance v1) for this run: subjects are the model files and the
+    signature bundle; code commit, lock digest, configuration, hyper-parameters, dataset digests with DVC
+    versions, builder and run id. Guarded by: verifies, and its subjects match the signed model."""
+    tree = str(trained_model["sha256"])
+    with _model_dir(context, custody, tree) as model_dir:
+        files = sha256_tree(model_dir)
+        hyper = _hyperparameters(model_dir)
+    run = context.instance.get_run_record_by_id(context.run_id)
+    started = datetime.fromtimestamp(run.start_time, UTC).isoformat() if run and run.start_time else _now()
+    config = signing.config()
+    build = provenance.BuildInfo(
+        builder_id=str(config.get("attestation", {}).get("builder_id", "https://secure-ml.local/dagster/local")),
+        invocation_id=context.run_id, started_on=started, finished_on=_now(),
+        code_commit=git_commit(REPO), code_repository=str(REPO.name),
+        lock_sha256=sha256_file(REPO / "requirements.lock") if (REPO / "requirements.lock").exists() else "",
+        config={"security": config, "model_sha256": tree}, hyperparameters=hyper,
+        dependencies=_dataset_refs(custody, context),
+    )
+    statement = provenance.provenance_statement(files, hashlib.sha256(model_signature).hexdigest(), build=build)
+    envelope = signing.sign_statement(statement)
+    custody.record(context, "attest.model", subject=f"sha256:{tree}",
+                   details={"subjects": len(statement["subject"]), "builder": build.builder_id})
+    return custody.output(context, envelope, metadata={
+        "model_sha256": tree, "subjects": len(statement["subject"]), "builder_id": build.builder_id,
+        "code_commit": build.code_commit, "lock_sha256": build.lock_sha256,
+        "predicate_type": provenance.SLSA_PROVENANCE,
+    })
+
+
+@dg.asset_check(asset=attestation, blocking=True)
+def attestation_verifies(context: dg.AssetCheckExecutionContext, custody: CustodyResource,
+                         signing: SigningResource) -> dg.AssetCheckResult:
+    """The DSSE envelope verifies against a trusted key and its subjects are exactly the current model's
+    files (as stored) and its signature bundle."""
+    recorded = custody.recorded(context.instance, attestation.key)
+    model_tree = custody.recorded(context.instance, TRAINED_MODEL)["sha256"]
+    bundle_sha = custody.recorded(context.instance, model_signature.key)["sha256"]
+    subject = f"sha256:{model_tree}"
+    try:
+        store = custody.store(context)
+        envelope = store.get_bytes(recorded["sha256"])
+        statement = provenance.verify_envelope(envelope, signing.trust().public_keys)
+        manifest = store.get_json(model_tree)
+        provenance.check_subjects(statement, manifest["files"], bundle_sha)
+    except Error as exc:
+        return verdict(custody, context, check="attestation_verifies", subject=subject, passed=False,
+                       reason=exc.explain())
+    return verdict(custody, context, check="attestation_verifies", subject=subject, passed=True,
+                   reason=f"signed by {statement['_verified_by']}; {len(statement['subject'])} subjects match "
+                          "the signed model")
+
+
+def _hyperparameters(model_dir: Path) -> dict[str, Any]:
+    try:
+        record = json.loads((model_dir / "training_record.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(record, dict):
+        return {}
+    for key in ("hyperparameters", "params", "hyper_parameters"):
+        if isinstance(record.get(key), dict):
+            return dict(record[key])
+    return {}
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def git_commit(repo: Path) -> str:
+    """The checked-out commit, read from .git (no subprocess); empty when not a git checkout."""
+    git = repo / ".git"
+    try:
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head
+        ref = head[5:]
+        if (git / ref).exists():
+            return (git / ref).read_text().strip()
+        for line in (git / "packed-refs").read_text().splitlines():
+            if line.endswith(" " + ref):
+                return line.split()[0]
+    except OSError:
+        pass
+    return ""

@@ -1,0 +1,149 @@
+"""The security stage on a real Dagster instance: scan_report -> model_signature -> attestation.
+
+Touches: a real DagsterInstance (the ``home`` fixture's DAGSTER_HOME), the encrypted store, the
+audit log, real model-signing, bandit, pip-audit (offline OSV file), CycloneDX validation. The
+upstream ``trained_model`` is a stand-in defined here that seals a small torch model the way the
+stage contract says (a tree of safetensors + JSON); the real training stage is not touched.
+Does not touch: Sigstore keyless signing (needs the network), the registry or deployment.
+"""
+
+
+import json
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pytest
+import yaml
+
+import resources
+from assets import security
+from resources import CustodyResource
+from secure_ml.settings import Settings
+
+
+class StandInConfig(dg.Config):
+    smuggle_pickle: bool = False
+
+
+def write_model(directory: Path, *, seed: int = 0) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    directory.mkdir(parents=True)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, directory / "model.safetensors")
+    (directory / "config.json").write_text(json.dumps({"tensors": {k: list(v.shape) for k, v in state.items()}}))
+    (directory / "preprocessing.json").write_text(json.dumps({"features": ["a", "b"]}))
+    (directory / "training_record.json").write_text(json.dumps({"hyperparameters": {"lr": 0.01, "epochs": 3}}))
+    (directory / "MODEL_CARD.md").write_text("# model card\n")
+    return directory
+
+
+@dg.asset(name="trained_model", group_name="training")
+def stand_in_trained_model(context: dg.AssetExecutionContext, config: StandInConfig,
+                           custody: CustodyResource) -> dg.Output[Any]:
+    """A sealed model tree as the training stage would produce it (optionally with a smuggled pickle)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = write_model(Path(tmp) / "model")
+        if config.smuggle_pickle:
+            (model_dir / "preprocessing.json").write_bytes(pickle.dumps({"scaler": [1.0, 2.0]}, protocol=4))
+        return custody.output(context, model_dir)
+
+
+STAGE = [stand_in_trained_model, security.scan_report, security.model_signature, security.attestation,
+         security.scan_report_clear, security.model_signature_verifies, security.attestation_verifies]
+
+
+def run_stage(settings: Settings, *, smuggle: bool = False) -> dg.ExecuteInProcessResult:
+    with dg.DagsterInstance.get() as instance:
+        return dg.materialize(
+            STAGE, instance=instance, resources=resources.build_resources(settings), raise_on_error=False,
+            run_config={"ops": {"trained_model": {"config": {"smuggle_pickle": smuggle}}}},
+        )
+
+
+def checks(result: dg.ExecuteInProcessResult) -> dict[str, tuple[bool, str]]:
+    return {e.check_name: (e.passed, str(e.metadata["reason"].value)) for e in result.get_asset_check_evaluations()}
+
+
+def materialized(result: dg.ExecuteInProcessResult) -> set[str]:
+    return {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+
+
+def audit_actions(settings: Settings) -> list[dict[str, Any]]:
+    return list(settings.audit_log().entries())
+
+
+OWN_CODE = ["secure_ml/scanning.py", "secure_ml/signing.py", "secure_ml/attestation.py", "secure_ml/sbom.py",
+            "assets/security.py", "resources/security.py"]
+
+
+def security_config(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **signing: Any) -> Path:
+    """A config dir whose security.yaml scans this stage's own code (others' code is theirs to fix)."""
+    config_dir = tmp_path / "config"
+    config_dir.mkdir()
+    for source in settings.config_dir.glob("*.yaml"):
+        (config_dir / source.name).write_text(source.read_text())
+    cfg = yaml.safe_load((config_dir / "security.yaml").read_text())
+    cfg["scan"]["code"]["paths"] = OWN_CODE
+    cfg["signing"].update(signing)
+    (config_dir / "security.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.setenv("SECURE_ML_CONFIG", str(config_dir))
+    return config_dir
+
+
+def test_clean_model_is_scanned_signed_and_attested(settings: Settings, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    security_config(settings, tmp_path, monkeypatch)
+    result = run_stage(Settings.from_env())
+    outcome = checks(result)
+    assert outcome["scan_report_clear"][0], outcome
+    assert materialized(result) >= {"scan_report", "model_signature", "attestation"}
+    assert outcome["model_signature_verifies"][0], outcome
+    assert outcome["attestation_verifies"][0], outcome
+    store = settings.artifact_store()
+    with dg.DagsterInstance.get() as instance:
+        meta = CustodyResource(home=str(settings.home)).recorded(instance, dg.AssetKey("scan_report"))
+    assert "| severity | count |" in meta["summary"]
+    report = store.get_json(meta["sha256"])
+    assert report["blocking"] is False and report["sbom_valid"] is True
+    assert json.loads(store.get_bytes(meta["sbom_sha256"]))["bomFormat"] == "CycloneDX"
+    actions = {(e["action"], e["outcome"]) for e in audit_actions(settings)}
+    assert ("sign.model", "ok") in actions and ("check.attestation_verifies", "pass") in actions
+
+
+def test_smuggled_pickle_blocks_signing_with_reason_in_ui_and_audit(settings: Settings) -> None:
+    result = run_stage(settings, smuggle=True)
+    outcome = checks(result)
+    passed, reason = outcome["scan_report_clear"]
+    assert not passed and "preprocessing.json is a pickle" in reason
+    assert "model_signature" not in materialized(result) and "attestation" not in materialized(result)
+    denied = [e for e in audit_actions(settings) if e["action"] == "check.scan_report_clear"]
+    assert denied and denied[-1]["outcome"] == "fail" and "pickle" in denied[-1]["details"]["reason"]
+
+
+def test_signature_by_untrusted_key_fails_the_blocking_check(settings: Settings, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from secure_ml.signing import ensure_signing_key
+
+    other_public = ensure_signing_key(tmp_path / "other" / "key.pem")
+    # Our key signs; only another key is trusted.
+    security_cfg = security_config(settings, tmp_path, monkeypatch, trusted_public_keys=[str(other_public)])
+    del security_cfg
+    result = run_stage(Settings.from_env())
+    outcome = checks(result)
+    assert outcome["scan_report_clear"][0], outcome
+    passed, reason = outcome["model_signature_verifies"]
+    assert not passed and "not trusted" in reason
+    assert "attestation" not in materialized(result)
+    entries = [e for e in audit_actions(settings) if e["action"] == "check.model_signature_verifies"]
+    assert entries[-1]["outcome"] == "fail"
+    assert not any("BEGIN" in json.dumps(e) for e in audit_actions(settings))  # no key material in the log
+    assert os.stat(settings.keys_dir / "model-signing.pem").st_mode & 0o077 == 0
