@@ -45,6 +45,8 @@ class CustodyResource(dg.ConfigurableResource):  # type: ignore[type-arg]
 
     def actor(self, context: Any = None) -> str:
         tags = getattr(getattr(context, "run", None), "tags", None)
+        if tags is None:  # a step context (the IO manager's) has the run as dagster_run
+            tags = getattr(getattr(context, "dagster_run", None), "tags", None)
         return self.settings().actor(tags)
 
     def store(self, context: Any = None) -> ArtifactStore:
@@ -129,7 +131,19 @@ class EncryptedIOManager(dg.ConfigurableIOManager):  # type: ignore[type-arg]
         partition = context.asset_partition_key if context.has_asset_partitions else None
         recorded = self.custody.recorded(context.instance, key, partition)
         digest, kind = recorded["sha256"], recorded["artifact_kind"]
-        store = self.custody.store(context.step_context if hasattr(context, "step_context") else None)
+        step = context.step_context if hasattr(context, "step_context") else None
+        if recorded.get("classification"):
+            # Classified data is decrypted only for an identity cleared to read it (audited either way).
+            from secure_ml.access import AccessPolicy
+            from secure_ml.errors import PolicyDenied
+
+            try:
+                AccessPolicy.from_settings(self.custody.settings()).require(
+                    self.custody.actor(step), "data.read", classification=str(recorded["classification"]),
+                    audit=self.custody.audit(), subject=f"sha256:{digest}")
+            except PolicyDenied as exc:
+                raise dg.Failure(description=f"reading {key.to_user_string()}: {exc.explain()}") from None
+        store = self.custody.store(step)
         if kind == "parquet":
             return store.get_dataframe(digest)
         if kind == "json":
