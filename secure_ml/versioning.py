@@ -154,7 +154,10 @@ class DatasetVersions:
             if not path.exists() or path.read_text() != text:
                 atomic_write_bytes(path, text.encode(), mode=0o644)
         if "://" not in self.remote:
-            Path(self.remote).mkdir(parents=True, exist_ok=True)
+            try:
+                Path(self.remote).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigurationError(f"DVC remote {self.remote} cannot be created ({exc.strerror})") from None
 
     def _repo(self) -> Any:
         from dvc.repo import Repo
