@@ -27,6 +27,7 @@ it, and the git author of the code commit in its training record. None of them m
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -73,40 +74,57 @@ class Verifiers:
     attestation: AttestationVerifier
 
 
+def trusted_verifiers(trust: Any) -> Verifiers:
+    """The security stage's verifiers (secure_ml.signing / secure_ml.attestation) bound to a trust policy.
+
+    The signature must verify against a trusted key or identity and cover every file; the DSSE
+    envelope must be signed by a trusted key and its subjects must be exactly the files signed
+    (``model/<name>``) plus the bundle (``model.sig``).
+    """
+    from secure_ml import attestation, signing
+
+    def verify_signature(model_dir: Path, bundle: bytes) -> Mapping[str, Any]:
+        with tempfile.TemporaryDirectory(prefix="secure-ml-sig-") as scratch:
+            path = Path(scratch) / "model.sig"
+            path.write_bytes(bundle)
+            verified = signing.verify_model(model_dir, path, trust)
+        return {"signer": verified.signer, "method": verified.method, "files": dict(verified.files)}
+
+    def verify_attestation(envelope: bytes, model_dir: Path, bundle: bytes) -> Mapping[str, Any]:
+        statement = attestation.verify_envelope(envelope, trust.public_keys)
+        # Subjects against the bytes in hand (not the signature's claims): the files being deployed.
+        attestation.check_subjects(statement, sha256_tree(model_dir), hashlib.sha256(bundle).hexdigest())
+        details = statement.get("predicate", {}).get("runDetails", {})
+        return {"verified_by": str(statement.get("_verified_by", "")),
+                "builder": str(details.get("builder", {}).get("id", "")),
+                "invocation": str(details.get("metadata", {}).get("invocationId", ""))}
+
+    return Verifiers(signature=verify_signature, attestation=verify_attestation)
+
+
 def default_verifiers(settings: Any) -> Verifiers:
-    """The security stage's verifiers (secure_ml.signing / secure_ml.attestation), trust from its config."""
+    """Verifiers trusting what the security configuration names (config/security.yaml ``signing``)."""
     try:
-        from secure_ml import attestation, signing
+        from secure_ml import signing
     except ImportError as exc:  # fail closed: without a verifier nothing deploys
         raise ConfigurationError(f"model verification is unavailable ({exc})") from None
-    return Verifiers(signature=signing.release_signature_verifier(settings),  # type: ignore[attr-defined]
-                     attestation=attestation.release_attestation_verifier(settings))  # type: ignore[attr-defined]
+    trust = signing.TrustPolicy.from_config(settings.load_config("security"), settings.home)
+    if not trust.public_keys and not trust.identities:
+        raise ConfigurationError("no trusted signing keys or identities in config/security.yaml (signing)")
+    return trusted_verifiers(trust)
 
 
 def key_signature_verifier(public_key: Path | str) -> SignatureVerifier:
-    """Verify an elliptic-key model-signing bundle against one trusted public key (PEM).
+    """Verify a model-signing bundle against one trusted public key (PEM), offline.
 
-    The security stage's verifier is preferred where it is configured (:func:`default_verifiers`);
-    this is the offline form the Kubernetes init container and ``serve --public-key`` use.
+    What the Kubernetes pod and ``serve --public-key`` use, where the trust is one mounted key.
     """
+    from secure_ml import signing
+
     key = Path(public_key)
     if not key.is_file():
         raise ConfigurationError(f"public key not found: {key}")
-
-    def verify(model_dir: Path, bundle: bytes) -> Mapping[str, Any]:
-        import model_signing
-
-        with tempfile.TemporaryDirectory(prefix="secure-ml-sig-") as scratch:
-            sig = Path(scratch) / "model.sig"
-            sig.write_bytes(bundle)
-            try:
-                model_signing.verifying.Config().use_elliptic_key_verifier(public_key=key).verify(model_dir, sig)
-            except Exception as exc:  # model_signing raises ValueError and friends: all mean "does not verify"
-                first = " ".join(str(exc).split())[:200] or type(exc).__name__
-                raise VerificationError(f"model signature does not verify against {key.name}: {first}") from None
-        return {"signer": f"key:{key.name}", "method": "elliptic-key"}
-
-    return verify
+    return trusted_verifiers(signing.TrustPolicy.of(public_keys=[key])).signature
 
 
 def model_digest(model_dir: Path) -> str:
@@ -297,7 +315,11 @@ class Release:
                     f"{version.version}: the stored model hashes to {digest[:16]}…, the registry says "
                     f"{version.model_digest[:16]}…: it was replaced")
             signature = dict(self.verifiers.signature(model_dir, bundle))
-            attestation = dict(self.verifiers.attestation(envelope, model_dir, bundle))
+            try:
+                attestation = dict(self.verifiers.attestation(envelope, model_dir, bundle))
+            except Error as exc:
+                exc.stage = "attestation"  # type: ignore[attr-defined]
+                raise
         except Error as exc:
             shutil.rmtree(scratch, ignore_errors=True)
             if into is not None:
@@ -318,9 +340,13 @@ class Release:
         try:
             verified = self.verify(version, actor=actor)
         except Error as exc:
-            reason = exc.explain()
+            reason = " ".join(str(exc).split())
+            if getattr(exc, "stage", "") == "attestation":
+                return ({"verified": True, "digest": version.model_digest, "reason": ""},
+                        {"verified": False, "subject_matches": False, "reason": reason})
             return ({"verified": False, "reason": reason, "digest": ""},
-                    {"verified": False, "subject_matches": False, "reason": reason})
+                    {"verified": False, "subject_matches": False,
+                     "reason": "not checked, because the model or its signature did not verify"})
         shutil.rmtree(verified.directory.parent, ignore_errors=True)
         return ({"verified": True, "digest": verified.model_digest, "reason": "",
                  "signer": str(verified.signature.get("signer", ""))},

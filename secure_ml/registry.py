@@ -344,6 +344,12 @@ class Registry:
                 return earlier
         return None
 
+    def _last_decision(self, version: str) -> dict[str, Any]:
+        with self._connect() as db:
+            row = db.execute("SELECT details FROM events WHERE version = ? AND action = 'policy.decision' "
+                             "ORDER BY seq DESC LIMIT 1", (version,)).fetchone()
+        return json.loads(row["details"]) if row else {}
+
     def status(self) -> dict[str, Any]:
         """Everything `secure-ml status` shows: versions, stages, approvals, what is deployed."""
         targets = sorted({d.target for d in self.deployments()})
@@ -353,7 +359,7 @@ class Registry:
                 {"version": v.version, "model_digest": v.model_digest, "stage": v.stage,
                  "registered_by": v.registered_by, "registered_at": v.registered_at,
                  "approvals": list(v.approvals),
-                 "policy": v.evidence.get("last_decision", {})}
+                 "policy": self._last_decision(v.version)}
                 for v in self.versions()
             ],
             "deployed": {t: (d.as_dict() if (d := self.current_deployment(t)) else None) for t in targets},

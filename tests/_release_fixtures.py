@@ -1,10 +1,10 @@
 """Builders for the release tests: a small real model, real signatures and attestations, real store.
 
-Nothing here is mocked: the model is a torch MLP saved as safetensors, the signature is an
-OpenSSF model-signing bundle made with a fresh P-256 key, the attestation an in-toto Statement
-in a DSSE envelope signed with the same key, and everything is sealed into the encrypted store.
-Where the security stage's own verifiers exist (secure_ml.signing / secure_ml.attestation) the
-tests still use these key-based ones so they do not depend on its trust configuration.
+Nothing here is mocked: the model is a torch MLP saved as safetensors, the signature an OpenSSF
+model-signing bundle made by secure_ml.signing with a fresh P-256 key, the attestation an in-toto
+Statement (SLSA provenance v1) in a DSSE envelope made by secure_ml.attestation with the same
+key, and everything is sealed into the encrypted store. The release is verified by the same
+security-stage verifiers production uses, trusting only the test key.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from secure_ml.deploy import Release, Verifiers, key_signature_verifier, model_digest
-from secure_ml.errors import VerificationError
+from secure_ml.deploy import Release, Verifiers, model_digest, trusted_verifiers
 from secure_ml.integrity import sha256_tree
 from secure_ml.settings import Settings
 
@@ -74,6 +73,7 @@ def make_keys(directory: Path, name: str = "signer") -> Keys:
     key = ec.generate_private_key(ec.SECP256R1())
     private = directory / f"{name}.pem"
     public = directory / f"{name}.pub"
+    private.touch(mode=0o600)
     private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                           serialization.NoEncryption()))
     public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
@@ -82,50 +82,27 @@ def make_keys(directory: Path, name: str = "signer") -> Keys:
 
 
 def sign(model_dir: Path, keys: Keys, scratch: Path) -> bytes:
-    import model_signing
+    from secure_ml import signing
 
-    sig = scratch / f"sig-{model_dir.name}.json"
-    model_signing.signing.Config().use_elliptic_key_signer(private_key=keys.private).sign(model_dir, sig)
-    return sig.read_bytes()
-
-
-def attest(model_dir: Path, bundle: bytes, keys: Keys, *, subjects: Mapping[str, str] | None = None) -> bytes:
-    from sigstore import dsse
-
-    files = dict(subjects) if subjects is not None else {
-        **sha256_tree(model_dir), "model.sig": hashlib.sha256(bundle).hexdigest()}
-    statement = dsse.StatementBuilder(
-        subjects=[dsse.Subject(name=name, digest={"sha256": digest}) for name, digest in sorted(files.items())],
-        predicate_type="https://slsa.dev/provenance/v1",
-        predicate={"buildDefinition": {"buildType": "https://secure-ml.dev/dagster/v1"}},
-    ).build()
-    return dsse._sign(keys.key, statement).to_json().encode()
+    return signing.sign_model(model_dir, scratch / f"sig-{model_dir.name}-{keys.public.stem}.json",
+                              private_key=keys.private)
 
 
-def attestation_verifier(public: Path) -> Any:
-    """Verifies the DSSE signature and that the subjects are exactly the model files plus bundle."""
-    from cryptography.hazmat.primitives.serialization import load_pem_public_key
-    from sigstore import dsse
+def attest(model_dir: Path, bundle: bytes, keys: Keys, *, files: Mapping[str, str] | None = None) -> bytes:
+    from secure_ml import attestation
 
-    key = load_pem_public_key(public.read_bytes())
-
-    def verify(envelope: bytes, model_dir: Path, bundle: bytes) -> Mapping[str, Any]:
-        try:
-            payload = dsse._verify(key, dsse.Envelope._from_json(envelope))  # type: ignore[arg-type]
-            statement = json.loads(payload)
-        except Exception as exc:
-            raise VerificationError(f"attestation does not verify: {exc}") from None
-        subjects = {s["name"]: s["digest"]["sha256"] for s in statement["subject"]}
-        expected = {**sha256_tree(model_dir), "model.sig": hashlib.sha256(bundle).hexdigest()}
-        if subjects != expected:
-            raise VerificationError("attestation subjects do not match the model files and signature")
-        return {"predicate_type": statement["predicateType"]}
-
-    return verify
+    build = attestation.BuildInfo(builder_id="https://secure-ml.local/dagster/test", invocation_id="run-1",
+                                  started_on="2026-11-23T00:00:00Z", finished_on="2026-11-23T00:01:00Z",
+                                  code_commit="abc123")
+    statement = attestation.provenance_statement(dict(files) if files is not None else sha256_tree(model_dir),
+                                                 hashlib.sha256(bundle).hexdigest(), build=build)
+    return attestation.sign_envelope(statement, private_key=keys.private)
 
 
 def verifiers(keys: Keys) -> Verifiers:
-    return Verifiers(signature=key_signature_verifier(keys.public), attestation=attestation_verifier(keys.public))
+    from secure_ml import signing
+
+    return trusted_verifiers(signing.TrustPolicy.of(public_keys=[keys.public]))
 
 
 @dataclass
