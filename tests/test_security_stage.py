@@ -11,6 +11,8 @@ Does not touch: Sigstore keyless signing (needs the network), the registry or de
 import json
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +23,13 @@ import yaml
 import resources
 from assets import security
 from resources import CustodyResource
+from secure_ml.cli import main as cli
 from secure_ml.settings import Settings
 
 
 class StandInConfig(dg.Config):
     smuggle_pickle: bool = False
+    seed: int = 0
 
 
 def write_model(directory: Path, *, seed: int = 0) -> Path:
@@ -51,7 +55,7 @@ def stand_in_trained_model(context: dg.AssetExecutionContext, config: StandInCon
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = write_model(Path(tmp) / "model")
+        model_dir = write_model(Path(tmp) / "model", seed=config.seed)
         if config.smuggle_pickle:
             (model_dir / "preprocessing.json").write_bytes(pickle.dumps({"scaler": [1.0, 2.0]}, protocol=4))
         return custody.output(context, model_dir)
@@ -61,11 +65,14 @@ STAGE = [stand_in_trained_model, security.scan_report, security.model_signature,
          security.scan_report_clear, security.model_signature_verifies, security.attestation_verifies]
 
 
-def run_stage(settings: Settings, *, smuggle: bool = False) -> dg.ExecuteInProcessResult:
+def run_stage(settings: Settings, *, smuggle: bool = False, seed: int = 0,
+              selection: Any = None) -> dg.ExecuteInProcessResult:
     with dg.DagsterInstance.get() as instance:
         return dg.materialize(
             STAGE, instance=instance, resources=resources.build_resources(settings), raise_on_error=False,
-            run_config={"ops": {"trained_model": {"config": {"smuggle_pickle": smuggle}}}},
+            run_config={"ops": {"trained_model": {"config": {"smuggle_pickle": smuggle, "seed": seed}}}}
+            if selection is None or "trained_model" in str(selection) else None,
+            selection=selection,
         )
 
 
@@ -118,9 +125,37 @@ def test_clean_model_is_scanned_signed_and_attested(settings: Settings, tmp_path
     actions = {(e["action"], e["outcome"]) for e in audit_actions(settings)}
     assert ("sign.model", "ok") in actions and ("check.attestation_verifies", "pass") in actions
 
+    # Export: decrypted, verified, with bundle, attestation and public key; upstream CLI agrees.
+    export = tmp_path / "export"
+    assert cli(["model", "export", str(export)]) == 0
+    assert sorted(p.name for p in export.iterdir()) == ["attestation.dsse.json", "model", "model.sig", "signing-key.pub"]
+    upstream = subprocess.run([str(Path(sys.executable).parent / "model_signing"), "verify", "key", str(export / "model"),
+                               "--signature", str(export / "model.sig"), "--public_key", str(export / "signing-key.pub")],
+                              capture_output=True, text=True, timeout=120)
+    assert upstream.returncode == 0, upstream.stderr
+    assert cli(["verify-attestation", str(export / "attestation.dsse.json"), "--model", str(export / "model"),
+                "--signature", str(export / "model.sig"), "--public-key", str(export / "signing-key.pub")]) == 0
+    assert cli(["model", "export", str(export)]) == 2  # never over an existing directory
 
-def test_smuggled_pickle_blocks_signing_with_reason_in_ui_and_audit(settings: Settings) -> None:
-    result = run_stage(settings, smuggle=True)
+    # Substitution: a new trained_model appears; the old signature and attestation no longer vouch for it.
+    with dg.DagsterInstance.get() as instance:
+        dg.materialize([stand_in_trained_model], instance=instance, resources=resources.build_resources(settings),
+                       run_config={"ops": {"trained_model": {"config": {"seed": 1}}}})
+    result = run_stage(Settings.from_env(), selection=dg.AssetSelection.checks(
+        security.model_signature_verifies, security.attestation_verifies))
+    outcome = checks(result)
+    assert not outcome["model_signature_verifies"][0] and "changed after signing" in outcome["model_signature_verifies"][1]
+    assert not outcome["attestation_verifies"][0] and "do not match" in outcome["attestation_verifies"][1]
+    failed = [e for e in audit_actions(settings) if e["action"] == "check.attestation_verifies"]
+    assert failed[-1]["outcome"] == "fail" and "do not match" in failed[-1]["details"]["reason"]
+    assert cli(["model", "export", str(tmp_path / "export2")]) == 1  # export verifies first, and refuses
+    assert not (tmp_path / "export2").exists()
+
+
+def test_smuggled_pickle_blocks_signing_with_reason_in_ui_and_audit(settings: Settings, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    security_config(settings, tmp_path, monkeypatch)
+    result = run_stage(Settings.from_env(), smuggle=True)
     outcome = checks(result)
     passed, reason = outcome["scan_report_clear"]
     assert not passed and "preprocessing.json is a pickle" in reason
