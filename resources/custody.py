@@ -58,7 +58,8 @@ class CustodyResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     def record(self, context: Any, action: str, **fields: Any) -> None:
         """Audit a security decision, tagged with the Dagster run it happened in."""
         details = dict(fields.pop("details", {}) or {})
-        run_id = getattr(context, "run_id", None)
+        # Asset-check contexts have no run_id attribute, only .run.
+        run_id = getattr(context, "run_id", None) or getattr(getattr(context, "run", None), "run_id", None)
         if run_id:
             details["run_id"] = run_id
         self.audit().record(self.actor(context), action, details=details, **fields)
