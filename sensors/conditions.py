@@ -13,8 +13,9 @@ Release assets carry no condition: registering and deploying are deliberate, app
 
 ``deployment`` gets a time-window freshness policy (``freshness.deployment_fail_hours`` /
 ``deployment_warn_hours``): the daemon marks a model deployed longer ago than that WARN / FAIL
-in the UI. An asset whose stage set no owners gets its group's owners (``conditions.owners``), so
-the UI always says who answers for it.
+in the UI. An asset whose stage set no owners gets its group's owners (``conditions.owners``), and
+one with no kinds the kinds of the stage contract, so the UI always says who answers for an asset
+and what it is.
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ _FRESHNESS = section("freshness")
 AUTOMATED_GROUPS: frozenset[str] = frozenset(_CONDITIONS.get("groups") or ("data", "training", "security"))
 GROUP_OWNERS: dict[str, list[str]] = {str(k): list(v) for k, v in (_CONDITIONS.get("owners") or {}).items()}
 FRESH_ASSETS = (dg.AssetKey("deployment"),)
+#: Kinds from the stage contract (assets/__init__.py) for an asset whose stage set none.
+CONTRACT_KINDS: dict[str, set[str]] = {
+    "dataset": {"parquet"}, "validated_dataset": {"json"}, "trained_model": {"pytorch", "safetensors"},
+    "model_evaluation": {"json"}, "scan_report": {"json"}, "model_signature": {"sigstore"},
+    "attestation": {"in-toto"}, "registered_model": {"json"}, "deployment": {"kubernetes"},
+}
 
 ADVANCE_WHEN_CHECKS_PASS = (
     dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
@@ -52,6 +59,8 @@ def _mapped(spec: dg.AssetSpec) -> dg.AssetSpec:
         changes["freshness_policy"] = DEPLOYMENT_FRESHNESS
     if not spec.owners and GROUP_OWNERS.get(spec.group_name or ""):
         changes["owners"] = GROUP_OWNERS[spec.group_name or ""]
+    if not spec.kinds and spec.key.to_user_string() in CONTRACT_KINDS:
+        changes["kinds"] = CONTRACT_KINDS[spec.key.to_user_string()]
     return spec.replace_attributes(**changes) if changes else spec
 
 

@@ -1,7 +1,7 @@
 """Failed runs and failed checks: audited, and POSTed to the webhook in automation.yaml.
 
-``failed_runs`` (a run-failure sensor) and ``failed_checks`` (reads asset-check evaluations from
-the event log after its cursor, a storage id) each write an ``automation.run_failed`` /
+``failed_runs`` (a run-failure sensor) and ``failed_checks`` (reads failed asset-check executions
+from the instance after its cursor) each write an ``automation.run_failed`` /
 ``automation.check_failed`` audit entry and call :class:`secure_ml.notify.Notifier`, which audits
 the delivery (``notify.webhook``: ok, fail or skipped when no URL is configured). A webhook that
 is down is audited and never fails the sensor. Only the one-line reason a check or step gave is
@@ -10,10 +10,13 @@ sent: never data, never stack traces (they may quote values).
 
 from __future__ import annotations
 
-import warnings
+import json
+import time
 from typing import Any
 
 import dagster as dg
+
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
 from resources import CustodyResource
 from secure_ml.notify import Notifier
@@ -21,8 +24,12 @@ from sensors._shared import DROP_TAG, TRIGGER_TAG, seconds, section, sensor_stat
 
 _FAILURES = section("failures")
 INTERVAL = seconds(_FAILURES.get("interval_seconds", 15), "failures.interval_seconds")
-#: Check evaluations read per tick; the cursor carries on from the last one read.
-BATCH = 200
+#: Executions read per check and tick, failed ids remembered, and when a planned check is abandoned.
+BATCH = 50
+MAX_REPORTED = 2000
+STALE_PLANNED_S = 3600.0
+FAILED = AssetCheckExecutionRecordStatus.FAILED
+PLANNED = AssetCheckExecutionRecordStatus.PLANNED
 MAX_REASON = 500
 
 
@@ -68,41 +75,68 @@ def failed_runs(context: dg.RunFailureSensorContext, custody: CustodyResource) -
     Notifier.from_config(custody.settings()).notify("run.failed", subject=subject, details=details)
 
 
-def failed_check_evaluations(instance: dg.DagsterInstance, after: int,
-                             limit: int = BATCH) -> tuple[list[dict[str, Any]], int]:
-    """Failed check evaluations stored after storage id ``after`` (oldest first) and the new cursor."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        records = instance.get_event_records(
-            dg.EventRecordsFilter(event_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION, after_cursor=after),
-            limit=limit, ascending=True,
-        )
+class CheckCursor:
+    """Where the failed-check sensor is in the asset-check execution table.
+
+    Execution ids are given when a check is *planned*, and checks of one run finish in any order,
+    so "everything after the highest id reported" would miss a check that fails after a later one.
+    The cursor keeps a low-water mark (below the oldest check still running) and the failed ids
+    above it that were already reported.
+    """
+
+    def __init__(self, after: int, reported: list[int] | None = None) -> None:
+        self.after, self.reported = after, set(reported or [])
+
+    @classmethod
+    def loads(cls, text: str) -> CheckCursor:
+        try:
+            data = json.loads(text)
+            return cls(int(data["after"]), [int(i) for i in data["reported"]])
+        except (ValueError, KeyError, TypeError):
+            raise dg.Failure("failed_checks cursor is unreadable; reset the sensor's cursor") from None
+
+    def dumps(self) -> str:
+        return json.dumps({"after": self.after, "reported": sorted(self.reported)[-MAX_REPORTED:]})
+
+
+def _check_keys(context: dg.SensorEvaluationContext) -> list[dg.AssetCheckKey]:
+    repository = context.repository_def
+    return sorted(repository.asset_graph.asset_check_keys, key=str) if repository else []
+
+
+def _evaluation(record: Any) -> Any:
+    event = record.event.dagster_event if record.event else None
+    return event.event_specific_data if event else None
+
+
+def failed_check_evaluations(instance: dg.DagsterInstance, keys: list[dg.AssetCheckKey],
+                             cursor: CheckCursor, *, now: float) -> list[dict[str, Any]]:
+    """Failed check executions not yet reported (oldest first); advances ``cursor``."""
+    storage = instance.event_log_storage
     failed: list[dict[str, Any]] = []
-    cursor = after
-    for record in records:
-        cursor = max(cursor, record.storage_id)
-        event = record.event_log_entry.dagster_event
-        evaluation = event.event_specific_data if event else None
-        if evaluation is None or evaluation.passed:
-            continue
-        reason = getattr(evaluation.metadata.get("reason"), "value", "") or evaluation.description or ""
-        failed.append({
-            "asset": evaluation.asset_key.to_user_string(),
-            "check": evaluation.check_name,
-            "blocking": bool(evaluation.blocking),
-            "severity": evaluation.severity.value,
-            "reason": _one_line(str(reason)),
-            "run_id": record.event_log_entry.run_id,
-        })
-    return failed, cursor
-
-
-def latest_storage_id(instance: dg.DagsterInstance) -> int:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        records = instance.get_event_records(
-            dg.EventRecordsFilter(event_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION), limit=1, ascending=False)
-    return records[0].storage_id if records else 0
+    for key in keys:
+        for record in storage.get_asset_check_execution_history(key, limit=BATCH, status={FAILED}):
+            if record.id <= cursor.after or record.id in cursor.reported:
+                continue
+            evaluation = _evaluation(record)
+            reason = getattr(evaluation.metadata.get("reason"), "value", "") if evaluation else ""
+            cursor.reported.add(record.id)
+            failed.append({
+                "id": record.id,
+                "asset": key.asset_key.to_user_string(),
+                "check": key.name,
+                "blocking": bool(evaluation and evaluation.blocking),
+                "severity": evaluation.severity.value if evaluation else "ERROR",
+                "reason": _one_line(str(reason or (evaluation.description if evaluation else "") or "")),
+                "run_id": record.run_id,
+            })
+    latest = storage.get_latest_asset_check_execution_by_key(keys).values() if keys else []
+    running = [r.id for r in latest if r.status == PLANNED and now - r.create_timestamp < STALE_PLANNED_S]
+    highest = max([cursor.after, *(r.id for r in latest)])
+    cursor.after = max(cursor.after, (min(running) - 1) if running else highest)
+    cursor.reported = {i for i in cursor.reported if i > cursor.after}
+    failed.sort(key=lambda item: item["id"])
+    return failed
 
 
 @dg.sensor(
@@ -113,23 +147,23 @@ def latest_storage_id(instance: dg.DagsterInstance) -> int:
                 "the webhook in automation.yaml.",
 )
 def failed_checks(context: dg.SensorEvaluationContext, custody: CustodyResource) -> dg.SkipReason:
+    keys = _check_keys(context)
     if context.cursor is None:
         # Like a run-failure sensor, start from now: an old history is not news.
-        start = latest_storage_id(context.instance)
-        context.update_cursor(str(start))
-        return dg.SkipReason(f"watching check evaluations after event {start}")
-    try:
-        after = int(context.cursor)
-    except ValueError:
-        raise dg.Failure("failed_checks cursor is not an event id; reset the sensor's cursor") from None
-    failed, cursor = failed_check_evaluations(context.instance, after)
+        cursor = CheckCursor(0)
+        failed_check_evaluations(context.instance, keys, cursor, now=time.time())
+        cursor.reported = set()
+        context.update_cursor(cursor.dumps())
+        return dg.SkipReason(f"watching {len(keys)} checks from execution {cursor.after}")
+    cursor = CheckCursor.loads(context.cursor)
+    failed = failed_check_evaluations(context.instance, keys, cursor, now=time.time())
     notifier = Notifier.from_config(custody.settings()) if failed else None
     for item in failed:
         subject = f"check:{item['asset']}:{item['check']}"
         custody.record(None, "automation.check_failed", subject=subject, outcome="fail", details=item)
         assert notifier is not None
         notifier.notify("check.failed", subject=subject, details=item)
-    context.update_cursor(str(cursor))
+    context.update_cursor(cursor.dumps())
     return dg.SkipReason(f"{len(failed)} failed check(s) reported" if failed else "no failed check")
 
 

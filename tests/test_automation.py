@@ -1,0 +1,292 @@
+"""The automation wiring in sensors/, evaluated on a real Dagster instance (no daemon here).
+
+Touches: the landing sensor's ticks over a real landing area (settling, one run per drop keyed
+by digest, its config and tags, nothing twice), that its request really materialises the drop;
+the failed-check sensor after a real tampered ciphertext, and the failed-run sensor after a real
+failed run, both POSTing to a real HTTP server on 127.0.0.1 and auditing; the automation
+condition (eager once every upstream blocking check passed) evaluated by Dagster on a small
+graph wired by the same ``map_assets``; the deployment freshness policy, the retraining cron,
+the SECURE_ML_AUTOMATION switch; and UI hygiene of the whole graph (groups, descriptions,
+owners, kinds). Does not touch: the daemon and the drop -> signed candidate path
+(tests/test_automation_e2e.py), the browser (tests/test_browser.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pytest
+
+import sensors.conditions
+import sensors.failures
+import sensors.landing
+from secure_ml.definitions import build_definitions
+from secure_ml.settings import Settings
+from tests.conftest import SAMPLE_CSV, land_file
+
+GROUPS = {"data", "training", "security", "release"}
+
+
+class Hook:
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                hook.events.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook/token-xyz"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def hook(monkeypatch: pytest.MonkeyPatch) -> Iterator[Hook]:
+    receiver = Hook()
+    monkeypatch.setenv("SECURE_ML_WEBHOOK_URL", receiver.url)
+    yield receiver
+    receiver.server.shutdown()
+    receiver.server.server_close()
+
+
+@pytest.fixture
+def defs(settings: Settings) -> dg.Definitions:
+    return build_definitions(settings)
+
+
+def tick(defs: dg.Definitions, instance: dg.DagsterInstance, cursor: str | None) -> dg.SensorResult:
+    context = dg.build_sensor_context(instance=instance, cursor=cursor,
+                                      resources={"custody": defs.resources["custody"]},  # type: ignore[index]
+                                      definitions=defs)
+    result = sensors.landing.landing_drops(context)
+    assert isinstance(result, dg.SensorResult)
+    return result
+
+
+def materialize(defs: dg.Definitions, instance: dg.DagsterInstance, selection: dg.AssetSelection,
+                run_config: dict[str, Any] | None = None, tags: dict[str, str] | None = None,
+                ) -> dg.ExecuteInProcessResult:
+    return dg.materialize([*defs.assets, *(defs.asset_checks or [])],  # type: ignore[list-item]
+                          instance=instance, resources=defs.resources, selection=selection,
+                          run_config=run_config or {}, tags=tags or {}, raise_on_error=False)
+
+
+def test_each_complete_drop_becomes_one_run_keyed_by_its_digest(settings: Settings, defs: dg.Definitions) -> None:
+    with dg.DagsterInstance.get() as instance:
+        first = tick(defs, instance, None)
+        assert not first.run_requests
+        name = land_file(settings, SAMPLE_CSV)
+        seen = tick(defs, instance, first.cursor)
+        assert not seen.run_requests                              # seen once: not yet proven complete
+        ready = tick(defs, instance, seen.cursor)
+        [request] = ready.run_requests or []
+        digest = json.loads(ready.cursor or "{}")["done"][name][2]
+        assert request.run_key == f"drop-{digest}"
+        assert request.run_config == {"ops": {"dataset": {"config": {"drop": name}}}}
+        assert request.tags["secure_ml/drop"] == name and request.tags["secure_ml/drop_sha256"] == digest
+        assert not tick(defs, instance, ready.cursor).run_requests  # nothing twice
+        # the request's config and selection really ingest that drop
+        result = materialize(defs, instance, dg.AssetSelection.assets("dataset"), request.run_config, request.tags)
+        assert result.success
+        [event] = result.get_asset_materialization_events()
+        assert event.materialization.metadata["source_sha256"].value == digest
+    audit = [e for e in settings.audit_log().entries() if e["action"] == "automation.landing"]
+    assert [e["subject"] for e in audit] == [f"sha256:{digest}"]
+
+
+def test_a_broken_cursor_stops_the_sensor_and_is_audited(settings: Settings, defs: dg.Definitions) -> None:
+    with dg.DagsterInstance.get() as instance, pytest.raises(Exception, match="cursor"):
+        tick(defs, instance, '{"format": "something-else"}')
+    assert any(e["action"] == "automation.landing" and e["outcome"] == "fail" for e in settings.audit_log().entries())
+
+
+def test_landing_selection_is_dataset_and_its_downstream_candidate_not_release(defs: dg.Definitions) -> None:
+    graph = defs.resolve_asset_graph()
+    chosen = sensors.landing.LANDING_SELECTION.resolve(graph)
+    assert dg.AssetKey("dataset") in chosen
+    assert all(graph.get(key).group_name in {"data", "training", "security"} for key in chosen)
+    for key in ("registered_model", "deployment"):
+        assert dg.AssetKey(key) not in chosen
+    downstream = dg.AssetSelection.assets("dataset").downstream().resolve(graph)
+    assert {k for k in downstream if graph.get(k).group_name != "release"} == chosen
+
+
+def test_a_tampered_ciphertext_fails_its_check_and_is_posted_and_audited(
+        settings: Settings, defs: dg.Definitions, hook: Hook) -> None:
+    name = land_file(settings, SAMPLE_CSV)
+    with dg.DagsterInstance.get() as instance:
+        context = dg.build_sensor_context(instance=instance, cursor=None, definitions=defs,
+                                          resources={"custody": defs.resources["custody"]})  # type: ignore[index]
+        sensors.failures.failed_checks(context)                 # first tick: starts watching from now
+        assert context.cursor is not None
+        ok = materialize(defs, instance, dg.AssetSelection.assets("dataset"),
+                         {"ops": {"dataset": {"config": {"drop": name}}}})
+        assert ok.success
+        digest = ok.get_asset_materialization_events()[0].materialization.metadata["sha256"].value
+        store = settings.artifact_store()
+        path = store.path_for(digest)
+        blob = bytearray(path.read_bytes())
+        blob[len(blob) // 2] ^= 0x01                             # one flipped bit in the stored ciphertext
+        path.write_bytes(bytes(blob))
+        checks = materialize(defs, instance, dg.AssetSelection.checks_for_assets("dataset"))
+        failed = [e for e in checks.get_asset_check_evaluations() if not e.passed]
+        assert "dataset_ciphertext_authentic" in {e.check_name for e in failed}
+        sensors.failures.failed_checks(context)
+        sensors.failures.failed_checks(context)                 # reported once, not on every tick
+    assert len(hook.events) == len(failed)
+    posted = {e["details"]["check"]: e for e in hook.events}
+    event = posted["dataset_ciphertext_authentic"]
+    assert event["event"] == "check.failed" and event["details"]["blocking"] is True
+    assert event["details"]["asset"] == "dataset" and event["details"]["reason"]
+    assert "ok" not in {e["details"]["check"] for e in hook.events}      # passed checks are not news
+    actions = [(e["action"], e["outcome"]) for e in settings.audit_log().entries()]
+    assert ("automation.check_failed", "fail") in actions and ("notify.webhook", "ok") in actions
+    assert "token-xyz" not in settings.audit_path.read_text()
+
+
+def test_a_failed_run_is_posted_with_its_one_line_reason(settings: Settings, defs: dg.Definitions, hook: Hook) -> None:
+    with dg.DagsterInstance.get() as instance:
+        result = materialize(defs, instance, dg.AssetSelection.assets("dataset"),
+                             {"ops": {"dataset": {"config": {"drop": "german_credit-missing.csv"}}}},
+                             {"secure_ml/trigger": "landing", "secure_ml/drop": "german_credit-missing.csv"})
+        assert not result.success
+        run = instance.get_run_by_id(result.run_id)
+        assert run is not None
+        failure = next(e for e in result.all_events if e.event_type == dg.DagsterEventType.RUN_FAILURE)
+        context = dg.build_run_status_sensor_context(
+            sensor_name="failed_runs", dagster_event=failure, dagster_instance=instance, dagster_run=run,
+            resources={"custody": defs.resources["custody"]},  # type: ignore[index]
+        ).for_run_failure()
+        sensors.failures.failed_runs(context)
+    [event] = hook.events
+    assert event["event"] == "run.failed" and event["subject"] == f"run:{result.run_id}"
+    assert event["details"]["trigger"] == "landing" and event["details"]["drop"] == "german_credit-missing.csv"
+    [step] = event["details"]["failed_steps"]
+    assert step["step"] == "dataset" and "german_credit-missing.csv" in step["error"]
+    assert "Traceback" not in json.dumps(event)
+
+
+# -- the automation condition, evaluated by Dagster on a graph wired by the same map_assets -------
+GATE = {"passed": True}
+
+
+@dg.asset(group_name="data", kinds={"python"}, owners=["team:test"])
+def upstream() -> int:
+    """A stand-in upstream with a blocking check whose verdict the test decides."""
+    return 1
+
+
+@dg.asset_check(asset=upstream, blocking=True)
+def upstream_gate() -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(passed=GATE["passed"], metadata={"reason": "test verdict"})
+
+
+@dg.asset(group_name="training", deps=[upstream], kinds={"python"}, owners=["team:test"])
+def downstream() -> int:
+    """Advances only when upstream's blocking check passed."""
+    return 2
+
+
+def test_downstream_advances_only_when_every_upstream_blocking_check_passed() -> None:
+    wired = sensors.conditions.map_assets([upstream, downstream])
+    assert wired[1].specs_by_key[dg.AssetKey("downstream")].automation_condition is not None
+    assert wired[0].specs_by_key[dg.AssetKey("upstream")].automation_condition is None  # a root: sensor-driven
+    definitions = dg.Definitions(assets=wired, asset_checks=[upstream_gate])
+    with dg.instance_for_test() as instance:
+        GATE["passed"] = True
+        assert dg.materialize([*wired, upstream_gate], instance=instance).success
+        cursor = dg.evaluate_automation_conditions(defs=definitions, instance=instance).cursor
+        # poisoned upstream: it materialises, its blocking check fails
+        GATE["passed"] = False
+        result = dg.materialize([wired[0], upstream_gate], instance=instance, raise_on_error=False)
+        assert not all(e.passed for e in result.get_asset_check_evaluations())
+        evaluation = dg.evaluate_automation_conditions(defs=definitions, instance=instance, cursor=cursor)
+        assert evaluation.get_num_requested(dg.AssetKey("downstream")) == 0
+        # a clean upstream: the check passes and downstream is requested
+        GATE["passed"] = True
+        assert dg.materialize([wired[0], upstream_gate], instance=instance).success
+        evaluation = dg.evaluate_automation_conditions(defs=definitions, instance=instance,
+                                                       cursor=evaluation.cursor)
+        assert evaluation.get_num_requested(dg.AssetKey("downstream")) == 1
+        # materialised together in one run (the landing sensor's way): no second run of downstream
+        assert dg.materialize([*wired, upstream_gate], instance=instance).success
+        evaluation = dg.evaluate_automation_conditions(defs=definitions, instance=instance,
+                                                       cursor=evaluation.cursor)
+        assert evaluation.get_num_requested(dg.AssetKey("downstream")) == 0
+
+
+def test_real_graph_carries_conditions_freshness_and_the_cron(defs: dg.Definitions) -> None:
+    graph = defs.resolve_asset_graph()
+    for node in graph.asset_nodes:
+        if node.group_name in {"data", "training", "security"} and node.parent_keys:
+            assert node.automation_condition is not None, f"{node.key} has no automation condition"
+        if node.group_name == "release" or not node.parent_keys:
+            assert node.automation_condition is None, f"{node.key} must not advance on its own"
+    if graph.has(dg.AssetKey("deployment")):
+        policy = graph.get(dg.AssetKey("deployment")).freshness_policy
+        assert policy is not None and policy.fail_window.to_timedelta().total_seconds() == 168 * 3600
+    schedule = defs.get_schedule_def("weekly_retraining")
+    assert schedule.cron_schedule == "0 3 * * 1" and schedule.execution_timezone == "UTC"
+    names = {s.name for s in defs.sensors or []}
+    assert {"landing_drops", "failed_runs", "failed_checks", "asset_automation"} <= names
+
+
+def test_the_switch_starts_every_sensor_and_schedule_stopped(monkeypatch: pytest.MonkeyPatch,
+                                                            settings: Settings) -> None:
+    modules = [sensors.landing, sensors.failures, sensors.conditions]
+
+    def statuses() -> set[str]:
+        definitions = build_definitions(settings)
+        return {*(s.default_status.value for s in definitions.sensors or []),
+                *(s.default_status.value for s in definitions.schedules or [])}
+
+    try:
+        monkeypatch.setenv("SECURE_ML_AUTOMATION", "off")
+        for module in modules:
+            importlib.reload(module)
+        assert statuses() == {"STOPPED"}
+        monkeypatch.setenv("SECURE_ML_AUTOMATION", "on")
+        for module in modules:
+            importlib.reload(module)
+        assert statuses() == {"RUNNING"}
+        monkeypatch.setenv("SECURE_ML_AUTOMATION", "sometimes")
+        with pytest.raises(Exception, match="SECURE_ML_AUTOMATION"):
+            importlib.reload(sensors.landing)
+    finally:
+        monkeypatch.delenv("SECURE_ML_AUTOMATION", raising=False)
+        for module in modules:
+            importlib.reload(module)
+
+
+def test_every_asset_explains_itself_in_the_ui(defs: dg.Definitions) -> None:
+    """Groups data/training/security/release; a description, owners and kinds on every asset."""
+    problems = []
+    for node in defs.resolve_asset_graph().asset_nodes:
+        name = node.key.to_user_string()
+        if node.group_name not in GROUPS:
+            problems.append(f"{name}: group {node.group_name!r}")
+        if not (node.description or "").strip():
+            problems.append(f"{name}: no description")
+        if not node.owners:
+            problems.append(f"{name}: no owners")
+        if not node.kinds:
+            problems.append(f"{name}: no kinds")
+    assert not problems, problems
+
+
+def test_the_sensor_sees_the_landing_area_of_its_own_home(settings: Settings, defs: dg.Definitions) -> None:
+    custody = defs.resources["custody"]  # type: ignore[index]
+    assert Path(custody.settings().landing_dir) == settings.landing_dir
