@@ -1,0 +1,136 @@
+"""Poisoning screening (secure_ml.poisoning) on the real German Credit sample.
+
+Touches: real scikit-learn (nearest neighbours, cross-validated logistic regression), drops derived
+from data/sample/german_credit.csv by bootstrap resampling, label flips, injected outliers and
+shifted distributions. Does not touch Dagster or the store (tests/test_validated_dataset.py does);
+the benchmark (bench/bench_data.py) measures the detection rates over many seeds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from secure_ml.errors import BadInput, ConfigurationError
+from secure_ml.poisoning import ScreeningConfig, bootstrap, confident_learning_issues, flip_labels, screen
+from tests.conftest import SAMPLE_CSV
+
+NUMERIC = ["job", "credit_amount", "duration", "age"]
+CATEGORICAL = ["sex", "housing", "saving_accounts", "checking_account", "purpose"]
+
+
+@pytest.fixture(scope="module")
+def reference() -> pd.DataFrame:
+    return pd.read_csv(SAMPLE_CSV)
+
+
+def _screen(drop: pd.DataFrame, reference: pd.DataFrame | None, **config: object):
+    return screen(drop, reference, label="risk", numeric=NUMERIC, categorical=CATEGORICAL,
+                  config=ScreeningConfig(**config))  # type: ignore[arg-type]
+
+
+def test_clean_resamples_pass(reference: pd.DataFrame) -> None:
+    for seed in (101, 202, 303):
+        report = _screen(bootstrap(reference, seed), reference)
+        assert not report.blocked, report.reasons()
+        assert report.drop_score < 0.5
+
+
+def test_five_percent_flips_are_blocked_and_the_flipped_rows_named(reference: pd.DataFrame) -> None:
+    drop, mask = flip_labels(bootstrap(reference, 7), "risk", 0.05, seed=8)
+    report = _screen(drop, reference)
+    assert report.blocked
+    neighbours = report.detector("label_neighbours")
+    assert neighbours.over and neighbours.count == mask.sum()
+    assert len(neighbours.indices) == 50 and set(neighbours.indices) <= set(np.flatnonzero(mask).tolist())
+    assert roc_auc_score(mask, report.row_scores) > 0.95
+    summary = report.summary()
+    assert summary["blocked"] and summary["detectors"]["label_neighbours"]["over_limit"]
+    assert "label_neighbours score" in report.reasons()[0]
+
+
+def test_flips_in_rows_the_reference_never_saw_still_raise_the_score(reference: pd.DataFrame) -> None:
+    order = np.random.default_rng(5).permutation(len(reference))
+    known, new = reference.iloc[order[:500]], reference.iloc[order[500:]].reset_index(drop=True)
+    clean = _screen(new, known).detector("label_neighbours").score
+    poisoned, mask = flip_labels(new, "risk", 0.25, seed=6)
+    report = _screen(poisoned, known)
+    assert report.detector("label_neighbours").score > clean + 4
+    assert report.blocked
+    assert roc_auc_score(mask, report.row_scores) > 0.7
+
+
+def test_outliers_are_counted_per_feature_and_block(reference: pd.DataFrame) -> None:
+    drop = bootstrap(reference, 11).copy()
+    drop.loc[:59, "credit_amount"] = 900_000
+    drop.loc[60:79, "purpose"] = "crypto"
+    report = _screen(drop, reference)
+    outliers = report.detector("outliers")
+    assert outliers.over and report.blocked
+    assert outliers.detail["per_feature"]["credit_amount"] >= 60
+    assert outliers.detail["per_feature"]["purpose"] == 20
+    assert set(outliers.indices) <= set(range(80)) and len(outliers.indices) == 50
+
+
+def test_a_shifted_population_blocks_on_shift(reference: pd.DataFrame) -> None:
+    young = reference[reference["age"] < 30]
+    drop = bootstrap(young, 12, rows=1000)
+    report = _screen(drop, reference)
+    shift = report.detector("shift")
+    assert shift.over and shift.detail["most_shifted"] == "age"
+    assert "age" in shift.detail["features_over_limit"]
+
+
+def test_label_balance_shift_is_reported(reference: pd.DataFrame) -> None:
+    bad_only = reference[reference["risk"] == 0]
+    drop = pd.concat([reference, bad_only, bad_only], ignore_index=True)
+    shift = _screen(drop, reference).detector("shift")
+    assert shift.detail["psi"]["risk"] > 0.25 and shift.detail["label_share"]["0"] > 0.5
+
+
+def test_first_version_without_reference_is_screened_on_its_own(reference: pd.DataFrame) -> None:
+    report = _screen(reference, None)
+    assert not report.blocked
+    assert "no reference" in report.detector("label_neighbours").detail["note"]
+    assert report.reference_rows == 0
+
+
+def test_large_drops_are_subsampled_deterministically_and_say_so(reference: pd.DataFrame) -> None:
+    drop = bootstrap(reference, 13, rows=5000)
+    first = _screen(drop, reference, max_model_rows=1000)
+    second = _screen(drop, reference, max_model_rows=1000)
+    assert "subsample of 1000 of 5000" in first.subsampled
+    assert first.summary() == second.summary()
+    assert np.array_equal(first.row_scores, second.row_scores)
+
+
+def test_confident_learning_flags_rows_confidently_of_another_class() -> None:
+    # per-class thresholds: class 0 mean 0.75 (rows 0, 4), class 1 mean 0.55 (rows 1-3)
+    proba = np.array([[0.8, 0.2], [0.2, 0.8], [0.85, 0.15], [0.3, 0.7], [0.7, 0.3]])
+    labels = np.array([0, 1, 1, 1, 0])
+    assert confident_learning_issues(proba, labels).tolist() == [False, False, True, False, False]
+
+
+def test_bad_input_and_bad_config_are_refused(reference: pd.DataFrame) -> None:
+    with pytest.raises(BadInput, match="lacks columns"):
+        _screen(reference.drop(columns=["age"]), reference)
+    with pytest.raises(BadInput, match="no rows"):
+        _screen(reference.iloc[:0], reference)
+    with pytest.raises(BadInput, match="reference lacks"):
+        _screen(reference, reference.drop(columns=["sex"]))
+    with pytest.raises(ConfigurationError, match="unknown detector"):
+        ScreeningConfig.from_mapping({"detectors": {"magic": {"limit": 1}}})
+    with pytest.raises(ConfigurationError, match="unknown key"):
+        ScreeningConfig.from_mapping({"detectors": {"shift": {"limt": 1}}})
+    with pytest.raises(ConfigurationError):
+        ScreeningConfig.from_mapping({"threshold": "high"})
+    config = ScreeningConfig.from_mapping({"threshold": 2, "detectors": {"label_neighbours": {"limit": 5, "k": 7}}})
+    assert config.threshold == 2.0 and config.neighbours_limit == 5.0 and config.neighbours_k == 7
+
+
+def test_tiny_drops_do_not_crash(reference: pd.DataFrame) -> None:
+    report = _screen(reference.iloc[:6].reset_index(drop=True), reference)
+    assert "too few rows" in report.detector("label_cross_validated").detail["note"]
+    assert isinstance(report.drop_score, float)
