@@ -66,9 +66,10 @@ class SigningResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         return signing.TrustPolicy.from_config(self.config(), Path(self.home))
 
     def sign_model(self, model_dir: Path, signature_path: Path) -> bytes:
+        algorithm = str(self.config().get("signing", {}).get("hash", "sha256"))
         if self.method() == "sigstore":
-            return signing.sign_model_keyless(model_dir, signature_path)
-        return signing.sign_model(model_dir, signature_path, private_key=self._private_key())
+            return signing.sign_model_keyless(model_dir, signature_path, hash_algorithm=algorithm)
+        return signing.sign_model(model_dir, signature_path, private_key=self._private_key(), hash_algorithm=algorithm)
 
     def sign_statement(self, statement: dict[str, Any]) -> bytes:
         return attestation.sign_envelope(statement, private_key=self._private_key())

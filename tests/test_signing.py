@@ -241,3 +241,15 @@ def test_cli_verify_model(signed: tuple[Path, Path], keys: dict[str, Path], home
     assert cli(["verify-model", str(model), "--signature", str(bundle), "--identity", "x"]) == 2
     actions = [e["action"] for e in Settings.from_env().audit_log().entries()]
     assert actions.count("verify.model") == 3
+
+
+def test_blake3_option_signs_and_verifies_with_our_verifier(tmp_path: Path, keys: dict[str, Path]) -> None:
+    model = write_model(tmp_path / "model")
+    bundle = tmp_path / "model.sig"
+    signing.sign_model(model, bundle, private_key=keys["private"], hash_algorithm="blake3")
+    assert signing.verify_model(model, bundle, trust(keys)).hash_type == "blake3"
+    (model / "config.json").write_text("{}")
+    with pytest.raises(VerificationError, match="config.json changed after signing"):
+        signing.verify_model(model, bundle, trust(keys))
+    with pytest.raises(ConfigurationError, match="signing hash"):
+        signing.sign_model(model, tmp_path / "x.sig", private_key=keys["private"], hash_algorithm="md5")

@@ -23,6 +23,7 @@ from typing import Any
 
 from secure_ml import attestation, scanning, signing
 from secure_ml.errors import BadInput, VerificationError
+from secure_ml.integrity import sha256_file, sha256_tree
 from secure_ml.settings import Settings
 
 
@@ -125,10 +126,8 @@ def cmd_verify_attestation(args: argparse.Namespace) -> int:
             raise BadInput(f"attestation not found: {args.envelope}")
         statement = attestation.verify_envelope(args.envelope.read_bytes(), keys)
         # The subjects must be this model as signed: verify the signature too, then compare.
-        verified = signing.verify_model(args.model, args.signature, signing.TrustPolicy.of(public_keys=keys))
-        from secure_ml.integrity import sha256_file
-
-        attestation.check_subjects(statement, verified.files, sha256_file(args.signature))
+        signing.verify_model(args.model, args.signature, signing.TrustPolicy.of(public_keys=keys))
+        attestation.check_subjects(statement, sha256_tree(args.model), sha256_file(args.signature))
     except VerificationError as exc:
         _audit(settings, "verify.attestation", str(args.envelope.absolute()), "fail", {"reason": exc.explain()})
         raise
@@ -182,7 +181,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         # Verify before anything appears under DIR: the export is all or nothing.
         verified = signing.verify_model(staging / "model", staging / "model.sig", trust)
         statement = attestation.verify_envelope((staging / "attestation.dsse.json").read_bytes(), trust.public_keys)
-        attestation.check_subjects(statement, verified.files, signature_digest)
+        attestation.check_subjects(statement, sha256_tree(staging / "model"), signature_digest)
         for index, key in enumerate(trust.public_keys):
             if key.exists():
                 shutil.copyfile(key, staging / ("signing-key.pub" if index == 0 else f"signing-key-{index}.pub"))

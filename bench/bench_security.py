@@ -1,0 +1,136 @@
+"""Security stage figures (issue 5).
+
+1. Sign plus verify of a model directory (2 GiB in four files; quick: 128 MiB) with our signing
+   (model-signing, local ECDSA key, trust-policy verification and the unsigned-file check), against
+   model-signing's own sharded hashing of the same directory, measured in the same run. Signing and
+   verifying each hash every byte, so the figure is reported twice: per hashing pass (sign + verify
+   against two sharded hashes: the overhead we add) and against a single sharded hash (the issue's
+   literal goal, which two honest SHA-256 passes cannot meet on the same hardware), and once more
+   with the optional BLAKE3 manifest (``signing.hash: blake3``), which comes close to it.
+2. The demo model's full scan (model files, pip-audit of requirements.lock against the offline OSV
+   file, bandit over the pipeline code, CycloneDX SBOM built and schema-validated) against the
+   5 s budget; libraries warm (as in a running code server), and cold for the record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from bench import Figure
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _best(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def _write_model_dir(root: Path, total: int, files: int = 4) -> Path:
+    root.mkdir(parents=True)
+    per_file = total // files
+    block = os.urandom(1 << 20)
+    for index in range(files):
+        with (root / f"model-{index:05d}-of-{files:05d}.safetensors").open("wb") as handle:
+            for offset in range(0, per_file, len(block)):
+                # Vary each MiB so no two blocks hash alike (no dedup anywhere to flatter us).
+                handle.write(offset.to_bytes(8, "little") + block[8:])
+    (root / "config.json").write_text(json.dumps({"files": files}))
+    return root
+
+
+def _signing_figures(quick: bool) -> list[Figure]:
+    from model_signing import hashing
+
+    from secure_ml import signing
+
+    total = (128 if quick else 2048) << 20
+    label = "128 MiB" if quick else "2 GiB"
+    with tempfile.TemporaryDirectory(prefix="bench-security-", dir=os.environ.get("BENCH_TMP")) as tmp:
+        root = Path(tmp)
+        model = _write_model_dir(root / "model", total)
+        key = root / "keys" / "model-signing.pem"
+        public = signing.ensure_signing_key(key)
+        trust = signing.TrustPolicy.of(public_keys=[public])
+        bundle = root / "model.sig"
+        sharded = hashing.Config().use_shard_serialization()
+        sharded.hash(model)  # page cache warm for both sides alike
+
+        def sign_and_verify() -> None:
+            signing.sign_model(model, bundle, private_key=key)
+            signing.verify_model(model, bundle, trust)
+
+        def sign_and_verify_blake3() -> None:
+            signing.sign_model(model, bundle, private_key=key, hash_algorithm="blake3")
+            signing.verify_model(model, bundle, trust)
+
+        # Interleaved, best of N each: the machine is shared, so both sides see the same noise.
+        baseline = ours = ours_blake3 = float("inf")
+        for _ in range(5 if quick else 3):
+            baseline = min(baseline, _best(lambda: sharded.hash(model), 1))
+            ours = min(ours, _best(sign_and_verify, 1))
+            ours_blake3 = min(ours_blake3, _best(sign_and_verify_blake3, 1))
+    return [
+        Figure(5, f"sign + verify {label} model dir, per hashing pass", ours, "s",
+               "model-signing sharded hash x2 (s)", 2 * baseline, "<= 1.1x", ours <= 1.1 * 2 * baseline),
+        Figure(5, f"sign + verify {label} model dir, vs one hash", ours, "s",
+               "model-signing sharded hash (s)", baseline, "<= 1.1x", ours <= 1.1 * baseline),
+        Figure(5, f"sign + verify {label} (hash: blake3), vs one hash", ours_blake3, "s",
+               "model-signing sharded hash (s)", baseline, "<= 1.1x", ours_blake3 <= 1.1 * baseline),
+    ]
+
+
+def _demo_model(directory: Path) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    directory.mkdir(parents=True)
+    model = torch.nn.Sequential(torch.nn.Linear(61, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 1))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, directory / "model.safetensors")
+    (directory / "config.json").write_text(json.dumps({"tensors": {k: list(v.shape) for k, v in state.items()}}))
+    (directory / "preprocessing.json").write_text(json.dumps({"features": [f"f{i}" for i in range(61)]}))
+    (directory / "training_record.json").write_text(json.dumps({"hyperparameters": {"lr": 0.01}}))
+    (directory / "MODEL_CARD.md").write_text("# demo model\n")
+    return directory
+
+
+def _scan_figures() -> list[Figure]:
+    import yaml
+
+    budget = 5.0
+    with tempfile.TemporaryDirectory(prefix="bench-security-scan-") as tmp:
+        model = _demo_model(Path(tmp) / "model")
+        config = yaml.safe_load((REPO / "secure_ml" / "config" / "security.yaml").read_text())
+        started = time.perf_counter()
+        from secure_ml import scanning
+
+        report, _ = scanning.release_scan(model, config, repo_root=REPO)
+        cold = time.perf_counter() - started
+        warm = _best(lambda: scanning.release_scan(model, config, repo_root=REPO), 3)
+    assert report["sbom_valid"]
+    return [
+        Figure(5, "demo model full scan (files, pip-audit, bandit, SBOM), warm", warm, "s",
+               "budget (s)", budget, "<= 1.0x", warm <= budget),
+        Figure(5, "demo model full scan, cold (imports included)", cold, "s",
+               "budget (s)", budget, "info", True),
+    ]
+
+
+def run(quick: bool) -> list[Figure]:
+    figures = _signing_figures(quick)
+    figures += _scan_figures()
+    shutil.rmtree(REPO / ".bench" / "security", ignore_errors=True)
+    return figures
