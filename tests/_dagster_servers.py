@@ -138,6 +138,19 @@ def webserver(home: Home, log_dir: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
+def daemon(home: Home, log_dir: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``dagster-daemon run``: sensors, schedules, the automation sensor, run monitoring."""
+    log = log_dir / "daemon.log"
+    with _process([str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], home, log) as process:
+        yield process
+
+
+def read_log(log_dir: Path, name: str = "daemon.log") -> str:
+    path = log_dir / name
+    return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+
+@contextlib.contextmanager
 def dagster_dev(home: Home, log_dir: Path) -> Iterator[str]:
     """``dagster dev`` (webserver + daemon: sensors, schedules, automation) as ``make ui`` runs it."""
     port = free_port()

@@ -7,21 +7,28 @@ failed run, both POSTing to a real HTTP server on 127.0.0.1 and auditing; the au
 condition (eager once every upstream blocking check passed) evaluated by Dagster on a small
 graph wired by the same ``map_assets``; the deployment freshness policy, the retraining cron,
 the SECURE_ML_AUTOMATION switch; and UI hygiene of the whole graph (groups, descriptions,
-owners, kinds). Does not touch: the daemon and the drop -> signed candidate path
-(tests/test_automation_e2e.py), the browser (tests/test_browser.py).
+owners, kinds). The proof (marked slow) runs the real ``dagster-daemon`` on a test home: a clean
+drop lands and, with no manual materialisation, becomes a validated, trained, evaluated, scanned,
+signed and attested candidate in one sensor-launched run; a poisoned drop (10% label flips)
+stops at validation, automation does not carry it further, and the failed check and run reach
+the webhook. Does not touch: the browser (tests/test_browser.py).
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import os
 import threading
+import time
+import warnings
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import pandas as pd
 import pytest
 
 import sensors.conditions
@@ -29,6 +36,7 @@ import sensors.failures
 import sensors.landing
 from secure_ml.definitions import build_definitions
 from secure_ml.settings import Settings
+from tests._dagster_servers import read_log
 from tests.conftest import SAMPLE_CSV, land_file
 
 GROUPS = {"data", "training", "security", "release"}
@@ -51,6 +59,14 @@ class Hook:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook/token-xyz"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def hook_server() -> Iterator[Hook]:
+    receiver = Hook()
+    yield receiver
+    receiver.server.shutdown()
+    receiver.server.server_close()
 
 
 @pytest.fixture
@@ -290,3 +306,91 @@ def test_every_asset_explains_itself_in_the_ui(defs: dg.Definitions) -> None:
 def test_the_sensor_sees_the_landing_area_of_its_own_home(settings: Settings, defs: dg.Definitions) -> None:
     custody = defs.resources["custody"]  # type: ignore[index]
     assert Path(custody.settings().landing_dir) == settings.landing_dir
+
+
+# -- the proof: the real daemon turns a drop into a signed candidate, and stops a poisoned one ------
+CANDIDATE = ("dataset", "validated_dataset", "trained_model", "model_evaluation", "scan_report",
+             "model_signature", "attestation")
+
+
+def drop_atomically(landing_dir: Path, name: str, data: bytes) -> None:
+    """How a careful producer lands a file: write a hidden temporary, then rename it into place."""
+    partial = landing_dir / f".{name}.part"
+    partial.write_bytes(data)
+    os.replace(partial, landing_dir / name)
+
+
+def wait_for_drop_run(instance: dg.DagsterInstance, name: str, timeout: float, log_dir: Path) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = instance.get_runs(filters=dg.RunsFilter(tags={"secure_ml/drop": name}))
+        if len(runs) > 1:
+            raise AssertionError(f"drop {name} ran {len(runs)} times")
+        if runs and runs[0].is_finished:
+            return runs[0]
+        time.sleep(1)
+    raise AssertionError(f"no finished run for drop {name} after {timeout:.0f}s; daemon log:\n"
+                         f"{read_log(log_dir)}")
+
+
+def run_outcome(instance: dg.DagsterInstance, run_id: str) -> tuple[set[str], dict[str, bool]]:
+    materialized = {e.asset_key.to_user_string() for e in
+                    (r.dagster_event for r in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION))
+                    if e and e.asset_key}
+    checks = {}
+    for record in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION):
+        evaluation = record.dagster_event.event_specific_data  # type: ignore[union-attr]
+        checks[f"{evaluation.asset_key.to_user_string()}:{evaluation.check_name}"] = evaluation.passed
+    return materialized, checks
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_clean_drop_becomes_a_signed_candidate_and_a_poisoned_one_stops_at_validation(
+        tmp_path: Path, hook_server: Hook) -> None:
+    from secure_ml.poisoning import flip_labels
+    from tests._dagster_servers import daemon, make_home
+
+    home = make_home(tmp_path, automation="on", extra={"SECURE_ML_WEBHOOK_URL": hook_server.url,
+                                                        "SECURE_ML_ACTOR": "alice"})
+    graph = build_definitions(home.settings).resolve_asset_graph()
+    expected = {k.to_user_string() for k in sensors.landing.LANDING_SELECTION.resolve(graph)}
+    missing_stages = [key for key in CANDIDATE if key not in expected]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    sample = pd.read_csv(SAMPLE_CSV)
+    poisoned, _ = flip_labels(sample, "risk", 0.10, seed=3)
+    instance = dg.DagsterInstance.from_config(str(home.dagster_home))
+    try:
+        with daemon(home, logs):
+            drop_atomically(home.settings.landing_dir, "german_credit-clean.csv", SAMPLE_CSV.read_bytes())
+            clean = wait_for_drop_run(instance, "german_credit-clean.csv", 300, logs)
+            materialized, checks = run_outcome(instance, clean.run_id)
+            assert clean.status == dg.DagsterRunStatus.SUCCESS, (checks, read_log(logs))
+            assert materialized == expected, f"not materialised: {expected - materialized}"
+            assert checks and all(checks.values()), checks
+            assert clean.tags["secure_ml/trigger"] == "landing"
+
+            drop_atomically(home.settings.landing_dir, "german_credit-poisoned.csv",
+                            poisoned.to_csv(index=False).encode())
+            bad = wait_for_drop_run(instance, "german_credit-poisoned.csv", 300, logs)
+            materialized, checks = run_outcome(instance, bad.run_id)
+            assert bad.status == dg.DagsterRunStatus.FAILURE
+            assert checks["validated_dataset:poisoning_score_under_threshold"] is False
+            assert materialized <= {"dataset", "validated_dataset"}, materialized
+            # automation must not pick the poisoned version up afterwards either
+            time.sleep(25)                                    # two automation ticks (10 s)
+            for key in expected - {"dataset", "validated_dataset"}:
+                latest = instance.fetch_materializations(dg.AssetKey(key), limit=1).records
+                assert latest and latest[0].run_id == clean.run_id, f"{key} advanced past a failed check"
+            deadline = time.monotonic() + 40                  # failure sensors tick every 15 s
+            while time.monotonic() < deadline and not (
+                    {"run.failed", "check.failed"} <= {e["event"] for e in hook_server.events}):
+                time.sleep(1)
+    finally:
+        instance.dispose()
+    events = {(e["event"], e["details"].get("check", "")) for e in hook_server.events}
+    assert ("check.failed", "poisoning_score_under_threshold") in events, hook_server.events
+    assert any(e["event"] == "run.failed" and e["details"]["run_id"] == bad.run_id for e in hook_server.events)
+    if missing_stages:
+        warnings.warn(f"stages not defined yet, so not proven here: {', '.join(missing_stages)}", stacklevel=1)
