@@ -42,9 +42,12 @@ class SigningResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         return self._settings().load_config("security")
 
     def method(self) -> str:
+        """``key`` or ``sigstore``; ``auto`` picks Sigstore when an OIDC identity is available."""
         method = str(self.config().get("signing", {}).get("method", "key"))
-        if method not in ("key", "sigstore"):
-            raise ConfigurationError(f"signing.method must be 'key' or 'sigstore', not {method!r}")
+        if method not in ("key", "sigstore", "auto"):
+            raise ConfigurationError(f"signing.method must be 'key', 'sigstore' or 'auto', not {method!r}")
+        if method == "auto":
+            return "sigstore" if signing.oidc_token() else "key"
         return method
 
     def _private_key(self) -> Path:

@@ -207,6 +207,15 @@ def test_signing_resource_chooses_keyless_by_config(tmp_path: Path, monkeypatch:
     with pytest.raises(ConfigurationError, match="OIDC identity"):
         resource.sign_model(write_model(tmp_path / "model"), tmp_path / "model.sig")
     assert "pem" not in repr(resource).lower()
+    # auto: no identity here, so the local key; with a token, Sigstore (which needs the network).
+    cfg["signing"]["method"] = "auto"
+    (config_dir / "security.yaml").write_text(yaml.safe_dump(cfg))
+    assert resource.method() == "key"
+    monkeypatch.setenv("SIGSTORE_ID_TOKEN", "an-identity-token")
+    assert resource.method() == "sigstore"
+    with pytest.raises(ConfigurationError, match="Sigstore keyless signing failed"):
+        resource.sign_model(tmp_path / "model", tmp_path / "model.sig")
+    assert not (tmp_path / "model.sig").exists()
 
 
 def test_real_sigstore_bundle_verifies_offline(tmp_path: Path) -> None:
