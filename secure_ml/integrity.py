@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from secure_ml.errors import BadInput
 
@@ -64,6 +65,38 @@ def tree_digest(files: dict[str, str]) -> str:
     return h.hexdigest()
 
 
+#: A streaming writer syncs and releases what it has written every this many bytes.
+RELEASE_EVERY = 16 << 20
+
+
+class _StreamingFile(io.FileIO):
+    """A file written front to back that hands finished pages back to the OS as it goes.
+
+    Every RELEASE_EVERY bytes it syncs what it wrote and drops it from the page cache, so a
+    multi-gigabyte artifact neither floods memory with dirty pages nor makes the kernel find
+    gigabytes of fresh page cache (which costs more CPU than the AES-GCM itself on a VM). It adds
+    no disk work where the file is fsynced at the end anyway (atomic_write, the store).
+    """
+
+    _written = 0
+    _released = 0
+
+    def write(self, data: Any) -> int:
+        written = super().write(data) or 0
+        self._written += written
+        if self._written - self._released >= RELEASE_EVERY:
+            os.fdatasync(self.fileno())
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(self.fileno(), 0, self._written, os.POSIX_FADV_DONTNEED)
+            self._released = self._written
+        return written
+
+
+def streaming_writer(fd: int) -> BinaryIO:
+    """A buffered binary writer over ``fd`` (which it owns) that releases written pages as it goes."""
+    return io.BufferedWriter(_StreamingFile(fd, "wb", closefd=True), buffer_size=1 << 16)  # type: ignore[return-value]
+
+
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -88,7 +121,7 @@ def atomic_write(path: Path | str, *, mode: int = 0o600, overwrite: bool = True)
     tmp = Path(tmp_name)
     try:
         os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
+        with streaming_writer(fd) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())

@@ -30,7 +30,7 @@ from typing import Any, BinaryIO
 from secure_ml import crypto
 from secure_ml.audit import AuditLog
 from secure_ml.errors import BadInput, ConfigurationError, Error, IntegrityError
-from secure_ml.integrity import atomic_write, list_tree
+from secure_ml.integrity import atomic_write, list_tree, streaming_writer
 from secure_ml.keys import KeyProvider
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
@@ -149,7 +149,7 @@ class ArtifactStore:
         try:
             os.fchmod(fd, 0o600)
             with self.writers_lock():
-                with os.fdopen(fd, "wb") as out:
+                with streaming_writer(fd) as out:
                     size = crypto.encrypt_stream(reader, out, self.keys)  # type: ignore[arg-type]
                     out.flush()
                     os.fsync(out.fileno())
