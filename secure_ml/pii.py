@@ -44,6 +44,7 @@ _EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za
 _PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{1,4}\)[\s.-]?)?\d{2,4}(?:[\s.-]\d{2,8}){1,4}(?!\w)"
                     r"|(?<![\w+])\+\d{8,14}(?!\w)")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}|\d{2}[./]\d{2}[./]\d{4}")
+_SSN_SHAPE = re.compile(r"\d{3}-\d{2}-\d{4}")
 _SSN = re.compile(r"(?<!\d)(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?!\d)")
 _IBAN = re.compile(r"(?<![A-Z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?(?![A-Z0-9])")
 _CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
@@ -161,7 +162,7 @@ def _phones(text: str) -> list[str]:
     found = []
     for match in _PHONE.finditer(text):
         digits = re.sub(r"\D", "", match.group())
-        if 9 <= len(digits) <= 15 and not _SSN.fullmatch(match.group()) and not _DATE.search(match.group()):
+        if 9 <= len(digits) <= 15 and not _SSN_SHAPE.fullmatch(match.group()) and not _DATE.search(match.group()):
             found.append(match.group())
     return found
 

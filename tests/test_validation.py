@@ -1,0 +1,212 @@
+"""Schema files, the Great Expectations suite built from them, `secure-ml schema init`, the split.
+
+Touches: real Great Expectations 1.x (one ephemeral context for the module; nothing on disk, no
+analytics), the shipped german_credit schema and its digest-pinned reference sample, the real CLI
+entry point, and pandas frames derived from data/sample/german_credit.csv. Does not touch Dagster
+(tests/test_validated_dataset.py does).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from secure_ml import splitting
+from secure_ml.cli import main
+from secure_ml.errors import BadInput, ConfigurationError, IntegrityError
+from secure_ml.schema import infer_schema, load_reference, load_schema, parse_schema, select_schema
+from secure_ml.validation import build_suite, validate
+from tests.conftest import SAMPLE_CSV
+
+CONFIG = Path(__file__).resolve().parents[1] / "secure_ml" / "config"
+SCHEMA = CONFIG / "schemas" / "german_credit.yaml"
+
+
+@pytest.fixture(scope="module")
+def schema():  # type: ignore[no-untyped-def]
+    return load_schema(SCHEMA)
+
+
+@pytest.fixture(scope="module")
+def sample() -> pd.DataFrame:
+    return pd.read_csv(SAMPLE_CSV)
+
+
+def test_the_shipped_schema_describes_the_sample(schema, sample: pd.DataFrame) -> None:  # type: ignore[no-untyped-def]
+    assert schema.label == "risk" and schema.protected == ("sex", "age")
+    assert schema.numeric == ["job", "credit_amount", "duration", "age"]
+    assert schema.categorical == ["sex", "housing", "saving_accounts", "checking_account", "purpose"]
+    result = validate(sample, schema)
+    assert result.success, result.summary()
+    assert os.environ["GX_ANALYTICS_ENABLED"] == "false"
+    assert result.markdown().startswith(f"**{len(result.outcomes)} of {len(result.outcomes)} expectations passed**")
+    assert load_reference(schema).equals(sample)
+
+
+def test_each_kind_of_drift_fails_its_expectation(schema, sample: pd.DataFrame) -> None:  # type: ignore[no-untyped-def]
+    drifted = sample.rename(columns={"age": "years"}).copy()
+    drifted["credit_amount"] = drifted["credit_amount"].astype(str)       # type drift
+    drifted.loc[3, "duration"] = 500                                     # out of range
+    drifted.loc[4, "housing"] = "castle"                                 # unknown category
+    drifted.loc[5, "sex"] = None                                         # a null where none is allowed
+    result = validate(drifted, schema)
+    assert not result.success
+    failed = {(o.expectation, o.column) for o in result.failures}
+    assert ("expect_table_columns_to_match_set", "") in failed
+    assert ("expect_column_dtype_in_list", "credit_amount") in failed
+    assert ("expect_column_values_to_be_between", "duration") in failed
+    assert ("expect_column_values_to_be_in_set", "housing") in failed
+    assert ("expect_column_values_to_not_be_null", "sex") in failed
+    assert ("expect_column_dtype_in_list", "age") in failed
+    table = result.markdown()
+    assert "missing: age" in table and "unexpected: years" in table and "castle" in table
+    assert "the column is missing" in table
+    lines = [o.describe() for o in result.failures]
+    assert any("duration" in line and "1 unexpected values" in line for line in lines)
+
+
+def test_row_count_bounds_and_allowed_extra_columns(schema, sample: pd.DataFrame) -> None:  # type: ignore[no-untyped-def]
+    few = validate(sample.iloc[:50], schema)
+    assert [o.expectation for o in few.failures] == ["expect_table_row_count_to_be_between"]
+    extra = sample.assign(contact="0" * 32)
+    assert not validate(extra, schema).success
+    assert validate(extra, schema, extra_columns=["contact"]).success
+
+
+def test_examples_in_failures_are_redacted(schema, sample: pd.DataFrame) -> None:  # type: ignore[no-untyped-def]
+    from secure_ml.pii import redact_text
+
+    leaked = sample.copy()
+    leaked.loc[0, "purpose"] = "mail jane@example.org"
+    result = validate(leaked, schema, redact=redact_text)
+    assert "jane@example.org" not in result.markdown() and "[EMAIL]" in result.markdown()
+
+
+def test_suite_has_an_expectation_per_rule(schema) -> None:  # type: ignore[no-untyped-def]
+    suite = build_suite(schema)
+    kinds = [e.expectation_type for e in suite.expectations]
+    assert kinds.count("expect_column_dtype_in_list") == len(schema.columns)
+    assert kinds.count("expect_column_values_to_be_in_set") == 6   # risk + five categories
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda s: s.update(format="v0"), "format must be"),
+    (lambda s: s.update(label="nope"), "'label' must name"),
+    (lambda s: s["columns"]["age"].update(type="datetime"), "type must be one of"),
+    (lambda s: s["columns"]["age"].update(minimum=3), "unknown keys"),
+    (lambda s: s["columns"]["sex"].update(min=0), "must be a number on a numeric column"),
+    (lambda s: s["columns"]["age"].update(min=90, max=20), "min > max"),
+    (lambda s: s.update(protected=["religion"]), "'protected' must list"),
+    (lambda s: s.update(rows={"min": 10, "max": 5}), "min <= max"),
+    (lambda s: s.update(reference={"file": "../../etc/passwd", "sha256": "0"}), "beside the schema"),
+    (lambda s: s.update(extra=1), "unknown keys"),
+])
+def test_malformed_schemas_are_refused_with_the_reason(edit, message: str) -> None:  # type: ignore[no-untyped-def]
+    raw = yaml.safe_load(SCHEMA.read_text())
+    edit(raw)
+    with pytest.raises(ConfigurationError, match=message):
+        parse_schema(raw, path=SCHEMA)
+
+
+def test_unreadable_schema_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="not found"):
+        load_schema(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("columns: [unclosed")
+    with pytest.raises(ConfigurationError, match="not valid YAML"):
+        load_schema(bad)
+    bad.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigurationError):
+        load_schema(bad)
+
+
+def test_a_swapped_reference_sample_is_refused(tmp_path: Path) -> None:
+    shutil.copy(SCHEMA, tmp_path / SCHEMA.name)
+    reference = tmp_path / "german_credit.reference.csv"
+    reference.write_text(SAMPLE_CSV.read_text().replace("\n1,male,2,own", "\n0,male,2,own", 1))
+    with pytest.raises(IntegrityError, match="not the sha256"):
+        load_reference(load_schema(tmp_path / SCHEMA.name))
+
+
+def test_schema_selection_by_source() -> None:
+    schemas = {"default": "schemas/german_credit.yaml", "by_source": {"loans-*": "schemas/loans.yaml"}}
+    assert select_schema("loans-2026.csv", schemas, CONFIG) == CONFIG / "schemas/loans.yaml"
+    assert select_schema("german_credit-1.csv", schemas, CONFIG) == CONFIG / "schemas/german_credit.yaml"
+    with pytest.raises(ConfigurationError, match="no schema"):
+        select_schema("x.csv", {}, CONFIG)
+
+
+def test_infer_schema_drafts_types_ranges_and_categories(sample: pd.DataFrame) -> None:
+    frame = sample.assign(notes=[f"free text number {i}" for i in range(len(sample))],
+                          score=sample["age"] / 7.0, flag=sample["risk"] == 1)
+    frame.loc[0, "score"] = None
+    draft = infer_schema(frame, name="credit", label="risk", protected=["sex"])
+    columns = draft["columns"]
+    assert columns["risk"] == {"type": "integer", "allowed": [0, 1]}
+    assert columns["age"] == {"type": "integer", "min": 19, "max": 75}
+    assert columns["sex"] == {"type": "category", "allowed": ["female", "male"]}
+    assert columns["notes"] == {"type": "text", "role": "ignore"}
+    assert columns["score"]["type"] == "number" and columns["score"]["nullable"] is True
+    assert columns["flag"]["type"] == "boolean"
+    parsed = parse_schema(draft)
+    assert "notes" not in parsed.features and parsed.label == "risk"
+    with pytest.raises(ConfigurationError, match="label column"):
+        infer_schema(sample, name="x", label="target")
+    with pytest.raises(ConfigurationError, match="no rows"):
+        infer_schema(sample.iloc[:0], name="x")
+
+
+def test_schema_init_cli_writes_a_reviewable_draft(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                    schema) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "draft.yaml"
+    assert main(["schema", "init", str(SAMPLE_CSV), "--out", str(out), "--label", "risk",
+                 "--protected", "sex,age", "--name", "german_credit"]) == 0
+    text = out.read_text()
+    assert text.startswith("# DRAFT") and "Review before use" in text
+    draft = load_schema(out)
+    assert draft.columns.keys() == schema.columns.keys() and draft.label == "risk"
+    assert validate(pd.read_csv(SAMPLE_CSV), draft).success
+    assert main(["schema", "init", str(SAMPLE_CSV), "--out", str(out)]) == 2        # no overwrite
+    assert "exists" in capsys.readouterr().err
+    assert main(["schema", "init", str(SAMPLE_CSV), "--out", str(out), "--force"]) == 0
+    assert "REVIEW: 'label' is not set" in out.read_text()
+    with pytest.raises(ConfigurationError):
+        load_schema(out)                      # a draft without a label cannot be used unreviewed
+    assert main(["schema", "init", str(SAMPLE_CSV)]) == 0
+    assert "format: secure-ml-schema/1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"", "is empty"), (b"\xef\xbb\xbfrisk,sex\n1,male\n", "byte-order mark"),
+    (b"risk,sex\n1,male,extra\n", "ragged"), (b"risk,risk\n1,2\n", "duplicate column"),
+])
+def test_schema_init_refuses_bad_samples(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                         content: bytes, message: str) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(content)
+    assert main(["schema", "init", str(bad)]) == 2
+    assert message in capsys.readouterr().err
+    assert main(["schema", "init", str(tmp_path / "missing.csv")]) == 2
+
+
+def test_split_is_stratified_deterministic_and_order_independent(sample: pd.DataFrame) -> None:
+    train, test = splitting.split(sample, "risk", test_fraction=0.2, seed=7)
+    assert len(test) == 200 and len(train) == 800
+    assert test["risk"].mean() == pytest.approx(0.7) and train["risk"].mean() == pytest.approx(0.7)
+    again_train, again_test = splitting.split(sample, "risk", test_fraction=0.2, seed=7)
+    assert again_test.equals(test) and again_train.equals(train)
+    shuffled = sample.sample(frac=1, random_state=3).reset_index(drop=True)
+    _, shuffled_test = splitting.split(shuffled, "risk", test_fraction=0.2, seed=7)
+    key = list(sample.columns)
+    assert shuffled_test.sort_values(key).reset_index(drop=True).equals(test.sort_values(key).reset_index(drop=True))
+    _, other = splitting.split(sample, "risk", test_fraction=0.2, seed=8)
+    assert not other.equals(test)
+    with pytest.raises(BadInput):
+        splitting.split(sample, "target")
+    with pytest.raises(BadInput):
+        splitting.split(sample, "risk", test_fraction=1.0)
