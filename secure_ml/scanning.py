@@ -88,10 +88,11 @@ def looks_like_pickle(data: bytes) -> bool:
     """
     if len(data) >= 2 and data[0] == 0x80 and 2 <= data[1] <= 5:
         return True
-    stripped = data[:1]
-    if stripped in (b"(", b"c", b"]", b"}", b"I", b"S", b"V", b"N", b"K", b"X", b"\x8c", b"G", b"F", b"L", b"U", b"T"):
-        return _parses_as_pickle(data)
-    return False
+    return data[:1] in _OPCODE_STARTS and _parses_as_pickle(data)
+
+
+# First opcodes of protocol 0/1 pickles (MARK, GLOBAL, EMPTY_LIST/DICT, INT, STRING, ...).
+_OPCODE_STARTS = {b"(", b"c", b"]", b"}", b"I", b"S", b"V", b"N", b"K", b"X", b"\x8c", b"G", b"F", b"L", b"U", b"T"}
 
 
 def _parses_as_pickle(data: bytes) -> bool:
@@ -122,12 +123,18 @@ def _is_tar(path: Path) -> bool:
         return False
 
 
+_PARSE_LIMIT = 64 * 1024 * 1024
+
+
 def sniff(path: Path) -> dict[str, Any]:
     """What a file's bytes say it is, independent of its name."""
     head = _head(path, 4096)
     members = _zip_members(path)
     kinds: list[str] = []
-    if looks_like_pickle(head if path.stat().st_size > 4096 else path.read_bytes()):
+    # Protocol 0/1 pickles have no magic: they are recognised by parsing, which needs the whole
+    # stream (up to a bound; a parse stops at the first byte that is not an opcode).
+    if looks_like_pickle(head) or (head[:1] in _OPCODE_STARTS and len(head) == 4096
+                                   and looks_like_pickle(_head(path, _PARSE_LIMIT))):
         kinds.append("pickle")
     if members is not None:
         kinds.append("zip")

@@ -246,3 +246,10 @@ def test_cli_scan_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     out = capsys.readouterr().out
     assert "x.bin" in out and "critical" in out
     assert cli(["scan", str(tmp_path / "nothing")]) == 2
+
+
+def test_large_protocol0_pickle_is_found_past_the_first_kilobytes(tmp_path: Path) -> None:
+    model = write_model(tmp_path / "m")
+    (model / "notes.md").write_bytes(pickle.dumps([f"note {i} " * 10 for i in range(200)], protocol=0))
+    assert (model / "notes.md").stat().st_size > 4096
+    assert "pickle-in-model-dir" in rules(scanning.scan_model_dir(model))
