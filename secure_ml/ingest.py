@@ -155,7 +155,7 @@ def _open_for_writing(fd: int) -> bool:
 def parse_drop(data: bytes, source: Source) -> pd.DataFrame:
     """Parse a drop's bytes strictly into a DataFrame; every malformed input is one clear BadInput."""
     parse = _parse_parquet if source.format == "parquet" else _parse_csv
-    return _check_frame(parse(data, source.name), source.name)
+    return _check_table(parse(data, source.name), source.name).to_pandas()
 
 
 def read_drop(path: Path) -> tuple[pd.DataFrame, Source]:
@@ -173,8 +173,8 @@ def _longest_line(data: bytes) -> tuple[int, int]:
     return int(lengths[index]), index + 1
 
 
-def _parse_csv(data: bytes, name: str) -> pd.DataFrame:
-    if not data.strip():
+def _parse_csv(data: bytes, name: str) -> pa.Table:
+    if not data or data.isspace():
         raise BadInput(f"drop {name!r} is empty")
     if data.startswith(b"\xef\xbb\xbf"):
         raise BadInput(f"drop {name!r} starts with a UTF-8 byte-order mark; save it as UTF-8 without BOM")
@@ -202,7 +202,8 @@ def _parse_csv(data: bytes, name: str) -> pd.DataFrame:
         table = pa_csv.read_csv(
             io.BytesIO(data),
             read_options=pa_csv.ReadOptions(block_size=2 * MAX_ROW_BYTES),
-            parse_options=pa_csv.ParseOptions(newlines_in_values=True, invalid_row_handler=on_invalid_row),
+            # Without a quote character no value can hold a newline, and parsing is twice as fast.
+            parse_options=pa_csv.ParseOptions(newlines_in_values=b'"' in data, invalid_row_handler=on_invalid_row),
         )
     except pa.ArrowInvalid as exc:
         if ragged:
@@ -214,17 +215,13 @@ def _parse_csv(data: bytes, name: str) -> pd.DataFrame:
                            "(a huge quoted field?)") from None
         # Arrow messages can quote the offending row: keep only the part before any data.
         raise BadInput(f"drop {name!r} could not be parsed as CSV: {str(exc).split(':')[0]}") from None
-    names = table.column_names
-    duplicates = sorted({c for c in names if names.count(c) > 1})
-    if duplicates:
-        raise BadInput(f"drop {name!r} has duplicate column names: {', '.join(duplicates)}")
     for index, field in enumerate(table.schema):
         if pa.types.is_temporal(field.type):  # pandas reads dates as text; keep the two in step
             table = table.set_column(index, field.name, pc.cast(table.column(index), pa.string()))
-    return table.to_pandas()
+    return table
 
 
-def _parse_parquet(data: bytes, name: str) -> pd.DataFrame:
+def _parse_parquet(data: bytes, name: str) -> pa.Table:
     if not data:
         raise BadInput(f"drop {name!r} is empty")
     try:
@@ -241,14 +238,14 @@ def _parse_parquet(data: bytes, name: str) -> pd.DataFrame:
         raise BadInput(f"drop {name!r} expands to {expanded} bytes, over the "
                        f"{MAX_PARQUET_EXPANDED_BYTES}-byte limit")
     try:
-        return parquet.read().to_pandas()
+        return parquet.read()
     except Exception as exc:
         raise BadInput(f"drop {name!r} is not a readable Parquet file ({type(exc).__name__})") from None
 
 
-def _check_frame(frame: pd.DataFrame, name: str) -> pd.DataFrame:
+def _check_table(table: pa.Table, name: str) -> pa.Table:
     """Checks that hold for every format: columns named and unique, rows present, cells bounded."""
-    columns = [str(c) for c in frame.columns]
+    columns = [str(c) for c in table.column_names]
     if not columns:
         raise BadInput(f"drop {name!r} has no columns")
     blank = [i + 1 for i, c in enumerate(columns) if not c.strip()]
@@ -257,22 +254,23 @@ def _check_frame(frame: pd.DataFrame, name: str) -> pd.DataFrame:
     duplicates = sorted({c for c in columns if columns.count(c) > 1})
     if duplicates:
         raise BadInput(f"drop {name!r} has duplicate column names: {', '.join(duplicates)}")
-    if frame.empty:
+    if table.num_rows == 0:
         raise BadInput(f"drop {name!r} has a header but no rows")
-    for column in frame.columns:
-        series = frame[column]
-        if pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series):
+    for column, field in zip(columns, table.schema, strict=True):
+        values = table.column(column)
+        if pa.types.is_string(field.type) or pa.types.is_large_string(field.type):
+            longest = pc.max(pc.utf8_length(values)).as_py() or 0
+            what = "characters"
+        elif pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type):
+            longest, what = pc.max(pc.binary_length(values)).as_py() or 0, "bytes"
+        else:
             continue
-        text = series.dropna().astype(str)
-        if text.empty:
-            continue
-        lengths = text.str.len()
-        if int(lengths.max()) > MAX_FIELD_BYTES:
-            raise BadInput(f"drop {name!r} has a field of {int(lengths.max())} characters in column "
-                           f"{str(column)!r}, over the {MAX_FIELD_BYTES}-byte limit")
-        if bool(text.str.contains("\0", regex=False).any()):
-            raise BadInput(f"drop {name!r} has NUL characters in column {str(column)!r}")
-    return frame
+        if longest > MAX_FIELD_BYTES:
+            raise BadInput(f"drop {name!r} has a field of {longest} {what} in column {column!r}, over the "
+                           f"{MAX_FIELD_BYTES}-byte limit")
+        if pc.any(pc.match_substring(values.cast(pa.large_binary()), NUL)).as_py():
+            raise BadInput(f"drop {name!r} has NUL characters in column {column!r}")
+    return table
 
 
 def provenance(source: Source, frame: pd.DataFrame, *, actor: str, artifact_sha256: str = "",
