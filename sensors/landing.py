@@ -26,6 +26,7 @@ import dagster as dg
 from resources import CustodyResource
 from secure_ml import landing
 from secure_ml.errors import Error
+from secure_ml.settings import Settings
 from sensors._shared import (
     DROP_SHA_TAG,
     DROP_TAG,
@@ -55,6 +56,13 @@ def drop_run_request(drop: landing.Drop) -> dg.RunRequest:
     )
 
 
+def _settle_seconds(current: Settings) -> float:
+    """The longer of ours and the dataset asset's own (pipeline.yaml): it refuses younger drops."""
+    ours = float(_LANDING.get("settle_seconds", landing.SETTLE_SECONDS))
+    dataset = (current.load_config("pipeline").get("dataset") or {}).get("settle_seconds", 0)
+    return max(ours, float(dataset or 0))
+
+
 @dg.sensor(
     name="landing_drops",
     target=LANDING_SELECTION,
@@ -71,8 +79,7 @@ def landing_drops(context: dg.SensorEvaluationContext, custody: CustodyResource)
         custody.record(None, "automation.landing", subject="cursor", outcome="fail",
                        details={"reason": exc.explain()})
         raise
-    ready = landing.scan(current.landing_dir, cursor,
-                         settle_seconds=float(_LANDING.get("settle_seconds", landing.SETTLE_SECONDS)))
+    ready = landing.scan(current.landing_dir, cursor, settle_seconds=_settle_seconds(current))
     requests: list[dg.RunRequest] = []
     for drop in ready:
         requests.append(drop_run_request(drop))

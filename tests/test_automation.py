@@ -387,6 +387,9 @@ def test_a_clean_drop_becomes_a_signed_candidate_and_a_poisoned_one_stops_at_val
             while time.monotonic() < deadline and not (
                     {"run.failed", "check.failed"} <= {e["event"] for e in hook_server.events}):
                 time.sleep(1)
+        # One run per drop, nothing else: automation did not re-run what the landing run produced.
+        extra = [r.run_id for r in instance.get_runs() if r.run_id not in (clean.run_id, bad.run_id)]
+        assert extra == [], f"unexpected runs besides the two drop runs: {extra}"
     finally:
         instance.dispose()
     events = {(e["event"], e["details"].get("check", "")) for e in hook_server.events}

@@ -226,3 +226,19 @@ def test_a_tampered_ciphertext_shows_as_a_failed_blocking_check_with_its_reason(
     assert "Failed" in body
     details = body.split("dataset_ciphertext_authentic")[-1]
     assert re.search(r"authenticat|tamper|corrupt|integrity", details, re.I), details[:1500]
+
+
+def test_automation_and_freshness_are_visible_on_the_asset_pages(page: Any, ui: str, graph: dg.AssetGraph,
+                                                                 artifacts_dir: Path) -> None:
+    """Each automated asset names its condition; the deployed model its freshness policy."""
+    automated = sorted(node.key.to_user_string() for node in graph.asset_nodes if node.automation_condition)
+    assert automated, "no asset carries an automation condition"
+    page.goto(f"{ui}/assets/{automated[0]}", wait_until="networkidle")
+    page.get_by_text("eager, once every upstream blocking check passed").first.wait_for()
+    shoot(page, artifacts_dir, f"automation-{automated[0]}")
+    if not graph.has(dg.AssetKey("deployment")):
+        pytest.skip("the release stage (deployment) is not defined yet")
+    page.goto(f"{ui}/assets/deployment", wait_until="networkidle")
+    page.get_by_text("Fails if more than 7 days since last materialization").first.wait_for()
+    page.get_by_text("Warns if more than 5 days since last materialization").first.wait_for()
+    shoot(page, artifacts_dir, "freshness-deployment")
