@@ -8,6 +8,7 @@ asset after it (registration, deployment).
 
 import hashlib
 import json
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,9 +32,13 @@ REPO = Path(__file__).resolve().parents[1]
 TRAINED_MODEL = dg.AssetKey("trained_model")
 
 
+_DEFINES_TRAINED_MODEL = re.compile(
+    r"def trained_model\(|name\s*=\s*[\"']trained_model[\"']|AssetSpec\(\s*[\"']trained_model[\"']")
+
+
 def _trained_model_defined_elsewhere() -> bool:
     here = Path(__file__)
-    return any("def trained_model(" in module.read_text() for module in here.parent.glob("*.py") if module != here)
+    return any(_DEFINES_TRAINED_MODEL.search(module.read_text()) for module in here.parent.glob("*.py") if module != here)
 
 
 if not _trained_model_defined_elsewhere():
