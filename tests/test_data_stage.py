@@ -4,11 +4,15 @@ Touches: the real asset and its four blocking checks (assets/data.py) materialis
 dg.materialize on a DagsterInstance under a fresh DAGSTER_HOME, the real encrypted store, the
 real audit log, a real DVC repository and remote under SECURE_ML_HOME, the default sources.yaml
 and roles.yaml, and the encrypted IO manager's data.read check (through a small downstream asset
-defined here). Does not touch validated_dataset or anything after it (their own tests do), the
-landing sensor, or the CLI (the dvc CLI is exercised in test_versioning.py).
+defined here), and `dvc status --cloud` on the repository the asset wrote. Does not touch
+validated_dataset or anything after it (their own tests do), the landing sensor, or the
+secure-ml CLI (`dvc pull` and restoring into the store are in test_versioning.py).
 """
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +111,11 @@ def test_sample_as_landed_by_the_cli_is_ingested_versioned_and_checked(settings:
     assert b"radio/TV" not in tracked.read_bytes()
     assert store.get_dataframe(meta["sha256"]).equals(pd.read_csv(SAMPLE_CSV))
     assert [e["outcome"] for e in audit(settings, "access.allow")] == ["allow"]
+    # The repository the asset wrote is an ordinary DVC repository for the dvc command line.
+    cloud = subprocess.run([str(Path(sys.executable).with_name("dvc")), "status", "--cloud"], cwd=versions.root,
+                           env={**os.environ, "DVC_NO_ANALYTICS": "1"}, capture_output=True, text=True,
+                           timeout=120, check=False)
+    assert cloud.returncode == 0 and "in sync" in cloud.stdout, cloud.stdout + cloud.stderr
 
 
 def test_each_drop_is_a_version_and_the_same_bytes_are_not_processed_again(settings: Settings,
