@@ -175,6 +175,7 @@ def test_settings_choose_the_provider(tmp_path: Path) -> None:
         Settings.from_env({"SECURE_ML_HOME": str(tmp_path), "SECURE_ML_ENV": "production"}).key_provider()
     prod = Settings.from_env({"SECURE_ML_HOME": str(tmp_path), "SECURE_ML_ENV": "production", "SECURE_ML_KEK": kek})
     assert isinstance(prod.key_provider(), EnvKeyProvider)
+    assert kek not in repr(prod) and kek not in repr(prod.key_provider()) and kek not in repr(prod.artifact_store())
 
 
 def test_env_keys_through_the_cli_with_a_retired_key(tmp_path: Path) -> None:
