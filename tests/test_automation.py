@@ -256,6 +256,12 @@ def test_real_graph_carries_conditions_freshness_and_the_cron(defs: dg.Definitio
         assert policy is not None and policy.fail_window.to_timedelta().total_seconds() == 168 * 3600
     schedule = defs.get_schedule_def("weekly_retraining")
     assert schedule.cron_schedule == "0 3 * * 1" and schedule.execution_timezone == "UTC"
+    retrained = sensors.landing.RETRAINING_SELECTION.resolve(graph)
+    assert all(graph.get(key).group_name in {"training", "security"} for key in retrained)
+    with dg.instance_for_test() as instance:
+        tick_data = schedule.evaluate_tick(dg.build_schedule_context(instance=instance))
+    [request] = tick_data.run_requests or []
+    assert request.tags["secure_ml/trigger"] == "schedule"
     names = {s.name for s in defs.sensors or []}
     assert {"landing_drops", "failed_runs", "failed_checks", "asset_automation"} <= names
 
