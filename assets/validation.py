@@ -171,7 +171,7 @@ def _screen(context: Any, custody: CustodyResource, frame: pd.DataFrame, schema:
         return "not used", None, f"not screened: the drop does not match its schema ({why})"
     try:
         reference, note = _reference(context, custody, schema, lookback)
-        report = screen(frame[needed], None if reference is None else reference[needed], label=schema.label,
+        report = screen(frame, reference, label=schema.label,
                         numeric=schema.numeric, categorical=schema.categorical, config=config)
     except Error as exc:
         return "unusable", None, f"not screened: {exc.explain()}"

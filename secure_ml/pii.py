@@ -213,8 +213,8 @@ def _normal_name(column: str) -> str:
 
 
 def _distinct_sample(series: pd.Series, max_values: int) -> list[str]:
-    values = series.dropna()
-    distinct = pd.unique(values.to_numpy()) if len(values) else np.array([])
+    # unique() before any conversion: never a Python object per row, only per distinct value
+    distinct = np.asarray(series.dropna().unique(), dtype=object)
     if len(distinct) > max_values:
         picks = np.sort(np.random.default_rng(0).choice(len(distinct), size=max_values, replace=False))
         distinct = distinct[picks]

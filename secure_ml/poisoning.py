@@ -245,8 +245,10 @@ def _screen(drop: pd.DataFrame, reference: pd.DataFrame | None, *, label: str, n
             reference = None
     base = reference if reference is not None else drop
     space = FeatureSpace.fit(base, numeric, categorical)
-    y_drop = _labels(drop[label])
-    classes = sorted(set(_labels(base[label]).tolist()) | set(y_drop.tolist()))
+    drop_labels = drop[label].astype(str)
+    classes = sorted(set(base[label].astype(str).unique().tolist()) | set(drop_labels.unique().tolist()))
+    y_drop = _codes(drop_labels, classes)
+    del drop_labels
 
     model_rows = _subsample(len(drop), config.max_model_rows, config.seed)
     ref_rows = _subsample(len(base), config.max_model_rows, config.seed + 1)
@@ -282,8 +284,9 @@ def _screen(drop: pd.DataFrame, reference: pd.DataFrame | None, *, label: str, n
     return report
 
 
-def _labels(series: pd.Series) -> np.ndarray:
-    return series.astype(str).to_numpy()
+def _codes(series: pd.Series, classes: list[str]) -> np.ndarray:
+    """Label codes (index into ``classes``; -1 for a label not among them), one small int per row."""
+    return np.asarray(pd.Categorical(series.astype(str), categories=classes).codes, dtype=np.int16)
 
 
 def _subsample(n: int, limit: int, seed: int) -> np.ndarray:
@@ -356,62 +359,65 @@ def _label_neighbours(drop: pd.DataFrame, reference: pd.DataFrame, y_drop: np.nd
     from sklearn.neighbors import NearestNeighbors
 
     n, n_classes = len(drop), len(classes)
-    index = {c: i for i, c in enumerate(classes)}
-    y_ref = _labels(reference[label])
-    y_drop_codes = np.array([index[v] for v in y_drop])
-    y_ref_codes = np.array([index[v] for v in y_ref])
+    y_drop_codes = y_drop
+    y_ref_codes = _codes(reference[label], classes)
 
     # Exact duplicates, on every row: the labels the reference gave the very same record.
     ref_keys = _row_keys(reference, features)
     dup_table = pd.crosstab(pd.Series(ref_keys, name="k"), pd.Series(y_ref_codes, name="y"))
     dup_table = dup_table.reindex(columns=range(n_classes), fill_value=0)
-    dup_counts = dup_table.reindex(pd.Index(_row_keys(drop, features))).fillna(0).to_numpy()
+    known = np.array(dup_table.reindex(pd.Index(_row_keys(drop, features))).fillna(0).to_numpy(dtype=np.int32))
+    del dup_table, ref_keys
 
-    # Near duplicates and neighbourhoods, on the (sub)sampled rows.
-    neighbour_counts = np.zeros((n, n_classes))
-    near_counts = np.zeros((n, n_classes))
-    scored = np.zeros(n, dtype=bool)
+    # Near duplicates and neighbourhoods, on the (sub)sampled rows only (m of them).
+    m = len(model_rows)
+    neighbour_counts = np.zeros((m, n_classes), dtype=np.float32)
+    near_counts = np.zeros((m, n_classes), dtype=np.int32)
     k = min(config.neighbours_k, len(ref_rows))
     if k >= 1:
         ref_x = space.transform(reference.iloc[ref_rows])
+        ref_y = y_ref_codes[ref_rows]
         finder = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(ref_x)
-        for start in range(0, len(model_rows), 8192):
-            rows = model_rows[start:start + 8192]
-            distance, found = finder.kneighbors(space.transform(drop.iloc[rows]))
-            labels = y_ref_codes[ref_rows][found]
+        for start in range(0, m, 4096):
+            distance, found = finder.kneighbors(space.transform(drop.iloc[model_rows[start:start + 4096]]))
+            labels = ref_y[found]
             for c in range(n_classes):
-                neighbour_counts[rows, c] = (labels == c).sum(axis=1)
-                near_counts[rows, c] = ((labels == c) & (distance <= _NEAR_DUPLICATE)).sum(axis=1)
-            scored[rows] = True
-    known = np.maximum(dup_counts, near_counts)
-    is_dup = known.sum(axis=1) > 0
-    prior = np.bincount(y_ref_codes, minlength=n_classes) / max(len(y_ref_codes), 1)
+                neighbour_counts[start:start + 4096, c] = (labels == c).sum(axis=1)
+                near_counts[start:start + 4096, c] = ((labels == c) & (distance <= _NEAR_DUPLICATE)).sum(axis=1)
+    known[model_rows] = np.maximum(known[model_rows], near_counts)
+    is_dup = known.any(axis=1)
+    prior = np.bincount(y_ref_codes[y_ref_codes >= 0], minlength=n_classes) / max(len(y_ref_codes), 1)
 
     # Rows seen before: disagreement is a label the reference never gave this record.
     eps = config.duplicate_mismatch_rate
-    dup_share = known / np.maximum(known.sum(axis=1, keepdims=True), 1)
-    dup_mismatch = is_dup & (known[np.arange(n), y_drop_codes] == 0)
+    safe_y = np.maximum(y_drop_codes, 0)
+    own = np.take_along_axis(known, safe_y[:, None].astype(np.intp), axis=1)[:, 0]
+    dup_mismatch = is_dup & (own == 0)
     # New rows: the neighbourhood's label distribution (smoothed by the prior), and what its own
     # noise predicts the disagreement to be (Gini impurity) with that prediction's variance.
     smooth = neighbour_counts + prior
     p = smooth / smooth.sum(axis=1, keepdims=True)
-    p_label = p[np.arange(n), y_drop_codes]
+    p_label = p[np.arange(m), safe_y[model_rows]]
     gini = 1 - (p ** 2).sum(axis=1)
     var_new = (p * (1 - p) ** 2).sum(axis=1) - gini ** 2
-    new = scored & ~is_dup
+    new = ~is_dup[model_rows]
 
-    observed = dup_mismatch[is_dup].sum() + (1 - p_label[new]).sum()
+    observed = dup_mismatch.sum() + (1 - p_label[new]).sum()
     expected = is_dup.sum() * eps + gini[new].sum()
     variance = is_dup.sum() * eps * (1 - eps) + var_new[new].sum()
     score = _excess_z(float(observed), float(expected), float(variance) * deff)
 
-    row = np.where(is_dup, 1 - dup_share[np.arange(n), y_drop_codes], np.where(scored, 1 - p_label, 0.0))
-    flagged = dup_mismatch | (new & (p_label < 0.2))
+    row = np.zeros(n)
+    row[is_dup] = 1 - own[is_dup] / known[is_dup].sum(axis=1)
+    new_rows = model_rows[new]
+    row[new_rows] = 1 - p_label[new]
+    flagged = dup_mismatch.copy()
+    flagged[new_rows[p_label[new] < 0.2]] = True
     detail = {
         "seen_before": int(is_dup.sum()),
         "seen_before_relabelled": int(dup_mismatch.sum()),
         "new_rows_scored": int(new.sum()),
-        "new_rows_disagreeing": int((new & (p_label < 0.5)).sum()),
+        "new_rows_disagreeing": int((p_label[new] < 0.5).sum()),
         "expected_disagreement": _round(float(expected)),
         "observed_disagreement": _round(float(observed)),
         "k": k,
@@ -446,8 +452,7 @@ def confident_learning_issues(proba: np.ndarray, y: np.ndarray) -> np.ndarray:
 def _label_cross_validated(drop: pd.DataFrame, reference: pd.DataFrame | None, y_drop: np.ndarray,
                            classes: list[str], space: FeatureSpace, label: str, model_rows: np.ndarray,
                            ref_rows: np.ndarray, config: ScreeningConfig, deff: float) -> tuple[DetectorResult, np.ndarray]:
-    index = {c: i for i, c in enumerate(classes)}
-    y_codes = np.array([index[v] for v in y_drop])[model_rows]
+    y_codes = y_drop[model_rows].astype(np.int64)
     proba = _cross_validated_proba(space.transform(drop.iloc[model_rows]), y_codes, config.cv_folds, config.seed)
     row = np.zeros(len(drop))
     if proba is None:
@@ -459,7 +464,7 @@ def _label_cross_validated(drop: pd.DataFrame, reference: pd.DataFrame | None, y
     rate = float(issues.mean())
     ref_rate = rate
     if reference is not None:
-        y_ref = np.array([index.get(v, -1) for v in _labels(reference[label])])[ref_rows]
+        y_ref = _codes(reference[label], classes)[ref_rows].astype(np.int64)
         keep = y_ref >= 0
         ref_proba = _cross_validated_proba(space.transform(reference.iloc[ref_rows[keep]]), y_ref[keep],
                                            config.cv_folds, config.seed)
