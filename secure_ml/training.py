@@ -263,8 +263,14 @@ class Preprocessing:
         try:
             if data.get("format") != PREPROCESSING_FORMAT:
                 raise ValueError(f"format {data.get('format')!r}")
-            numeric = {str(n): (float(v["mean"]), float(v["std"])) for n, v in data["numeric"].items()}
-            categorical = {str(n): tuple(str(c) for c in v["categories"]) for n, v in data["categorical"].items()}
+            # The order of ``features`` is the column order of the encoding (JSON objects carry none).
+            order = [str(f) for f in data["features"]]
+            if sorted(order) != sorted([*data["numeric"], *data["categorical"]]):
+                raise ValueError("features do not match numeric and categorical")
+            numeric = {n: (float(data["numeric"][n]["mean"]), float(data["numeric"][n]["std"]))
+                       for n in order if n in data["numeric"]}
+            categorical = {n: tuple(str(c) for c in data["categorical"][n]["categories"])
+                           for n in order if n in data["categorical"]}
             if any(not (math.isfinite(m) and math.isfinite(s) and s > 0) for m, s in numeric.values()):
                 raise ValueError("a non-finite mean or scale")
             return cls(str(data["label"]), numeric, categorical)

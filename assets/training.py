@@ -1,0 +1,280 @@
+"""The training stage: an isolated, deterministic, reproducible model, then its held-out evaluation.
+
+``trained_model`` trains on the validated training split in an isolated process (no network,
+scrubbed environment, no keys; secure_ml.sandbox) with encrypted checkpoints, and seals the model
+directory into the store. Blocking checks: ``training_record_complete`` (the record read back from
+the store names seeds, data digests, code version, environment, device, actor and matches the
+weights) and ``reproducible`` (a second training from scratch gives the same weights digest).
+
+``model_evaluation`` measures the model on the held-out split: metrics, bias on the protected
+attributes, robustness under FGSM/PGD/noise, with plots shown in the UI and stored with the
+asset. One check per area (``metrics_over_thresholds``, ``fairness_within_thresholds``,
+``robustness_within_thresholds``): blocking on a breach of a ``block`` threshold, a warning for
+``warn`` ones (training.yaml).
+"""
+
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from resources import CustodyResource, verdict
+from secure_ml import evaluation as evaluation_core
+from secure_ml import training as training_core
+from secure_ml.errors import Error
+from secure_ml.integrity import sha256_file
+from secure_ml.sandbox import IsolationPolicy
+
+TRAINING = "training"
+TRAINED = dg.AssetKey("trained_model")
+EVALUATION = dg.AssetKey("model_evaluation")
+VALIDATED_FORMAT = "secure-ml-validated/1"
+RECORD_COMPLETE, REPRODUCIBLE = "training_record_complete", "reproducible"
+AREA_CHECKS = {"metrics": "metrics_over_thresholds", "fairness": "fairness_within_thresholds",
+               "robustness": "robustness_within_thresholds"}
+RELEASE_TAG = "secure_ml/release"
+
+
+def _fail(custody: CustodyResource, context: Any, action: str, subject: str, exc: Error) -> dg.Failure:
+    custody.record(context, action, subject=subject, outcome="fail", details={"reason": exc.explain()})
+    return dg.Failure(description=exc.explain())
+
+
+def _settings(custody: CustodyResource) -> dict[str, Any]:
+    config = custody.settings().load_config("training")
+    return {
+        "training": training_core.TrainingConfig.from_mapping(config.get("training")),
+        "isolation": IsolationPolicy.from_mapping(config.get("isolation")),
+        "reproducible": str((config.get("reproducible") or {}).get("when", "every")),
+        "keep": int((config.get("checkpoints") or {}).get("keep", 2)),
+        "evaluation": evaluation_core.EvaluationConfig.from_mapping(config.get("evaluation")),
+    }
+
+
+def _validated(validated_dataset: dict[str, Any]) -> None:
+    if validated_dataset.get("format") != VALIDATED_FORMAT:
+        raise dg.Failure(description=f"validated_dataset has format {validated_dataset.get('format')!r}, "
+                                     f"not {VALIDATED_FORMAT}")
+    if validated_dataset.get("accepted") is False or not validated_dataset.get("train_sha256"):
+        raise dg.Failure(description="validated_dataset was not accepted (a blocking check failed): not training")
+
+
+@dg.asset(
+    ins={"validated_dataset": dg.AssetIn()},
+    group_name=TRAINING,
+    kinds={"pytorch", "safetensors"},
+    owners=["team:ml-engineers"],
+    code_version="1",
+    check_specs=[
+        dg.AssetCheckSpec(RECORD_COMPLETE, asset=TRAINED, blocking=True,
+                          description="The training record, read back from the store, is complete (seeds, data "
+                                      "digests, code commit, environment, device, actor) and matches the weights."),
+        dg.AssetCheckSpec(REPRODUCIBLE, asset=TRAINED, blocking=True,
+                          description="Training again from scratch, isolated, gives bit-identical weights."),
+    ],
+)
+def trained_model(context: dg.AssetExecutionContext, validated_dataset: dict[str, Any],  # type: ignore[no-untyped-def]
+                  custody: CustodyResource):
+    """An MLP for the tabular data (safetensors weights, JSON config and preprocessing, training record,
+    model card), trained deterministically in an isolated process without network, secrets or keys, on
+    the validated training split. Guarded by: training record complete, reproducible (retrain gives
+    identical weights)."""
+    _validated(validated_dataset)
+    subject = f"sha256:{validated_dataset['train_sha256']}"
+    settings = custody.settings()
+    actor = custody.actor(context)
+    try:
+        chosen = _settings(custody)
+        spec = training_core.DataSpec.from_validated(validated_dataset)
+        train = custody.store(context).get_dataframe(str(validated_dataset["train_sha256"]))
+    except Error as exc:
+        raise _fail(custody, context, "training.configure", subject, exc) from None
+    config: training_core.TrainingConfig = chosen["training"]
+    checkpoints = training_core.CheckpointStore(settings.home / "checkpoints", settings.key_provider(),
+                                                settings.audit_log(), actor=actor, keep=chosen["keep"])
+    provenance = {key: validated_dataset.get(key) for key in
+                  ("train_sha256", "test_sha256", "dataset_sha256", "dvc_version", "source")}
+    provenance["actor"] = actor
+
+    def progress(event: dict[str, Any]) -> None:
+        context.log.info(f"epoch {event['epoch']}/{event['epochs']}: loss {event['loss']:.5f} "
+                         f"({event['rows_per_s'] or 0:,.0f} rows/s)")
+
+    with tempfile.TemporaryDirectory(prefix="secure-ml-train-") as tmp:
+        try:
+            result = training_core.train_model(train, spec, config, Path(tmp) / "model", isolation=chosen["isolation"],
+                                               checkpoints=checkpoints, provenance=provenance, on_progress=progress)
+        except Error as exc:
+            raise _fail(custody, context, "training.run", subject, exc) from None
+        record = result.record
+        custody.record(context, "training.complete", subject=f"sha256:{result.weights_sha256}", details={
+            "train_sha256": validated_dataset["train_sha256"], "device": result.device,
+            "isolation": {k: v for k, v in record["isolation"].items() if k != "environment"},
+            "resumed_from_epoch": record["result"]["resumed_from_epoch"]})
+        context.log.info(f"trained on {result.device}, isolated ({record['isolation']}); weights sha256 "
+                         f"{result.weights_sha256[:16]}…")
+        metadata = {
+            "weights_sha256": result.weights_sha256,
+            "device": result.device,
+            "epochs": result.epochs,
+            "final_loss": float(result.final_loss),
+            "train_rows": result.train_rows,
+            "train_sha256": str(validated_dataset["train_sha256"]),
+            "test_sha256": str(validated_dataset.get("test_sha256") or ""),
+            "dataset_sha256": str(validated_dataset.get("dataset_sha256") or ""),
+            "dvc_version": str(validated_dataset.get("dvc_version") or ""),
+            "actor": actor,
+            "code_commit": str(record["code"]["commit"]),
+            "code_dirty": bool(record["code"]["dirty"]),
+            "code_author": str(record["code"].get("author") or ""),
+            "network_namespace": bool(record["isolation"].get("network_namespace")),
+            "resumed_from_epoch": record["result"]["resumed_from_epoch"] or 0,
+            "hyperparameters": dg.MetadataValue.json(record["hyperparameters"]),
+            "loss_curve": dg.MetadataValue.md(_loss_table(record["result"]["losses"])),
+        }
+        output = custody.output(context, result.directory, metadata=metadata)
+    yield output
+    tree = output.value.sha256
+    yield _record_check(custody, context, tree, result.weights_sha256)
+    yield _reproducible_check(custody, context, chosen, train, spec, result.weights_sha256, tree)
+
+
+def _loss_table(losses: list[float]) -> str:
+    step = max(1, len(losses) // 10)
+    rows = [f"| {i + 1} | {loss:.5f} |" for i, loss in enumerate(losses) if i % step == 0 or i == len(losses) - 1]
+    return "\n".join(["| epoch | training loss |", "| ---: | ---: |", *rows])
+
+
+def _record_check(custody: CustodyResource, context: Any, tree: str, weights_sha: str) -> dg.AssetCheckResult:
+    import json
+
+    subject = f"sha256:{tree}"
+    with tempfile.TemporaryDirectory(prefix="secure-ml-check-") as tmp:
+        try:
+            custody.store(context).get_tree(tree, Path(tmp) / "model")  # every file verified on the way out
+            stored_weights = sha256_file(Path(tmp) / "model" / "model.safetensors")
+            record = json.loads((Path(tmp) / "model" / "training_record.json").read_text())
+            problems = training_core.record_problems(record, stored_weights)
+        except (Error, OSError, ValueError) as exc:
+            problems = [exc.explain() if isinstance(exc, Error) else f"record unreadable ({exc})"]
+            record = {}
+            stored_weights = ""
+    if stored_weights and stored_weights != weights_sha:
+        problems.append("stored weights differ from the weights training returned")
+    reason = ("training record complete: seeds, hyper-parameters, data digests, code "
+              f"{str((record.get('code') or {}).get('commit'))[:12]}, environment, device "
+              f"{record.get('device')}, isolated, actor {record.get('actor')}"
+              if not problems else "training record incomplete: " + "; ".join(problems))
+    return dg.AssetCheckResult(**_as_check(RECORD_COMPLETE, verdict(
+        custody, context, check=RECORD_COMPLETE, subject=subject, passed=not problems, reason=reason,
+        metadata={"weights_sha256": stored_weights})))
+
+
+def _reproducible_check(custody: CustodyResource, context: Any, chosen: dict[str, Any], train: Any,
+                        spec: training_core.DataSpec, weights_sha: str, tree: str) -> dg.AssetCheckResult:
+    subject = f"sha256:{tree}"
+    release = str(context.run.tags.get(RELEASE_TAG, "")).lower() == "true"
+    if chosen["reproducible"] == "release" and not release:
+        reason = (f"not retrained: reproducible.when is 'release' and this run is not tagged {RELEASE_TAG}=true "
+                  "(release runs retrain and compare)")
+        return dg.AssetCheckResult(**_as_check(REPRODUCIBLE, verdict(
+            custody, context, check=REPRODUCIBLE, subject=subject, passed=True, reason=reason,
+            metadata={"retrained": False})))
+    context.log.info("reproducible: training again from scratch to compare the weights digest")
+    with tempfile.TemporaryDirectory(prefix="secure-ml-retrain-") as tmp:
+        try:
+            again = training_core.train_model(train, spec, chosen["training"], Path(tmp) / "model",
+                                              isolation=chosen["isolation"], checkpoints=None, provenance={})
+            digest, error = again.weights_sha256, ""
+        except Error as exc:
+            digest, error = "", exc.explain()
+    same = digest == weights_sha
+    if error:
+        reason = f"could not retrain to compare: {error}"
+    elif same:
+        reason = f"retrained from scratch: identical weights sha256 {digest[:16]}…"
+    else:
+        reason = (f"retrained from scratch: weights sha256 {digest[:16]}… differ from the model's "
+                  f"{weights_sha[:16]}… (non-deterministic training, or the data or code changed meanwhile)")
+    return dg.AssetCheckResult(**_as_check(REPRODUCIBLE, verdict(
+        custody, context, check=REPRODUCIBLE, subject=subject, passed=same and not error, reason=reason,
+        metadata={"retrained": True, "weights_sha256": weights_sha, "retrained_sha256": digest})))
+
+
+def _as_check(name: str, result: dg.AssetCheckResult, asset: dg.AssetKey = TRAINED) -> dict[str, Any]:
+    return {"check_name": name, "asset_key": asset, "passed": result.passed, "severity": result.severity,
+            "metadata": result.metadata}
+
+
+@dg.asset(
+    ins={"trained_model": dg.AssetIn(), "validated_dataset": dg.AssetIn()},
+    group_name=TRAINING,
+    kinds={"json", "pytorch", "matplotlib"},
+    owners=["team:ml-engineers"],
+    code_version="1",
+    check_specs=[
+        dg.AssetCheckSpec(AREA_CHECKS["metrics"], asset=EVALUATION, blocking=True,
+                          description="Accuracy, ROC AUC, F1 (and calibration) on held-out data meet training.yaml."),
+        dg.AssetCheckSpec(AREA_CHECKS["fairness"], asset=EVALUATION, blocking=True,
+                          description="Demographic-parity and equalized-odds gaps on the protected attributes "
+                                      "are within training.yaml's limits."),
+        dg.AssetCheckSpec(AREA_CHECKS["robustness"], asset=EVALUATION, blocking=True,
+                          description="Accuracy drops under FGSM, PGD and random noise are within training.yaml."),
+    ],
+)
+def model_evaluation(context: dg.AssetExecutionContext, trained_model: dict[str, Any],  # type: ignore[no-untyped-def]
+                     validated_dataset: dict[str, Any], custody: CustodyResource):
+    """The trained model on the held-out split: accuracy, ROC AUC, F1, confusion matrix, calibration; bias
+    per protected group (selection rate, TPR, FPR, demographic-parity and equalized-odds gaps); accuracy
+    under FGSM, PGD and noise; plots. Guarded by: metrics, fairness and robustness within thresholds."""
+    tree = str(trained_model["sha256"])
+    subject = f"sha256:{tree}"
+    store = custody.store(context)
+    try:
+        chosen = _settings(custody)
+        test = store.get_dataframe(str(validated_dataset["test_sha256"]))
+        protected = [str(p) for p in validated_dataset.get("protected") or []]
+        with tempfile.TemporaryDirectory(prefix="secure-ml-eval-") as tmp:
+            store.get_tree(tree, Path(tmp) / "model")
+            loaded = training_core.load_model(Path(tmp) / "model")
+            report = evaluation_core.evaluate(loaded, test, protected=protected, config=chosen["evaluation"])
+    except Error as exc:
+        raise _fail(custody, context, "evaluation.run", subject, exc) from None
+    plots = evaluation_core.render_plots(report)
+    refs = {name: store.put_bytes(png, kind="png", details={"role": f"evaluation_plot_{name}", "model": tree}).sha256
+            for name, png in plots.items()}
+    report.update({"plots": refs, "model_sha256": tree,
+                   "weights_sha256": str(trained_model.get("weights_sha256") or ""),
+                   "test_sha256": str(validated_dataset["test_sha256"])})
+    if report["unknown_categories"]:
+        context.log.warning(f"categories unseen in training: {report['unknown_categories']}")
+    custody.record(context, "evaluation.complete", subject=subject, outcome="ok" if report["passed"] else "fail",
+                   details={"status": report["status"], "accuracy": report["metrics"]["accuracy"]})
+    metrics = report["metrics"]
+    metadata: dict[str, Any] = {
+        "passed": report["passed"],
+        "accuracy": metrics["accuracy"],
+        "roc_auc": metrics["roc_auc"],
+        "f1": metrics["f1"],
+        "expected_calibration_error": metrics["expected_calibration_error"],
+        "pgd_accuracy": report["robustness"]["pgd_accuracy"],
+        "model_sha256": tree,
+        "summary": dg.MetadataValue.md(evaluation_core.markdown(report, plots)),
+        "fairness": dg.MetadataValue.json(report["fairness"]),
+        "plots": dg.MetadataValue.json(refs),
+    }
+    yield custody.output(context, report, metadata=metadata)
+    for area, check_name in AREA_CHECKS.items():
+        checks = [c for c in report["checks"] if c["area"] == area]
+        status = report["status"][area]
+        breaches = [evaluation_core.describe(c) for c in checks if c["breached"]]
+        if status == "pass":
+            reason = f"all {len(checks)} {area} thresholds met" if checks else f"no {area} thresholds configured"
+        else:
+            reason = "; ".join(breaches)
+        severity = dg.AssetCheckSeverity.WARN if status == "warn" else dg.AssetCheckSeverity.ERROR
+        yield dg.AssetCheckResult(**_as_check(check_name, verdict(
+            custody, context, check=check_name, subject=subject, passed=status == "pass", reason=reason,
+            severity=severity, metadata={"status": status, "checks": dg.MetadataValue.json(checks)}), EVALUATION))

@@ -1,0 +1,127 @@
+"""The training stage on a real Dagster instance: dataset -> validated_dataset -> trained_model -> model_evaluation.
+
+Touches: a real SQLite Dagster instance under a fresh DAGSTER_HOME, the real data, validation and
+training assets with every resource from ``resources.build_resources``, the encrypted store, the
+audit log, Great Expectations and DVC (through the upstream assets), the isolated training process
+(network namespace, socket guard, nobody), torch and matplotlib. Epochs are cut to 6 through a
+SECURE_ML_CONFIG copy so the test stays fast.
+
+Does not touch: the security and release stages, the UI itself (the plots' Markdown is checked for
+embedded PNG images, which the UI's sanitiser allows), a GPU.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+import resources
+from assets import data as data_stage
+from assets import training as training_stage
+from assets import validation as validation_stage
+from secure_ml.settings import Settings
+from tests.conftest import SAMPLE_CSV, land_file
+
+pytestmark = pytest.mark.timeout(300)
+CONFIG = Path(__file__).resolve().parents[1] / "secure_ml" / "config"
+
+
+@pytest.fixture
+def fast_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    target = tmp_path / "config"
+    shutil.copytree(CONFIG, target)
+    config = yaml.safe_load((target / "training.yaml").read_text())
+    config["training"].update({"epochs": 6, "checkpoint_every": 2})
+    (target / "training.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("SECURE_ML_CONFIG", str(target))
+    return target
+
+
+def _materialize(settings: Settings, drop: str, tags: dict[str, str] | None = None) -> dg.ExecuteInProcessResult:
+    modules = [data_stage, validation_stage, training_stage]
+    with dg.DagsterInstance.get() as instance:
+        return dg.materialize(
+            [*dg.load_assets_from_modules(modules), *dg.load_asset_checks_from_modules(modules)],
+            instance=instance,
+            resources=resources.build_resources(settings),
+            run_config={"ops": {"dataset": {"config": {"drop": drop}}},
+                        "loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+            tags=tags or {},
+            raise_on_error=False,
+        )
+
+
+def test_the_sample_goes_through_training_and_evaluation(fast_config: Path, home: Path) -> None:
+    settings = Settings.from_env()
+    drop = land_file(settings, SAMPLE_CSV)
+    result = _materialize(settings, drop)
+    assert result.success, [e.step_failure_data.error for e in result.get_step_failure_events()]
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    for name in ("training_record_complete", "reproducible", "metrics_over_thresholds",
+                 "fairness_within_thresholds", "robustness_within_thresholds"):
+        assert checks[name].passed, (name, checks[name].metadata["reason"])
+    assert "identical weights" in checks["reproducible"].metadata["reason"].value
+
+    events = {e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
+    trained = events["trained_model"]
+    assert trained["device"].value == "cpu" and trained["epochs"].value == 6
+    assert trained["train_rows"].value == 800 and trained["network_namespace"].value is True
+    validated = events["validated_dataset"]
+    assert trained["train_sha256"].value == validated["train_sha256"].value
+
+    # The model directory comes back from the store, verified, with the record naming what made it.
+    store = settings.artifact_store()
+    model_dir = home / "model"
+    files = store.get_tree(trained["sha256"].value, model_dir)
+    assert sorted(files) == sorted(["model.safetensors", "config.json", "preprocessing.json",
+                                    "training_record.json", "MODEL_CARD.md"])
+    record = json.loads((model_dir / "training_record.json").read_text())
+    assert record["result"]["weights_sha256"] == trained["weights_sha256"].value
+    assert record["data"]["dataset_sha256"] == validated["dataset_sha256"].value
+    assert record["actor"] == "test-engineer" and record["isolation"]["uid"] == 65534
+    assert not any(name.startswith(("SECURE_ML", "DAGSTER")) for name in record["isolation"]["environment"])
+
+    # Epoch progress and loss went to the Dagster logs.
+    with dg.DagsterInstance.get() as instance:
+        messages = [r.user_message for r in instance.all_logs(result.run_id)]
+    assert any("epoch 6/6: loss" in m for m in messages), messages[-5:]
+
+    evaluation = events["model_evaluation"]
+    report = store.get_json(evaluation["sha256"].value)
+    assert report["passed"] is True and report["metrics"]["accuracy"] >= 0.65
+    assert set(report["fairness"]) == {"sex", "age"}
+    summary = evaluation["summary"].value
+    assert summary.count("](data:image/png;base64,") == 4
+    for name, digest in report["plots"].items():
+        png = store.get_bytes(digest)
+        assert png.startswith(b"\x89PNG") and base64.b64encode(png).decode() in summary, name
+
+    # The audit log saw the isolated training and each check.
+    actions = [json.loads(line)["action"] for line in settings.audit_path.read_text().splitlines()]
+    assert "training.complete" in actions and "check.reproducible" in actions
+    assert "training.checkpoint.write" in actions and "check.fairness_within_thresholds" in actions
+
+
+def test_a_fairness_breach_blocks_and_a_warn_threshold_does_not(fast_config: Path, home: Path) -> None:
+    settings = Settings.from_env()
+    config = yaml.safe_load((fast_config / "training.yaml").read_text())
+    # An impossible limit on one metric blocks; the same breach set to warn only warns.
+    config["evaluation"]["fairness"]["demographic_parity_difference"] = {"max": 0.0, "on_breach": "block"}
+    config["evaluation"]["metrics"]["accuracy"] = {"min": 0.99, "on_breach": "warn"}
+    config["reproducible"]["when"] = "release"
+    (fast_config / "training.yaml").write_text(yaml.safe_dump(config))
+    result = _materialize(settings, land_file(settings, SAMPLE_CSV))
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    fairness, metrics = checks["fairness_within_thresholds"], checks["metrics_over_thresholds"]
+    assert not fairness.passed and fairness.severity == dg.AssetCheckSeverity.ERROR
+    assert "demographic_parity_difference (sex)" in fairness.metadata["reason"].value
+    assert not metrics.passed and metrics.severity == dg.AssetCheckSeverity.WARN
+    assert "warn only" in metrics.metadata["reason"].value
+    assert checks["reproducible"].passed and checks["reproducible"].metadata["retrained"].value is False
+    assert not result.success  # the blocking breach fails the step, so nothing downstream would run
