@@ -15,7 +15,7 @@ import pydantic
 from resources import CustodyResource, Sealed, sealed_output, verdict
 from secure_ml import crypto, ingest
 from secure_ml.access import AccessPolicy
-from secure_ml.errors import Error, IntegrityError
+from secure_ml.errors import ConfigurationError, Error, IntegrityError
 from secure_ml.integrity import sha256_bytes
 from secure_ml.sources import ApprovedSource, ApprovedSources
 from secure_ml.store import ArtifactRef, ArtifactStore
@@ -44,19 +44,17 @@ class _RunAudit:
 
 @dg.asset(group_name=DATA, kinds={"pandas", "parquet", "dvc"}, owners=["team:data-stewards"], code_version="2")
 def dataset(context: dg.AssetExecutionContext, config: DropConfig, custody: CustodyResource) -> dg.Output[Sealed]:
-    """A data drop (CSV or Parquet) from the landing area, from an approved source only, encrypted at
-    rest and versioned in DVC (ciphertext only), with a provenance record: source, sha256, size, rows,
-    who, when, the approved source's owner and classification, and the DVC version. The actor needs
-    data.add cleared for the source's classification, decided before the drop is read; reading the
-    dataset back needs data.read with that clearance. The same bytes dropped again are not processed
-    again: the existing version is re-emitted (same data version, `duplicate_of`). Guarded by:
-    ciphertext authentic, digest matches provenance, source approved, access policy allows."""
+    """A data drop (CSV or Parquet) from the landing area, accepted only from an approved source,
+    encrypted at rest and versioned in DVC (ciphertext only), with an encrypted provenance record
+    (source, sha256, size, rows, who, when, owner, classification, DVC version). Adding it needs
+    data.add, reading it data.read, cleared for the source's classification (checked before any
+    byte is read). The same bytes dropped again re-emit the existing version (`duplicate_of`).
+    Guarded by: ciphertext authentic, digest matches provenance, source approved, access policy allows."""
     settings = custody.settings()
     actor = custody.actor(context)
     subject = f"drop:{config.drop or '(newest)'}"
     try:
-        section = settings.load_config("pipeline").get("dataset") or {}
-        settle = float(section.get("settle_seconds", ingest.SETTLE_SECONDS))
+        settle = _settle_seconds(settings)
         path = ingest.resolve_drop(settings.landing_dir, config.drop, settle_seconds=settle)
         subject = f"drop:{path.name}"
         approved = ApprovedSources.from_settings(settings).require(path.name)
@@ -75,6 +73,14 @@ def dataset(context: dg.AssetExecutionContext, config: DropConfig, custody: Cust
         custody.record(context, "ingest.reject", subject=subject, outcome="deny",
                        details={"reason": exc.explain(), "error": type(exc).__name__})
         raise dg.Failure(description=exc.explain()) from None
+
+
+def _settle_seconds(settings: Any) -> float:
+    section = settings.load_config("pipeline").get("dataset") or {}
+    try:
+        return float(section.get("settle_seconds", ingest.SETTLE_SECONDS))
+    except (TypeError, ValueError):
+        raise ConfigurationError("pipeline.yaml dataset.settle_seconds must be a number of seconds") from None
 
 
 def _accept(context: Any, custody: CustodyResource, versions: DatasetVersions, frame: Any,
