@@ -44,6 +44,13 @@ class Role:
     clearance: str
 
 
+def _names(value: Any) -> tuple[str, ...]:
+    """Role names from YAML: a list, or one name written without brackets (``alice: data_steward``)."""
+    if isinstance(value, str):
+        return (value,)
+    return tuple(map(str, value or []))
+
+
 class AccessPolicy:
     """Identities, their roles, and what each role may do and read."""
 
@@ -55,8 +62,8 @@ class AccessPolicy:
                                 str(spec.get("clearance", self.classifications[0])))
                 for name, spec in (config.get("roles") or {}).items()
             }
-            self.identities = {str(k): tuple(map(str, v or [])) for k, v in (config.get("identities") or {}).items()}
-            self.default_roles = tuple(map(str, config.get("default_roles") or []))
+            self.identities = {str(k): _names(v) for k, v in (config.get("identities") or {}).items()}
+            self.default_roles = _names(config.get("default_roles"))
         except (AttributeError, TypeError) as exc:
             raise ConfigurationError(f"roles configuration is malformed ({exc})") from None
         for name, role in self.roles.items():

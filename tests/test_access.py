@@ -61,6 +61,12 @@ def test_require_audits_every_allow_and_deny(policy: AccessPolicy, tmp_path: Pat
     assert log.verify().entries == 2
 
 
+def test_a_single_role_may_be_written_without_brackets() -> None:
+    policy = AccessPolicy({"roles": {"data_steward": {"may": ["data.add"], "clearance": "internal"}},
+                           "identities": {"alice": "data_steward"}, "default_roles": "data_steward"})
+    assert policy.roles_of("alice") == ("data_steward",) and policy.roles_of("anyone") == ("data_steward",)
+
+
 def test_an_unknown_classification_is_a_configuration_error(policy: AccessPolicy) -> None:
     with pytest.raises(ConfigurationError, match="unknown data classification 'secret'"):
         policy.decide("alice", "data.read", classification="secret")
