@@ -18,6 +18,8 @@ from pathlib import Path
 
 import dagster as dg
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import assets.data as data_stage
@@ -157,6 +159,13 @@ def broken_parquet(settings: Settings, tmp: Path) -> str:
     return write_drop(settings, "german_credit_cut.parquet", (tmp / "full.parquet").read_bytes()[:-100])
 
 
+def parquet_duplicate_columns(settings: Settings, tmp: Path) -> str:
+    table = pa.Table.from_arrays([pa.array([1, 0]), pa.array([35, 41]), pa.array([22, 23])],
+                                 names=["risk", "age", "age"])
+    pq.write_table(table, tmp / "dup.parquet")
+    return write_drop(settings, "german_credit_dupcols.parquet", (tmp / "dup.parquet").read_bytes())
+
+
 CASES: list[tuple[Callable[[Settings, Path], str], str]] = [
     (ragged, "has ragged rows: a row has 9 fields where the header has 10"),
     (latin1, "is not valid UTF-8"),
@@ -173,6 +182,7 @@ CASES: list[tuple[Callable[[Settings, Path], str], str]] = [
     (hard_link, "is a hard link"),
     (utf16, "is UTF-16 encoded"),
     (broken_parquet, "is not a readable Parquet file"),
+    (parquet_duplicate_columns, "has duplicate column names: age"),
 ]
 
 
