@@ -4,9 +4,10 @@ Touches: a real SQLite Dagster instance under a fresh DAGSTER_HOME, the real `da
 `validated_dataset` assets with every resource from ``resources.build_resources``, the encrypted
 store, the audit log, real Great Expectations, scikit-learn and DVC (through `dataset`). Drops are
 landed as files in the landing area. A small consumer asset downstream of validated_dataset stands
-in for training, so "nothing downstream runs" is observed, not assumed.
+in for training in the clean runs; the blocked 10%-flip run also carries the real trained_model
+(assets/training.py), so "nothing downstream runs" is observed, not assumed.
 
-Does not touch: the training stage itself, the UI, automation sensors (the run is started with
+Does not touch: training itself (trained_model is only shown to stay unrun), the UI, automation sensors (the run is started with
 dg.materialize, as `secure-ml pipeline run` does).
 """
 
@@ -39,8 +40,12 @@ def training_stand_in(validated_dataset: dict[str, Any]) -> None:
     assert validated_dataset["format"] == "secure-ml-validated/1"
 
 
-def _materialize(settings: Settings, drop: str) -> dg.ExecuteInProcessResult:
+def _materialize(settings: Settings, drop: str, *, with_training: bool = False) -> dg.ExecuteInProcessResult:
     modules = [data_stage, validation_stage]
+    if with_training:  # the real training stage downstream (it must not run on a blocked drop)
+        from assets import training as training_stage
+
+        modules.append(training_stage)
     with dg.DagsterInstance.get() as instance:
         return dg.materialize(
             [*dg.load_assets_from_modules(modules), *dg.load_asset_checks_from_modules(modules), training_stand_in],
@@ -97,7 +102,8 @@ def test_clean_drop_passes_then_flipped_labels_are_blocked_and_nothing_downstrea
 
     sample = pd.read_csv(SAMPLE_CSV)
     flipped, mask = flip_labels(sample, "risk", 0.10, seed=3)
-    blocked = _materialize(settings, _land_frame(settings, flipped, "german_credit-v2.csv", tmp_path))
+    blocked = _materialize(settings, _land_frame(settings, flipped, "german_credit-v2.csv", tmp_path),
+                           with_training=True)
     checks = _checks(blocked)
     poisoning = checks["poisoning_score_under_threshold"]
     assert not poisoning.passed
@@ -107,6 +113,8 @@ def test_clean_drop_passes_then_flipped_labels_are_blocked_and_nothing_downstrea
     assert checks["expectations_pass"].passed and checks["no_unhandled_pii"].passed
     assert "validated_dataset" in _materialized(blocked)
     assert "training_stand_in" not in _materialized(blocked)  # the blocking check stopped it
+    assert "trained_model" not in _materialized(blocked)
+    assert not any(e.step_key == "trained_model" for e in blocked.get_step_failure_events())
     record = _record(settings, blocked)
     assert record["accepted"] is False
     flagged = record["poisoning"]["detectors"]["label_neighbours"]["indices"]
