@@ -76,6 +76,14 @@ def _detection(seeds: int) -> list[Figure]:
 
     reference = pd.read_csv(SAMPLE)
     config = ScreeningConfig.from_mapping(Settings.from_env().load_config("validation").get("poisoning"))
+
+    def cl_score(drop) -> float:  # type: ignore[no-untyped-def]
+        report = screen(drop, reference, label="risk", numeric=NUMERIC, categorical=CATEGORICAL, config=config)
+        return report.detector("label_cross_validated").score
+
+    # Baseline detector: confident learning alone (drop issue rate against the reference's), its
+    # limit set like ours, just above the worst clean score on calibration seeds (10000+).
+    cl_limit = max(cl_score(bootstrap(reference, 10_000 + seed)) for seed in range(seeds))
     blocked: dict[float, list[bool]] = {0.0: [], 0.05: [], 0.10: []}
     baseline: dict[float, list[bool]] = {0.0: [], 0.05: [], 0.10: []}
     auc: dict[str, list[float]] = {"ours": [], "knn": [], "cl": []}
@@ -87,19 +95,23 @@ def _detection(seeds: int) -> list[Figure]:
                 drop, mask = flip_labels(drop, "risk", fraction, seed=100_000 + seed)
             report = screen(drop, reference, label="risk", numeric=NUMERIC, categorical=CATEGORICAL, config=config)
             blocked[fraction].append(report.blocked)
-            baseline[fraction].append(report.detector("label_cross_validated").over)
+            baseline[fraction].append(report.detector("label_cross_validated").score > cl_limit)
             if fraction == 0.05 and mask is not None:
                 auc["ours"].append(roc_auc_score(mask, report.row_scores))
                 with threadpool_limits(limits=1):
                     auc["knn"].append(roc_auc_score(mask, _knn_baseline(drop)))
                     auc["cl"].append(roc_auc_score(mask, _cl_baseline(drop)))
+    unseen = _unseen_rows_auroc(reference, config, seeds)
     rate = {f: float(np.mean(v)) for f, v in blocked.items()}
     base = {f: float(np.mean(v)) for f, v in baseline.items()}
     mean = {k: float(np.mean(v)) for k, v in auc.items()}
     best = max(mean["knn"], mean["cl"])
     which = "kNN" if mean["knn"] >= mean["cl"] else "CV confident learning"
     print(f"# data: {seeds} seeds per level; row AUROC at 5%: ours {mean['ours']:.3f}, kNN {mean['knn']:.3f}, "
-          f"CV confident learning {mean['cl']:.3f}", file=sys.stderr)
+          f"CV confident learning {mean['cl']:.3f}; CL baseline limit {cl_limit:.2f}", file=sys.stderr)
+    print(f"# data: rows the reference never saw (half the sample vs the other half), 5% flips: row AUROC ours "
+          f"{unseen['ours']:.3f}, kNN {unseen['knn']:.3f}, CL {unseen['cl']:.3f}; drops blocked {unseen['blocked']:.2f}",
+          file=sys.stderr)
     return [
         Figure(ISSUE, "10%-flip drops blocked (share)", rate[0.10], "share", "CL detector alone", base[0.10],
                ">= 0.95", rate[0.10] >= 0.95),
@@ -109,7 +121,31 @@ def _detection(seeds: int) -> list[Figure]:
                "<= 0.05", rate[0.0] <= 0.05),
         Figure(ISSUE, "row AUROC, flipped rows at 5%", mean["ours"], "AUROC", f"best baseline ({which})", best,
                ">= 1.0x", mean["ours"] >= best),
+        # Harder than the goal's setting: no row of the drop is in the reference, so only the
+        # neighbourhood (not duplicates) can speak. Reported, no goal.
+        Figure(ISSUE, "row AUROC at 5%, rows unseen by the reference", unseen["ours"], "AUROC",
+               "best baseline", max(unseen["knn"], unseen["cl"]), "report", True),
     ]
+
+
+def _unseen_rows_auroc(reference, config, seeds: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    from sklearn.metrics import roc_auc_score
+    from threadpoolctl import threadpool_limits
+
+    from secure_ml.poisoning import flip_labels, screen
+
+    scores: dict[str, list[float]] = {"ours": [], "knn": [], "cl": [], "blocked": []}
+    for seed in range(seeds):
+        order = np.random.default_rng(200_000 + seed).permutation(len(reference))
+        known = reference.iloc[order[:500]].reset_index(drop=True)
+        drop, mask = flip_labels(reference.iloc[order[500:]].reset_index(drop=True), "risk", 0.05, seed=300_000 + seed)
+        report = screen(drop, known, label="risk", numeric=NUMERIC, categorical=CATEGORICAL, config=config)
+        scores["ours"].append(roc_auc_score(mask, report.row_scores))
+        scores["blocked"].append(float(report.blocked))
+        with threadpool_limits(limits=1):
+            scores["knn"].append(roc_auc_score(mask, _knn_baseline(drop)))
+            scores["cl"].append(roc_auc_score(mask, _cl_baseline(drop)))
+    return {k: float(np.mean(v)) for k, v in scores.items()}
 
 
 # -- scale ------------------------------------------------------------------------------------------
