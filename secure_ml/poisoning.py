@@ -245,8 +245,8 @@ def _screen(drop: pd.DataFrame, reference: pd.DataFrame | None, *, label: str, n
             reference = None
     base = reference if reference is not None else drop
     space = FeatureSpace.fit(base, numeric, categorical)
-    drop_labels = drop[label].astype(str)
-    classes = sorted(set(base[label].astype(str).unique().tolist()) | set(drop_labels.unique().tolist()))
+    drop_labels = _label_text(drop[label])
+    classes = sorted(set(_label_text(base[label]).unique().tolist()) | set(drop_labels.unique().tolist()))
     y_drop = _codes(drop_labels, classes)
     del drop_labels
 
@@ -284,9 +284,18 @@ def _screen(drop: pd.DataFrame, reference: pd.DataFrame | None, *, label: str, n
     return report
 
 
+def _label_text(series: pd.Series) -> pd.Series:
+    """Labels as text, so 1 and 1.0 (an integer label read with a null beside it) are the same class."""
+    if pd.api.types.is_float_dtype(series):
+        present = series.dropna()
+        if len(present) and (present % 1 == 0).all():
+            series = series.astype("Int64")
+    return series.astype(str).fillna("(missing)")
+
+
 def _codes(series: pd.Series, classes: list[str]) -> np.ndarray:
     """Label codes (index into ``classes``; -1 for a label not among them), one small int per row."""
-    return np.asarray(pd.Categorical(series.astype(str), categories=classes).codes, dtype=np.int16)
+    return np.asarray(pd.Categorical(_label_text(series), categories=classes).codes, dtype=np.int16)
 
 
 def _subsample(n: int, limit: int, seed: int) -> np.ndarray:
@@ -505,14 +514,14 @@ def _shift(drop: pd.DataFrame, reference: pd.DataFrame | None, label: str, numer
         per_feature[column] = psi(np.bincount(np.searchsorted(edges, ref, side="right"), minlength=bins),
                                   np.bincount(np.searchsorted(edges, values, side="right"), minlength=bins))
     for column in [*categorical, label]:
-        ref_counts = reference[column].astype(str).value_counts()
-        drop_counts = drop[column].astype(str).value_counts()
+        ref_counts = _label_text(reference[column]).value_counts()
+        drop_counts = _label_text(drop[column]).value_counts()
         cats = sorted(set(ref_counts.index) | set(drop_counts.index))
         per_feature[column] = psi(ref_counts.reindex(cats, fill_value=0).to_numpy(),
                                   drop_counts.reindex(cats, fill_value=0).to_numpy())
     worst = max(per_feature, key=lambda c: per_feature[c])
-    ref_share = reference[label].astype(str).value_counts(normalize=True).sort_index()
-    drop_share = drop[label].astype(str).value_counts(normalize=True).sort_index()
+    ref_share = _label_text(reference[label]).value_counts(normalize=True).sort_index()
+    drop_share = _label_text(drop[label]).value_counts(normalize=True).sort_index()
     over = [c for c, v in per_feature.items() if v > config.shift_limit]
     return DetectorResult("shift", per_feature[worst], config.shift_limit, len(over), [],
                           {"psi": {c: _round(v) for c, v in per_feature.items()}, "most_shifted": worst,

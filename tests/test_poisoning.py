@@ -134,3 +134,14 @@ def test_tiny_drops_do_not_crash(reference: pd.DataFrame) -> None:
     report = _screen(reference.iloc[:6].reset_index(drop=True), reference)
     assert "too few rows" in report.detector("label_cross_validated").detail["note"]
     assert isinstance(report.drop_score, float)
+
+
+def test_nulls_and_float_read_labels_are_not_mistaken_for_poisoning(reference: pd.DataFrame) -> None:
+    drop = reference.copy()
+    drop["risk"] = drop["risk"].astype(float)      # how an integer label with a gap reads from CSV
+    drop.loc[0, "risk"] = None
+    drop.loc[1, "purpose"] = None
+    drop.loc[2, "age"] = None
+    report = _screen(drop, reference)
+    assert not report.blocked, report.reasons()
+    assert report.detector("label_neighbours").count == 1   # only the row without a label
