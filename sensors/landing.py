@@ -1,7 +1,8 @@
 """New drops in the landing area become dataset versions, and the candidate is rebuilt from them.
 
-The ``landing_drops`` sensor scans ``$SECURE_ML_HOME/landing`` every ``landing.interval_seconds``.
-Each complete drop (two scans saw it unchanged; never one still being written; see
+The ``landing_drops`` sensor scans ``$SECURE_ML_HOME/landing`` every ``landing.interval_seconds``
+(and once more ``landing.recheck_seconds`` later in the same tick when it saw a new file). Each
+complete drop (two scans saw it unchanged and settled; never one still being written; see
 secure_ml/landing.py) becomes ONE run, keyed by the drop's content digest and tagged with its
 name and digest, that materialises ``dataset`` with ``{"drop": NAME}`` and everything downstream
 of it in the groups ``landing.groups`` (data, training, security: validated, trained, evaluated,
@@ -21,6 +22,8 @@ validated data: the training and security groups in one run.
 
 from __future__ import annotations
 
+import time
+
 import dagster as dg
 
 from resources import CustodyResource
@@ -39,6 +42,7 @@ from sensors._shared import (
 
 _LANDING = section("landing")
 _RETRAINING = section("retraining")
+RECHECK_SECONDS = float(_LANDING.get("recheck_seconds", 2))
 LANDING_GROUPS: list[str] = list(_LANDING.get("groups") or ["data", "training", "security"])
 RETRAINING_GROUPS: list[str] = list(_RETRAINING.get("groups") or ["training", "security"])
 
@@ -79,13 +83,20 @@ def landing_drops(context: dg.SensorEvaluationContext, custody: CustodyResource)
         custody.record(None, "automation.landing", subject="cursor", outcome="fail",
                        details={"reason": exc.explain()})
         raise
-    ready = landing.scan(current.landing_dir, cursor, settle_seconds=_settle_seconds(current))
+    settle = _settle_seconds(current)
     requests: list[dg.RunRequest] = []
-    for drop in ready:
-        requests.append(drop_run_request(drop))
-        cursor.mark_done(drop)
-        custody.record(None, "automation.landing", subject=f"sha256:{drop.sha256}",
-                       details={"drop": drop.name, "bytes": drop.size, "run_key": drop.run_key})
+    for attempt in range(2):
+        if attempt:
+            # A drop seen for the first time is looked at again after `recheck_seconds` within this
+            # tick (unchanged and settled by then: taken), instead of waiting a whole daemon loop.
+            if not cursor.pending or RECHECK_SECONDS <= 0:
+                break
+            time.sleep(RECHECK_SECONDS)
+        for drop in landing.scan(current.landing_dir, cursor, settle_seconds=settle):
+            requests.append(drop_run_request(drop))
+            cursor.mark_done(drop)
+            custody.record(None, "automation.landing", subject=f"sha256:{drop.sha256}",
+                           details={"drop": drop.name, "bytes": drop.size, "run_key": drop.run_key})
     pending = sorted(cursor.pending)
     skip = None if requests else (f"waiting for {len(pending)} drop(s) to settle: {', '.join(pending[:5])}"
                                   if pending else "no new complete drop")

@@ -104,11 +104,16 @@ def test_each_complete_drop_becomes_one_run_keyed_by_its_digest(settings: Settin
     with dg.DagsterInstance.get() as instance:
         first = tick(defs, instance, None)
         assert not first.run_requests
+        writing = settings.landing_dir / "german_credit-writing.csv"
+        writing.write_bytes(SAMPLE_CSV.read_bytes()[:999])
+        future = time.time() + 30                                 # still being written (mtime keeps moving)
+        os.utime(writing, (future, future))
         name = land_file(settings, SAMPLE_CSV)
-        seen = tick(defs, instance, first.cursor)
-        assert not seen.run_requests                              # seen once: not yet proven complete
-        ready = tick(defs, instance, seen.cursor)
-        [request] = ready.run_requests or []
+        started = time.monotonic()
+        ready = tick(defs, instance, first.cursor)
+        assert time.monotonic() - started >= sensors.landing.RECHECK_SECONDS  # looked twice before taking it
+        [request] = ready.run_requests or []                      # the settled drop, not the one in progress
+        assert "german_credit-writing.csv" in json.loads(ready.cursor or "{}")["pending"]
         digest = json.loads(ready.cursor or "{}")["done"][name][2]
         assert request.run_key == f"drop-{digest}"
         assert request.run_config == {"ops": {"dataset": {"config": {"drop": name}}}}
