@@ -97,10 +97,13 @@ def validated_dataset(context: dg.AssetExecutionContext, dataset: pd.DataFrame, 
     train_sha = test_sha = None
     train_rows = test_rows = 0
     if schema.label in frame.columns:
-        train, test = splitting.split(frame[kept], schema.label, test_fraction=test_fraction, seed=seed)
-        train_sha = custody.seal(context, train, role="validated_train", dataset=dataset_sha).sha256
-        test_sha = custody.seal(context, test, role="validated_test", dataset=dataset_sha).sha256
-        train_rows, test_rows = len(train), len(test)
+        in_test = splitting.assign_test(frame, schema.label, test_fraction=test_fraction, seed=seed)
+        # one set in memory at a time: the split never doubles the dataset
+        part = frame.loc[~in_test, kept].reset_index(drop=True)
+        train_sha, train_rows = custody.seal(context, part, role="validated_train", dataset=dataset_sha).sha256, len(part)
+        part = frame.loc[in_test, kept].reset_index(drop=True)
+        test_sha, test_rows = custody.seal(context, part, role="validated_test", dataset=dataset_sha).sha256, len(part)
+        del part
 
     passed = {
         EXPECTATIONS: result.success,

@@ -182,9 +182,9 @@ frame = pii.apply(frame, plan, None)
 result = validation.validate(frame, schema, extra_columns=pii.handled_columns(plan), redact=pii.redact_text)
 report = screen(frame, reference, label=schema.label, numeric=schema.numeric, categorical=schema.categorical,
                 config=screening)
-train, test = splitting.split(frame, schema.label, test_fraction=0.2, seed=1)
-store.put_dataframe(train)
-store.put_dataframe(test)
+in_test = splitting.assign_test(frame, schema.label, test_fraction=0.2, seed=1)
+store.put_dataframe(frame[~in_test].reset_index(drop=True))   # one set at a time, as the asset does
+store.put_dataframe(frame[in_test].reset_index(drop=True))
 done = time.perf_counter()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 

@@ -357,9 +357,15 @@ def _outliers(drop: pd.DataFrame, base: pd.DataFrame, numeric: Sequence[str], ca
 
 # -- (2a) label consistency against the reference's neighbourhood --------------------------------
 def _row_keys(frame: pd.DataFrame, features: Sequence[str]) -> np.ndarray:
-    normal = pd.DataFrame({c: (frame[c].astype(np.float64) if pd.api.types.is_numeric_dtype(frame[c])
-                               else frame[c].astype(str)) for c in features})
-    return pd.util.hash_pandas_object(normal, index=False).to_numpy()
+    """A 64-bit hash of each row's values (1 and 1.0 hash alike), one column at a time (bounded memory)."""
+    keys = np.zeros(len(frame), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for column in features:
+            series = frame[column]
+            normal = series.astype(np.float64) if pd.api.types.is_numeric_dtype(series) else _label_text(series)
+            hashed = pd.util.hash_pandas_object(normal, index=False).to_numpy()
+            keys = (keys * np.uint64(0x100000001B3)) ^ hashed
+    return keys
 
 
 def _label_neighbours(drop: pd.DataFrame, reference: pd.DataFrame, y_drop: np.ndarray, classes: list[str],
