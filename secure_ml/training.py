@@ -74,7 +74,7 @@ class TrainingConfig:
 
     hidden: tuple[int, ...] = (32, 16)
     dropout: float = 0.1
-    epochs: int = 40
+    epochs: int = 20
     batch_size: int = 64
     learning_rate: float = 0.003
     weight_decay: float = 0.0001
