@@ -27,7 +27,7 @@ import yaml
 import resources
 from assets import data as data_stage
 from assets import validation as validation_stage
-from secure_ml.poisoning import flip_labels
+from secure_ml.poisoning import bootstrap, flip_labels
 from secure_ml.settings import Settings
 from tests.conftest import SAMPLE_CSV, land_file
 
@@ -91,6 +91,7 @@ def test_clean_drop_passes_then_flipped_labels_are_blocked_and_nothing_downstrea
     assert all(c.passed for c in checks.values()), {k: _reason(c) for k, c in checks.items()}
     assert "training_stand_in" in _materialized(clean)
     record = _record(settings, clean)
+    first_version = record["dataset_sha256"]
     assert record["format"] == "secure-ml-validated/1" and record["accepted"] is True
     assert record["label"] == "risk" and record["protected"] == ["sex", "age"]
     assert set(record["numeric"]) | set(record["categorical"]) == set(record["features"])
@@ -119,9 +120,14 @@ def test_clean_drop_passes_then_flipped_labels_are_blocked_and_nothing_downstrea
     assert record["accepted"] is False
     flagged = record["poisoning"]["detectors"]["label_neighbours"]["indices"]
     assert len(flagged) == 50 and set(flagged) <= set(np.flatnonzero(mask).tolist())
-    # the rejected drop does not become the reference: the next clean drop is judged against v1
     audit = settings.audit_path.read_text()
     assert "check.poisoning_score_under_threshold" in audit and "validation.reject" in audit
+
+    # the rejected drop did not become the reference: the next clean drop is judged against v1
+    fresh = _materialize(settings, _land_frame(settings, bootstrap(sample, 4), "german_credit-v3.csv", tmp_path))
+    checks = _checks(fresh)
+    assert all(c.passed for c in checks.values()), {k: _reason(c) for k, c in checks.items()}
+    assert first_version[:16] in str(checks["poisoning_score_under_threshold"].metadata["reference"].value)
 
 
 def test_schema_drift_is_blocked_with_the_column_named(settings: Settings, tmp_path: Path) -> None:
