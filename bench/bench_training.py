@@ -1,0 +1,111 @@
+"""Training benchmarks (issue 4): time on the sample, rows/s at scale, the cost of isolation, CUDA.
+
+    python -m bench --only training [--quick]
+
+- Training on the sample (shipped training.yaml, isolated process, CPU), against the 30 s budget.
+- Rows/s per epoch on a derived dataset of 1,000,000 rows (quick: 100,000): the sample's rows
+  resampled with jittered numerics, trained isolated with the shipped settings; baseline: rows/s
+  per epoch on the sample itself, in the same run (does throughput hold at scale?).
+- Isolation overhead: the same training on the same derived data, isolated vs in this process,
+  measured back to back (goal <= 1.2x); the two must give the same weights digest.
+- CUDA: the same rows/s figure on a GPU where there is one; "n/a (no GPU)" otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bench import Figure
+from secure_ml import splitting
+from secure_ml.sandbox import IsolationPolicy
+from secure_ml.settings import Settings
+from secure_ml.training import DataSpec, Preprocessing, TrainingConfig, fit, train_model
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample" / "german_credit.csv"
+SPEC = DataSpec("risk", ["job", "credit_amount", "duration", "age"],
+                ["sex", "housing", "saving_accounts", "checking_account", "purpose"])
+ISSUE = 4
+
+
+def derived(frame: pd.DataFrame, rows: int, seed: int = 0) -> pd.DataFrame:
+    """``rows`` rows resampled from ``frame`` with jittered numerics (labels and categories kept)."""
+    rng = np.random.default_rng(seed)
+    out = frame.iloc[rng.integers(0, len(frame), rows)].reset_index(drop=True)
+    out["credit_amount"] = np.maximum(1, (out["credit_amount"] * rng.lognormal(0, 0.1, rows)).round()).astype(int)
+    out["duration"] = np.clip(out["duration"] + rng.integers(-2, 3, rows), 1, 120)
+    out["age"] = np.clip(out["age"] + rng.integers(-2, 3, rows), 18, 100)
+    return out
+
+
+def _config() -> tuple[TrainingConfig, IsolationPolicy]:
+    config = Settings.from_env().load_config("training")
+    return TrainingConfig.from_mapping(config["training"]), IsolationPolicy.from_mapping(config.get("isolation"))
+
+
+def run(quick: bool) -> list[Figure]:
+    config, policy = _config()
+    frame = pd.read_csv(SAMPLE)
+    train, _ = splitting.split(frame, "risk", test_fraction=0.2, seed=20261123)
+    figures: list[Figure] = []
+
+    # 1. The sample, as the pipeline trains it.
+    sample_rates: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        train_model(train, SPEC, config, Path(tmp) / "m", isolation=policy,
+                    on_progress=lambda e: sample_rates.append(float(e["rows_per_s"] or 0)))
+        seconds = time.perf_counter() - started
+    figures.append(Figure(ISSUE, f"train on the sample ({len(train)} rows, {config.epochs} epochs, isolated, CPU)",
+                          seconds, "s", "budget", 30.0, "<= 30 s", seconds <= 30.0))
+    sample_rate = float(np.median(sample_rates[1:] or sample_rates))
+
+    # 2. and 3. A derived dataset: throughput, then isolated vs in-process on the same arrays.
+    rows = 100_000 if quick else 1_000_000
+    big = derived(train, rows)
+    prep = Preprocessing.fit(big, SPEC)
+    X, _ = prep.transform(big)
+    y = prep.labels(big)
+    epochs = 1 if quick else 2
+    scaled = TrainingConfig.from_mapping({**config.hyperparameters(), "epochs": epochs, "checkpoint_every": 0})
+    rates: list[float] = []
+    started = time.perf_counter()
+    isolated = fit(X, y, scaled, isolation=policy, on_progress=lambda e: rates.append(float(e["rows_per_s"] or 0)))
+    isolated_s = time.perf_counter() - started
+    started = time.perf_counter()
+    in_process = fit(X, y, scaled, isolation=None)
+    in_process_s = time.perf_counter() - started
+    rate = float(np.median(rates))
+    label = f"{rows:,}"
+    figures.append(Figure(ISSUE, f"rows/s per epoch, {label} derived rows (isolated, CPU, batch {scaled.batch_size})",
+                          rate, "rows/s", "sample rows/s", sample_rate, ">= 0.8x", rate >= 0.8 * sample_rate))
+    same = isolated.weights_sha256 == in_process.weights_sha256
+    figures.append(Figure(ISSUE, f"isolated vs in-process training, {label} rows x {epochs} epoch(s)"
+                                 f"{'' if same else ' (WEIGHTS DIFFER)'}",
+                          isolated_s, "s", "in-process s", in_process_s, "<= 1.2x",
+                          same and isolated_s <= 1.2 * in_process_s))
+
+    # 4. CUDA, where there is one.
+    figures.append(_cuda(X, y, scaled, policy, rate, label))
+    return figures
+
+
+def _cuda(X: Any, y: Any, config: TrainingConfig, policy: IsolationPolicy, cpu_rate: float, label: str) -> Figure:
+    import torch
+
+    if not torch.cuda.is_available():
+        return Figure(ISSUE, f"rows/s per epoch, {label} rows on CUDA: n/a (no GPU)", math.nan, "rows/s",
+                      "CPU rows/s", cpu_rate, "n/a (no GPU)", True)
+    cuda = TrainingConfig.from_mapping({**config.hyperparameters(), "device": "cuda"})
+    rates: list[float] = []
+    fit(X, y, cuda, device="cuda", isolation=policy, on_progress=lambda e: rates.append(float(e["rows_per_s"] or 0)))
+    rate = float(np.median(rates))
+    return Figure(ISSUE, f"rows/s per epoch, {label} rows on CUDA ({torch.cuda.get_device_name(0)})", rate,
+                  "rows/s", "CPU rows/s", cpu_rate, "reported", True)
