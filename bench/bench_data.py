@@ -240,3 +240,37 @@ def _scale(rows: int) -> list[Figure]:
                "<= 4.0x" if out["rows"] >= 1_000_000 else "report (4x at 1M)",
                out["peak_extra"] <= 4 * out["bytes"] or out["rows"] < 1_000_000),
     ]
+
+
+# -- calibration (how the limits in validation.yaml were chosen) -----------------------------------
+def calibrate(seeds: range = range(10_000, 10_200)) -> dict[str, dict[str, float]]:
+    """Worst and 99th-percentile clean score of each detector on seeds the benchmark never uses:
+    bootstrap drops of the sample against the sample, and bootstrap drops of half the sample
+    against the other half (rows the reference never saw)."""
+    import pandas as pd
+
+    from secure_ml.poisoning import bootstrap, screen
+
+    full = pd.read_csv(SAMPLE)
+    table: dict[str, dict[str, float]] = {}
+    for scenario in ("bootstrap", "unseen rows"):
+        scores: dict[str, list[float]] = {}
+        for seed in seeds:
+            if scenario == "bootstrap":
+                reference, drop = full, bootstrap(full, seed)
+            else:
+                order = np.random.default_rng(seed).permutation(len(full))
+                reference = full.iloc[order[:500]].reset_index(drop=True)
+                drop = bootstrap(full.iloc[order[500:]].reset_index(drop=True), seed)
+            report = screen(drop, reference, label="risk", numeric=NUMERIC, categorical=CATEGORICAL)
+            for detector in report.detectors:
+                scores.setdefault(detector.name, []).append(detector.score)
+        for name, values in scores.items():
+            table[f"{scenario}: {name}"] = {"max": float(np.max(values)), "q99": float(np.quantile(values, 0.99))}
+    return table
+
+
+if __name__ == "__main__":  # python -m bench.bench_data --calibrate
+    if "--calibrate" in sys.argv:
+        for row, values in calibrate().items():
+            print(f"{row:<40} max {values['max']:8.3f}   q99 {values['q99']:8.3f}")
