@@ -5,10 +5,12 @@ SECURE_ML_HOME/DAGSTER_HOME, automation off, runs launched directly by the webse
 UI as an engineer uses it: the global lineage graph with every group expanded (every asset the
 code defines, at test time, and every lineage edge, read from the rendered SVG edges and node
 boxes); the asset page (description, owners, kinds, group); the Materialize button (a real run
-that must succeed, seen on its run page); and a blocking check failure for a tampered ciphertext
+that must succeed, seen on its run page); a blocking check failure for a tampered ciphertext
 (one flipped bit in the stored dataset, the checks executed from the UI, the failure and its
-reason shown). Screenshots go to test-artifacts/. Does not touch: the daemon (sensors run in
-tests/test_automation_e2e.py), Dagster+ features, or other browsers.
+reason shown); the automation condition and the deployment's freshness policy on asset pages.
+Screenshots go to test-artifacts/. Does not touch: the daemon (the sensors run in the proof in
+tests/test_automation.py), the evaluation plots (they need a trained model: a full chain run
+here would double this module's time), Dagster+ features, or other browsers.
 """
 
 from __future__ import annotations
