@@ -201,7 +201,7 @@ def attestation(context: dg.AssetExecutionContext, trained_model: dict[str, Any]
         code_commit=git_commit(REPO), code_repository=str(REPO.name),
         lock_sha256=sha256_file(REPO / "requirements.lock") if (REPO / "requirements.lock").exists() else "",
         config={"security": config, "model_sha256": tree}, hyperparameters=hyper,
-        dependencies=_dataset_refs(custody, context),
+        dependencies=_dataset_refs(custody, context), byproducts=_byproducts(custody, context),
     )
     statement = provenance.provenance_statement(files, hashlib.sha256(model_signature).hexdigest(), build=build)
     envelope = signing.sign_statement(statement)
@@ -235,6 +235,16 @@ def attestation_verifies(context: dg.AssetCheckExecutionContext, custody: Custod
     return verdict(custody, context, check="attestation_verifies", subject=subject, passed=True,
                    reason=f"signed by {statement['_verified_by']}; {len(statement['subject'])} subjects match "
                           "the signed model")
+
+
+def _byproducts(custody: CustodyResource, context: Any) -> list[dict[str, Any]]:
+    """The scan report and SBOM this run produced for the model (store digests)."""
+    recorded = _recorded_or_none(custody, context, "scan_report")
+    if not recorded:
+        return []
+    return [{"name": "scan_report", "digest": {"sha256": str(recorded["sha256"])}, "mediaType": "application/json"},
+            {"name": "sbom.cdx.json", "digest": {"sha256": str(recorded.get("sbom_sha256", ""))},
+             "mediaType": "application/vnd.cyclonedx+json"}]
 
 
 def _hyperparameters(model_dir: Path) -> dict[str, Any]:

@@ -8,6 +8,7 @@ Does not touch: Sigstore keyless signing (needs the network), the registry or de
 """
 
 
+import base64
 import json
 import os
 import pickle
@@ -122,6 +123,14 @@ def test_clean_model_is_scanned_signed_and_attested(settings: Settings, tmp_path
     report = store.get_json(meta["sha256"])
     assert report["blocking"] is False and report["sbom_valid"] is True
     assert json.loads(store.get_bytes(meta["sbom_sha256"]))["bomFormat"] == "CycloneDX"
+    with dg.DagsterInstance.get() as instance:
+        envelope_meta = CustodyResource(home=str(settings.home)).recorded(instance, dg.AssetKey("attestation"))
+    envelope = json.loads(store.get_bytes(envelope_meta["sha256"]))
+    statement = json.loads(base64.b64decode(envelope["payload"]))
+    run = statement["predicate"]["runDetails"]
+    assert run["metadata"]["invocationId"] == result.run_id
+    assert {b["name"] for b in run["byproducts"]} == {"scan_report", "sbom.cdx.json"}
+    assert statement["predicate"]["buildDefinition"]["externalParameters"]["hyperparameters"] == {"lr": 0.01, "epochs": 3}
     actions = {(e["action"], e["outcome"]) for e in audit_actions(settings)}
     assert ("sign.model", "ok") in actions and ("check.attestation_verifies", "pass") in actions
 
