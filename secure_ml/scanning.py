@@ -234,11 +234,24 @@ def read_safetensors_header(path: Path, limits: SafetensorsLimits = SafetensorsL
 
 
 def _expected_shapes(config: Any) -> dict[str, list[int]]:
-    """Tensor shapes a model config names: ``tensors`` as {name: shape} or {name: {"shape": ...}}."""
+    """Tensor shapes a model config implies: an explicit ``tensors`` table ({name: shape} or
+    {name: {"shape": ...}}), or the training stage's ``tabular-mlp`` (inputs, hidden, outputs):
+    ``layers.{3i}`` Linear blocks (Linear, ReLU, Dropout) and a final Linear."""
     if not isinstance(config, dict):
         return {}
+    if config.get("architecture") == "tabular-mlp" and "tensors" not in config:
+        try:
+            width, hidden, outputs = int(config["inputs"]), [int(h) for h in config["hidden"]], int(config["outputs"])
+        except (KeyError, TypeError, ValueError):
+            return {}
+        shapes: dict[str, list[int]] = {}
+        for index, size in enumerate([*hidden, outputs]):
+            shapes[f"layers.{3 * index}.weight"] = [size, width]
+            shapes[f"layers.{3 * index}.bias"] = [size]
+            width = size
+        return shapes
     table = config.get("tensors") or config.get("tensor_shapes") or {}
-    shapes: dict[str, list[int]] = {}
+    shapes = {}
     if isinstance(table, dict):
         for name, value in table.items():
             shape = value.get("shape") if isinstance(value, dict) else value

@@ -253,3 +253,21 @@ def test_large_protocol0_pickle_is_found_past_the_first_kilobytes(tmp_path: Path
     (model / "notes.md").write_bytes(pickle.dumps([f"note {i} " * 10 for i in range(200)], protocol=0))
     assert (model / "notes.md").stat().st_size > 4096
     assert "pickle-in-model-dir" in rules(scanning.scan_model_dir(model))
+
+
+def test_training_stage_model_shapes_are_checked_against_its_config(tmp_path: Path) -> None:
+    """The training stage's tabular-mlp (secure_ml.training.build_model) against its config.json."""
+    from safetensors.torch import save_file
+
+    from secure_ml.training import build_model
+
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    module = build_model(10, [8, 4], 0.1)
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, model_dir / "model.safetensors")
+    config = {"architecture": "tabular-mlp", "inputs": 10, "hidden": [8, 4], "outputs": 1}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    assert scanning.scan_model_dir(model_dir) == []
+    (model_dir / "config.json").write_text(json.dumps({**config, "hidden": [8, 5]}))
+    mismatches = [f.why for f in scanning.scan_model_dir(model_dir) if f.rule == "safetensors-shape"]
+    assert any("layers.3.weight" in why and "[5, 8]" in why for why in mismatches)
