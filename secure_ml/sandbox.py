@@ -372,7 +372,9 @@ def main(argv: list[str]) -> int:
     mode, guard, drop = (argv + ["train", "guard", "drop"][len(argv):])[:3]
     if guard == "guard":
         sys.addaudithook(_guard)  # audit hooks cannot be removed: the guard holds for the whole process
-    out = _Channel(sys.stdout.buffer)
+    # Frames own the real stdout; anything else writing to fd 1 (a print, a C library) goes to stderr.
+    out = _Channel(os.fdopen(os.dup(1), "wb"))
+    os.dup2(2, 1)
     try:
         if mode == "probe":
             import encodings.idna  # noqa: F401 - host names are encoded lazily

@@ -129,3 +129,14 @@ def test_a_required_namespace_that_the_host_cannot_give_is_a_clear_error(
     finally:
         monkeypatch.undo()
         sandbox.namespace_prefix.cache_clear()
+
+
+def test_a_failing_or_hung_training_process_is_reported_in_one_line() -> None:
+    from secure_ml.errors import BadInput
+    from secure_ml.sandbox import SandboxError, run_isolated
+
+    header = {"config": {"epochs": 1}, "rows": 10, "width": 3, "device": "cpu", "fingerprint": "0" * 64}
+    with pytest.raises(BadInput, match="received data of the wrong size"):
+        run_isolated(header, [b"\0" * 8, b"\0" * 8], policy=IsolationPolicy(), on_frame=lambda k, p: None)
+    with pytest.raises(SandboxError, match="ran past isolation.timeout_s"):
+        run_isolated(header, [], policy=IsolationPolicy(timeout_s=0.5), on_frame=lambda k, p: None)

@@ -110,6 +110,15 @@ def test_the_sample_goes_through_training_and_evaluation(fast_config: Path, home
 
 
 
+    # Configured to prove reproducibility only on release, an ordinary run says it did not retrain.
+    config = yaml.safe_load((fast_config / "training.yaml").read_text())
+    config["reproducible"]["when"] = "release"
+    (fast_config / "training.yaml").write_text(yaml.safe_dump(config))
+    ordinary = _materialize(settings, drop, selection=[dg.AssetKey("trained_model")])
+    reproducible = {e.check_name: e for e in ordinary.get_asset_check_evaluations()}["reproducible"]
+    assert ordinary.success and reproducible.passed and reproducible.metadata["retrained"].value is False
+    assert "secure_ml/release=true" in reproducible.metadata["reason"].value
+
     # Then a breach: an impossible limit on one bias metric blocks; a breach set to warn only warns.
     config = yaml.safe_load((fast_config / "training.yaml").read_text())
     config["evaluation"]["fairness"]["demographic_parity_difference"] = {"max": 0.0, "on_breach": "block"}
