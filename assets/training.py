@@ -23,7 +23,7 @@ import dagster as dg
 from resources import CustodyResource, verdict
 from secure_ml import evaluation as evaluation_core
 from secure_ml import training as training_core
-from secure_ml.errors import Error
+from secure_ml.errors import ConfigurationError, Error
 from secure_ml.integrity import sha256_file
 from secure_ml.sandbox import IsolationPolicy
 
@@ -44,10 +44,13 @@ def _fail(custody: CustodyResource, context: Any, action: str, subject: str, exc
 
 def _settings(custody: CustodyResource) -> dict[str, Any]:
     config = custody.settings().load_config("training")
+    when = str((config.get("reproducible") or {}).get("when", "every"))
+    if when not in ("every", "release"):
+        raise ConfigurationError(f"training.yaml reproducible.when must be every or release, not {when!r}")
     return {
         "training": training_core.TrainingConfig.from_mapping(config.get("training")),
         "isolation": IsolationPolicy.from_mapping(config.get("isolation")),
-        "reproducible": str((config.get("reproducible") or {}).get("when", "every")),
+        "reproducible": when,
         "keep": int((config.get("checkpoints") or {}).get("keep", 2)),
         "evaluation": evaluation_core.EvaluationConfig.from_mapping(config.get("evaluation")),
     }

@@ -215,7 +215,9 @@ def run_isolated(header: Mapping[str, Any], blobs: Iterable[bytes | memoryview],
         raise SandboxError(f"could not start the training process: {exc.strerror or exc}") from None
     if on_start is not None:
         on_start(process.pid)
-    assert process.stdin and process.stdout and process.stderr
+    if process.stdin is None or process.stdout is None or process.stderr is None:  # pragma: no cover
+        process.kill()
+        raise SandboxError("the training process has no pipes")
     writer = threading.Thread(target=_write_all, args=(process.stdin, header, blobs), daemon=True)
     writer.start()
     stderr: list[bytes] = []
