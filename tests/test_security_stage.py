@@ -1,10 +1,11 @@
 """The security stage on a real Dagster instance: scan_report -> model_signature -> attestation.
 
 Touches: a real DagsterInstance (the ``home`` fixture's DAGSTER_HOME), the encrypted store, the
-audit log, real model-signing, bandit, pip-audit (offline OSV file), CycloneDX validation. The
-upstream ``trained_model`` is a stand-in defined here that seals a small torch model the way the
-stage contract says (a tree of safetensors + JSON); the real training stage is not touched.
-Does not touch: Sigstore keyless signing (needs the network), the registry or deployment.
+audit log, real model-signing, bandit, pip-audit (offline OSV file), CycloneDX validation. Most
+tests use a stand-in ``trained_model`` defined here that seals a small torch model the way the stage
+contract says (a tree of safetensors + JSON), so bad models can be made on purpose; one test runs
+the real chain from the sample data (dataset, validated_dataset, trained_model with epochs cut).
+Does not touch: Sigstore keyless signing (needs the network), model_evaluation, registry, deployment.
 """
 
 
@@ -12,6 +13,7 @@ import base64
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -96,9 +98,7 @@ OWN_CODE = ["secure_ml/scanning.py", "secure_ml/signing.py", "secure_ml/attestat
 def security_config(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **signing: Any) -> Path:
     """A config dir whose security.yaml scans this stage's own code (others' code is theirs to fix)."""
     config_dir = tmp_path / "config"
-    config_dir.mkdir()
-    for source in settings.config_dir.glob("*.yaml"):
-        (config_dir / source.name).write_text(source.read_text())
+    shutil.copytree(settings.config_dir, config_dir)
     cfg = yaml.safe_load((config_dir / "security.yaml").read_text())
     cfg["scan"]["code"]["paths"] = OWN_CODE
     cfg["signing"].update(signing)
@@ -191,3 +191,47 @@ def test_signature_by_untrusted_key_fails_the_blocking_check(settings: Settings,
     assert entries[-1]["outcome"] == "fail"
     assert not any("BEGIN" in json.dumps(e) for e in audit_actions(settings))  # no key material in the log
     assert os.stat(settings.keys_dir / "model-signing.pem").st_mode & 0o077 == 0
+
+
+@pytest.mark.timeout(400)
+def test_real_chain_sample_data_to_attestation(settings: Settings, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """dataset -> validated_dataset -> trained_model (the real stages, epochs cut) -> this stage."""
+    from assets import data as data_stage
+    from assets import training as training_stage
+    from assets import validation as validation_stage
+    from tests.conftest import SAMPLE_CSV, land_file
+
+    config_dir = security_config(settings, tmp_path, monkeypatch)
+    training_cfg = yaml.safe_load((config_dir / "training.yaml").read_text())
+    training_cfg["training"].update({"epochs": 4, "checkpoint_every": 2})
+    (config_dir / "training.yaml").write_text(yaml.safe_dump(training_cfg))
+    settings = Settings.from_env()
+    drop = land_file(settings, SAMPLE_CSV)
+    modules = [data_stage, validation_stage, training_stage, security]
+    wanted = dg.AssetSelection.assets("dataset", "validated_dataset", "trained_model", "scan_report",
+                                      "model_signature", "attestation")
+    with dg.DagsterInstance.get() as instance:
+        result = dg.materialize(
+            [*dg.load_assets_from_modules(modules), *dg.load_asset_checks_from_modules(modules)],
+            instance=instance, resources=resources.build_resources(settings), raise_on_error=False,
+            selection=wanted,
+            run_config={"ops": {"dataset": {"config": {"drop": drop}}},
+                        "loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+        )
+    outcome = checks(result)
+    assert {"scan_report", "model_signature", "attestation"} <= materialized(result), outcome
+    for name in ("scan_report_clear", "model_signature_verifies", "attestation_verifies"):
+        assert outcome[name][0], (name, outcome[name])
+    store = settings.artifact_store()
+    with dg.DagsterInstance.get() as instance:
+        custody = CustodyResource(home=str(settings.home))
+        envelope_meta = custody.recorded(instance, dg.AssetKey("attestation"))
+        validated_meta = custody.recorded(instance, dg.AssetKey("validated_dataset"))
+    statement = json.loads(base64.b64decode(json.loads(store.get_bytes(envelope_meta["sha256"]))["payload"]))
+    resolved = {d["name"]: d for d in statement["predicate"]["buildDefinition"]["resolvedDependencies"]}
+    assert resolved["validated_dataset"]["digest"]["sha256"] == validated_meta["sha256"]
+    assert resolved["dataset"]["annotations"]["dvc_version"]
+    assert {s["name"] for s in statement["subject"]} >= {"model/model.safetensors", "model/config.json",
+                                                        "model/training_record.json", "model.sig"}
+    assert statement["predicate"]["buildDefinition"]["externalParameters"]["hyperparameters"]
