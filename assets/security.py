@@ -8,7 +8,6 @@ asset after it (registration, deployment).
 
 import hashlib
 import json
-import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,22 +29,6 @@ from secure_ml.sbom import DatasetRef
 SECURITY = "security"
 REPO = Path(__file__).resolve().parents[1]
 TRAINED_MODEL = dg.AssetKey("trained_model")
-
-
-_DEFINES_TRAINED_MODEL = re.compile(
-    r"def trained_model\(|name\s*=\s*[\"']trained_model[\"']|AssetSpec\(\s*[\"']trained_model[\"']")
-
-
-def _trained_model_defined_elsewhere() -> bool:
-    here = Path(__file__)
-    return any(_DEFINES_TRAINED_MODEL.search(module.read_text()) for module in here.parent.glob("*.py") if module != here)
-
-
-if not _trained_model_defined_elsewhere():
-    # Until the training stage lands, trained_model is an external asset so the graph still loads.
-    trained_model_placeholder = dg.AssetsDefinition(specs=[dg.AssetSpec(
-        TRAINED_MODEL, group_name="training",
-        description="Placeholder: the training stage (assets/training.py) defines this asset.")])
 
 
 @contextmanager
