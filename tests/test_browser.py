@@ -244,3 +244,18 @@ def test_automation_and_freshness_are_visible_on_the_asset_pages(page: Any, ui: 
     page.get_by_text("Fails if more than 7 days since last materialization").first.wait_for()
     page.get_by_text("Warns if more than 5 days since last materialization").first.wait_for()
     shoot(page, artifacts_dir, "freshness-deployment")
+
+
+def test_switched_off_every_sensor_and_schedule_is_listed_and_stopped(page: Any, ui: str, ui_home: Home,
+                                                                      artifacts_dir: Path) -> None:
+    """SECURE_ML_AUTOMATION=off (this module's webserver): everything listed, every toggle off."""
+    definitions = build_definitions(ui_home.settings)
+    names = sorted([s.name for s in definitions.sensors or []] + [s.name for s in definitions.schedules or []])
+    page.goto(f"{ui}/automation", wait_until="networkidle")
+    for name in names:
+        page.get_by_text(name, exact=True).first.wait_for()
+    boxes = page.locator('input[type="checkbox"]')
+    states = [boxes.nth(i).is_checked() for i in range(boxes.count())]
+    shoot(page, artifacts_dir, "automation-off")
+    assert len(states) == 1 + 2 * len(names)      # "select all", then a select box and a toggle per row
+    assert not any(states), "a sensor or schedule is running although SECURE_ML_AUTOMATION=off"
