@@ -355,6 +355,26 @@ def run_outcome(instance: dg.DagsterInstance, run_id: str) -> tuple[set[str], di
     return materialized, checks
 
 
+def bad_finished(instance: dg.DagsterInstance, run_id: str) -> float:
+    record = instance.get_run_record_by_id(run_id)
+    assert record is not None and record.end_time is not None
+    return float(record.end_time)
+
+
+def automation_ticks_after(instance: dg.DagsterInstance, after: float, *, count: int, timeout: float) -> list[Any]:
+    """The automation sensor's ticks that started after ``after`` (at least ``count`` of them)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = [s for s in instance.all_instigator_state() if s.name == "asset_automation"]
+        ticks = [t for state in states for t in instance.get_ticks(state.instigator_origin_id, state.selector_id,
+                                                                      limit=20)
+                 if t.timestamp > after and t.status.value != "STARTED"]
+        if len(ticks) >= count:
+            return ticks
+        time.sleep(1)
+    raise AssertionError(f"the automation sensor did not tick {count} times in {timeout:.0f}s")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_clean_drop_becomes_a_signed_candidate_and_a_poisoned_one_stops_at_validation(
@@ -390,7 +410,8 @@ def test_a_clean_drop_becomes_a_signed_candidate_and_a_poisoned_one_stops_at_val
             assert checks["validated_dataset:poisoning_score_under_threshold"] is False
             assert materialized <= {"dataset", "validated_dataset"}, materialized
             # automation must not pick the poisoned version up afterwards either
-            time.sleep(25)                                    # two automation ticks (10 s)
+            ticks = automation_ticks_after(instance, bad_finished(instance, bad.run_id), count=2, timeout=60)
+            assert all(not tick.run_ids for tick in ticks), [tick.run_ids for tick in ticks]
             for key in expected - {"dataset", "validated_dataset"}:
                 latest = instance.fetch_materializations(dg.AssetKey(key), limit=1).records
                 assert latest and latest[0].run_id == clean.run_id, f"{key} advanced past a failed check"
