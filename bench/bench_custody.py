@@ -6,7 +6,10 @@
   secure_ml.crypto, as a ratio to `openssl speed -evp aes-256-gcm -bytes 1048576` on one core.
   Both sides are measured in CPU seconds (openssl speed divides by user CPU time; ours counts
   user + system, so our file reads and writes are charged to us), because this machine is shared
-  and wall-clock time measures the neighbours.
+  and wall-clock time measures the neighbours. Measured twice: with the files on the disk
+  (bench/out/, where the output is written with O_DIRECT, see secure_ml.integrity) and on tmpfs
+  (/dev/shm, where every byte goes through page-cache memory: no disk, but no direct I/O either),
+  to tell the disk path from our code. Each is the best of 2 runs (CPU time on a shared VM is noisy).
 - peak memory while encrypting / decrypting it: the resident-set high-water mark of a fresh
   subprocess, reset after its imports (/proc/self/clear_refs), minus its resident set at that
   point; reported against the file size (goal: at most 64 MiB above the baseline).
@@ -66,8 +69,9 @@ def _child(operation: str, src: str, dst: str) -> None:
             size = crypto.decrypt_stream(source, target, keys)
     wall = time.perf_counter() - wall
     after = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    print(json.dumps({"bytes": size, "cpu_s": cpu, "wall_s": wall, "baseline_kib": baseline,
+    user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+    print(json.dumps({"bytes": size, "cpu_s": user + system, "user_s": user, "sys_s": system, "wall_s": wall,
+                      "baseline_kib": baseline,
                       "peak_kib": _status_kib("VmHWM")}))
 
 
@@ -78,6 +82,24 @@ def _measure(operation: str, src: Path, dst: Path, kek: str) -> dict[str, float]
     if result.returncode != 0:
         raise RuntimeError(f"{operation} child failed: {result.stderr.strip().splitlines()[-1:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def _round_trips(plain: Path, sealed: Path, back: Path, kek: str) -> tuple[dict[str, float], dict[str, float]]:
+    """Encrypt then decrypt, twice; the run with the least CPU of each (the neighbours only add)."""
+    encrypts, decrypts = [], []
+    for _ in range(2):
+        # A fresh output each time: replacing last run's 2 GiB file would charge its deletion
+        # (freeing its blocks inside rename) to the operation measured.
+        sealed.unlink(missing_ok=True)
+        encrypts.append(_measure("encrypt", plain, sealed, kek))
+        back.unlink(missing_ok=True)
+        decrypts.append(_measure("decrypt", sealed, back, kek))
+        if decrypts[-1]["bytes"] != plain.stat().st_size or encrypts[-1]["bytes"] != plain.stat().st_size:
+            raise RuntimeError("round trip size mismatch")
+    best = lambda runs: min(runs, key=lambda r: r["cpu_s"])  # noqa: E731
+    peak = lambda runs: max(r["peak_kib"] - r["baseline_kib"] for r in runs)  # noqa: E731
+    encrypt, decrypt = best(encrypts), best(decrypts)
+    return {**encrypt, "peak_above_kib": peak(encrypts)}, {**decrypt, "peak_above_kib": peak(decrypts)}
 
 
 # -- baselines ------------------------------------------------------------------------------------
@@ -188,28 +210,37 @@ def run(quick: bool) -> list[Figure]:
         _write_random_file(plain, size)
         kek = base64.b64encode(os.urandom(32)).decode()
         openssl = openssl_aes_gcm_bytes_per_s(1 if quick else 3)
-        encrypt = _measure("encrypt", plain, sealed, kek)
-        decrypt = _measure("decrypt", sealed, back, kek)
-        if decrypt["bytes"] != size or encrypt["bytes"] != size:
-            raise RuntimeError("round trip size mismatch")
+        runs: dict[str, tuple[dict[str, float], dict[str, float]]] = {"disk": _round_trips(plain, sealed, back, kek)}
+        back.unlink()
+        sealed.unlink()
+        shm = Path("/dev/shm")
+        if shm.is_dir() and shutil.disk_usage(shm).free > 3 * size:
+            shm_dir = Path(tempfile.mkdtemp(prefix="custody-", dir=shm))
+            try:
+                shutil.copyfile(plain, shm_dir / "plain.bin")
+                runs["tmpfs"] = _round_trips(shm_dir / "plain.bin", shm_dir / "sealed.smle", shm_dir / "back.bin", kek)
+            finally:
+                shutil.rmtree(shm_dir, ignore_errors=True)
+        encrypt, decrypt = runs["disk"]
         ratio_goal = 0.6
         memory_encrypt, memory_decrypt = in_memory_rates((64 if quick else 256) * MiB, kek)
         for name, rate in (("encrypt", memory_encrypt), ("decrypt", memory_decrypt)):
             figures.append(Figure(ISSUE, f"{name}_stream in memory -> /dev/null (MiB/s per CPU s)", rate, "MiB/s",
                                   "openssl speed aes-256-gcm 1MiB", openssl / MiB, f">= {ratio_goal}x",
                                   rate >= ratio_goal * openssl / MiB))
+        for where, (enc, dec) in runs.items():
+            for name, measured in (("encrypt", enc), ("decrypt", dec)):
+                rate = measured["bytes"] / measured["cpu_s"] / MiB
+                figures.append(Figure(
+                    ISSUE, f"{name} {label} file->file on {where} (MiB/s per CPU s: user {measured['user_s']:.2f}"
+                    f" + sys {measured['sys_s']:.2f}; wall {measured['wall_s']:.1f}s)",
+                    rate, "MiB/s", "openssl speed aes-256-gcm 1MiB", openssl / MiB,
+                    f">= {ratio_goal}x", rate >= ratio_goal * openssl / MiB))
         for name, measured in (("encrypt", encrypt), ("decrypt", decrypt)):
-            rate = measured["bytes"] / measured["cpu_s"] / MiB
-            figures.append(Figure(ISSUE, f"{name} {label} file->file (MiB/s per CPU s; wall {measured['wall_s']:.1f}s)",
-                                  rate, "MiB/s", "openssl speed aes-256-gcm 1MiB", openssl / MiB,
-                                  f">= {ratio_goal}x", rate >= ratio_goal * openssl / MiB))
-        for name, measured in (("encrypt", encrypt), ("decrypt", decrypt)):
-            peak = (measured["peak_kib"] - measured["baseline_kib"]) / 1024
+            peak = measured["peak_above_kib"] / 1024  # the worst of the runs on disk
             figures.append(Figure(ISSUE, f"peak RSS above baseline while {name}ing {label}", peak, "MiB",
                                   f"file size (baseline RSS {measured['baseline_kib'] / 1024:.0f} MiB)",
                                   size / MiB, "<= 64 MiB", peak <= 64))
-        back.unlink()
-        sealed.unlink()
 
         from secure_ml.integrity import sha256_file
 

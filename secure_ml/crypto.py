@@ -32,6 +32,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from secure_ml.errors import BadInput, IntegrityError, KeyUnavailable
+from secure_ml.integrity import direct_reader, finish_direct_read
 
 MAGIC = b"SMLENC"
 FORMAT_VERSION = 1
@@ -182,18 +183,34 @@ def encrypt_stream(
     fixed = _FIXED.pack(MAGIC, FORMAT_VERSION, ALGORITHM_AES256GCM_STREAM, chunk_size, nonce_prefix)
     dst.write(fixed + _key_slot(fixed, key_id, kek, data_key))
     aead = AESGCM(data_key)
+    direct = direct_reader(src)
+    if direct is not None:
+        try:
+            return _encrypt_chunks(direct, dst, aead, fixed, nonce_prefix, chunk_size)
+        finally:
+            finish_direct_read(src, direct)
+    return _encrypt_chunks(src, dst, aead, fixed, nonce_prefix, chunk_size)
+
+
+def _encrypt_chunks(src: BinaryIO, dst: BinaryIO, aead: AESGCM, fixed: bytes, nonce_prefix: bytes, chunk_size: int) -> int:
     # Two input buffers: the next chunk is read before this one is sealed, because only
     # reaching the end of the input tells us this chunk is the last (its nonce says so).
     current, following = memoryview(bytearray(chunk_size)), memoryview(bytearray(chunk_size))
     sealed = memoryview(bytearray(chunk_size + _TAG))
+    reserve = getattr(dst, "reserve", None)  # secure_ml.integrity's streaming writer
     total = 0
     counter = 0
     length = _fill(src, current)
     while True:
         following_length = _fill(src, following) if length == chunk_size else 0
         last = following_length == 0
-        written = aead.encrypt_into(_nonce(nonce_prefix, counter, last), current[:length], fixed, sealed[: length + _TAG])
-        dst.write(sealed[:written])
+        room = reserve(length + _TAG) if reserve is not None else None
+        if room is None:
+            written = aead.encrypt_into(_nonce(nonce_prefix, counter, last), current[:length], fixed, sealed[: length + _TAG])
+            dst.write(sealed[:written])
+        else:  # sealed straight into the writer's direct-I/O stage: no copy
+            dst.commit(aead.encrypt_into(_nonce(nonce_prefix, counter, last), current[:length], fixed, room))  # type: ignore[attr-defined]
+            del room
         total += length
         if last:
             return total
@@ -212,9 +229,21 @@ def decrypt_stream(src: BinaryIO, dst: BinaryIO, keys: KeySource) -> int:
     """
     header = read_header(src)
     aead = AESGCM(unwrap_data_key(header, keys))
+    direct = direct_reader(src)
+    if direct is not None:
+        try:
+            return _decrypt_chunks(direct, dst, aead, header)
+        finally:
+            finish_direct_read(src, direct)
+    return _decrypt_chunks(src, dst, aead, header)
+
+
+def _decrypt_chunks(src: BinaryIO, dst: BinaryIO, aead: AESGCM, header: Header) -> int:
     sealed_size = header.chunk_size + _TAG
     current, following = memoryview(bytearray(sealed_size)), memoryview(bytearray(sealed_size))
     plain = memoryview(bytearray(header.chunk_size))
+    reserve = getattr(dst, "reserve", None)  # secure_ml.integrity's streaming writer
+    room: memoryview | None = None
     total = 0
     counter = 0
     length = _fill(src, current)
@@ -224,11 +253,17 @@ def decrypt_stream(src: BinaryIO, dst: BinaryIO, keys: KeySource) -> int:
         try:
             if length < _TAG:
                 raise InvalidTag
+            room = reserve(length - _TAG) if reserve is not None else None
+            # In place into the writer's stage: committed only once the tag verified.
             size = aead.decrypt_into(_nonce(header.nonce_prefix, counter, last), current[:length],
-                                     header.fixed, plain[: length - _TAG])
+                                     header.fixed, plain[: length - _TAG] if room is None else room)
         except InvalidTag:
             raise _explain_chunk_failure(aead, header, counter, bytes(current[:length]), last) from None
-        dst.write(plain[:size])
+        if room is None:
+            dst.write(plain[:size])
+        else:
+            dst.commit(size)  # type: ignore[attr-defined]
+            del room
         total += size
         if last:
             return total

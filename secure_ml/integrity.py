@@ -15,6 +15,7 @@ import hashlib
 import io
 import mmap
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -166,6 +167,21 @@ class _StreamingFile(io.FileIO):
             fcntl.fcntl(self.fileno(), fcntl.F_SETFL, fcntl.fcntl(self.fileno(), fcntl.F_GETFL) & ~os.O_DIRECT)
             self._direct = False
 
+    def reserve(self, size: int) -> memoryview | None:
+        """Room for ``size`` bytes in the stage, to be filled in place and then :meth:`commit`ted
+        (saves a copy); None when not writing direct (then use ``write``)."""
+        if not self._direct or size > STAGE_SIZE - _ALIGN:
+            return None
+        if STAGE_SIZE - self._staged < size:
+            self._write_stage(final=False)
+            if not self._direct:
+                return None
+        return self._view[self._staged : self._staged + size]
+
+    def commit(self, size: int) -> None:
+        """Count ``size`` bytes written in place at the start of the last :meth:`reserve`."""
+        self._staged += size
+
     def drain(self) -> None:
         """Hand every staged byte to the kernel (after this, fsync covers all that was written)."""
         if self._staged or self._direct:
@@ -189,8 +205,9 @@ class _StreamingFile(io.FileIO):
         finally:
             super().close()
             if self._stage is not None:
-                self._view.release()
-                self._stage.close()
+                with contextlib.suppress(BufferError):  # a caller still holds a view: GC frees it
+                    self._view.release()
+                    self._stage.close()
                 self._stage = None
 
 
@@ -202,11 +219,98 @@ class _StreamingWriter(io.BufferedWriter):
         if not self.raw.closed:
             self.raw.drain()  # type: ignore[attr-defined]
 
+    def reserve(self, size: int) -> memoryview | None:
+        """See _StreamingFile.reserve: bytes buffered here go to the stage first, in order."""
+        super().flush()
+        return self.raw.reserve(size)  # type: ignore[attr-defined,no-any-return]
+
+    def commit(self, size: int) -> None:
+        self.raw.commit(size)  # type: ignore[attr-defined]
+
 
 def streaming_writer(fd: int) -> BinaryIO:
     """A buffered binary writer over ``fd`` (which it owns) that keeps written pages out of the
     page cache (direct I/O, or sync-and-drop); ``flush`` hands everything to the kernel."""
     return _StreamingWriter(_StreamingFile(fd, "wb", closefd=True), buffer_size=1 << 16)  # type: ignore[return-value]
+
+
+class _DirectReader(io.RawIOBase):
+    """Reads a regular file front to back with O_DIRECT through a page-aligned stage.
+
+    Made by :func:`direct_reader`. The bytes come from the disk (DMA) into the stage and are
+    copied out by ``readinto``: no page-cache pages to allocate, copy and evict. A file that
+    shrinks meanwhile only reads short (plain reads, no mmap: no SIGBUS).
+    """
+
+    def __init__(self, fd: int, start: int) -> None:
+        super().__init__()
+        self._fd = fd
+        self._stage = mmap.mmap(-1, STAGE_SIZE)
+        with contextlib.suppress(AttributeError, OSError):
+            self._stage.madvise(mmap.MADV_HUGEPAGE)
+        self._view = memoryview(self._stage)
+        self._offset = start - start % _ALIGN  # file offset of the stage's first byte
+        self._begin = start % _ALIGN  # next unread byte in the stage
+        self._end = 0  # valid bytes in the stage
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        target = memoryview(buffer).cast("B")
+        if self._begin >= self._end and not self._refill():
+            return 0
+        piece = min(len(target), self._end - self._begin)
+        target[:piece] = self._view[self._begin : self._begin + piece]
+        self._begin += piece
+        return piece
+
+    def _refill(self) -> bool:
+        position = self._offset + self._begin
+        aligned = position - position % _ALIGN
+        got = os.preadv(self._fd, [self._view], aligned)  # short only at the end of the file
+        self._offset, self._begin, self._end = aligned, position - aligned, got
+        return self._begin < self._end
+
+    def position(self) -> int:
+        return self._offset + self._begin
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+            self._view.release()
+            self._stage.close()
+        super().close()
+
+
+def direct_reader(src: Any) -> _DirectReader | None:
+    """An O_DIRECT reader over the rest of ``src`` when it is a plain regular file opened for
+    reading (its own position is left alone; see :func:`finish_direct_read`), else None."""
+    if type(src) not in (io.BufferedReader, io.FileIO) or not hasattr(os, "O_DIRECT"):
+        return None
+    try:
+        fd = src.fileno()
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or not src.seekable():
+            return None
+        start = src.tell()
+        direct = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return None
+    try:
+        if not os.path.samestat(os.fstat(direct), os.fstat(fd)):
+            os.close(direct)
+            return None
+        return _DirectReader(direct, start)
+    except BaseException:
+        os.close(direct)
+        raise
+
+
+def finish_direct_read(src: Any, reader: _DirectReader) -> None:
+    """Move ``src`` to where ``reader`` stopped and release the reader."""
+    with contextlib.suppress(OSError, ValueError):
+        src.seek(reader.position())
+    reader.close()
 
 
 def _fsync_dir(directory: Path) -> None:
