@@ -89,7 +89,9 @@ def run_pipeline(settings: Settings, *, selection: str | None = None,
             tags=tags or {},
             raise_on_error=False,
         )
-        return summarise(result, sorted(chosen.resolve(graph), key=lambda k: k.to_user_string()), definitions)
+        picked = chosen.resolve(graph)
+        in_pipeline_order = [key for key in graph.toposorted_asset_keys if key in picked]
+        return summarise(result, in_pipeline_order, definitions)
 
 
 def parse_selection(text: str | None) -> dg.AssetSelection:

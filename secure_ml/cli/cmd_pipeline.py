@@ -64,7 +64,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"  asset {asset['asset']:<24} {state}")
         for check in summary["checks"]:
             mark = "PASS" if check["passed"] else "FAIL"
-            print(f"  check {check['asset']}:{check['check']:<40} {mark}  {check['reason']}")
+            name = f"{check['asset']}:{check['check']}"
+            print(f"  check {name:<52} {mark}  {check['reason']}")
         for failure in summary["step_failures"]:
             print(f"  step {failure['step']} failed: {failure['error']}")
     if summary["failed_blocking_checks"]:
