@@ -11,10 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from secure_ml import ingest
 from secure_ml.errors import BadInput
 from secure_ml.integrity import atomic_write
-from secure_ml.schema import dump_schema, infer_schema
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -31,6 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def cmd_schema_init(args: argparse.Namespace) -> int:
+    # pandas is imported only by this command, so every other command starts fast.
+    from secure_ml import ingest
+    from secure_ml.schema import dump_schema, infer_schema
+
     path: Path = args.data_file
     if not path.is_file():
         raise BadInput(f"no such data file: {path}")
