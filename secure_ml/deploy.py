@@ -282,7 +282,8 @@ class Release:
     def verifiers(self) -> Verifiers:
         if callable(self._verifiers) and not isinstance(self._verifiers, Verifiers):
             self._verifiers = self._verifiers()  # resolved lazily: status and approve need no signer config
-        assert isinstance(self._verifiers, Verifiers)
+        if not isinstance(self._verifiers, Verifiers):
+            raise ConfigurationError("model verifiers are not configured")
         return self._verifiers
 
     @property

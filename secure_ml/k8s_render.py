@@ -28,6 +28,10 @@ MODELS_MOUNT = "/models"
 TRUST_MOUNT = "/etc/secure-ml/trust"
 TOKENS_MOUNT = "/etc/secure-ml/tokens"
 UID = 10001
+# In the pod: an in-memory emptyDir private to the pod (not a shared host /tmp).
+POD_TMP = "/tmp"  # nosec B108
+# In the pod the server must listen on the pod IP; the NetworkPolicy decides who reaches it.
+POD_BIND = "0.0.0.0"  # nosec B104
 
 _DEFAULTS: dict[str, Any] = {
     "namespace": "secure-ml",
@@ -38,7 +42,7 @@ _DEFAULTS: dict[str, Any] = {
     "allowed_client_labels": {"app.kubernetes.io/name": "secure-ml-gateway"},
     "models_claim": "secure-ml-models",
     "trust_config_map": "secure-ml-trust",
-    "tokens_secret": "secure-ml-serving-tokens",
+    "tokens_secret": "secure-ml-serving-tokens",  # nosec B105 - a Secret's name, not a secret
     "resources": {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
 }
 
@@ -73,7 +77,7 @@ def render(config: Mapping[str, Any], *, version: str, model_digest: str) -> lis
     mounts = [
         {"name": "models", "mountPath": MODELS_MOUNT, "readOnly": True},
         {"name": "trust", "mountPath": TRUST_MOUNT, "readOnly": True},
-        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "tmp", "mountPath": POD_TMP},
     ]
     verify = {
         "name": "verify-model",
@@ -84,7 +88,7 @@ def render(config: Mapping[str, Any], *, version: str, model_digest: str) -> lis
         # the signature verifies against the trust anchors: a swapped volume never serves.
         "args": ["verify-model", f"{model_path}/model", "--signature", f"{model_path}/model.sig",
                  "--public-key", f"{TRUST_MOUNT}/model-signing.pub", "--digest", pinned],
-        "env": [{"name": "SECURE_ML_HOME", "value": "/tmp/secure-ml"}],
+        "env": [{"name": "SECURE_ML_HOME", "value": f"{POD_TMP}/secure-ml"}],
         "resources": resources,
         "securityContext": _container_security(),
         "volumeMounts": mounts,
@@ -96,8 +100,8 @@ def render(config: Mapping[str, Any], *, version: str, model_digest: str) -> lis
         "command": ["secure-ml"],
         "args": ["serve", "--model-dir", model_path, "--digest", pinned,
                  "--public-key", f"{TRUST_MOUNT}/model-signing.pub",
-                 "--tokens", f"{TOKENS_MOUNT}/tokens.json", "--host", "0.0.0.0", "--port", str(port)],
-        "env": [{"name": "SECURE_ML_HOME", "value": "/tmp/secure-ml"}],
+                 "--tokens", f"{TOKENS_MOUNT}/tokens.json", "--host", POD_BIND, "--port", str(port)],
+        "env": [{"name": "SECURE_ML_HOME", "value": f"{POD_TMP}/secure-ml"}],
         "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
         "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10,

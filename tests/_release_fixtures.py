@@ -39,23 +39,25 @@ CLEAN_SCAN = {"blocking": False, "counts": {"high": 0, "medium": 0, "low": 1},
 
 
 def make_model_dir(path: Path, *, seed: int = 0, poison_nan: bool = False) -> Path:
+    """A model directory in the training stage's own format (secure_ml.training), small and seeded."""
     import torch
     from safetensors.torch import save_file
 
+    from secure_ml import training
+
     torch.manual_seed(seed)
-    inputs = len(NUMERIC) + sum(len(c) for c in CATEGORICAL.values())
-    net = torch.nn.Sequential(torch.nn.Linear(inputs, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
-    tensors = {f"net.{k}": v.detach().clone().contiguous() for k, v in net.state_dict().items()}
+    prep = training.Preprocessing("credit_risk", dict(NUMERIC), {k: tuple(v) for k, v in CATEGORICAL.items()})
+    net = training.build_model(prep.width, [8], 0.0)
+    tensors = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
     if poison_nan:
-        tensors["net.2.bias"] = torch.tensor([float("nan")])
+        last = sorted(k for k in tensors if k.endswith(".bias"))[-1]
+        tensors[last] = torch.full_like(tensors[last], float("nan"))
     path.mkdir(parents=True)
-    save_file(tensors, str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps({"architecture": "mlp", "hidden": [8], "threshold": 0.5}))
-    (path / "preprocessing.json").write_text(json.dumps({
-        "features": [*NUMERIC, *CATEGORICAL],
-        "numeric": {n: {"mean": m, "std": s} for n, (m, s) in NUMERIC.items()},
-        "categorical": CATEGORICAL,
-    }))
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": training.MODEL_FORMAT})
+    (path / "config.json").write_text(json.dumps({
+        "format": training.MODEL_FORMAT, "architecture": "tabular-mlp", "inputs": prep.width, "hidden": [8],
+        "dropout": 0.0, "outputs": 1, "threshold": 0.5}))
+    (path / "preprocessing.json").write_text(json.dumps(prep.to_json()))
     (path / "training_record.json").write_text(json.dumps({"seed": seed, "actor": "bob"}))
     (path / "MODEL_CARD.md").write_text("# test model\n")
     return path
