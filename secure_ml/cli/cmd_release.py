@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     status.set_defaults(handler=cmd_status)
 
     approve = sub.add_parser("approve", help="approve a model version (a second identity)")
-    approve.add_argument("version", help="v1, sha256:<prefix>, or a stage name")
+    approve.add_argument("version", help="v1, sha256:<prefix>, or a stage (staging: the newest awaiting approval)")
     approve.add_argument("--as", dest="identity", required=True, help="the approving identity")
     approve.set_defaults(handler=cmd_approve)
 
@@ -108,6 +108,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_approve(args: argparse.Namespace) -> int:
     release = _release(Settings.from_env(), actor=args.identity)
+    if args.version == "staging" and not any(v.stage == "staging" for v in release.registry.versions()):
+        # `approve staging` in a re-run demo: nothing waits, and that is not an error.
+        live = release.registry.production()
+        if live is not None:
+            print(f"nothing awaits approval; {live.version} is in production")
+            return 0
     version, decision = release.approve(args.version, identity=args.identity)
     print(f"{args.identity} approved {version.version}")
     if decision.allowed:
