@@ -13,6 +13,12 @@ import pytest
 from secure_ml.settings import Settings, init_home
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Tests build their own homes; nothing from the caller's shell (`make` exports SECURE_ML_HOME and
+# DAGSTER_HOME for the demo) may point them at the developer's real home, keys or Dagster instance.
+for _variable in ("SECURE_ML_HOME", "DAGSTER_HOME", "SECURE_ML_KEK", "SECURE_ML_KEK_RETIRED",
+                  "SECURE_ML_CONFIG", "SECURE_ML_ENV", "SECURE_ML_ACTOR", "SECURE_ML_WEBHOOK_URL"):
+    os.environ.pop(_variable, None)
 SAMPLE_CSV = REPO / "data" / "sample" / "german_credit.csv"
 ARTIFACTS = REPO / "test-artifacts"
 
