@@ -91,8 +91,24 @@ SENSORS = [asset_automation]
 def executor_for(settings: Any) -> dg.ExecutorDefinition | None:
     """``in_process`` where automation.yaml ``executor.<env>`` says so; None keeps Dagster's default."""
     choice = str((section("executor").get(settings.env) or "default")).strip()
+    if choice == "k8s":
+        return _k8s_job_executor()
     if choice == "in_process":
         return dg.in_process_executor
     if choice in ("default", "multiprocess"):
         return None if choice == "default" else dg.multiprocess_executor
-    raise ConfigurationError(f"automation.yaml: executor.{settings.env} must be in_process, multiprocess or default")
+    raise ConfigurationError(f"automation.yaml: executor.{settings.env} must be in_process, multiprocess, k8s or default")
+
+
+def _k8s_job_executor() -> dg.ExecutorDefinition:
+    """One hardened pod per step (dagster-k8s), configured from k8s/job_executor.yaml when present."""
+    from pathlib import Path
+
+    import yaml
+    from dagster_k8s import k8s_job_executor
+
+    path = Path(__file__).resolve().parents[1] / "k8s" / "job_executor.yaml"
+    if not path.exists():  # an image without the k8s/ folder: configure it per run instead
+        return k8s_job_executor
+    config = (yaml.safe_load(path.read_text()) or {}).get("execution", {}).get("config") or {}
+    return k8s_job_executor.configured(config, name="k8s_job_executor")
