@@ -33,8 +33,14 @@ install: $(STAMP)
 init: install
 	$(BIN)/secure-ml init
 
+# The pipeline registers a candidate; a second person approves it (carol, an approver) and a third
+# deploys it (dave, a deployer) after the deploy gate re-verifies it from its bytes.
 demo: init
 	$(BIN)/secure-ml pipeline run
+	$(BIN)/secure-ml approve staging --as carol
+	SECURE_ML_ACTOR=dave $(BIN)/secure-ml deploy
+	$(BIN)/secure-ml status
+	$(BIN)/secure-ml audit verify
 
 # Browser tests need Debian's chromium; the storage tests need a PostgreSQL server binary.
 system-deps:
