@@ -2,6 +2,7 @@
 
     secure-ml scan PATH [--foreign] [--json]          model files (exit 1 on a blocking finding)
     secure-ml verify-model MODEL_DIR --signature SIG [--public-key PEM | --identity ID --issuer URL]
+                           [--digest sha256:<hex>]   also pin the directory's tree digest (k8s init container)
     secure-ml verify-attestation ENVELOPE --model MODEL_DIR --signature SIG [--public-key PEM]
     secure-ml model export [VERSION] DIR              decrypt, verify, write model + bundle + attestation + key
 
@@ -23,7 +24,7 @@ from typing import Any
 
 from secure_ml import attestation, scanning, signing
 from secure_ml.errors import BadInput, VerificationError
-from secure_ml.integrity import sha256_file, sha256_tree
+from secure_ml.integrity import sha256_file, sha256_tree, tree_digest
 from secure_ml.settings import Settings
 
 
@@ -38,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     verify = sub.add_parser("verify-model", help="verify a model directory against its signature bundle")
     verify.add_argument("model_dir", type=Path)
     verify.add_argument("--signature", type=Path, required=True)
+    verify.add_argument("--digest", help="sha256:<64 hex> the model directory's tree digest must equal "
+                                          "(integrity.tree_digest; what the Kubernetes init container pins)")
     _trust_args(verify)
     verify.set_defaults(handler=cmd_verify_model)
 
@@ -106,15 +109,35 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pinned_digest(value: str | None) -> str | None:
+    """The 64-hex digest of ``--digest sha256:<hex>`` (as k8s_render pins it), or BadInput."""
+    if value is None:
+        return None
+    hexpart = value[len("sha256:"):] if value.startswith("sha256:") else ""
+    if len(hexpart) != 64 or any(c not in "0123456789abcdef" for c in hexpart):
+        raise BadInput(f"--digest must be sha256:<64 lowercase hex>, not {value[:80]!r}")
+    return hexpart
+
+
 def cmd_verify_model(args: argparse.Namespace) -> int:
+    pinned = _pinned_digest(args.digest)
     settings = _settings()
     try:
+        if pinned is not None:
+            if not args.model_dir.is_dir():
+                raise VerificationError(f"model directory not found: {args.model_dir}")
+            actual = tree_digest(sha256_tree(args.model_dir))
+            if actual != pinned:
+                raise VerificationError(f"model directory hashes to sha256:{actual[:16]}…, "
+                                        f"not the pinned sha256:{pinned[:16]}…")
         verified = signing.verify_model(args.model_dir, args.signature, _trust(args, settings))
     except VerificationError as exc:
         _audit(settings, "verify.model", str(args.model_dir.absolute()), "fail", {"reason": exc.explain()})
         raise
-    _audit(settings, "verify.model", str(args.model_dir.absolute()), "pass", {"signer": verified.signer})
-    print(f"verified: {len(verified.files)} files in {args.model_dir} signed by {verified.signer}")
+    details = {"signer": verified.signer} | ({"digest": f"sha256:{pinned}"} if pinned else {})
+    _audit(settings, "verify.model", str(args.model_dir.absolute()), "pass", details)
+    pin = f", tree digest sha256:{pinned[:16]}… as pinned" if pinned else ""
+    print(f"verified: {len(verified.files)} files in {args.model_dir} signed by {verified.signer}{pin}")
     return 0
 
 
