@@ -22,8 +22,8 @@ from resources.security import SigningResource
 from secure_ml import attestation as provenance
 from secure_ml import scanning
 from secure_ml import signing as signatures
-from secure_ml.errors import Error
-from secure_ml.integrity import sha256_file, sha256_tree
+from secure_ml.errors import BadInput, Error
+from secure_ml.integrity import sha256_file
 from secure_ml.sbom import DatasetRef
 
 SECURITY = "security"
@@ -121,9 +121,11 @@ def model_signature(context: dg.AssetExecutionContext, trained_model: dict[str, 
                   else "the scan report has blocking findings")
         custody.record(context, "sign.model", subject=f"sha256:{tree}", outcome="deny", details={"reason": reason})
         raise dg.Failure(f"refusing to sign: {reason}")
-    with _model_dir(context, custody, tree) as model_dir, tempfile.TemporaryDirectory() as tmp:
+    # Signed from the custody digests: the store hashed each file as it encrypted it and checks that
+    # digest on every read (the verify check below, a deploy, an export), so nothing is hashed twice.
+    with tempfile.TemporaryDirectory() as tmp:
         try:
-            bundle = signing.sign_model(model_dir, Path(tmp) / "model.sig")
+            bundle = signing.sign_files(custody.store(context).tree_files(tree), Path(tmp) / "model.sig")
         except Error as exc:
             custody.record(context, "sign.model", subject=f"sha256:{tree}", outcome="fail",
                            details={"reason": exc.explain()})
@@ -172,9 +174,9 @@ def attestation(context: dg.AssetExecutionContext, trained_model: dict[str, Any]
     signature bundle; code commit, lock digest, configuration, hyper-parameters, dataset digests with DVC
     versions, builder and run id. Guarded by: verifies, and its subjects match the signed model."""
     tree = str(trained_model["sha256"])
-    with _model_dir(context, custody, tree) as model_dir:
-        files = sha256_tree(model_dir)
-        hyper = _hyperparameters(model_dir)
+    store = custody.store(context)
+    files = store.tree_files(tree)
+    hyper = _hyperparameters(store, files)
     run = context.instance.get_run_record_by_id(context.run_id)
     started = datetime.fromtimestamp(run.start_time, UTC).isoformat() if run and run.start_time else _now()
     config = signing.config()
@@ -230,10 +232,12 @@ def _byproducts(custody: CustodyResource, context: Any) -> list[dict[str, Any]]:
              "mediaType": "application/vnd.cyclonedx+json"}]
 
 
-def _hyperparameters(model_dir: Path) -> dict[str, Any]:
+def _hyperparameters(store: Any, files: dict[str, str]) -> dict[str, Any]:
+    if "training_record.json" not in files:
+        return {}
     try:
-        record = json.loads((model_dir / "training_record.json").read_text())
-    except (OSError, ValueError):
+        record = store.get_json(files["training_record.json"])
+    except BadInput:
         return {}
     if not isinstance(record, dict):
         return {}

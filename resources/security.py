@@ -1,6 +1,6 @@
 """The signing resource: the one holder of the model-signing key.
 
-Assets ask it to sign a model directory or an attestation and get bundle bytes back; the private
+Assets ask it to sign a stored model (its custody digests) or an attestation and get bundle bytes back; the private
 key's path stays inside (it is never returned, logged or put in metadata), and the key itself is
 created lazily (ECDSA P-256, 0600, under ``$SECURE_ML_HOME/keys``) the first time it is needed.
 Verification needs no secret: it uses the trust policy from ``security.yaml``.
@@ -68,11 +68,11 @@ class SigningResource(dg.ConfigurableResource):  # type: ignore[type-arg]
             self._private_key()  # the trusted local public key exists before anyone verifies with it
         return signing.TrustPolicy.from_config(self.config(), Path(self.home))
 
-    def sign_model(self, model_dir: Path, signature_path: Path) -> bytes:
-        algorithm = str(self.config().get("signing", {}).get("hash", "sha256"))
+    def sign_files(self, files: dict[str, str], signature_path: Path) -> bytes:
+        """Sign a stored model from its custody digests (``{relative path: sha256}``)."""
         if self.method() == "sigstore":
-            return signing.sign_model_keyless(model_dir, signature_path, hash_algorithm=algorithm)
-        return signing.sign_model(model_dir, signature_path, private_key=self._private_key(), hash_algorithm=algorithm)
+            return signing.sign_files_keyless(files, signature_path)
+        return signing.sign_files(files, signature_path, private_key=self._private_key())
 
     def sign_statement(self, statement: dict[str, Any]) -> bytes:
         return attestation.sign_envelope(statement, private_key=self._private_key())

@@ -2,10 +2,14 @@
 
     key = ensure_signing_key(home / "keys" / "model-signing.pem")     # P-256, 0600, created once
     sign_model(model_dir, sig_path, private_key=key)                  # offline, elliptic-key bundle
+    sign_files(store.tree_files(tree), sig_path, private_key=key)     # a stored model: no re-hashing
     trust = TrustPolicy.from_config(load_config("security"), home)    # trusted keys and identities
     verified = verify_model(model_dir, sig_path, trust)               # raises VerificationError
 
-Keyless signing (``sign_model_keyless``) uses Sigstore with an OIDC identity: an explicit token,
+The manifest is model-signing's per-file SHA-256 one, whichever way it was made, so our bundles
+verify with the upstream ``model_signing verify`` command and we verify what it signs.
+
+Keyless signing (``sign_model_keyless``, ``sign_files_keyless``) uses Sigstore with an OIDC identity: an explicit token,
 ``SIGSTORE_ID_TOKEN``, or ambient CI credentials. It needs the network; without an identity it
 refuses with one clear line. Sigstore bundles verify offline, against the trusted root that ships
 inside sigstore-python (no TUF refresh).
@@ -25,17 +29,17 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from secure_ml.errors import BadInput, ConfigurationError, VerificationError
-from secure_ml.integrity import atomic_write, atomic_write_bytes, list_tree
+from secure_ml.errors import BadInput, ConfigurationError, Error, VerificationError
+from secure_ml.integrity import atomic_write, atomic_write_bytes, list_tree, sha256_tree
 
 KEY_BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 MODEL_SIGNING_PREDICATE = "https://model_signing/signature/v1.0"
-SHARD_SIZE = 1_000_000_000
+_HEX_DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 
 # -- keys ---------------------------------------------------------------------------------------
@@ -100,29 +104,35 @@ def key_hint(public_key_pem: bytes) -> str:
     return hashlib.sha256(canonical).hexdigest()
 
 
-# -- hashing ------------------------------------------------------------------------------------
-HASH_ALGORITHMS = ("sha256", "blake3")
+# -- manifests ----------------------------------------------------------------------------------
+def _manifest(files: Mapping[str, str], model_name: str) -> Any:
+    """model-signing's per-file SHA-256 manifest for ``{relative path: sha256 hex}``.
 
-
-def hashing_config(algorithm: str = "sha256") -> Any:
-    """Per-file digests, every path covered (git paths too); SHA-256 by default.
-
-    Per-file SHA-256 is what the upstream ``model_signing verify`` command recomputes, so our
-    bundles verify there too. Not sharded: model-signing 1.1.1 reads a signed ``shard_size`` back
-    as a float and its own verifier then fails. ``blake3`` (a cryptographic hash model-signing
-    supports, recorded in the signed manifest) is about twice as fast here and verifies with our
-    verifier and the library API, but not with the 1.1.1 CLI, which always recomputes SHA-256.
+    The same manifest model-signing builds when it hashes the directory itself (every path, git
+    paths included, no symlinks), so the upstream ``model_signing verify`` command recomputes and
+    accepts it. The names and digests are checked: plain relative POSIX paths, 64 hex digits.
     """
-    from model_signing import hashing
+    from model_signing import manifest
+    from model_signing._hashing import hashing
 
-    if algorithm not in HASH_ALGORITHMS:
-        raise ConfigurationError(f"signing hash must be one of {', '.join(HASH_ALGORITHMS)}, not {algorithm!r}")
-    return hashing.Config().use_file_serialization(hashing_algorithm=algorithm).set_ignored_paths(
-        paths=[], ignore_git_paths=False)
+    if not files:
+        raise BadInput("nothing to sign: the model has no files")
+    items = []
+    for name, digest in sorted(files.items()):
+        parts = PurePosixPath(name).parts if isinstance(name, str) else ()
+        if not parts or name != "/".join(parts) or parts[0] == "/" or any(p in {".", ".."} for p in parts):
+            raise BadInput(f"cannot sign {str(name)[:80]!r}: not a plain relative path")
+        if not isinstance(digest, str) or not _HEX_DIGEST.match(digest):
+            raise BadInput(f"cannot sign {name!r}: its digest is not a SHA-256 hex string")
+        items.append(manifest.FileManifestItem(path=PurePosixPath(name),
+                                               digest=hashing.Digest("sha256", bytes.fromhex(digest))))
+    return manifest.Manifest(model_name, items, manifest._FileSerialization("sha256", False, []))
 
 
 def _verifying_hashing_config(bundle: dict[str, Any]) -> Any:
-    """For a sharded bundle, the hashing config it names with an integer shard size (see above)."""
+    """For a sharded bundle (e.g. signed by the upstream CLI), the hashing config it names with an
+    integer shard size: model-signing 1.1.1 reads a signed ``shard_size`` back as a float and its
+    own verifier then fails."""
     from model_signing import hashing
 
     try:
@@ -142,23 +152,44 @@ def _check_model_dir(model_dir: Path) -> None:
     list_tree(model_dir)  # refuses symlinks with a clear message
 
 
-# -- signing ------------------------------------------------------------------------------------
-def sign_model(model_dir: Path | str, signature_path: Path | str, *, private_key: Path | str,
-               hash_algorithm: str = "sha256") -> bytes:
-    """Sign ``model_dir`` with the elliptic key (offline); writes and returns the bundle bytes."""
-    from model_signing import signing
+def _sign(signer: Any, files: Mapping[str, str], signature_path: Path, model_name: str) -> bytes:
+    from model_signing._signing import signing
 
+    payload = signing.Payload(_manifest(files, model_name))
+    with _staging(signature_path) as staging:
+        signer.sign(payload).write(staging)
+        data = staging.read_bytes()
+    atomic_write_bytes(signature_path, data, mode=0o644)
+    return data
+
+
+# -- signing ------------------------------------------------------------------------------------
+def sign_model(model_dir: Path | str, signature_path: Path | str, *, private_key: Path | str) -> bytes:
+    """Sign ``model_dir`` with the elliptic key (offline); writes and returns the bundle bytes.
+
+    Hashes every file (SHA-256, in parallel). A model already in custody is signed from the
+    digests the store recorded instead: :func:`sign_files`.
+    """
     model_dir, signature_path = Path(model_dir), Path(signature_path)
     _check_model_dir(model_dir)
     if signature_path.absolute().is_relative_to(model_dir.absolute()):
         raise BadInput("the signature must be written outside the model directory it signs")
     _load_private(Path(private_key))  # a clear error for a missing or unusable key
-    with _staging(signature_path) as staging:
-        signing.Config().use_elliptic_key_signer(private_key=private_key).set_hashing_config(
-            hashing_config(hash_algorithm)).sign(model_dir, staging)
-        data = staging.read_bytes()
-    atomic_write_bytes(signature_path, data, mode=0o644)
-    return data
+    return sign_files(sha256_tree(model_dir), signature_path, private_key=private_key, model_name=model_dir.name)
+
+
+def sign_files(files: Mapping[str, str], signature_path: Path | str, *, private_key: Path | str,
+               model_name: str = "model") -> bytes:
+    """Sign a model given as ``{relative path: sha256}`` (offline, elliptic key), without reading it.
+
+    For a model in the artifact store: the digests are the ones the store computed as it encrypted
+    each file and checks again on every read, so the signature covers exactly what is in custody
+    and no byte is hashed twice. Verification still hashes every file it is given.
+    """
+    from model_signing._signing import sign_ec_key
+
+    _load_private(Path(private_key))
+    return _sign(sign_ec_key.Signer(Path(private_key)), files, Path(signature_path), model_name)
 
 
 def oidc_token(environ: dict[str, str] | None = None) -> str | None:
@@ -175,27 +206,32 @@ def oidc_token(environ: dict[str, str] | None = None) -> str | None:
 
 
 def sign_model_keyless(model_dir: Path | str, signature_path: Path | str, *, identity_token: str | None = None,
-                       environ: dict[str, str] | None = None, hash_algorithm: str = "sha256") -> bytes:
+                       environ: dict[str, str] | None = None) -> bytes:
     """Sign with Sigstore keyless (Fulcio certificate + Rekor entry); needs an OIDC identity and the network."""
-    from model_signing import signing
-
-    model_dir, signature_path = Path(model_dir), Path(signature_path)
+    model_dir = Path(model_dir)
     _check_model_dir(model_dir)
+    return sign_files_keyless(sha256_tree(model_dir), signature_path, identity_token=identity_token,
+                              environ=environ, model_name=model_dir.name)
+
+
+def sign_files_keyless(files: Mapping[str, str], signature_path: Path | str, *, identity_token: str | None = None,
+                       environ: dict[str, str] | None = None, model_name: str = "model") -> bytes:
+    """:func:`sign_files` with Sigstore keyless instead of the local key."""
+    from model_signing._signing import sign_sigstore
+
     token = identity_token or oidc_token(environ)
     if not token:
         raise ConfigurationError("Sigstore keyless signing needs an OIDC identity: set SIGSTORE_ID_TOKEN or run "
                                  "where ambient credentials exist (e.g. GitHub Actions with id-token: write), "
                                  "or use signing.method: key")
-    with _staging(signature_path) as staging:
-        try:
-            signing.Config().use_sigstore_signer(identity_token=token).set_hashing_config(
-                hashing_config(hash_algorithm)).sign(model_dir, staging)
-        except Exception as exc:  # noqa: BLE001 - network, token and service errors all mean "not signed"
-            raise ConfigurationError(f"Sigstore keyless signing failed: {type(exc).__name__}: "
-                                     f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
-        data = staging.read_bytes()
-    atomic_write_bytes(signature_path, data, mode=0o644)
-    return data
+    _manifest(files, model_name)  # bad names or digests fail before any network call
+    try:
+        return _sign(sign_sigstore.Signer(identity_token=token), files, Path(signature_path), model_name)
+    except Error:
+        raise
+    except Exception as exc:  # noqa: BLE001 - network, token and service errors all mean "not signed"
+        raise ConfigurationError(f"Sigstore keyless signing failed: {type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
 
 
 @contextlib.contextmanager
@@ -368,7 +404,8 @@ def _explain(exc: Exception) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     if text.startswith("Signature mismatch:"):
         parts = []
-        changed = re.findall(r"Hash mismatch for '([^']+)'", text)
+        # The diff is a list's repr: its quotes may come back backslash-escaped.
+        changed = re.findall(r"Hash mismatch for \\?'([^'\\]+)\\?'", text)
         if changed:
             parts.append(f"{', '.join(changed)} changed after signing")
         extra = re.search(r"Extra files found in model '[^']*': ([^\"\]]+)", text)

@@ -5,6 +5,7 @@
     df = store.get_dataframe(ref.sha256)             # refuses bytes whose tag or digest do not match
     tree = store.put_tree(model_dir)                 # each file, plus a manifest naming them
     store.get_tree(tree.sha256, out_dir)             # all files verified before out_dir appears
+    store.tree_files(tree.sha256)                    # {path: sha256} from the manifest, nothing decrypted
 
 Objects live at ``objects/<aa>/<sha256>.smle``, named by the SHA-256 of their plaintext. A reader
 always asks for a digest (never a path it was handed), and the store checks both the AES-GCM
@@ -244,15 +245,23 @@ class ArtifactStore:
 
         return pd.read_parquet(io.BytesIO(self.get_bytes(digest)), engine="pyarrow")
 
+    def tree_files(self, digest: str) -> dict[str, str]:
+        """A stored tree's ``{relative path: sha256}``, read from its (verified) manifest alone.
+
+        The digests are the ones computed as each file was encrypted, and every read of a file
+        checks them again; nothing is decrypted here.
+        """
+        manifest = self.get_json(digest)
+        if not isinstance(manifest, dict) or manifest.get("format") != "secure-ml-tree/1":
+            raise IntegrityError(f"artifact sha256:{digest[:16]}… is not a stored directory")
+        return _manifest_files(manifest, digest)
+
     def get_tree(self, digest: str, dst: Path | str) -> dict[str, str]:
         """Decrypt a stored tree into ``dst`` (which must not exist); all or nothing."""
         dst = Path(dst)
         if dst.exists():
             raise BadInput(f"output exists: {dst}")
-        manifest = self.get_json(digest)
-        if not isinstance(manifest, dict) or manifest.get("format") != "secure-ml-tree/1":
-            raise IntegrityError(f"artifact sha256:{digest[:16]}… is not a stored directory")
-        files = _manifest_files(manifest, digest)
+        files = self.tree_files(digest)
         dst.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".tmp-{dst.name}.", dir=dst.parent))
         try:

@@ -28,6 +28,7 @@ from assets import security
 from resources import CustodyResource
 from secure_ml.cli import main as cli
 from secure_ml.settings import Settings
+from tests.conftest import SAMPLE_CSV, land_file
 
 
 class StandInConfig(dg.Config):
@@ -200,7 +201,6 @@ def test_real_chain_sample_data_to_attestation(settings: Settings, tmp_path: Pat
     from assets import data as data_stage
     from assets import training as training_stage
     from assets import validation as validation_stage
-    from tests.conftest import SAMPLE_CSV, land_file
 
     config_dir = security_config(settings, tmp_path, monkeypatch)
     training_cfg = yaml.safe_load((config_dir / "training.yaml").read_text())

@@ -24,6 +24,7 @@ import pytest
 from secure_ml import signing
 from secure_ml.cli import main as cli
 from secure_ml.errors import BadInput, ConfigurationError, VerificationError
+from secure_ml.integrity import sha256_tree
 from secure_ml.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -205,7 +206,7 @@ def test_signing_resource_chooses_keyless_by_config(tmp_path: Path, monkeypatch:
     resource = SigningResource(home=str(tmp_path / "home"), config_dir=str(config_dir))
     assert resource.method() == "sigstore"
     with pytest.raises(ConfigurationError, match="OIDC identity"):
-        resource.sign_model(write_model(tmp_path / "model"), tmp_path / "model.sig")
+        resource.sign_files(sha256_tree(write_model(tmp_path / "model")), tmp_path / "model.sig")
     assert "pem" not in repr(resource).lower()
     # auto: no identity here, so the local key; with a token, Sigstore (which needs the network).
     cfg["signing"]["method"] = "auto"
@@ -214,7 +215,7 @@ def test_signing_resource_chooses_keyless_by_config(tmp_path: Path, monkeypatch:
     monkeypatch.setenv("SIGSTORE_ID_TOKEN", "an-identity-token")
     assert resource.method() == "sigstore"
     with pytest.raises(ConfigurationError, match="Sigstore keyless signing failed"):
-        resource.sign_model(tmp_path / "model", tmp_path / "model.sig")
+        resource.sign_files(sha256_tree(tmp_path / "model"), tmp_path / "model.sig")
     assert not (tmp_path / "model.sig").exists()
 
 
@@ -252,13 +253,84 @@ def test_cli_verify_model(signed: tuple[Path, Path], keys: dict[str, Path], home
     assert actions.count("verify.model") == 3
 
 
-def test_blake3_option_signs_and_verifies_with_our_verifier(tmp_path: Path, keys: dict[str, Path]) -> None:
+def _payload(bundle: Path) -> dict:  # type: ignore[type-arg]
+    return signing.signed_payload(json.loads(bundle.read_bytes()))
+
+
+def test_signing_custody_digests_is_signing_the_directory(tmp_path: Path, keys: dict[str, Path]) -> None:
+    """The manifest signed from digests is the one model-signing builds by hashing the directory."""
+    from model_signing import hashing
+    from model_signing import signing as upstream
+
     model = write_model(tmp_path / "model")
+    (model / "sub").mkdir()
+    (model / "sub" / ".gitattributes").write_text("* binary\n")  # git paths are covered too
+    ours, theirs = tmp_path / "ours.sig", tmp_path / "theirs.sig"
+    signing.sign_files(sha256_tree(model), ours, private_key=keys["private"], model_name="model")
+    upstream.Config().use_elliptic_key_signer(private_key=keys["private"]).set_hashing_config(
+        hashing.Config().use_file_serialization().set_ignored_paths(paths=[], ignore_git_paths=False)
+    ).sign(model, theirs)
+    assert _payload(ours) == _payload(theirs)
+    assert len(_payload(ours)["predicate"]["resources"]) == 4
+    verified = signing.verify_model(model, ours, trust(keys))
+    assert verified.files == sha256_tree(model)
+    # The upstream CLI recomputes the digests and accepts it.
+    result = subprocess.run([str(UPSTREAM_CLI), "verify", "key", str(model), "--signature", str(ours),
+                             "--public_key", str(keys["public"]), "--no-ignore-git-paths"], timeout=120,
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def test_digests_that_are_not_the_files_do_not_verify(tmp_path: Path, keys: dict[str, Path]) -> None:
+    model = write_model(tmp_path / "model")
+    files = sha256_tree(model)
+    files["config.json"] = "0" * 64  # a custody record that does not describe these bytes
     bundle = tmp_path / "model.sig"
-    signing.sign_model(model, bundle, private_key=keys["private"], hash_algorithm="blake3")
-    assert signing.verify_model(model, bundle, trust(keys)).hash_type == "blake3"
-    (model / "config.json").write_text("{}")
+    signing.sign_files(files, bundle, private_key=keys["private"])
     with pytest.raises(VerificationError, match="config.json changed after signing"):
         signing.verify_model(model, bundle, trust(keys))
-    with pytest.raises(ConfigurationError, match="signing hash"):
-        signing.sign_model(model, tmp_path / "x.sig", private_key=keys["private"], hash_algorithm="md5")
+    del files["config.json"]
+    signing.sign_files(files, bundle, private_key=keys["private"])
+    with pytest.raises(VerificationError, match="config.json"):
+        signing.verify_model(model, bundle, trust(keys))
+
+
+@pytest.mark.parametrize(("files", "reason"), [
+    ({}, "nothing to sign"),
+    ({"/etc/passwd": "a" * 64}, "not a plain relative path"),
+    ({"../model.safetensors": "a" * 64}, "not a plain relative path"),
+    ({"a//b": "a" * 64}, "not a plain relative path"),
+    ({"model.safetensors": "A" * 64}, "not a SHA-256 hex string"),
+    ({"model.safetensors": "ab" * 16}, "not a SHA-256 hex string"),
+    ({"model.safetensors": None}, "not a SHA-256 hex string"),
+])
+def test_malformed_digests_are_refused_before_signing(tmp_path: Path, keys: dict[str, Path], files, reason) -> None:  # type: ignore[no-untyped-def]
+    bundle = tmp_path / "model.sig"
+    with pytest.raises(BadInput, match=reason):
+        signing.sign_files(files, bundle, private_key=keys["private"])
+    with pytest.raises(BadInput, match=reason):
+        signing.sign_files_keyless(files, bundle, identity_token="a-token")
+    assert not bundle.exists()
+
+
+def test_signing_a_stored_model_reads_no_model_bytes(tmp_path: Path, keys: dict[str, Path], home: Path) -> None:
+    """A model in the artifact store is signed from its manifest; verification of the decrypted
+    copy hashes every byte, and a stored file that was swapped is refused on the way out."""
+    from secure_ml.errors import IntegrityError
+
+    store = Settings.from_env().artifact_store()
+    model = write_model(tmp_path / "model")
+    tree = store.put_tree(model)
+    files = store.tree_files(tree.sha256)
+    assert files == sha256_tree(model)
+    bundle = tmp_path / "model.sig"
+    signing.sign_files(files, bundle, private_key=keys["private"])
+    store.get_tree(tree.sha256, tmp_path / "out")
+    assert signing.verify_model(tmp_path / "out", bundle, trust(keys)).files == files
+    # Swap one stored object for another's ciphertext: the store refuses it before anyone verifies.
+    victim = store.path_for(files["config.json"])
+    victim.chmod(0o600)
+    victim.write_bytes(store.path_for(files["MODEL_CARD.md"]).read_bytes())
+    with pytest.raises(IntegrityError):
+        store.get_tree(tree.sha256, tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
