@@ -22,9 +22,11 @@ are copied untouched. Memory is bounded by the chunk size.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
@@ -32,7 +34,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from secure_ml.errors import BadInput, IntegrityError, KeyUnavailable
-from secure_ml.integrity import direct_reader, finish_direct_read
+from secure_ml.integrity import _DirectReader, direct_reader, finish_direct_read
 
 MAGIC = b"SMLENC"
 FORMAT_VERSION = 1
@@ -167,6 +169,38 @@ def _fill(src: BinaryIO, buf: memoryview) -> int:
     return filled
 
 
+NextChunk = Callable[[], "tuple[memoryview, bool]"]
+
+
+class _Lookahead:
+    """Chunks of a stream read one ahead into two reused buffers: only reaching the end of the
+    input tells that a chunk is the last (its nonce says so)."""
+
+    def __init__(self, src: BinaryIO, size: int) -> None:
+        self._src = src
+        self._size = size
+        self._current = memoryview(bytearray(size))
+        self._following = memoryview(bytearray(size))
+        self._length = -1  # nothing read yet
+
+    def next(self) -> tuple[memoryview, bool]:
+        if self._length < 0:
+            self._length = _fill(self._src, self._current)
+        following = _fill(self._src, self._following) if self._length == self._size else 0
+        chunk = self._current[: self._length]
+        self._current, self._following, self._length = self._following, self._current, following
+        return chunk, following == 0
+
+
+def _chunks(src: BinaryIO | _DirectReader, size: int) -> NextChunk:
+    """A function that returns the next chunk of ``size`` bytes (fewer only at the end of the
+    input) and whether it is the last; each chunk is valid until the next call. From a direct
+    reader whose stage holds a chunk: views of that stage (no copy); else :class:`_Lookahead`."""
+    if isinstance(src, _DirectReader) and src.holds(size):
+        return functools.partial(src.chunk, size)
+    return _Lookahead(src, size).next  # type: ignore[arg-type]
+
+
 def encrypt_stream(
     src: BinaryIO, dst: BinaryIO, keys: KeySource, *, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> int:
@@ -184,40 +218,38 @@ def encrypt_stream(
     dst.write(fixed + _key_slot(fixed, key_id, kek, data_key))
     aead = AESGCM(data_key)
     direct = direct_reader(src)
-    if direct is not None:
-        try:
-            return _encrypt_chunks(direct, dst, aead, fixed, nonce_prefix, chunk_size)
-        finally:
-            finish_direct_read(src, direct)
-    return _encrypt_chunks(src, dst, aead, fixed, nonce_prefix, chunk_size)
+    if direct is None:
+        return _encrypt_chunks(_chunks(src, chunk_size), dst, aead, fixed, nonce_prefix, chunk_size)
+    try:
+        return _encrypt_chunks(_chunks(direct, chunk_size), dst, aead, fixed, nonce_prefix, chunk_size)
+    finally:
+        finish_direct_read(src, direct)
 
 
-def _encrypt_chunks(src: BinaryIO, dst: BinaryIO, aead: AESGCM, fixed: bytes, nonce_prefix: bytes, chunk_size: int) -> int:
-    # Two input buffers: the next chunk is read before this one is sealed, because only
-    # reaching the end of the input tells us this chunk is the last (its nonce says so).
-    current, following = memoryview(bytearray(chunk_size)), memoryview(bytearray(chunk_size))
-    sealed = memoryview(bytearray(chunk_size + _TAG))
+def _encrypt_chunks(next_chunk: NextChunk, dst: BinaryIO, aead: AESGCM, fixed: bytes, nonce_prefix: bytes,
+                    chunk_size: int) -> int:
     reserve = getattr(dst, "reserve", None)  # secure_ml.integrity's streaming writer
+    sealed: memoryview | None = None  # for writers that cannot take a chunk in place
     total = 0
     counter = 0
-    length = _fill(src, current)
     while True:
-        following_length = _fill(src, following) if length == chunk_size else 0
-        last = following_length == 0
+        data, last = next_chunk()
+        length = len(data)
+        nonce = _nonce(nonce_prefix, counter, last)
         room = reserve(length + _TAG) if reserve is not None else None
-        if room is None:
-            written = aead.encrypt_into(_nonce(nonce_prefix, counter, last), current[:length], fixed, sealed[: length + _TAG])
-            dst.write(sealed[:written])
-        else:  # sealed straight into the writer's direct-I/O stage: no copy
-            dst.commit(aead.encrypt_into(_nonce(nonce_prefix, counter, last), current[:length], fixed, room))  # type: ignore[attr-defined]
-            del room
+        if room is not None:  # sealed straight into the writer's direct-I/O stage: no copy
+            dst.commit(aead.encrypt_into(nonce, data, fixed, room))  # type: ignore[attr-defined]
+        else:
+            if sealed is None:
+                sealed = memoryview(bytearray(chunk_size + _TAG))
+            dst.write(sealed[: aead.encrypt_into(nonce, data, fixed, sealed[: length + _TAG])])
+        del data, room  # views of the reader's and the writer's stages: never kept past their turn
         total += length
         if last:
             return total
         counter += 1
         if counter >= 1 << 32:
             raise BadInput("input too large for one artifact (2^32 chunks)")
-        current, following, length = following, current, following_length
 
 
 def decrypt_stream(src: BinaryIO, dst: BinaryIO, keys: KeySource) -> int:
@@ -229,46 +261,45 @@ def decrypt_stream(src: BinaryIO, dst: BinaryIO, keys: KeySource) -> int:
     """
     header = read_header(src)
     aead = AESGCM(unwrap_data_key(header, keys))
-    direct = direct_reader(src)
-    if direct is not None:
-        try:
-            return _decrypt_chunks(direct, dst, aead, header)
-        finally:
-            finish_direct_read(src, direct)
-    return _decrypt_chunks(src, dst, aead, header)
-
-
-def _decrypt_chunks(src: BinaryIO, dst: BinaryIO, aead: AESGCM, header: Header) -> int:
     sealed_size = header.chunk_size + _TAG
-    current, following = memoryview(bytearray(sealed_size)), memoryview(bytearray(sealed_size))
-    plain = memoryview(bytearray(header.chunk_size))
+    direct = direct_reader(src)
+    if direct is None:
+        return _decrypt_chunks(_chunks(src, sealed_size), dst, aead, header)
+    try:
+        return _decrypt_chunks(_chunks(direct, sealed_size), dst, aead, header)
+    finally:
+        finish_direct_read(src, direct)
+
+
+def _decrypt_chunks(next_chunk: NextChunk, dst: BinaryIO, aead: AESGCM, header: Header) -> int:
     reserve = getattr(dst, "reserve", None)  # secure_ml.integrity's streaming writer
-    room: memoryview | None = None
+    plain: memoryview | None = None  # for writers that cannot take a chunk in place
     total = 0
     counter = 0
-    length = _fill(src, current)
     while True:
-        following_length = _fill(src, following) if length == sealed_size else 0
-        last = following_length == 0
+        sealed, last = next_chunk()
+        length = len(sealed)
+        nonce = _nonce(header.nonce_prefix, counter, last)
         try:
             if length < _TAG:
                 raise InvalidTag
             room = reserve(length - _TAG) if reserve is not None else None
+            if room is None and plain is None:
+                plain = memoryview(bytearray(header.chunk_size))
             # In place into the writer's stage: committed only once the tag verified.
-            size = aead.decrypt_into(_nonce(header.nonce_prefix, counter, last), current[:length],
-                                     header.fixed, plain[: length - _TAG] if room is None else room)
+            target = room if room is not None else plain[: length - _TAG]  # type: ignore[index]
+            size = aead.decrypt_into(nonce, sealed, header.fixed, target)
         except InvalidTag:
-            raise _explain_chunk_failure(aead, header, counter, bytes(current[:length]), last) from None
+            raise _explain_chunk_failure(aead, header, counter, bytes(sealed), last) from None
         if room is None:
-            dst.write(plain[:size])
+            dst.write(target[:size])
         else:
             dst.commit(size)  # type: ignore[attr-defined]
-            del room
+        del sealed, room, target  # views of the reader's and the writer's stages
         total += size
         if last:
             return total
         counter += 1
-        current, following, length = following, current, following_length
 
 
 def _explain_chunk_failure(

@@ -431,3 +431,184 @@ def test_damaged_files_fail_and_leave_no_output(tmp_path: Path, damage: str) -> 
         _open_file(sealed, back)
     assert not back.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.bin", "sealed.smle"]
+
+
+# -- the zero-copy read path: chunks are views of the direct reader's stage -----------------------
+SMALL_STAGE = 6 * 4096  # with tiny chunks, files cross the read stage many times
+
+
+@pytest.fixture(autouse=True)
+def direct_reads_for_small_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The direct path for every size here (in use it starts at DIRECT_READ_MIN)."""
+    from secure_ml import integrity
+
+    monkeypatch.setattr(integrity, "DIRECT_READ_MIN", 0)
+
+
+@pytest.fixture
+def small_stage(monkeypatch: pytest.MonkeyPatch) -> int:
+    from secure_ml import integrity
+
+    monkeypatch.setattr(integrity, "READ_STAGE_SIZE", SMALL_STAGE)
+    return SMALL_STAGE
+
+
+@pytest.fixture
+def fixed_randomness(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same data key, nonce prefix and wrap nonce every time, so ciphertexts can be compared."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    class FixedKeyAESGCM:
+        generate_key = staticmethod(lambda bit_length: b"\x07" * (bit_length // 8))
+
+        def __new__(cls, key: bytes) -> AESGCM:  # type: ignore[misc]
+            return AESGCM(key)
+
+    monkeypatch.setattr(crypto, "AESGCM", FixedKeyAESGCM)
+    monkeypatch.setattr(crypto.os, "urandom", lambda n: b"\x05" * n)
+
+
+def _direct_used(path: Path) -> bool:
+    from secure_ml.integrity import direct_reader, finish_direct_read
+
+    with open(path, "rb") as src:
+        reader = direct_reader(src)
+        if reader is None:
+            return False
+        finish_direct_read(src, reader)
+        return True
+
+
+def _encrypt_file_to_bytes(path: Path, chunk_size: int) -> bytes:
+    out = io.BytesIO()
+    with open(path, "rb") as src:
+        crypto.encrypt_stream(src, out, env_keys(), chunk_size=chunk_size)
+    return out.getvalue()
+
+
+def _decrypt_file_to_bytes(path: Path) -> bytes:
+    out = io.BytesIO()
+    with open(path, "rb") as src:
+        assert crypto.decrypt_stream(src, out, env_keys()) == len(out.getvalue())
+        assert src.tell() == path.stat().st_size
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("chunk_size", [1000, 4096 - 16, 4096, 4097, 2 * SMALL_STAGE])
+@pytest.mark.parametrize("chunks,extra", [(0, 0), (1, 0), (1, -1), (1, 1), (4, 0), (6, 0), (7, 0), (7, 1), (7, -1),
+                                          (12, 0), (30, 5)])
+def test_direct_path_seals_exactly_what_the_plain_path_seals(tmp_path: Path, small_stage: int, fixed_randomness: None,
+                                                            chunk_size: int, chunks: int, extra: int) -> None:
+    """Same key and nonces: file -> file (zero-copy read and write stages), file -> BytesIO and
+    BytesIO -> BytesIO give the same bytes, for sizes on, just under and just over chunk
+    boundaries, an empty file, files many stages long, and chunks bigger than the stage (these
+    go through the two-buffer fallback over the direct reader). Each decrypts the other's output."""
+    data = random.Random(chunks * 1000 + extra).randbytes(max(0, chunks * chunk_size + extra))
+    plain_path = tmp_path / "plain.bin"
+    plain_path.write_bytes(data)
+    assert _direct_used(plain_path) or pytest.skip("this file system refuses O_DIRECT")
+    reference = encrypt(data, chunk_size=chunk_size)
+    sealed = _seal_file(tmp_path, data, chunk_size)
+    assert sealed.read_bytes() == reference
+    assert _encrypt_file_to_bytes(plain_path, chunk_size) == reference
+    assert decrypt(sealed.read_bytes()) == data
+    assert _open_file(sealed, tmp_path / "back.bin") == data
+    assert _decrypt_file_to_bytes(sealed) == data
+
+
+def _damages(blob: bytes) -> list[tuple[str, bytes]]:
+    header = header_size(blob)
+    sealed_chunk = crypto.read_header(io.BytesIO(blob)).chunk_size + 16
+    cases: list[tuple[str, bytes]] = []
+    for position in [*range(header, len(blob), 997), header + 5 * sealed_chunk - 1, len(blob) - 1, 3]:
+        flipped = bytearray(blob)
+        flipped[position] ^= 0x10
+        cases.append((f"flip@{position}", bytes(flipped)))
+    for boundary in range(header, len(blob), sealed_chunk):
+        for end in (boundary, boundary + 7, boundary + 500):  # at a boundary, a tag-sized stub, mid chunk
+            if end < len(blob):
+                cases.append((f"cut@{end}", blob[:end]))
+    cases.append(("append", blob + b"\0"))
+    return cases
+
+
+def test_direct_path_rejects_every_damage_with_the_plain_paths_explanation(tmp_path: Path, small_stage: int) -> None:
+    """Bit flips and truncations anywhere (chunks straddling the stage end included): the direct
+    path refuses each exactly as the BytesIO path does, and leaves no output."""
+    data = os.urandom(20 * 1000 + 3)
+    blob = encrypt(data, chunk_size=1000)
+    sealed, back = tmp_path / "sealed.smle", tmp_path / "back.bin"
+    checked = 0
+    for name, damaged in _damages(blob):
+        with pytest.raises(Error) as plain_error:
+            decrypt(damaged)
+        sealed.write_bytes(damaged)
+        assert _direct_used(sealed) or pytest.skip("this file system refuses O_DIRECT")
+        with pytest.raises(Error) as direct_error:
+            _open_file(sealed, back)
+        assert type(direct_error.value) is type(plain_error.value), name
+        assert str(direct_error.value) == str(plain_error.value), name
+        assert not back.exists(), name
+        checked += 1
+    assert checked > 60
+
+
+@pytest.mark.parametrize("stage", ["small", "real"])
+@pytest.mark.parametrize("cut", ["boundary", "mid-chunk"])
+def test_ciphertext_shrinking_during_decrypt_is_rejected_as_truncated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     stage: str, cut: str) -> None:
+    """The artifact is truncated after decryption began (past what the stage already holds): the
+    reader reads short, and the short end is refused as a truncation; nothing is left behind."""
+    from secure_ml import integrity
+
+    if stage == "small":
+        monkeypatch.setattr(integrity, "READ_STAGE_SIZE", SMALL_STAGE)
+    chunk_size = 1000 if stage == "small" else crypto.DEFAULT_CHUNK_SIZE
+    stage_size = integrity.READ_STAGE_SIZE
+    chunk_count = 3 * stage_size // chunk_size
+    sealed = _seal_file(tmp_path, os.urandom(chunk_count * chunk_size + 11), chunk_size)
+    assert _direct_used(sealed) or pytest.skip("this file system refuses O_DIRECT")
+    header = header_size(sealed.read_bytes())
+    keep = chunk_count // 2 * (chunk_size + 16) + (0 if cut == "boundary" else 333)
+    assert keep > stage_size
+    original_chunk = integrity._DirectReader.chunk
+    calls = []
+
+    def chunk_then_truncate(self: integrity._DirectReader, size: int) -> tuple[memoryview, bool]:
+        calls.append(size)
+        if len(calls) == 2:
+            os.truncate(sealed, header + keep)
+        return original_chunk(self, size)
+
+    monkeypatch.setattr(integrity._DirectReader, "chunk", chunk_then_truncate)
+    back = tmp_path / "back.bin"
+    with pytest.raises(IntegrityError, match="truncated"):
+        _open_file(sealed, back)
+    assert len(calls) > 2 and not back.exists()
+
+
+def test_plaintext_shrinking_during_encrypt_seals_what_was_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                small_stage: int) -> None:
+    """A source truncated mid-encryption reads short: the artifact is a valid one of the prefix
+    read (never bytes from beyond the new end, never a crash)."""
+    from secure_ml import integrity
+    from secure_ml.integrity import atomic_write
+
+    data = os.urandom(10 * SMALL_STAGE)
+    plain, sealed = tmp_path / "plain.bin", tmp_path / "sealed.smle"
+    plain.write_bytes(data)
+    assert _direct_used(plain) or pytest.skip("this file system refuses O_DIRECT")
+    original_chunk = integrity._DirectReader.chunk
+    calls = []
+
+    def chunk_then_truncate(self: integrity._DirectReader, size: int) -> tuple[memoryview, bool]:
+        calls.append(size)
+        if len(calls) == 2:
+            os.truncate(plain, 3 * SMALL_STAGE + 5)
+        return original_chunk(self, size)
+
+    monkeypatch.setattr(integrity._DirectReader, "chunk", chunk_then_truncate)
+    with open(plain, "rb") as src, atomic_write(sealed) as dst:
+        size = crypto.encrypt_stream(src, dst, env_keys(), chunk_size=1000)
+    assert SMALL_STAGE - 4096 <= size <= 3 * SMALL_STAGE + 5
+    assert decrypt(sealed.read_bytes()) == data[:size]

@@ -139,3 +139,138 @@ def test_direct_io_writer_keeps_exact_bytes_across_stages_flushes_and_seeks(tmp_
         handle.write(b"XYZ")
         expected[10:13] = b"XYZ"
     assert target.read_bytes() == bytes(expected)
+
+
+# -- the O_DIRECT read stage's zero-copy chunks (_DirectReader.chunk) ----------------------------
+SMALL_STAGE = 6 * 4096  # a few chunks per stage, so that small files cross it many times
+
+
+@pytest.fixture(autouse=True)
+def direct_reads_for_small_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The direct path for every size here (in use it starts at DIRECT_READ_MIN)."""
+    from secure_ml import integrity
+
+    monkeypatch.setattr(integrity, "DIRECT_READ_MIN", 0)
+
+
+def _open_direct(path: Path, start: int = 0):  # type: ignore[no-untyped-def]
+    from secure_ml.integrity import direct_reader
+
+    src = open(path, "rb")
+    src.seek(start)
+    reader = direct_reader(src)
+    if reader is None:
+        src.close()
+        pytest.skip("this file system refuses O_DIRECT")
+    return src, reader
+
+
+def _all_chunks(reader, size: int) -> list[tuple[bytes, bool]]:  # type: ignore[no-untyped-def]
+    out = []
+    while True:
+        view, last = reader.chunk(size)
+        out.append((bytes(view), last))
+        del view
+        if last:
+            return out
+        assert len(out) < 10_000, "never reached the end"
+
+
+@pytest.mark.parametrize("chunk", [1000, 4096, 4097, 4095, 3 * 4096 + 16])
+@pytest.mark.parametrize("multiple,extra", [(0, 0), (1, 0), (1, -1), (1, 1), (5, 0), (5, 1), (5, -1), (6, 0), (12, 0),
+                                            (13, 7)])
+@pytest.mark.parametrize("start", [0, 17, 4096])
+def test_direct_chunks_are_exact_and_flag_only_the_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       chunk: int, multiple: int, extra: int, start: int) -> None:
+    """Files of exactly N chunks, N chunks +-1 byte, empty, many stages long, ending exactly at
+    the end of a full stage (6 and 12 chunks of 4096), read from an unaligned start: the chunks
+    are the file's bytes in order, each full-size but the last, and only the last says so (a
+    file ending on a chunk boundary ends with a full chunk, not an extra empty one)."""
+    from secure_ml import integrity
+
+    monkeypatch.setattr(integrity, "READ_STAGE_SIZE", SMALL_STAGE)
+    size = max(0, multiple * chunk + extra)
+    data = os.urandom(start + size)
+    path = tmp_path / "data.bin"
+    path.write_bytes(data)
+    src, reader = _open_direct(path, start)
+    try:
+        got = _all_chunks(reader, chunk)
+        assert reader.position() == len(data)
+    finally:
+        integrity.finish_direct_read(src, reader)
+        assert src.tell() == len(data)
+        src.close()
+    assert b"".join(piece for piece, _ in got) == data[start:]
+    assert [last for _, last in got] == [False] * (len(got) - 1) + [True]
+    assert all(len(piece) == chunk for piece, _ in got[:-1])
+    expected_count = max(1, -(-size // chunk))  # an empty file is one empty, last chunk
+    assert len(got) == expected_count
+    assert 0 < len(got[-1][0]) <= chunk or size == 0
+
+
+def test_direct_chunks_are_views_of_the_stage_and_too_big_ones_are_refused(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from secure_ml import integrity
+
+    monkeypatch.setattr(integrity, "READ_STAGE_SIZE", SMALL_STAGE)
+    path = tmp_path / "data.bin"
+    path.write_bytes(os.urandom(3 * SMALL_STAGE))
+    src, reader = _open_direct(path)
+    try:
+        view, _ = reader.chunk(1000)
+        assert view.obj is reader._view.obj  # no copy: the caller reads the stage itself
+        del view
+        assert reader.holds(SMALL_STAGE - 4096 - 1) and not reader.holds(SMALL_STAGE - 4096)
+        with pytest.raises(ValueError):
+            reader.chunk(SMALL_STAGE)
+    finally:
+        integrity.finish_direct_read(src, reader)
+        src.close()
+
+
+@pytest.mark.parametrize("shrink_to", [0, 5, 2 * SMALL_STAGE + 123, 3 * SMALL_STAGE])
+def test_a_file_shrinking_while_read_reads_short_without_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                shrink_to: int) -> None:
+    """Truncated after the first stage was read: what comes back is a prefix of the original
+    (what the stage already held, then whatever is left), ended by a last chunk; no SIGBUS."""
+    from secure_ml import integrity
+
+    monkeypatch.setattr(integrity, "READ_STAGE_SIZE", SMALL_STAGE)
+    data = os.urandom(8 * SMALL_STAGE + 99)
+    path = tmp_path / "data.bin"
+    path.write_bytes(data)
+    src, reader = _open_direct(path)
+    try:
+        first, last = reader.chunk(5000)
+        got, first_last = bytes(first), last
+        del first
+        os.truncate(path, shrink_to)
+        rest = _all_chunks(reader, 5000)
+    finally:
+        integrity.finish_direct_read(src, reader)
+        src.close()
+    assert not first_last
+    whole = got + b"".join(piece for piece, _ in rest)
+    assert data.startswith(whole)
+    assert len(whole) >= (SMALL_STAGE - 1) // 5000 * 5000  # the chunks the first stage already held
+    assert len(whole) <= max(shrink_to, SMALL_STAGE)
+    assert rest[-1][1] and not any(last for _, last in rest[:-1])
+
+
+def test_small_files_are_read_through_the_page_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from secure_ml import integrity
+
+    monkeypatch.setattr(integrity, "DIRECT_READ_MIN", 1 << 20)
+    small, large = tmp_path / "small", tmp_path / "large"
+    small.write_bytes(b"x" * ((1 << 20) - 1))
+    large.write_bytes(b"x" * (1 << 20))
+    with open(small, "rb") as src:
+        assert integrity.direct_reader(src) is None
+    with open(large, "rb") as src:
+        reader = integrity.direct_reader(src)
+        if reader is None:
+            pytest.skip("this file system refuses O_DIRECT")
+        integrity.finish_direct_read(src, reader)
+        src.seek(1)
+        assert integrity.direct_reader(src) is None  # what is left to read counts, not the file size
