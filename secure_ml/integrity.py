@@ -15,11 +15,12 @@ import hashlib
 import io
 import mmap
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 from secure_ml.errors import BadInput
@@ -33,6 +34,19 @@ def sha256_file(path: Path | str) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+#: A SHA-256 digest as we write it: 64 lowercase hex digits.
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def is_plain_relative_path(name: object) -> bool:
+    """Whether ``name`` is a plain relative POSIX path: no ``..``, ``.``, empty or absolute parts,
+    backslashes or NULs (what a manifest may name without escaping its directory)."""
+    if not isinstance(name, str) or "\\" in name or "\0" in name:
+        return False
+    parts = PurePosixPath(name).parts
+    return bool(parts) and name == "/".join(parts) and parts[0] != "/" and not {".", ".."} & set(parts)
 
 
 def list_tree(root: Path | str) -> list[str]:

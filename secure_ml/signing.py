@@ -35,11 +35,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from secure_ml.errors import BadInput, ConfigurationError, Error, VerificationError
-from secure_ml.integrity import atomic_write, atomic_write_bytes, list_tree, sha256_tree
+from secure_ml.integrity import SHA256_HEX, atomic_write, atomic_write_bytes, is_plain_relative_path, list_tree, sha256_tree
 
 KEY_BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 MODEL_SIGNING_PREDICATE = "https://model_signing/signature/v1.0"
-_HEX_DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 
 # -- keys ---------------------------------------------------------------------------------------
@@ -119,10 +118,9 @@ def _manifest(files: Mapping[str, str], model_name: str) -> Any:
         raise BadInput("nothing to sign: the model has no files")
     items = []
     for name, digest in sorted(files.items()):
-        parts = PurePosixPath(name).parts if isinstance(name, str) else ()
-        if not parts or name != "/".join(parts) or parts[0] == "/" or any(p in {".", ".."} for p in parts):
+        if not is_plain_relative_path(name):
             raise BadInput(f"cannot sign {str(name)[:80]!r}: not a plain relative path")
-        if not isinstance(digest, str) or not _HEX_DIGEST.match(digest):
+        if not isinstance(digest, str) or not SHA256_HEX.match(digest):
             raise BadInput(f"cannot sign {name!r}: its digest is not a SHA-256 hex string")
         items.append(manifest.FileManifestItem(path=PurePosixPath(name),
                                                digest=hashing.Digest("sha256", bytes.fromhex(digest))))

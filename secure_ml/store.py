@@ -20,7 +20,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -31,10 +30,10 @@ from typing import Any, BinaryIO
 from secure_ml import crypto
 from secure_ml.audit import AuditLog
 from secure_ml.errors import BadInput, ConfigurationError, Error, IntegrityError
-from secure_ml.integrity import atomic_write, list_tree, streaming_writer
+from secure_ml.integrity import SHA256_HEX, atomic_write, is_plain_relative_path, list_tree, streaming_writer
 from secure_ml.keys import KeyProvider
 
-_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+_DIGEST = SHA256_HEX
 SUFFIX = ".smle"
 
 
@@ -292,9 +291,7 @@ def _manifest_files(manifest: dict[str, Any], digest: str) -> dict[str, str]:
     if not isinstance(files, dict):
         raise IntegrityError(f"{where} has no file list")
     for name, file_digest in files.items():
-        parts = PurePosixPath(name).parts if isinstance(name, str) else ()
-        if (not parts or name != "/".join(parts) or parts[0] == "/" or "\\" in name or "\0" in name
-                or any(part in {".", ".."} for part in parts)):
+        if not is_plain_relative_path(name):
             raise IntegrityError(f"{where} names a path outside itself or not a plain path: {str(name)[:80]!r}")
         if not isinstance(file_digest, str) or not _DIGEST.match(file_digest):
             raise IntegrityError(f"{where} gives {name!r} a malformed digest")
