@@ -13,13 +13,14 @@ import dagster as dg
 import pydantic
 
 from resources import CustodyResource, Sealed, sealed_output, verdict
-from secure_ml import crypto, ingest
-from secure_ml.access import AccessPolicy
+from secure_ml.custody import crypto
+from secure_ml.custody.integrity import sha256_bytes
+from secure_ml.custody.store import ArtifactRef, ArtifactStore
+from secure_ml.data import ingest
+from secure_ml.data.versioning import DatasetVersions, DvcVersion
 from secure_ml.errors import ConfigurationError, Error, IntegrityError
-from secure_ml.integrity import sha256_bytes
-from secure_ml.sources import ApprovedSource, ApprovedSources
-from secure_ml.store import ArtifactRef, ArtifactStore
-from secure_ml.versioning import DatasetVersions, DvcVersion
+from secure_ml.governance.access import AccessPolicy
+from secure_ml.governance.sources import ApprovedSource, ApprovedSources
 
 DATA = "data"
 

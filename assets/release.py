@@ -7,7 +7,6 @@ registry says is production, through the deploy gate, when the run's identity ma
 """
 
 import json
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,9 +15,10 @@ import dagster as dg
 
 from resources import CustodyResource, verdict
 from resources.release import ReleaseResource
-from secure_ml.deploy import Release, evaluation_evidence, model_digest, pipeline_changers, scan_evidence
+from secure_ml.custody.integrity import list_tree
 from secure_ml.errors import Error
-from secure_ml.integrity import list_tree
+from secure_ml.governance import code_identity
+from secure_ml.release.deploy import Release, evaluation_evidence, model_digest, pipeline_changers, scan_evidence
 
 RELEASE = "release"
 REPO = Path(__file__).resolve().parents[1]
@@ -40,30 +40,21 @@ def _recorded(custody: CustodyResource, context: Any, key: str) -> dict[str, Any
     return custody.recorded(context.instance, dg.AssetKey(key))
 
 
-def _git_author(commit: str) -> str | None:
-    """The author of the pipeline code commit the model was trained from (None when unknown)."""
-    if not commit or not all(c in "0123456789abcdef" for c in commit.lower()):
-        return None
-    try:
-        out = subprocess.run(["git", "-C", str(REPO), "show", "-s", "--format=%an", commit],
-                             capture_output=True, text=True, timeout=5, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
 def _training_facts(record: dict[str, Any], recorded: dict[str, Any]) -> dict[str, Any]:
     code = record.get("code") if isinstance(record.get("code"), dict) else {}
     commit = str(code.get("commit") or record.get("code_commit") or record.get("git_commit")
                  or recorded.get("code_commit") or "")
-    author = code.get("author") or record.get("code_author") or _git_author(commit)
+    email, name = code.get("author"), code.get("author_name")
+    if not email and not name:
+        email, name = code_identity.author_of(REPO, commit)
+    # Both: the code-author rule matches either against the approver's names.
     return {"actor": str(record.get("actor") or recorded.get("actor") or ""), "code_commit": commit,
-            "code_author": str(author) if author else None}
+            "code_author": str(email) if email else None, "code_author_name": str(name) if name else None}
 
 
 def _provenance(custody: CustodyResource, context: Any) -> dict[str, Any]:
     """Where the training data came from, and whether that source is approved now."""
-    from secure_ml.sources import ApprovedSources
+    from secure_ml.governance.sources import ApprovedSources
 
     recorded = _recorded(custody, context, "dataset")
     source = str(recorded.get("source") or "")
@@ -259,7 +250,7 @@ def deployment_matches_signed_digest(context: dg.AssetCheckExecutionContext, cus
 def deployment_healthy(context: dg.AssetCheckExecutionContext, custody: CustodyResource,
                        release: ReleaseResource) -> dg.AssetCheckResult:
     """The live local deployment loads the way the server loads it and answers a representative row."""
-    from secure_ml import serving
+    from secure_ml.release import serving
 
     service = release.release(custody.actor(context))
     current = service.registry.current_deployment("local")

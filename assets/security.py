@@ -19,12 +19,13 @@ import dagster as dg
 
 from resources import CustodyResource, verdict
 from resources.security import SigningResource
-from secure_ml import attestation as provenance
-from secure_ml import scanning
-from secure_ml import signing as signatures
+from secure_ml.custody.integrity import sha256_file
 from secure_ml.errors import BadInput, Error
-from secure_ml.integrity import sha256_file
-from secure_ml.sbom import DatasetRef
+from secure_ml.governance import code_identity
+from secure_ml.security import attestation as provenance
+from secure_ml.security import scanning
+from secure_ml.security import signing as signatures
+from secure_ml.security.sbom import DatasetRef
 
 SECURITY = "security"
 REPO = Path(__file__).resolve().parents[1]
@@ -183,7 +184,7 @@ def attestation(context: dg.AssetExecutionContext, trained_model: dict[str, Any]
     build = provenance.BuildInfo(
         builder_id=str(config.get("attestation", {}).get("builder_id", "https://secure-ml.local/dagster/local")),
         invocation_id=context.run_id, started_on=started, finished_on=_now(),
-        code_commit=git_commit(REPO), code_repository=str(REPO.name),
+        code_commit=code_identity.commit_of(REPO), code_repository=str(REPO.name),
         lock_sha256=sha256_file(REPO / "requirements.lock") if (REPO / "requirements.lock").exists() else "",
         config={"security": config, "model_sha256": tree}, hyperparameters=hyper,
         dependencies=_dataset_refs(custody, context), byproducts=_byproducts(custody, context),
@@ -249,21 +250,3 @@ def _hyperparameters(store: Any, files: dict[str, str]) -> dict[str, Any]:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat()
-
-
-def git_commit(repo: Path) -> str:
-    """The checked-out commit, read from .git (no subprocess); empty when not a git checkout."""
-    git = repo / ".git"
-    try:
-        head = (git / "HEAD").read_text().strip()
-        if not head.startswith("ref: "):
-            return head
-        ref = head[5:]
-        if (git / ref).exists():
-            return (git / ref).read_text().strip()
-        for line in (git / "packed-refs").read_text().splitlines():
-            if line.endswith(" " + ref):
-                return line.split()[0]
-    except OSError:
-        pass
-    return ""

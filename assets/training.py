@@ -21,11 +21,11 @@ from typing import Any
 import dagster as dg
 
 from resources import CustodyResource, verdict
-from secure_ml import evaluation as evaluation_core
-from secure_ml import training as training_core
+from secure_ml.custody.integrity import sha256_file
 from secure_ml.errors import ConfigurationError, Error
-from secure_ml.integrity import sha256_file
-from secure_ml.sandbox import IsolationPolicy
+from secure_ml.training import evaluation as evaluation_core
+from secure_ml.training import trainer as training_core
+from secure_ml.training.sandbox import IsolationPolicy
 
 TRAINING = "training"
 TRAINED = dg.AssetKey("trained_model")

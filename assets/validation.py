@@ -20,11 +20,11 @@ import dagster as dg
 import pandas as pd
 
 from resources import CustodyResource, verdict
-from secure_ml import pii, splitting
-from secure_ml import validation as gx_validation
+from secure_ml.data import pii, splitting
+from secure_ml.data import validation as gx_validation
+from secure_ml.data.poisoning import PoisoningReport, ScreeningConfig, screen
+from secure_ml.data.schema import Schema, load_reference, load_schema, select_schema
 from secure_ml.errors import Error
-from secure_ml.poisoning import PoisoningReport, ScreeningConfig, screen
-from secure_ml.schema import Schema, load_reference, load_schema, select_schema
 
 DATA = "data"
 FORMAT = "secure-ml-validated/1"

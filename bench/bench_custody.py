@@ -52,9 +52,9 @@ def _status_kib(field: str) -> int:
 
 
 def _child(operation: str, src: str, dst: str) -> None:
-    from secure_ml import crypto
-    from secure_ml.integrity import atomic_write
-    from secure_ml.keys import EnvKeyProvider
+    from secure_ml.custody import crypto
+    from secure_ml.custody.integrity import atomic_write
+    from secure_ml.custody.keys import EnvKeyProvider
 
     keys = EnvKeyProvider()
     Path("/proc/self/clear_refs").write_text("5")  # reset the RSS high-water mark after imports
@@ -123,8 +123,8 @@ def in_memory_rates(size: int, kek: str) -> tuple[float, float]:
     loop alone, without the file system (MiB per CPU second, best of 3)."""
     import io
 
-    from secure_ml import crypto
-    from secure_ml.keys import EnvKeyProvider
+    from secure_ml.custody import crypto
+    from secure_ml.custody.keys import EnvKeyProvider
 
     keys = EnvKeyProvider({"SECURE_ML_KEK": kek})
     plain = os.urandom(size)
@@ -163,7 +163,7 @@ def _best_of(fn, repeat: int = 3) -> float:  # type: ignore[no-untyped-def]
 def _audit_rates(workdir: Path, appends: int) -> tuple[float, float, float]:
     import fcntl
 
-    from secure_ml.audit import AuditLog
+    from secure_ml.custody.audit import AuditLog
 
     details = {"kind": "parquet", "size": 123456, "role": "dataset"}
     subject = "sha256:" + "ab" * 32
@@ -243,7 +243,7 @@ def run(quick: bool) -> list[Figure]:
                                   f"file size (baseline RSS {measured['baseline_kib'] / 1024:.0f} MiB)",
                                   size / MiB, "<= 64 MiB", peak <= 64))
 
-        from secure_ml.integrity import sha256_file
+        from secure_ml.custody.integrity import sha256_file
 
         def reference() -> None:
             with open(plain, "rb") as handle:

@@ -48,7 +48,7 @@ def run(quick: bool) -> list[Figure]:
 def _knn_baseline(drop, k: int = 15) -> np.ndarray:  # type: ignore[no-untyped-def]
     from sklearn.neighbors import NearestNeighbors
 
-    from secure_ml.poisoning import FeatureSpace
+    from secure_ml.data.poisoning import FeatureSpace
 
     x = FeatureSpace.fit(drop, NUMERIC, CATEGORICAL).transform(drop)
     y = drop["risk"].to_numpy()
@@ -57,7 +57,7 @@ def _knn_baseline(drop, k: int = 15) -> np.ndarray:  # type: ignore[no-untyped-d
 
 
 def _cl_baseline(drop) -> np.ndarray:  # type: ignore[no-untyped-def]
-    from secure_ml.poisoning import FeatureSpace, _cross_validated_proba
+    from secure_ml.data.poisoning import FeatureSpace, _cross_validated_proba
 
     x = FeatureSpace.fit(drop, NUMERIC, CATEGORICAL).transform(drop)
     y = drop["risk"].to_numpy()
@@ -71,7 +71,7 @@ def _detection(seeds: int) -> list[Figure]:
     from sklearn.metrics import roc_auc_score
     from threadpoolctl import threadpool_limits
 
-    from secure_ml.poisoning import ScreeningConfig, bootstrap, flip_labels, screen
+    from secure_ml.data.poisoning import ScreeningConfig, bootstrap, flip_labels, screen
     from secure_ml.settings import Settings
 
     reference = pd.read_csv(SAMPLE)
@@ -132,7 +132,7 @@ def _unseen_rows_auroc(reference, config, seeds: int) -> dict[str, float]:  # ty
     from sklearn.metrics import roc_auc_score
     from threadpoolctl import threadpool_limits
 
-    from secure_ml.poisoning import flip_labels, screen
+    from secure_ml.data.poisoning import flip_labels, screen
 
     scores: dict[str, list[float]] = {"ours": [], "knn": [], "cl": [], "blocked": []}
     for seed in range(seeds):
@@ -153,13 +153,15 @@ _WORKER = r"""
 import json, os, resource, sys, tempfile, time
 from pathlib import Path
 import numpy as np, pandas as pd, psutil
-from secure_ml import pii, splitting, validation
-from secure_ml.audit import AuditLog
-from secure_ml.keys import LocalKeyring
-from secure_ml.poisoning import ScreeningConfig, screen
-from secure_ml.schema import load_reference, load_schema
+from secure_ml.data import pii
+from secure_ml.data import splitting
+from secure_ml.data import validation
+from secure_ml.custody.audit import AuditLog
+from secure_ml.custody.keys import LocalKeyring
+from secure_ml.data.poisoning import ScreeningConfig, screen
+from secure_ml.data.schema import load_reference, load_schema
 from secure_ml.settings import Settings
-from secure_ml.store import ArtifactStore
+from secure_ml.custody.store import ArtifactStore
 
 data_path, schema_path = sys.argv[1], sys.argv[2]
 settings = Settings.from_env()
@@ -207,7 +209,7 @@ def _derived(rows: int, path: Path) -> None:
     """A larger dataset derived from the sample: resampled rows, numeric values jittered in range."""
     import pandas as pd
 
-    from secure_ml.poisoning import bootstrap
+    from secure_ml.data.poisoning import bootstrap
 
     frame = bootstrap(pd.read_csv(SAMPLE), seed=42, rows=rows)
     rng = np.random.default_rng(43)
@@ -252,7 +254,7 @@ def calibrate(seeds: range = range(10_000, 10_200)) -> dict[str, dict[str, float
     against the other half (rows the reference never saw)."""
     import pandas as pd
 
-    from secure_ml.poisoning import bootstrap, screen
+    from secure_ml.data.poisoning import bootstrap, screen
 
     full = pd.read_csv(SAMPLE)
     table: dict[str, dict[str, float]] = {}

@@ -37,8 +37,8 @@ def run(quick: bool) -> list[Figure]:
     from _release_fixtures import make_keys, make_model_dir, publish, release_for
     from test_policy import GOOD
 
-    from secure_ml.integrity import sha256_tree
-    from secure_ml.policy import PolicyEngine
+    from secure_ml.custody.integrity import sha256_tree
+    from secure_ml.governance.policy import PolicyEngine
     from secure_ml.settings import Settings, init_home
 
     n = 20 if quick else 200

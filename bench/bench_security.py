@@ -53,7 +53,7 @@ def _write_model_dir(root: Path, total: int, files: int = 4) -> Path:
 def _signing_figures(quick: bool) -> list[Figure]:
     from model_signing import hashing
 
-    from secure_ml import signing
+    from secure_ml.security import signing
     from secure_ml.settings import Settings, init_home
 
     total = (128 if quick else 2048) << 20
@@ -120,7 +120,7 @@ def _scan_figures() -> list[Figure]:
         model = _demo_model(Path(tmp) / "model")
         config = yaml.safe_load((REPO / "secure_ml" / "config" / "security.yaml").read_text())
         started = time.perf_counter()
-        from secure_ml import scanning
+        from secure_ml.security import scanning
 
         report, _ = scanning.release_scan(model, config, repo_root=REPO)
         cold = time.perf_counter() - started

@@ -23,10 +23,10 @@ import numpy as np
 import pandas as pd
 
 from bench import Figure
-from secure_ml import splitting
-from secure_ml.sandbox import IsolationPolicy
+from secure_ml.data import splitting
 from secure_ml.settings import Settings
-from secure_ml.training import DataSpec, Preprocessing, TrainingConfig, fit, train_model
+from secure_ml.training.sandbox import IsolationPolicy
+from secure_ml.training.trainer import DataSpec, Preprocessing, TrainingConfig, fit, train_model
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample" / "german_credit.csv"

@@ -13,9 +13,9 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from secure_ml.audit import AuditLog
+from secure_ml.custody.audit import AuditLog
+from secure_ml.custody.store import ArtifactRef, ArtifactStore
 from secure_ml.settings import Settings
-from secure_ml.store import ArtifactRef, ArtifactStore
 
 
 @dataclass(frozen=True)
@@ -135,8 +135,8 @@ class EncryptedIOManager(dg.ConfigurableIOManager):  # type: ignore[type-arg]
         step = context.step_context if hasattr(context, "step_context") else None
         if recorded.get("classification"):
             # Classified data is decrypted only for an identity cleared to read it (audited either way).
-            from secure_ml.access import AccessPolicy
             from secure_ml.errors import PolicyDenied
+            from secure_ml.governance.access import AccessPolicy
 
             try:
                 AccessPolicy.from_settings(self.custody.settings()).require(

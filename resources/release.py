@@ -11,7 +11,7 @@ from typing import Any
 
 import dagster as dg
 
-from secure_ml.deploy import Release
+from secure_ml.release.deploy import Release
 from secure_ml.settings import Settings
 
 

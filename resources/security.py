@@ -14,8 +14,8 @@ from typing import Any
 import dagster as dg
 import pydantic
 
-from secure_ml import attestation, signing
 from secure_ml.errors import ConfigurationError
+from secure_ml.security import attestation, signing
 from secure_ml.settings import Settings
 
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import warnings
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
-
-import warnings
 
 import dagster as dg
 

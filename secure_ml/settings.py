@@ -19,10 +19,10 @@ from typing import Any
 
 import yaml
 
-from secure_ml.audit import AuditLog
+from secure_ml.custody.audit import AuditLog
+from secure_ml.custody.keys import EnvKeyProvider, KeyProvider, LocalKeyring
+from secure_ml.custody.store import ArtifactStore
 from secure_ml.errors import ConfigurationError, KeyUnavailable
-from secure_ml.keys import EnvKeyProvider, KeyProvider, LocalKeyring
-from secure_ml.store import ArtifactStore
 
 ENVIRONMENTS = ("local", "production")
 ACTOR_TAG = "secure_ml/actor"

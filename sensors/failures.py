@@ -15,11 +15,10 @@ import time
 from typing import Any
 
 import dagster as dg
-
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
 from resources import CustodyResource
-from secure_ml.notify import Notifier
+from secure_ml.governance.notify import Notifier
 from sensors._shared import DROP_TAG, TRIGGER_TAG, seconds, section, sensor_status
 
 _FAILURES = section("failures")

@@ -3,7 +3,7 @@
 The ``landing_drops`` sensor scans ``$SECURE_ML_HOME/landing`` every ``landing.interval_seconds``
 (and once more ``landing.recheck_seconds`` later in the same tick when it saw a new file). Each
 complete drop (two scans saw it unchanged and settled; never one still being written; see
-secure_ml/landing.py) becomes ONE run, keyed by the drop's content digest and tagged with its
+secure_ml/data/landing.py) becomes ONE run, keyed by the drop's content digest and tagged with its
 name and digest, that materialises ``dataset`` with ``{"drop": NAME}`` and everything downstream
 of it in the groups ``landing.groups`` (data, training, security: validated, trained, evaluated,
 scanned, signed and attested; release stays a deliberate act).
@@ -27,7 +27,7 @@ import time
 import dagster as dg
 
 from resources import CustodyResource
-from secure_ml import landing
+from secure_ml.data import landing
 from secure_ml.errors import Error
 from secure_ml.settings import Settings
 from sensors._shared import (

@@ -20,8 +20,8 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from secure_ml.deploy import Release, Verifiers, model_digest, trusted_verifiers
-from secure_ml.integrity import sha256_tree
+from secure_ml.custody.integrity import sha256_tree
+from secure_ml.release.deploy import Release, Verifiers, model_digest, trusted_verifiers
 from secure_ml.settings import Settings
 
 NUMERIC = {"age": (35.5, 11.4), "credit_amount": (3271.0, 2822.0)}
@@ -43,7 +43,7 @@ def make_model_dir(path: Path, *, seed: int = 0, poison_nan: bool = False) -> Pa
     import torch
     from safetensors.torch import save_file
 
-    from secure_ml import training
+    from secure_ml.training import trainer as training
 
     torch.manual_seed(seed)
     prep = training.Preprocessing("credit_risk", dict(NUMERIC), {k: tuple(v) for k, v in CATEGORICAL.items()})
@@ -84,14 +84,14 @@ def make_keys(directory: Path, name: str = "signer") -> Keys:
 
 
 def sign(model_dir: Path, keys: Keys, scratch: Path) -> bytes:
-    from secure_ml import signing
+    from secure_ml.security import signing
 
     return signing.sign_model(model_dir, scratch / f"sig-{model_dir.name}-{keys.public.stem}.json",
                               private_key=keys.private)
 
 
 def attest(model_dir: Path, bundle: bytes, keys: Keys, *, files: Mapping[str, str] | None = None) -> bytes:
-    from secure_ml import attestation
+    from secure_ml.security import attestation
 
     build = attestation.BuildInfo(builder_id="https://secure-ml.local/dagster/test", invocation_id="run-1",
                                   started_on="2026-11-23T00:00:00Z", finished_on="2026-11-23T00:01:00Z",
@@ -102,7 +102,7 @@ def attest(model_dir: Path, bundle: bytes, keys: Keys, *, files: Mapping[str, st
 
 
 def verifiers(keys: Keys) -> Verifiers:
-    from secure_ml import signing
+    from secure_ml.security import signing
 
     return trusted_verifiers(signing.TrustPolicy.of(public_keys=[keys.public]))
 
@@ -121,7 +121,7 @@ def publish(settings: Settings, model_dir: Path, keys: Keys, scratch: Path, *,
             evaluation: Mapping[str, Any] = GOOD_EVALUATION, scan: Mapping[str, Any] = CLEAN_SCAN,
             approved: bool = True, bundle: bytes | None = None, envelope: bytes | None = None) -> Published:
     """Seal model, bundle and attestation into the store; the evidence registered_model would build."""
-    from secure_ml.deploy import evaluation_evidence, scan_evidence
+    from secure_ml.release.deploy import evaluation_evidence, scan_evidence
 
     bundle = bundle if bundle is not None else sign(model_dir, keys, scratch)
     envelope = envelope if envelope is not None else attest(model_dir, bundle, keys)

@@ -1,4 +1,4 @@
-"""Roles and clearances (secure_ml/access.py) and their audit trail.
+"""Roles and clearances (secure_ml/governance/access.py) and their audit trail.
 
 Touches: the shipped config/roles.yaml through Settings, AccessPolicy built from mappings, and a
 real hash-chained AuditLog. Does not touch Dagster: test_data_stage.py proves the decisions are
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from secure_ml.access import AccessPolicy
-from secure_ml.audit import AuditLog
+from secure_ml.custody.audit import AuditLog
 from secure_ml.errors import ConfigurationError, PolicyDenied
+from secure_ml.governance.access import AccessPolicy
 from secure_ml.settings import Settings
 
 

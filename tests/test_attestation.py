@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from secure_ml import attestation, signing
 from secure_ml.cli import main as cli
+from secure_ml.custody.integrity import sha256_file, sha256_tree
 from secure_ml.errors import VerificationError
-from secure_ml.integrity import sha256_file, sha256_tree
+from secure_ml.security import attestation, signing
 
 
 def write_model(directory: Path, *, seed: int = 0) -> Path:

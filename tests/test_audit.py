@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from secure_ml.audit import GENESIS, AuditLog, entry_hash
+from secure_ml.custody.audit import GENESIS, AuditLog, entry_hash
 from secure_ml.errors import BadInput, VerificationError
 
 CLI = str(Path(sys.executable).parent / "secure-ml")

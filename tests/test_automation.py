@@ -379,7 +379,7 @@ def automation_ticks_after(instance: dg.DagsterInstance, after: float, *, count:
 @pytest.mark.timeout(600)
 def test_a_clean_drop_becomes_a_signed_candidate_and_a_poisoned_one_stops_at_validation(
         tmp_path: Path, hook_server: Hook) -> None:
-    from secure_ml.poisoning import flip_labels
+    from secure_ml.data.poisoning import flip_labels
     from tests._dagster_servers import daemon, make_home
 
     home = make_home(tmp_path, automation="on", extra={"SECURE_ML_WEBHOOK_URL": hook_server.url,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from secure_ml import crypto
+from secure_ml.custody import crypto
 
 CLI = str(Path(sys.executable).parent / "secure-ml")
 CHUNK = crypto.DEFAULT_CHUNK_SIZE

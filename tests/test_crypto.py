@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from secure_ml import crypto
+from secure_ml.custody import crypto
+from secure_ml.custody.keys import EnvKeyProvider, LocalKeyring, key_id_for
 from secure_ml.errors import BadInput, Error, IntegrityError, KeyUnavailable
-from secure_ml.keys import EnvKeyProvider, LocalKeyring, key_id_for
 
 CHUNK = 64
 MATERIAL = bytes(range(32))
@@ -373,7 +373,7 @@ def test_require_key_never_leaks_a_provider_failure() -> None:
 
 # -- real files: the O_DIRECT read stage and the in-place write stage (secure_ml.integrity) --------
 def _seal_file(tmp_path: Path, data: bytes, chunk_size: int = crypto.DEFAULT_CHUNK_SIZE) -> Path:
-    from secure_ml.integrity import atomic_write
+    from secure_ml.custody.integrity import atomic_write
 
     plain, sealed = tmp_path / "plain.bin", tmp_path / "sealed.smle"
     plain.write_bytes(data)
@@ -384,7 +384,7 @@ def _seal_file(tmp_path: Path, data: bytes, chunk_size: int = crypto.DEFAULT_CHU
 
 
 def _open_file(sealed: Path, back: Path) -> bytes:
-    from secure_ml.integrity import atomic_write
+    from secure_ml.custody.integrity import atomic_write
 
     with open(sealed, "rb") as src, atomic_write(back) as dst:
         size = crypto.decrypt_stream(src, dst, env_keys())
@@ -440,14 +440,14 @@ SMALL_STAGE = 6 * 4096  # with tiny chunks, files cross the read stage many time
 @pytest.fixture(autouse=True)
 def direct_reads_for_small_files(monkeypatch: pytest.MonkeyPatch) -> None:
     """The direct path for every size here (in use it starts at DIRECT_READ_MIN)."""
-    from secure_ml import integrity
+    from secure_ml.custody import integrity
 
     monkeypatch.setattr(integrity, "DIRECT_READ_MIN", 0)
 
 
 @pytest.fixture
 def small_stage(monkeypatch: pytest.MonkeyPatch) -> int:
-    from secure_ml import integrity
+    from secure_ml.custody import integrity
 
     monkeypatch.setattr(integrity, "READ_STAGE_SIZE", SMALL_STAGE)
     return SMALL_STAGE
@@ -469,7 +469,7 @@ def fixed_randomness(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _direct_used(path: Path) -> bool:
-    from secure_ml.integrity import direct_reader, finish_direct_read
+    from secure_ml.custody.integrity import direct_reader, finish_direct_read
 
     with open(path, "rb") as src:
         reader = direct_reader(src)
@@ -559,7 +559,7 @@ def test_ciphertext_shrinking_during_decrypt_is_rejected_as_truncated(tmp_path: 
                                                                      stage: str, cut: str) -> None:
     """The artifact is truncated after decryption began (past what the stage already holds): the
     reader reads short, and the short end is refused as a truncation; nothing is left behind."""
-    from secure_ml import integrity
+    from secure_ml.custody import integrity
 
     if stage == "small":
         monkeypatch.setattr(integrity, "READ_STAGE_SIZE", SMALL_STAGE)
@@ -591,8 +591,8 @@ def test_plaintext_shrinking_during_encrypt_seals_what_was_read(tmp_path: Path, 
                                                                 small_stage: int) -> None:
     """A source truncated mid-encryption reads short: the artifact is a valid one of the prefix
     read (never bytes from beyond the new end, never a crash)."""
-    from secure_ml import integrity
-    from secure_ml.integrity import atomic_write
+    from secure_ml.custody import integrity
+    from secure_ml.custody.integrity import atomic_write
 
     data = os.urandom(10 * SMALL_STAGE)
     plain, sealed = tmp_path / "plain.bin", tmp_path / "sealed.smle"

@@ -23,8 +23,8 @@ import pytest
 import assets.data as data_stage
 import resources
 from secure_ml.cli.cmd_pipeline import land
+from secure_ml.data.versioning import DatasetVersions
 from secure_ml.settings import ACTOR_TAG, Settings
-from secure_ml.versioning import DatasetVersions
 from tests.conftest import SAMPLE_CSV, land_file
 
 DATASET_CHECKS = {"dataset_ciphertext_authentic", "dataset_digest_matches_provenance", "source_approved",

@@ -1,6 +1,6 @@
 """The release core: registration, approvals with separation of duties, the deploy gate, rollback.
 
-Touches: secure_ml/deploy.py end to end on a real home (encrypted store, audit log, SQLite
+Touches: secure_ml/release/deploy.py end to end on a real home (encrypted store, audit log, SQLite
 registry, Rego policies, roles.yaml), with real models (torch -> safetensors), real model-signing
 bundles and DSSE attestations made and verified by secure_ml.signing / secure_ml.attestation,
 the real health check (serving's loader predicting a row), and the CLI in a subprocess.
@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from _release_fixtures import (
     CLEAN_SCAN,
     GOOD_EVALUATION,
@@ -30,8 +29,9 @@ from _release_fixtures import (
     release_for,
     sign,
 )
-from secure_ml.deploy import Release, model_digest
+
 from secure_ml.errors import BadInput, IntegrityError, PolicyDenied, VerificationError
+from secure_ml.release.deploy import Release, model_digest
 from secure_ml.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]

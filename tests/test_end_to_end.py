@@ -90,7 +90,7 @@ def test_export_verifies_offline_with_the_pinned_digest(home: Path, pipeline: di
     assert cli(home, "model", "export", str(out)).returncode == 0
     model, bundle, key = out / "model", out / "model.sig", out / "signing-key.pub"
     digest = json.loads(cli(home, "status", "--json").stdout)["versions"][0]["model_digest"]
-    # Exactly what the Kubernetes init container runs (secure_ml/k8s_render.py).
+    # Exactly what the Kubernetes init container runs (secure_ml/release/k8s_render.py).
     pinned = cli(home, "verify-model", str(model), "--signature", str(bundle), "--public-key", str(key),
                  "--digest", f"sha256:{digest}")
     assert pinned.returncode == 0, pinned.stderr

@@ -18,10 +18,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from secure_ml import splitting
+from secure_ml.data import splitting
 from secure_ml.errors import BadInput, ConfigurationError
-from secure_ml.evaluation import EvaluationConfig, evaluate, group_metrics, markdown, render_plots
-from secure_ml.training import DataSpec, LoadedModel, TrainingConfig, load_model, train_model
+from secure_ml.training.evaluation import EvaluationConfig, evaluate, group_metrics, markdown, render_plots
+from secure_ml.training.trainer import DataSpec, LoadedModel, TrainingConfig, load_model, train_model
 from tests.conftest import SAMPLE_CSV
 
 pytestmark = pytest.mark.timeout(180)

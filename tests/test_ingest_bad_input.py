@@ -3,11 +3,11 @@
 Touches: assets/data.py's `dataset` materialised with dg.materialize (the cases on Dagster's
 in-memory DagsterInstance.ephemeral(): the same execution, without SQLite's fsyncs, 0.3 s a case
 instead of 2.5 s on this shared machine; one case and the settle tests on the persistent instance
-under a fresh DAGSTER_HOME, read back from its event log), secure_ml/ingest.py's resolution and
+under a fresh DAGSTER_HOME, read back from its event log), secure_ml/data/ingest.py's resolution and
 parsing, the real encrypted store, the real audit log and the DVC repository location. Each case proves one clear reason in the step
 failure and in the audit log, and that nothing was half-ingested: no object (or staging file) in
 the store, no DVC entry. Does not touch the asset checks (a failed step never reaches them) or
-the landing sensor's own scanning (secure_ml/landing.py has its own tests).
+the landing sensor's own scanning (secure_ml/data/landing.py has its own tests).
 """
 
 import os

@@ -13,8 +13,16 @@ from pathlib import Path
 
 import pytest
 
+from secure_ml.custody.integrity import (
+    atomic_write,
+    atomic_write_bytes,
+    list_tree,
+    sha256_bytes,
+    sha256_file,
+    sha256_tree,
+    tree_digest,
+)
 from secure_ml.errors import BadInput
-from secure_ml.integrity import atomic_write, atomic_write_bytes, list_tree, sha256_bytes, sha256_file, sha256_tree, tree_digest
 
 
 def test_sha256_file_matches_hashlib(tmp_path: Path) -> None:
@@ -100,7 +108,7 @@ def test_atomic_write_without_overwrite(tmp_path: Path) -> None:
 def test_large_atomic_writes_release_pages_as_they_go_and_stay_exact(tmp_path: Path) -> None:
     """Past RELEASE_EVERY bytes the writer syncs and drops what it wrote from the page cache;
     the bytes on disk are still exactly what was written, in order."""
-    from secure_ml import integrity
+    from secure_ml.custody import integrity
 
     digest = hashlib.sha256()
     target = tmp_path / "big.bin"
@@ -120,7 +128,7 @@ def test_direct_io_writer_keeps_exact_bytes_across_stages_flushes_and_seeks(tmp_
     bytes, a mid-stream flush (tail written, direct I/O left), more writes, a seek back and an
     overwrite; the file ends byte-exact. Where the file system refuses O_DIRECT the same
     sequence runs through the buffered fallback."""
-    from secure_ml import integrity
+    from secure_ml.custody import integrity
 
     target = tmp_path / "direct.bin"
     expected = bytearray()
@@ -148,13 +156,13 @@ SMALL_STAGE = 6 * 4096  # a few chunks per stage, so that small files cross it m
 @pytest.fixture(autouse=True)
 def direct_reads_for_small_files(monkeypatch: pytest.MonkeyPatch) -> None:
     """The direct path for every size here (in use it starts at DIRECT_READ_MIN)."""
-    from secure_ml import integrity
+    from secure_ml.custody import integrity
 
     monkeypatch.setattr(integrity, "DIRECT_READ_MIN", 0)
 
 
 def _open_direct(path: Path, start: int = 0):  # type: ignore[no-untyped-def]
-    from secure_ml.integrity import direct_reader
+    from secure_ml.custody.integrity import direct_reader
 
     src = open(path, "rb")
     src.seek(start)
@@ -186,7 +194,7 @@ def test_direct_chunks_are_exact_and_flag_only_the_end(tmp_path: Path, monkeypat
     the end of a full stage (6 and 12 chunks of 4096), read from an unaligned start: the chunks
     are the file's bytes in order, each full-size but the last, and only the last says so (a
     file ending on a chunk boundary ends with a full chunk, not an extra empty one)."""
-    from secure_ml import integrity
+    from secure_ml.custody import integrity
 
     monkeypatch.setattr(integrity, "READ_STAGE_SIZE", SMALL_STAGE)
     size = max(0, multiple * chunk + extra)
@@ -211,7 +219,7 @@ def test_direct_chunks_are_exact_and_flag_only_the_end(tmp_path: Path, monkeypat
 
 def test_direct_chunks_are_views_of_the_stage_and_too_big_ones_are_refused(tmp_path: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    from secure_ml import integrity
+    from secure_ml.custody import integrity
 
     monkeypatch.setattr(integrity, "READ_STAGE_SIZE", SMALL_STAGE)
     path = tmp_path / "data.bin"
@@ -234,7 +242,7 @@ def test_a_file_shrinking_while_read_reads_short_without_error(tmp_path: Path, m
                                                                 shrink_to: int) -> None:
     """Truncated after the first stage was read: what comes back is a prefix of the original
     (what the stage already held, then whatever is left), ended by a last chunk; no SIGBUS."""
-    from secure_ml import integrity
+    from secure_ml.custody import integrity
 
     monkeypatch.setattr(integrity, "READ_STAGE_SIZE", SMALL_STAGE)
     data = os.urandom(8 * SMALL_STAGE + 99)
@@ -259,7 +267,7 @@ def test_a_file_shrinking_while_read_reads_short_without_error(tmp_path: Path, m
 
 
 def test_small_files_are_read_through_the_page_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from secure_ml import integrity
+    from secure_ml.custody import integrity
 
     monkeypatch.setattr(integrity, "DIRECT_READ_MIN", 1 << 20)
     small, large = tmp_path / "small", tmp_path / "large"

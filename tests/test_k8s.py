@@ -1,6 +1,6 @@
 """Kubernetes: the model server's rendered manifests, the admission policy, and the k8s/ directory.
 
-Touches: secure_ml/k8s_render.py (render + validate), secure_ml/policies/admission.rego through
+Touches: secure_ml/release/k8s_render.py (render + validate), secure_ml/governance/policies/admission.rego through
 the real regopy, kubernetes-validate's strict schemas, dagster-k8s's own config schemas and its
 step-Job builder (construct_dagster_k8s_job) fed with k8s/job_executor.yaml.
 Does not touch: a live cluster or Helm (neither is available here); the chart's rendering of
@@ -18,13 +18,13 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from secure_ml import k8s_render
 from secure_ml.errors import BadInput, ConfigurationError, PolicyDenied, VerificationError
-from secure_ml.policy import POLICY_DIR, PolicyEngine
+from secure_ml.governance.policy import POLICY_DIR, PolicyEngine
+from secure_ml.release import k8s_render
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
-RELEASE = yaml.safe_load((POLICY_DIR.parent / "config" / "release.yaml").read_text())
+RELEASE = yaml.safe_load((POLICY_DIR.parents[1] / "config" / "release.yaml").read_text())
 DIGEST = "ab" * 32
 OTHER = "cd" * 32
 

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import pytest
 
-from secure_ml import crypto
+from secure_ml.custody import crypto
+from secure_ml.custody.keys import KEY_BYTES, EnvKeyProvider, LocalKeyring, key_id_for
+from secure_ml.custody.store import ArtifactStore, rotate_keys
 from secure_ml.errors import ConfigurationError, Error, KeyUnavailable
-from secure_ml.keys import KEY_BYTES, EnvKeyProvider, LocalKeyring, key_id_for
 from secure_ml.settings import Settings
-from secure_ml.store import ArtifactStore, rotate_keys
 
 CLI = str(Path(sys.executable).parent / "secure-ml")
 

@@ -1,4 +1,4 @@
-"""secure_ml.landing: which drops are complete and new, and the cursor that remembers them.
+"""secure_ml.data.landing: which drops are complete and new, and the cursor that remembers them.
 
 Touches: real files in a temporary landing directory (appends between scans, fresh mtimes,
 symlinks, hidden/temporary names, empty files, renames, rewrites), the cursor's text form across
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from secure_ml import landing
+from secure_ml.custody.integrity import sha256_file
+from secure_ml.data import landing
+from secure_ml.data.landing import LandingCursor, scan
 from secure_ml.errors import BadInput
-from secure_ml.integrity import sha256_file
-from secure_ml.landing import LandingCursor, scan
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "german_credit.csv"
 OLD = time.time() - 3600

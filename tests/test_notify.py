@@ -1,4 +1,4 @@
-"""secure_ml.notify against a real HTTP server on 127.0.0.1 started by each test.
+"""secure_ml.governance.notify against a real HTTP server on 127.0.0.1 started by each test.
 
 Touches: the Notifier's POST (body, headers), its audit entries (ok / fail / skipped, endpoint
 redacted to scheme://host:port), refused connections, error statuses, redirects (never followed),
@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from secure_ml.errors import ConfigurationError
-from secure_ml.notify import Notifier, redacted_url
+from secure_ml.governance.notify import Notifier, redacted_url
 from secure_ml.settings import Settings
 
 

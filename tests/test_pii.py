@@ -13,9 +13,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from secure_ml import pii
+from secure_ml.custody.keys import LocalKeyring
+from secure_ml.data import pii
 from secure_ml.errors import ConfigurationError
-from secure_ml.keys import LocalKeyring
 from tests.conftest import SAMPLE_CSV
 
 

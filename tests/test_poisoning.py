@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from secure_ml.data.poisoning import ScreeningConfig, bootstrap, confident_learning_issues, flip_labels, screen
 from secure_ml.errors import BadInput, ConfigurationError
-from secure_ml.poisoning import ScreeningConfig, bootstrap, confident_learning_issues, flip_labels, screen
 from tests.conftest import SAMPLE_CSV
 
 NUMERIC = ["job", "credit_amount", "duration", "age"]

@@ -1,4 +1,4 @@
-"""The Rego policies shipped in secure_ml/policies, evaluated by the real regopy interpreter.
+"""The Rego policies shipped in secure_ml/governance/policies, evaluated by the real regopy interpreter.
 
 Touches: promotion.rego, approval.rego, deployment.rego, admission.rego with the shipped
 config/release.yaml as data; one allow case and a deny case per rule, each deny checked for its
@@ -17,9 +17,9 @@ import pytest
 import yaml
 
 from secure_ml.errors import ConfigurationError, PolicyDenied
-from secure_ml.policy import POLICY_DIR, PolicyEngine
+from secure_ml.governance.policy import POLICY_DIR, PolicyEngine
 
-RELEASE = yaml.safe_load((POLICY_DIR.parent / "config" / "release.yaml").read_text())
+RELEASE = yaml.safe_load((POLICY_DIR.parents[1] / "config" / "release.yaml").read_text())
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The model registry (secure_ml/registry.py) on a real SQLite file.
+"""The model registry (secure_ml/release/registry.py) on a real SQLite file.
 
 Touches: registration by digest (idempotent), reference resolution (names, digests, stages,
 hostile strings), stage moves (one production at a time, stale decisions refused), approvals,
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from secure_ml.errors import BadInput, ConfigurationError, PolicyDenied
-from secure_ml.registry import Registry
+from secure_ml.release.registry import Registry
 
 
 def digest(n: int) -> str:

@@ -21,15 +21,15 @@ from typing import Any
 import dagster as dg
 import pytest
 import yaml
+from _release_fixtures import GOOD_EVALUATION, make_model_dir
 
 import resources
-from _release_fixtures import GOOD_EVALUATION, make_model_dir
 from assets import data as data_assets
 from assets import release as release_assets
 from assets import security
 from resources import CustodyResource
 from secure_ml.cli import main as cli
-from secure_ml.registry import Registry
+from secure_ml.release.registry import Registry
 from secure_ml.settings import ACTOR_TAG, Settings
 
 
@@ -67,8 +67,8 @@ UPSTREAM = [stand_in_trained_model, stand_in_model_evaluation, security.scan_rep
 RELEASE = [release_assets.registered_model, release_assets.deployment,
            release_assets.registered_model_policy_allows, release_assets.registered_model_separation_of_duties,
            release_assets.deployment_matches_signed_digest, release_assets.deployment_healthy]
-OWN_CODE = ["secure_ml/registry.py", "secure_ml/policy.py", "secure_ml/deploy.py", "secure_ml/k8s_render.py",
-            "secure_ml/serving.py", "assets/release.py", "resources/release.py"]
+OWN_CODE = ["secure_ml/release/registry.py", "secure_ml/governance/policy.py", "secure_ml/release/deploy.py", "secure_ml/release/k8s_render.py",
+            "secure_ml/release/serving.py", "assets/release.py", "resources/release.py"]
 
 
 @pytest.fixture

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from secure_ml import sandbox
 from secure_ml.errors import ConfigurationError
-from secure_ml.sandbox import IsolationPolicy, probe_isolation
 from secure_ml.settings import Settings
+from secure_ml.training import sandbox
+from secure_ml.training.sandbox import IsolationPolicy, probe_isolation
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -133,7 +133,7 @@ def test_a_required_namespace_that_the_host_cannot_give_is_a_clear_error(
 
 def test_a_failing_or_hung_training_process_is_reported_in_one_line() -> None:
     from secure_ml.errors import BadInput
-    from secure_ml.sandbox import SandboxError, run_isolated
+    from secure_ml.training.sandbox import SandboxError, run_isolated
 
     header = {"config": {"epochs": 1}, "rows": 10, "width": 3, "device": "cpu", "fingerprint": "0" * 64}
     with pytest.raises(BadInput, match="received data of the wrong size"):

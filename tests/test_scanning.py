@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from secure_ml import sbom, scanning
 from secure_ml.cli import main as cli
+from secure_ml.security import sbom, scanning
 
 REPO = Path(__file__).resolve().parents[1]
 OSV_DB = REPO / "data" / "osv" / "pypi-advisories.json"
@@ -202,8 +202,8 @@ def test_bandit_flags_medium_findings_and_they_block(tmp_path: Path) -> None:
 
 
 def test_own_code_is_bandit_clean() -> None:
-    own = [REPO / p for p in ("secure_ml/scanning.py", "secure_ml/signing.py", "secure_ml/attestation.py",
-                              "secure_ml/sbom.py", "assets/security.py", "resources/security.py",
+    own = [REPO / p for p in ("secure_ml/security/scanning.py", "secure_ml/security/signing.py", "secure_ml/security/attestation.py",
+                              "secure_ml/security/sbom.py", "assets/security.py", "resources/security.py",
                               "secure_ml/cli/cmd_model.py")]
     assert [f for f in scanning.scan_code(own, root=REPO) if scanning.ScanPolicy().blocks(f)] == []
 
@@ -259,7 +259,7 @@ def test_training_stage_model_shapes_are_checked_against_its_config(tmp_path: Pa
     """The training stage's tabular-mlp (secure_ml.training.build_model) against its config.json."""
     from safetensors.torch import save_file
 
-    from secure_ml.training import build_model
+    from secure_ml.training.trainer import build_model
 
     model_dir = tmp_path / "m"
     model_dir.mkdir()

@@ -92,7 +92,7 @@ def audit_actions(settings: Settings) -> list[dict[str, Any]]:
     return list(settings.audit_log().entries())
 
 
-OWN_CODE = ["secure_ml/scanning.py", "secure_ml/signing.py", "secure_ml/attestation.py", "secure_ml/sbom.py",
+OWN_CODE = ["secure_ml/security/scanning.py", "secure_ml/security/signing.py", "secure_ml/security/attestation.py", "secure_ml/security/sbom.py",
             "assets/security.py", "resources/security.py"]
 
 
@@ -176,7 +176,7 @@ def test_smuggled_pickle_blocks_signing_with_reason_in_ui_and_audit(settings: Se
 
 def test_signature_by_untrusted_key_fails_the_blocking_check(settings: Settings, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    from secure_ml.signing import ensure_signing_key
+    from secure_ml.security.signing import ensure_signing_key
 
     other_public = ensure_signing_key(tmp_path / "other" / "key.pem")
     # Our key signs; only another key is trusted.

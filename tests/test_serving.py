@@ -1,4 +1,4 @@
-"""The local model server (secure_ml/serving.py) over real HTTP.
+"""The local model server (secure_ml/release/serving.py) over real HTTP.
 
 Touches: a real uvicorn server on a loopback port serving a real safetensors model that was
 deployed through the gate; bearer-token auth with hashed tokens, per-client rate limits, input
@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from _release_fixtures import Keys, make_keys, make_model_dir, publish, release_for
-from secure_ml import serving
-from secure_ml.deploy import Release, key_signature_verifier
+
 from secure_ml.errors import BadInput, VerificationError
+from secure_ml.release import serving
+from secure_ml.release.deploy import Release, key_signature_verifier
 from secure_ml.settings import Settings
 
 ROW = {"age": 41, "credit_amount": 2500.0, "sex": "female", "purpose": "car"}

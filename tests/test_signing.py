@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from secure_ml import signing
 from secure_ml.cli import main as cli
+from secure_ml.custody.integrity import sha256_tree
 from secure_ml.errors import BadInput, ConfigurationError, VerificationError
-from secure_ml.integrity import sha256_tree
+from secure_ml.security import signing
 from secure_ml.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]

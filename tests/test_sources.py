@@ -1,4 +1,4 @@
-"""Approved sources (secure_ml/sources.py): which drops are accepted, and bad configurations.
+"""Approved sources (secure_ml/governance/sources.py): which drops are accepted, and bad configurations.
 
 Touches: the shipped config/sources.yaml and roles.yaml through Settings (SECURE_ML_CONFIG for a
 copy), and ApprovedSources built from mappings. Does not touch Dagster, the store or the landing
@@ -14,8 +14,8 @@ import pytest
 
 from secure_ml.cli.cmd_pipeline import land
 from secure_ml.errors import ConfigurationError, PolicyDenied
+from secure_ml.governance.sources import ApprovedSources
 from secure_ml.settings import Settings
-from secure_ml.sources import ApprovedSources
 from tests.conftest import SAMPLE_CSV
 
 SHIPPED = Path(__file__).resolve().parents[1] / "secure_ml" / "config"

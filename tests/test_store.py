@@ -17,9 +17,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from secure_ml.custody.store import ArtifactStore
 from secure_ml.errors import BadInput, Error, IntegrityError
 from secure_ml.settings import Settings
-from secure_ml.store import ArtifactStore
 
 
 @pytest.fixture

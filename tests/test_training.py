@@ -21,11 +21,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from secure_ml import splitting
+from secure_ml.data import splitting
 from secure_ml.errors import BadInput, ConfigurationError
-from secure_ml.sandbox import IsolationPolicy, SandboxError
 from secure_ml.settings import Settings
-from secure_ml.training import (
+from secure_ml.training.sandbox import IsolationPolicy, SandboxError
+from secure_ml.training.trainer import (
     CheckpointStore,
     DataSpec,
     Preprocessing,
@@ -67,7 +67,7 @@ def test_preprocessing_is_fitted_on_the_training_split_and_stored_as_json(split:
     assert back == prep and back.features == [*SPEC.numeric, *SPEC.categorical]
     np.testing.assert_array_equal(back.transform(test)[0], prep.transform(test)[0])
     # The model server's generic reader understands it too.
-    from secure_ml.serving import FeatureSpec
+    from secure_ml.release.serving import FeatureSpec
 
     served = FeatureSpec.from_preprocessing(json.loads(text))
     assert served.numeric["age"] == prep.numeric["age"] and served.categorical["sex"] == ("female", "male")

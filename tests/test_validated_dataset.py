@@ -27,7 +27,7 @@ import yaml
 import resources
 from assets import data as data_stage
 from assets import validation as validation_stage
-from secure_ml.poisoning import bootstrap, flip_labels
+from secure_ml.data.poisoning import bootstrap, flip_labels
 from secure_ml.settings import Settings
 from tests.conftest import SAMPLE_CSV, land_file
 

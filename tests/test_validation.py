@@ -16,11 +16,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from secure_ml import splitting
 from secure_ml.cli import main
+from secure_ml.data import splitting
+from secure_ml.data.schema import infer_schema, load_reference, load_schema, parse_schema, select_schema
+from secure_ml.data.validation import build_suite, validate
 from secure_ml.errors import BadInput, ConfigurationError, IntegrityError
-from secure_ml.schema import infer_schema, load_reference, load_schema, parse_schema, select_schema
-from secure_ml.validation import build_suite, validate
 from tests.conftest import SAMPLE_CSV
 
 CONFIG = Path(__file__).resolve().parents[1] / "secure_ml" / "config"
@@ -79,7 +79,7 @@ def test_row_count_bounds_and_allowed_extra_columns(schema, sample: pd.DataFrame
 
 
 def test_examples_in_failures_are_redacted(schema, sample: pd.DataFrame) -> None:  # type: ignore[no-untyped-def]
-    from secure_ml.pii import redact_text
+    from secure_ml.data.pii import redact_text
 
     leaked = sample.copy()
     leaked.loc[0, "purpose"] = "mail jane@example.org"

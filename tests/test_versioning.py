@@ -1,4 +1,4 @@
-"""DVC versions of dataset ciphertexts (secure_ml/versioning.py), checked with the real dvc CLI.
+"""DVC versions of dataset ciphertexts (secure_ml/data/versioning.py), checked with the real dvc CLI.
 
 Touches: a real DVC repository and local remote under a fresh SECURE_ML_HOME (DVC's Python API
 in-process, and the `dvc` command line in a subprocess for `status`, `status --cloud` and
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from secure_ml.custody.store import ArtifactStore
+from secure_ml.data.versioning import DatasetVersions
 from secure_ml.errors import ConfigurationError, IntegrityError
 from secure_ml.settings import Settings
-from secure_ml.store import ArtifactStore
-from secure_ml.versioning import DatasetVersions
 from tests.conftest import SAMPLE_CSV
 
 DVC = str(Path(sys.executable).with_name("dvc"))

@@ -11,12 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from secure_ml import crypto
+from secure_ml.custody import crypto
+from secure_ml.custody.integrity import atomic_write
+from secure_ml.custody.keys import LocalKeyring
+from secure_ml.custody.store import rotate_keys
 from secure_ml.errors import BadInput, ConfigurationError
-from secure_ml.integrity import atomic_write
-from secure_ml.keys import LocalKeyring
 from secure_ml.settings import Settings, init_home
-from secure_ml.store import rotate_keys
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

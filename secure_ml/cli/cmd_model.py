@@ -22,9 +22,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from secure_ml import attestation, scanning, signing
+from secure_ml.custody.integrity import SHA256_HEX, sha256_file, sha256_tree, tree_digest
 from secure_ml.errors import BadInput, VerificationError
-from secure_ml.integrity import sha256_file, sha256_tree, tree_digest
+from secure_ml.security import attestation, scanning, signing
 from secure_ml.settings import Settings
 
 
@@ -114,7 +114,7 @@ def _pinned_digest(value: str | None) -> str | None:
     if value is None:
         return None
     hexpart = value[len("sha256:"):] if value.startswith("sha256:") else ""
-    if len(hexpart) != 64 or any(c not in "0123456789abcdef" for c in hexpart):
+    if not SHA256_HEX.match(hexpart):
         raise BadInput(f"--digest must be sha256:<64 lowercase hex>, not {value[:80]!r}")
     return hexpart
 
@@ -165,7 +165,7 @@ def cmd_verify_attestation(args: argparse.Namespace) -> int:
 def _stored_digests(settings: Settings, version: str | None) -> tuple[str, str, str, str]:
     """(label, model tree, signature, attestation) store digests: a registry version or the latest run."""
     if version:
-        from secure_ml.registry import Registry
+        from secure_ml.release.registry import Registry
 
         found = Registry.from_settings(settings).get(version)
         stored = found.evidence.get("store") or {}

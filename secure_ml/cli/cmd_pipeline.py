@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
+from secure_ml.custody.integrity import atomic_write, sha256_file
 from secure_ml.errors import BadInput
-from secure_ml.integrity import atomic_write, sha256_file
 from secure_ml.settings import Settings, init_home
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "german_credit.csv"

@@ -63,13 +63,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _release(settings: Settings, actor: str | None = None) -> Any:
-    from secure_ml.deploy import Release
+    from secure_ml.release.deploy import Release
 
     return Release.from_settings(settings, actor=actor)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from secure_ml.registry import Registry
+    from secure_ml.release.registry import Registry
 
     registry = Registry.from_settings(Settings.from_env())
     if args.version:
@@ -153,8 +153,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from secure_ml import serving
-    from secure_ml.deploy import key_signature_verifier
+    from secure_ml.release import serving
+    from secure_ml.release.deploy import key_signature_verifier
 
     settings = Settings.from_env()
     config = settings.load_config("release").get("serving") or {}
@@ -197,8 +197,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _local_deployment(settings: Settings) -> Any:
     """The current local deployment, re-verified against the registry and the signature."""
-    from secure_ml import serving
-    from secure_ml.deploy import Release
+    from secure_ml.release import serving
+    from secure_ml.release.deploy import Release
 
     release = Release.from_settings(settings)
     current = release.registry.current_deployment("local")

@@ -1,6 +1,6 @@
 """secure-ml schema init DATA_FILE [--out FILE] [--label COL] [--protected A,B] [--name NAME] [--force]
 
-Drafts a schema file (secure_ml/schema.py's format) from a trusted sample for a person to review:
+Drafts a schema file (secure_ml/data/schema.py's format) from a trusted sample for a person to review:
 columns, types, nulls, observed ranges and categories, row-count bounds. The data file is parsed
 with the same strict reader as drops in the landing area. Without --out the draft goes to stdout.
 """
@@ -11,8 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from secure_ml.custody.integrity import atomic_write
 from secure_ml.errors import BadInput
-from secure_ml.integrity import atomic_write
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -30,8 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def cmd_schema_init(args: argparse.Namespace) -> int:
     # pandas is imported only by this command, so every other command starts fast.
-    from secure_ml import ingest
-    from secure_ml.schema import dump_schema, infer_schema
+    from secure_ml.data import ingest
+    from secure_ml.data.schema import dump_schema, infer_schema
 
     path: Path = args.data_file
     if not path.is_file():

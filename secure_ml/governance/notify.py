@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from secure_ml.audit import AuditLog
+from secure_ml.custody.audit import AuditLog
 from secure_ml.errors import ConfigurationError
 from secure_ml.settings import Settings
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import pandas as pd
 
-from secure_ml.schema import Schema
+from secure_ml.data.schema import Schema
 
 # No telemetry: GE reads this when it is first imported.
 os.environ["GX_ANALYTICS_ENABLED"] = "false"

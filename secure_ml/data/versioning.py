@@ -40,10 +40,10 @@ from typing import Any, Protocol
 
 import yaml
 
+from secure_ml.custody.integrity import SHA256_HEX, atomic_write, atomic_write_bytes
 from secure_ml.errors import BadInput, ConfigurationError, IntegrityError
-from secure_ml.integrity import atomic_write, atomic_write_bytes
 
-_KEY = re.compile(r"^[0-9a-f]{64}$")
+_KEY = SHA256_HEX
 REMOTE_NAME = "local"
 DROPS = "drops"
 
@@ -132,7 +132,7 @@ class DatasetVersions:
         if "://" not in url:
             # Relative to .dvc/, so the home can move as a whole and `dvc pull` still finds it.
             url = os.path.relpath(url, self.root / ".dvc")
-        shared = ("# Written by secure-ml (secure_ml/versioning.py). Nothing phones home.\n"
+        shared = ("# Written by secure-ml (secure_ml/data/versioning.py). Nothing phones home.\n"
                   "[core]\n    no_scm = True\n    analytics = False\n    check_update = False\n"
                   f"    remote = {REMOTE_NAME}\n"
                   f"['remote \"{REMOTE_NAME}\"']\n    url = {url}\n")

@@ -1,6 +1,6 @@
 """Streaming authenticated encryption: AES-256-GCM in the STREAM construction.
 
-    from secure_ml.crypto import encrypt_stream, decrypt_stream
+    from secure_ml.custody.crypto import encrypt_stream, decrypt_stream
     with open("in", "rb") as src, open("out.smle", "wb") as dst:
         encrypt_stream(src, dst, keys)          # keys: a secure_ml.keys.KeyProvider
     with open("out.smle", "rb") as src, open("back", "wb") as dst:
@@ -33,8 +33,8 @@ from typing import BinaryIO, Protocol
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from secure_ml.custody.integrity import _DirectReader, direct_reader, finish_direct_read
 from secure_ml.errors import BadInput, IntegrityError, KeyUnavailable
-from secure_ml.integrity import _DirectReader, direct_reader, finish_direct_read
 
 MAGIC = b"SMLENC"
 FORMAT_VERSION = 1

@@ -47,14 +47,15 @@ from typing import Any
 
 import numpy as np
 
-from secure_ml import crypto
-from secure_ml.audit import AuditLog
+from secure_ml.custody import crypto
+from secure_ml.custody.audit import AuditLog
+from secure_ml.custody.integrity import SHA256_HEX, atomic_write, atomic_write_bytes, sha256_bytes
+from secure_ml.custody.keys import KeyProvider
 from secure_ml.errors import BadInput, ConfigurationError, Error, IntegrityError
-from secure_ml.integrity import atomic_write, atomic_write_bytes, sha256_bytes
-from secure_ml.keys import KeyProvider
-from secure_ml.sandbox import IsolationPolicy, run_isolated
+from secure_ml.governance import code_identity
+from secure_ml.training.sandbox import IsolationPolicy, run_isolated
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODEL_FORMAT = "secure-ml-model/1"
 PREPROCESSING_FORMAT = "secure-ml-preprocessing/1"
 RECORD_FORMAT = "secure-ml-training-record/1"
@@ -481,7 +482,7 @@ class CheckpointStore:
         self.keep = max(1, keep)
 
     def _dir(self, fingerprint: str) -> Path:
-        if not re.fullmatch(r"[0-9a-f]{64}", fingerprint):
+        if not SHA256_HEX.match(fingerprint):
             raise BadInput("checkpoint fingerprint must be a SHA-256 digest")
         return self.root / fingerprint
 
@@ -556,7 +557,7 @@ class FitResult:
 def code_digest() -> str:
     """SHA-256 over the training code itself (part of what a checkpoint is bound to)."""
     h = hashlib.sha256()
-    for name in ("training.py", "sandbox.py"):
+    for name in ("trainer.py", "sandbox.py"):
         h.update((Path(__file__).parent / name).read_bytes())
     return h.hexdigest()
 
@@ -733,22 +734,7 @@ def record_problems(record: Mapping[str, Any], weights_sha256: str) -> list[str]
 # -- the record's facts -------------------------------------------------------------------------------
 def code_version(repo: Path = REPO) -> dict[str, Any]:
     """Git commit, dirty flag and author of the checked-out code; 'unknown' outside a checkout."""
-    git = shutil.which("git")
-    info: dict[str, Any] = {"commit": "unknown", "dirty": None, "author": None, "training_code_sha256": code_digest()}
-    if git is None or not (repo / ".git").exists():
-        return info
-
-    def run(*args: str) -> str:
-        done = subprocess.run([git, "-C", str(repo), *args], capture_output=True, text=True, timeout=30, check=False)
-        if done.returncode != 0:
-            raise OSError(done.stderr.strip())
-        return done.stdout.strip()
-
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        info["commit"] = run("rev-parse", "HEAD")
-        info["author"] = run("log", "-1", "--format=%ae") or None
-        info["dirty"] = bool(run("status", "--porcelain", "--untracked-files=no"))
-    return info
+    return {**code_identity.current(repo).as_record(), "training_code_sha256": code_digest()}
 
 
 def lock_versions(lock: Path = REPO / "requirements.lock") -> tuple[str, dict[str, str]]:

@@ -179,7 +179,7 @@ def validate(manifests: Sequence[Mapping[str, Any]], *, signed_digests: Sequence
     """
     import kubernetes_validate
 
-    from secure_ml.policy import PolicyEngine
+    from secure_ml.governance.policy import PolicyEngine
 
     namespaces = {*model_namespaces, *(str((m.get("metadata") or {}).get("namespace", "")) for m in manifests)} - {""}
     engine = PolicyEngine({"admission": {"model_digest_annotation": annotation, "model_namespaces": sorted(namespaces),

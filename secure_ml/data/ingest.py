@@ -35,8 +35,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from secure_ml.custody.integrity import sha256_bytes
 from secure_ml.errors import BadInput
-from secure_ml.integrity import sha256_bytes
 
 SUFFIXES = (".csv", ".parquet")
 MAX_DROP_BYTES = 2 << 30

@@ -1,4 +1,4 @@
-"""Policy as code: the Rego policies shipped in secure_ml/policies, evaluated with regopy.
+"""Policy as code: the Rego policies shipped in secure_ml/governance/policies, evaluated with regopy.
 
     engine = PolicyEngine.from_settings(settings)          # loads policies/*.rego + release.yaml config
     decision = engine.decide("promotion", promotion_input)   # PolicyDecision(allowed, reasons, ...)

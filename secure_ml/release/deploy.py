@@ -38,13 +38,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from secure_ml.access import AccessPolicy
-from secure_ml.audit import AuditLog
+from secure_ml.custody.audit import AuditLog
+from secure_ml.custody.integrity import atomic_write, sha256_tree, tree_digest
+from secure_ml.custody.store import ArtifactStore
 from secure_ml.errors import BadInput, ConfigurationError, Error, PolicyDenied, VerificationError
-from secure_ml.integrity import atomic_write, sha256_tree, tree_digest
-from secure_ml.policy import PolicyDecision, PolicyEngine
-from secure_ml.registry import Deployment, ModelVersion, Registry
-from secure_ml.store import ArtifactStore
+from secure_ml.governance.access import AccessPolicy
+from secure_ml.governance.policy import PolicyDecision, PolicyEngine
+from secure_ml.release.registry import Deployment, ModelVersion, Registry
 
 TARGETS = ("local", "kubernetes")
 SIGNATURE_FILE = "model.sig"
@@ -81,7 +81,7 @@ def trusted_verifiers(trust: Any) -> Verifiers:
     envelope must be signed by a trusted key and its subjects must be exactly the files signed
     (``model/<name>``) plus the bundle (``model.sig``).
     """
-    from secure_ml import attestation, signing
+    from secure_ml.security import attestation, signing
 
     def verify_signature(model_dir: Path, bundle: bytes) -> Mapping[str, Any]:
         with tempfile.TemporaryDirectory(prefix="secure-ml-sig-") as scratch:
@@ -105,7 +105,7 @@ def trusted_verifiers(trust: Any) -> Verifiers:
 def default_verifiers(settings: Any) -> Verifiers:
     """Verifiers trusting what the security configuration names (config/security.yaml ``signing``)."""
     try:
-        from secure_ml import signing
+        from secure_ml.security import signing
     except ImportError as exc:  # fail closed: without a verifier nothing deploys
         raise ConfigurationError(f"model verification is unavailable ({exc})") from None
     trust = signing.TrustPolicy.from_config(settings.load_config("security"), settings.home)
@@ -119,7 +119,7 @@ def key_signature_verifier(public_key: Path | str) -> SignatureVerifier:
 
     What the Kubernetes pod and ``serve --public-key`` use, where the trust is one mounted key.
     """
-    from secure_ml import signing
+    from secure_ml.security import signing
 
     key = Path(public_key)
     if not key.is_file():
@@ -223,9 +223,11 @@ def pipeline_changers(version: ModelVersion) -> list[dict[str, str]]:
     changers = [{"identity": version.registered_by, "why": f"registered {version.version} (ran its pipeline)"}]
     if training.get("actor"):
         changers.append({"identity": str(training["actor"]), "why": f"trained {version.version}"})
-    if training.get("code_author"):
+    for key in ("code_author", "code_author_name"):
+        if not training.get(key):
+            continue
         commit = str(training.get("code_commit") or "")[:12]
-        changers.append({"identity": str(training["code_author"]),
+        changers.append({"identity": str(training[key]),
                          "why": f"authored the pipeline code commit {commit} that produced {version.version}"})
     return changers
 
@@ -580,7 +582,7 @@ class Release:
             (staging / SIGNATURE_FILE).write_bytes(verified.bundle)
             (staging / ATTESTATION_FILE).write_bytes(verified.envelope)
             if target == "kubernetes":
-                from secure_ml import k8s_render
+                from secure_ml.release import k8s_render
 
                 manifests = k8s_render.render(self.config.get("kubernetes") or {}, version=version.version,
                                               model_digest=verified.model_digest)
@@ -610,6 +612,6 @@ class Release:
 
 def _default_health_check(location: Path, version: ModelVersion) -> HealthResult:
     """Load the deployed model the way the server does and predict one representative row."""
-    from secure_ml import serving
+    from secure_ml.release import serving
 
     return serving.health_probe(location)

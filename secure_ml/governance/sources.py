@@ -21,8 +21,8 @@ from typing import Any, Protocol
 
 import yaml
 
-from secure_ml.access import DEFAULT_CLASSIFICATIONS
 from secure_ml.errors import ConfigurationError, PolicyDenied
+from secure_ml.governance.access import DEFAULT_CLASSIFICATIONS
 
 FORMATS = ("csv", "parquet")
 

@@ -100,7 +100,7 @@ def sign_envelope(statement: Mapping[str, Any], *, private_key: Path | str) -> b
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from secure_ml.signing import _load_private, key_hint, public_pem
+    from secure_ml.security.signing import _load_private, key_hint, public_pem
 
     key = _load_private(Path(private_key))
     if not isinstance(key, ec.EllipticCurvePrivateKey):
@@ -121,7 +121,7 @@ def verify_envelope(envelope: bytes, trusted_public_keys: Sequence[Path]) -> dic
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from secure_ml.signing import key_hint
+    from secure_ml.security.signing import key_hint
 
     try:
         parsed = json.loads(envelope)

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from secure_ml.custody.integrity import sha256_file
+from secure_ml.data.ingest import MAX_DROP_BYTES, SETTLE_SECONDS, SUFFIXES
 from secure_ml.errors import BadInput
-from secure_ml.ingest import MAX_DROP_BYTES, SETTLE_SECONDS, SUFFIXES
-from secure_ml.integrity import sha256_file
 
 CURSOR_FORMAT = "secure-ml-landing-cursor/1"
 #: Processed drops remembered by name; older ones are still deduplicated by their digest run key.

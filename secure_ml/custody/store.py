@@ -27,11 +27,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
-from secure_ml import crypto
-from secure_ml.audit import AuditLog
+from secure_ml.custody import crypto
+from secure_ml.custody.audit import AuditLog
+from secure_ml.custody.integrity import SHA256_HEX, atomic_write, is_plain_relative_path, list_tree, streaming_writer
+from secure_ml.custody.keys import KeyProvider
 from secure_ml.errors import BadInput, ConfigurationError, Error, IntegrityError
-from secure_ml.integrity import SHA256_HEX, atomic_write, is_plain_relative_path, list_tree, streaming_writer
-from secure_ml.keys import KeyProvider
 
 _DIGEST = SHA256_HEX
 SUFFIX = ".smle"

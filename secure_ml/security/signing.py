@@ -34,8 +34,15 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from secure_ml.custody.integrity import (
+    SHA256_HEX,
+    atomic_write,
+    atomic_write_bytes,
+    is_plain_relative_path,
+    list_tree,
+    sha256_tree,
+)
 from secure_ml.errors import BadInput, ConfigurationError, Error, VerificationError
-from secure_ml.integrity import SHA256_HEX, atomic_write, atomic_write_bytes, is_plain_relative_path, list_tree, sha256_tree
 
 KEY_BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 MODEL_SIGNING_PREDICATE = "https://model_signing/signature/v1.0"

@@ -35,11 +35,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from secure_ml.custody.integrity import SHA256_HEX
 from secure_ml.errors import BadInput, ConfigurationError, PolicyDenied
 
 STAGES = ("candidate", "staging", "production", "archived")
 _VERSION = re.compile(r"^v[1-9][0-9]{0,8}$")
-_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+_DIGEST = SHA256_HEX
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
     version TEXT PRIMARY KEY,

@@ -38,8 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from secure_ml.custody.integrity import list_tree
 from secure_ml.errors import BadInput, ConfigurationError
-from secure_ml.integrity import list_tree
 
 SEVERITIES = ("critical", "high", "medium", "low", "info")
 _RANK = {name: len(SEVERITIES) - i for i, name in enumerate(SEVERITIES)}
@@ -521,8 +521,8 @@ def _affected(record: dict[str, Any], name: str, version: Any) -> tuple[bool, li
 
 
 def _make_offline_service(database: OfflineOsvDatabase) -> Any:
-    from pip_audit._service.interface import ResolvedDependency, VulnerabilityResult, VulnerabilityService
     from packaging.version import Version
+    from pip_audit._service.interface import ResolvedDependency, VulnerabilityResult, VulnerabilityService
 
     class _OfflineOsvService(VulnerabilityService):  # type: ignore[misc]
         def query(self, spec: Any) -> tuple[Any, list[Any]]:
@@ -695,7 +695,7 @@ def iter_blocking(report: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 # -- everything, for a release ------------------------------------------------------------------
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _repo_path(value: str | Path, repo_root: Path) -> Path:
@@ -710,7 +710,7 @@ def release_scan(model_dir: Path | str, config: dict[str, Any], *, repo_root: Pa
 
     ``config`` is the parsed security.yaml. The SBOM's validation failure is itself a finding.
     """
-    from secure_ml import sbom
+    from secure_ml.security import sbom
 
     scan = config.get("scan", {})
     policy = ScanPolicy.from_config(config)
@@ -738,7 +738,7 @@ def release_scan(model_dir: Path | str, config: dict[str, Any], *, repo_root: Pa
     except Exception as exc:  # noqa: BLE001 - any validation failure is reported as a finding
         findings.append(Finding("sbom", "high", "sbom.cdx.json", "cyclonedx-schema", str(exc)[:300]))
         sbom_valid = False
-    from secure_ml.integrity import sha256_bytes
+    from secure_ml.custody.integrity import sha256_bytes
 
     report = policy.report(findings, sbom_sha256=sha256_bytes(document.encode()), sbom_valid=sbom_valid,
                            vulnerability_source=source, lock_file=lock.name)

@@ -151,7 +151,7 @@ def child_environment(policy: IsolationPolicy, *, threads: int = 1,
 
 def child_command(policy: IsolationPolicy, mode: str) -> tuple[list[str], bool]:
     """(argv, whether a network namespace is used); raises if one is required and unavailable."""
-    argv = [sys.executable, "-I", "-m", "secure_ml.sandbox", mode,
+    argv = [sys.executable, "-I", "-m", "secure_ml.training.sandbox", mode,
             "guard" if policy.socket_guard else "no-guard",
             "drop" if policy.drop_privileges else "keep"]
     if policy.network_namespace == "off":
@@ -383,7 +383,7 @@ def main(argv: list[str]) -> int:
         if mode == "train":
             # Everything training needs is imported before privileges drop (the interpreter's own
             # files may be readable only by root); the data is read only after.
-            from secure_ml import training
+            from secure_ml.training import trainer as training
 
             training.preload()
         if drop == "drop":
@@ -393,7 +393,7 @@ def main(argv: list[str]) -> int:
         if mode == "probe":
             out.send_json("R", {**facts, "probe": _probe(header.get("probe") or {})})
             return 0
-        from secure_ml import training
+        from secure_ml.training import trainer as training
 
         training.child_train(header, blobs, out.send, facts)
         return 0

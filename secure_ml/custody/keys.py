@@ -27,8 +27,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from secure_ml.custody.integrity import atomic_write_bytes
 from secure_ml.errors import ConfigurationError, KeyUnavailable
-from secure_ml.integrity import atomic_write_bytes
 
 KEY_BYTES = 32
 

@@ -33,8 +33,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from secure_ml.custody.integrity import atomic_write, list_tree, sha256_tree, tree_digest
 from secure_ml.errors import BadInput, ConfigurationError, IntegrityError, VerificationError
-from secure_ml.integrity import atomic_write, list_tree, sha256_tree, tree_digest
 
 ALLOWED_FILES = re.compile(r"^(model\.safetensors|config\.json|preprocessing\.json|training_record\.json|MODEL_CARD\.md)$")
 _TOKEN_NAME = re.compile(r"^[A-Za-z0-9_.@:-]{1,64}$")
@@ -243,7 +243,7 @@ def _generic_mlp(model_dir: Path, spec: FeatureSpec) -> Predictor:
 def _predictor(model_dir: Path, spec: FeatureSpec) -> Predictor:
     """The training stage's own loader when it offers one, else the generic safetensors MLP."""
     try:
-        from secure_ml import training  # type: ignore[attr-defined]
+        from secure_ml.training import trainer as training  # type: ignore[attr-defined]
     except ImportError:
         training = None
     loader = getattr(training, "load_predictor", None)
@@ -300,7 +300,7 @@ def load_deployment(location: Path | str, *, verify_signature: Callable[[Path, b
 
 def health_probe(location: Path | str, *, verify_signature: Callable[[Path, bytes], Mapping[str, Any]] | None = None) -> Any:
     """Load a deployment the way the server does and predict one row: healthy only if that works."""
-    from secure_ml.deploy import HealthResult
+    from secure_ml.release.deploy import HealthResult
 
     model = load_deployment(location, verify_signature=verify_signature)
     example = model.spec.example()

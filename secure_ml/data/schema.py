@@ -37,8 +37,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from secure_ml.custody.integrity import sha256_bytes
 from secure_ml.errors import ConfigurationError, IntegrityError
-from secure_ml.integrity import sha256_bytes
 
 FORMAT = "secure-ml-schema/1"
 TYPES = ("integer", "number", "category", "text", "boolean")

@@ -1,0 +1,1 @@
+"""The data stage: landing, ingest, schema and validation, poisoning screen, PII handling, split, DVC versions."""

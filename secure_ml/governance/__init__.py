@@ -1,0 +1,1 @@
+"""Who may do what: roles and clearances, approved sources, policy as code, notifications."""

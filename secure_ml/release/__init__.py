@@ -1,0 +1,1 @@
+"""The release stage: registry, promotion and deploy gate, deploy targets, serving."""

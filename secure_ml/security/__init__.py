@@ -1,0 +1,1 @@
+"""The security stage: scans, SBOM, model signatures and SLSA attestations."""

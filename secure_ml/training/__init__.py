@@ -1,0 +1,1 @@
+"""The training stage: isolated deterministic training and held-out evaluation."""
