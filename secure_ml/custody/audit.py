@@ -16,9 +16,10 @@ Durability: by default an append is written to the OS (it survives the process d
 power cut) at about 10^4 appends/s. With ``fsync=True`` (``SECURE_ML_AUDIT_FSYNC=1``) every
 append is flushed to disk before it returns, at the disk's fsync rate.
 
-What this does not stop: someone who can rewrite both the log and its head can forge a whole new
-history. Ship the head hash somewhere they cannot write (a ticket, a transparency log, object
-storage with retention) when that matters.
+Anchoring: someone who can rewrite both the log and its head can forge a whole new history, so
+the head is also kept, signed, where the log's writer cannot reach (secure_ml.custody.anchor:
+checkpoints in the Dagster event log with each run, and an optional witness file), and
+``verify(checkpoint=...)`` or ``verify(expect=HASH)`` checks the log against it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import mmap
 import os
 import re
 import threading
@@ -35,6 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from secure_ml.custody.integrity import SHA256_HEX
 from secure_ml.errors import BadInput, VerificationError
 
 GENESIS = "0" * 64
@@ -175,15 +178,38 @@ class AuditLog:
                 if line.strip():
                     yield json.loads(line)
 
-    def verify(self) -> VerifyReport:
-        """Check the whole chain and the head; raise VerificationError at the first bad entry."""
+    def verify(self, *, checkpoint: Checkpoint | None = None, expect: str | None = None) -> VerifyReport:
+        """Check the chain and the head; raise VerificationError at the first bad entry.
+
+        ``checkpoint`` (a verified, signed head from somewhere this log's writer cannot reach): the
+        log must still hold exactly the bytes it signed, so a cut tail, a replaced file or a
+        recomputed chain is named even when the head beside the log was rewritten too. Only the
+        entries after it are re-parsed: the rest is one SHA-256 pass. ``expect``: an entry hash kept
+        elsewhere, which must be in the chain.
+        """
+        if expect is not None and not SHA256_HEX.match(expect):
+            raise BadInput(f"--expect must be an entry hash (64 hex characters), not {expect!r}")
         if not self.path.exists():
+            if checkpoint is not None:
+                raise VerificationError(f"audit log {self.path} is gone, but the signed checkpoint of "
+                                        f"{checkpoint.time} records {checkpoint.seq} entries")
             raise VerificationError(f"audit log {self.path} does not exist")
-        prev = GENESIS
-        seq = 0
-        length = 0
+        start = (0, GENESIS, 0)
+        if checkpoint is not None:
+            self._check_checkpoint(checkpoint)
+            start = (checkpoint.seq, checkpoint.hash, checkpoint.length)
+        seq, prev, length = self._verify_chain(*start)
+        self._check_head(seq, prev, length, anchored=checkpoint is not None)
+        if expect is not None and not self._holds(expect):
+            raise VerificationError(f"the head kept elsewhere ({expect[:16]}…) is not an entry of this log: "
+                                    "its tail was cut, or the file was replaced or its chain recomputed")
+        return VerifyReport(entries=seq, last_hash=prev)
+
+    def _verify_chain(self, seq: int, prev: str, offset: int) -> tuple[int, str, int]:
+        length = offset
         with self.path.open("rb") as handle:
-            for lineno, line in enumerate(handle, start=1):
+            handle.seek(offset)
+            for lineno, line in enumerate(handle, start=seq + 1):
                 length += len(line)
                 where = f"audit log entry {lineno} (line {lineno})"
                 if not line.endswith(b"\n"):
@@ -204,6 +230,28 @@ class AuditLog:
                 if entry.get("hash") != entry_hash(entry):
                     raise VerificationError(f"{where} ({entry.get('action')}) was modified after it was written")
                 prev, seq = entry["hash"], seq + 1
+        return seq, prev, length
+
+    def _check_checkpoint(self, checkpoint: Checkpoint) -> None:
+        size = self.path.stat().st_size
+        if size < checkpoint.length:
+            raise VerificationError(
+                f"audit log is {size} bytes but the signed checkpoint of {checkpoint.time} records entry "
+                f"{checkpoint.seq} at {checkpoint.length} bytes: its tail was cut")
+        if prefix_sha256(self.path, checkpoint.length) == checkpoint.sha256:
+            return
+        try:  # name the first bad entry when the chain itself is broken
+            seq, _, _ = self._verify_chain(0, GENESIS, 0)
+        except VerificationError as exc:
+            raise VerificationError(f"{exc} (and the log no longer matches its signed checkpoint)") from None
+        if seq < checkpoint.seq:
+            raise VerificationError(f"audit log ends at entry {seq} but the signed checkpoint of {checkpoint.time} "
+                                    f"records entry {checkpoint.seq}: its tail was cut")
+        raise VerificationError(
+            f"audit log's first {checkpoint.seq} entries are not the ones signed at {checkpoint.time}: "
+            "the file was replaced or its chain recomputed")
+
+    def _check_head(self, seq: int, prev: str, length: int, *, anchored: bool) -> None:
         head = self.head_path.read_bytes().decode(errors="replace").split() if self.head_path.exists() else []
         if head and not (len(head) == 3 and head[0].isdigit() and head[2].isdigit()):
             raise VerificationError(f"audit log head {self.head_path} is malformed: it was edited")
@@ -222,6 +270,44 @@ class AuditLog:
                 raise VerificationError(
                     f"audit log entry {seq} (the last) is not the one its head records: the end was rewritten"
                 )
-        elif seq and not head:
+        elif seq and not head and not anchored:
             raise VerificationError(f"audit log head {self.head_path} is missing")
-        return VerifyReport(entries=seq, last_hash=prev)
+
+    def _holds(self, entry_hash_hex: str) -> bool:
+        needle = f'"hash":"{entry_hash_hex}"'.encode()
+        with self.path.open("rb") as handle:
+            for line in handle:
+                if needle in line and json.loads(line).get("hash") == entry_hash_hex:
+                    return True
+        return False
+
+    def head(self) -> tuple[int, str, int]:
+        """(last seq, last hash, byte length) as the head records it, under the writers' lock."""
+        with self._lock:
+            fd, head_fd = self._open()
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            try:
+                return self._tail(fd, head_fd)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A head of the log: entry ``seq`` with ``hash`` ends at byte ``length``; ``sha256`` of those bytes."""
+
+    seq: int
+    hash: str
+    length: int
+    sha256: str
+    time: str
+
+
+def prefix_sha256(path: Path, length: int) -> str:
+    """SHA-256 of the first ``length`` bytes of ``path`` (one streaming pass, no copy of the file)."""
+    digest = hashlib.sha256()
+    if length == 0:
+        return digest.hexdigest()
+    with path.open("rb") as handle, mmap.mmap(handle.fileno(), length, access=mmap.ACCESS_READ) as view:
+        digest.update(view)
+    return digest.hexdigest()
