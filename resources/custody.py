@@ -6,6 +6,7 @@ assets receive their inputs through :class:`EncryptedIOManager`, which loads by 
 recorded on the upstream materialization and never by a path.
 """
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,10 @@ import pandas as pd
 from secure_ml.custody.audit import AuditLog
 from secure_ml.custody.store import ArtifactRef, ArtifactStore
 from secure_ml.settings import Settings
+
+
+# The newest checkpoint this process signed, per log: the next one re-verifies only what came after.
+_LAST_CHECKPOINT: dict[str, Any] = {}
 
 
 @dataclass(frozen=True)
@@ -78,8 +83,25 @@ class CustodyResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         return Sealed(ref)
 
     def output(self, context: Any, value: Any, *, metadata: dict[str, Any] | None = None) -> dg.Output[Sealed]:
-        """Seal ``value`` and return the Output that records its digest as the data version."""
-        return sealed_output(self.seal(context, value), metadata)
+        """Seal ``value`` and return the Output that records its digest as the data version.
+
+        The Output also carries a signed checkpoint of the audit log's head, so the Dagster event
+        log (PostgreSQL in production) anchors the audit log where its writer cannot rewrite it."""
+        sealed = self.seal(context, value)
+        return sealed_output(sealed, {**(metadata or {}), **self.checkpoint_metadata()})
+
+    def checkpoint_metadata(self) -> dict[str, Any]:
+        from secure_ml.custody import anchor
+        from secure_ml.governance.authn import pipeline_signer
+
+        settings = self.settings()
+        signer = pipeline_signer(settings)
+        if signer is None:
+            return {}
+        log = settings.audit_log()
+        envelope = anchor.checkpoint(log, signer, previous=_LAST_CHECKPOINT.get(str(log.path)))
+        _LAST_CHECKPOINT[str(log.path)] = anchor.verify_checkpoint(envelope, [signer.public_key])  # type: ignore[attr-defined]
+        return {anchor.METADATA_KEY: dg.MetadataValue.json(json.loads(envelope))}
 
     # -- reading what upstream recorded ---------------------------------------------------
     def recorded(self, instance: dg.DagsterInstance, asset_key: dg.AssetKey,

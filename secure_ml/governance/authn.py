@@ -1,0 +1,138 @@
+"""Who is acting, proven: the verified trust policy and the key (or OIDC token) behind a command.
+
+    policy = verified_policy(settings)                          # refused (and audited) if unsigned, swapped, old
+    actor = authenticate(settings, policy, identity_file=None)  # Actor("carol", keyid, identity) or unauthenticated
+    require(settings, policy, actor, "model.approve")            # PolicyDenied (audited) unless the role allows it
+    check_config(settings, policy)                               # a config dir that changes the gates is refused
+
+``SECURE_ML_IDENTITY=FILE`` (or ``--identity FILE``) names the private key; the trust policy says
+whose it is. ``SECURE_ML_OIDC_TOKEN`` (with ``SECURE_ML_OIDC_ISSUER``) is a CI identity: verified
+against the issuer's published keys and mapped by issuer and subject. Names typed anywhere else
+(``SECURE_ML_ACTOR``, ``GITHUB_ACTOR``, run tags) grant nothing: without a key or token the actor
+is ``unauthenticated`` and holds only the roles the trust policy gives unauthenticated runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from secure_ml.custody.dsse import Signer, load_signer
+from secure_ml.errors import ConfigurationError, Error, PolicyDenied, VerificationError
+from secure_ml.governance.access import AccessPolicy, Decision
+from secure_ml.governance.identity import Identity, acting_identity
+from secure_ml.governance.trust import UNAUTHENTICATED, TrustPolicy, TrustStore
+from secure_ml.settings import Settings
+
+PIPELINE_KEY = Path("keys") / "model-signing.pem"
+OIDC_TOKEN_ENV = "SECURE_ML_OIDC_TOKEN"
+OIDC_ISSUER_ENV = "SECURE_ML_OIDC_ISSUER"
+
+__all__ = ["Actor", "verified_policy", "authenticate", "require", "check_config", "pipeline_signer", "trust_store"]
+
+
+@dataclass(frozen=True)
+class Actor:
+    """An authenticated name (from the trust policy), how it was proven, and its signer if any."""
+
+    name: str
+    method: str                     # key | oidc | none
+    keyid: str = ""
+    identity: Identity | None = None
+
+    @property
+    def authenticated(self) -> bool:
+        return self.method != "none"
+
+    @property
+    def signer(self) -> Signer:
+        if self.identity is None:
+            raise PolicyDenied(f"{self.name} has no signing key: set SECURE_ML_IDENTITY to your identity key file")
+        return self.identity.signer  # type: ignore[return-value]
+
+
+def trust_store(settings: Settings) -> TrustStore:
+    return TrustStore.from_home(settings.home, settings.environ)
+
+
+def verified_policy(settings: Settings, *, audit: bool = True) -> TrustPolicy:
+    """The trust policy, verified; a refusal is audited (``trust.verify`` deny) and raised."""
+    try:
+        return trust_store(settings).load()
+    except Error as exc:
+        if audit and isinstance(exc, VerificationError):
+            settings.audit_log().record(claimed(settings), "trust.verify", outcome="deny",
+                                        details={"reason": exc.explain()})
+        raise
+
+
+def claimed(settings: Settings) -> str:
+    """The name a run claims, for the audit log only (never for a decision)."""
+    return f"unauthenticated:{settings.actor()}"
+
+
+def authenticate(settings: Settings, policy: TrustPolicy, *, identity_file: Path | None = None) -> Actor:
+    """The actor proven by a key or OIDC token; ``unauthenticated`` when neither is given."""
+    identity = acting_identity(settings.environ, explicit=identity_file, home=settings.home)
+    if identity is not None:
+        name = policy.name_of_key(identity.keyid)
+        if name is None:
+            settings.audit_log().record(claimed(settings), "identity.deny", outcome="deny",
+                                        details={"keyid": identity.keyid, "reason": "key not in the trust policy"})
+            raise PolicyDenied(f"the key {identity.path} ({identity.keyid[:16]}…) belongs to nobody in the trust "
+                               f"policy (version {policy.version}): ask its owner to `secure-ml trust add` it")
+        return Actor(name, "key", identity.keyid, identity)
+    token = settings.environ.get(OIDC_TOKEN_ENV)
+    if token:
+        from secure_ml.governance.oidc import verify_token
+
+        issuer = settings.environ.get(OIDC_ISSUER_ENV) or ""
+        if not issuer:
+            raise ConfigurationError(f"{OIDC_TOKEN_ENV} needs {OIDC_ISSUER_ENV} (the issuer to verify it against)")
+        claims = verify_token(token, issuer=issuer)
+        name = policy.name_of_oidc(issuer, str(claims["sub"]))
+        if name is None:
+            raise PolicyDenied(f"the OIDC subject {claims['sub']} of {issuer} is nobody in the trust policy")
+        return Actor(name, "oidc")
+    return Actor(UNAUTHENTICATED, "none")
+
+
+def require(settings: Settings, policy: TrustPolicy, actor: Actor, permission: str, *,
+            subject: str = "") -> Decision:
+    """The role check against the signed policy, audited; PolicyDenied on a denial."""
+    access = AccessPolicy(policy.access_config())
+    decision = access.decide(actor.name, permission)
+    settings.audit_log().record(actor.name if actor.authenticated else claimed(settings),
+                                "access.allow" if decision.allowed else "access.deny", subject=subject,
+                                outcome="allow" if decision.allowed else "deny",
+                                details={"permission": permission, "authenticated": actor.authenticated,
+                                         "method": actor.method, "roles": list(decision.roles),
+                                         "reason": decision.reason, "trust_version": policy.version})
+    if not decision.allowed:
+        hint = "" if actor.authenticated else " (no identity key: set SECURE_ML_IDENTITY)"
+        raise PolicyDenied(decision.reason + hint)
+    return decision
+
+
+def check_config(settings: Settings, policy: TrustPolicy) -> None:
+    """Refuse configuration whose gate data differs from the signed policy's (a swapped config dir)."""
+    release = settings.load_config("release")
+    roles = settings.load_config("roles")
+    diffs = [f"promotion.{k}" for k in sorted(set(policy.promotion) | set(release.get("promotion") or {}))
+             if policy.promotion.get(k) != (release.get("promotion") or {}).get(k)]
+    signed_roles: Mapping[str, Any] = policy.doc.get("roles") or {}
+    diffs += [f"roles.{k}" for k in sorted(roles.get("roles") or {})
+              if dict(signed_roles.get(k) or {}) != dict((roles.get("roles") or {})[k] or {})]
+    if diffs:
+        settings.audit_log().record(claimed(settings), "trust.config", outcome="deny",
+                                    details={"config_dir": str(settings.config_dir), "differs": diffs})
+        raise PolicyDenied(f"the configuration in {settings.config_dir} changes what the gates decide "
+                           f"({', '.join(diffs[:3])}), which only the signed trust policy may: refused")
+
+
+def pipeline_signer(settings: Settings) -> Signer | None:
+    """The pipeline's own signing key (local runs; CI signs keyless), or None if it has none yet."""
+    path = settings.home / PIPELINE_KEY
+    return load_signer(path) if path.exists() else None
