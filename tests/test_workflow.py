@@ -1,0 +1,74 @@
+"""The GitHub Actions workflow (.github/workflows/pipeline.yml): linted, least privilege, pinned.
+
+Touches: the real workflow file; zizmor (installed from the hashed lock file) run on it offline
+with the auditor persona (every audit, pedantic); actionlint when it is on PATH (no PyPI wheel of
+it exists for this platform, and its sdist downloads a binary at build time); the keyless-config
+script CI runs, on a temporary folder. Does not touch: GitHub itself (no run, no OIDC token).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOWS = REPO / ".github" / "workflows"
+BIN = Path(sys.executable).parent
+
+
+def workflow() -> dict:  # type: ignore[type-arg]
+    return yaml.safe_load((WORKFLOWS / "pipeline.yml").read_text())
+
+
+def test_zizmor_finds_nothing() -> None:
+    zizmor = shutil.which("zizmor", path=str(BIN)) or shutil.which("zizmor")
+    assert zizmor, "zizmor is in requirements.lock: run `make install`"
+    result = subprocess.run([zizmor, "--offline", "--persona=auditor", "--no-progress", str(WORKFLOWS)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "No findings" in result.stdout
+
+
+def test_actionlint_finds_nothing() -> None:
+    actionlint = shutil.which("actionlint", path=str(BIN)) or shutil.which("actionlint")
+    if not actionlint:
+        pytest.skip("actionlint is not installed (no binary wheel on PyPI for this platform)")
+    result = subprocess.run([actionlint, "-no-color", str(WORKFLOWS / "pipeline.yml")], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_least_privilege_and_pinned_actions() -> None:
+    flow = workflow()
+    assert flow["permissions"] == {}
+    jobs = flow["jobs"]
+    assert jobs["test"]["permissions"] == {"contents": "read"}
+    assert jobs["pipeline"]["permissions"] == {"contents": "read", "id-token": "write"}
+    assert jobs["pipeline"]["needs"] == "test"
+    uses = [step["uses"] for job in jobs.values() for step in job["steps"] if "uses" in step]
+    assert uses and all(re.fullmatch(r"[\w.-]+/[\w.-]+@[0-9a-f]{40}", u) for u in uses), uses
+    runs = [step.get("run", "") for step in jobs["test"]["steps"]]
+    assert "make test" in runs
+    pipeline_runs = "\n".join(step.get("run", "") for step in jobs["pipeline"]["steps"])
+    assert "secure-ml pipeline run" in pipeline_runs and "audit verify" in pipeline_runs
+
+
+def test_ci_config_signs_keyless_for_this_workflow_only(tmp_path: Path) -> None:
+    identity = "https://github.com/acme/secure-ml/.github/workflows/pipeline.yml@refs/heads/main"
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "ci_keyless_config.py"), str(tmp_path / "c"),
+                             identity], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    security = yaml.safe_load((tmp_path / "c" / "security.yaml").read_text())
+    assert security["signing"]["method"] == "sigstore"
+    assert security["signing"]["trusted_identities"] == [
+        {"identity": identity, "issuer": "https://token.actions.githubusercontent.com"}]
+    assert (tmp_path / "c" / "release.yaml").read_bytes() == (REPO / "secure_ml" / "config" / "release.yaml").read_bytes()
+    bad = subprocess.run([sys.executable, str(REPO / "scripts" / "ci_keyless_config.py"), str(tmp_path / "d"),
+                          "carol"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
