@@ -52,7 +52,10 @@ class CustodyResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         tags = getattr(getattr(context, "run", None), "tags", None)
         if tags is None:  # a step context (the IO manager's) has the run as dagster_run
             tags = getattr(getattr(context, "dagster_run", None), "tags", None)
-        return self.settings().actor(tags)
+        from secure_ml.governance.authn import run_actor
+
+        # The signer of the run request, never a name in a tag (once a trust policy exists).
+        return run_actor(self.settings(), tags)
 
     def store(self, context: Any = None) -> ArtifactStore:
         return self.settings().artifact_store(actor=self.actor(context))

@@ -53,7 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = run_pipeline(settings, selection=args.select,
                            run_config={"ops": {"dataset": {"config": {"drop": drop}}}}
                            if _selects_dataset(args.select) else None,
-                           log_level="DEBUG" if args.verbose else "WARNING")
+                           tags=_run_request(settings), log_level="DEBUG" if args.verbose else "WARNING")
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
@@ -77,6 +77,16 @@ def cmd_run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _run_request(settings: Settings) -> dict[str, str]:
+    """The launcher's signed run request (SECURE_ML_IDENTITY), or no tag: an unauthenticated run."""
+    from secure_ml.governance import authn
+
+    if not settings.environ.get("SECURE_ML_IDENTITY"):
+        return {}
+    actor = authn.authenticate(settings, authn.verified_policy(settings))
+    return {authn.RUN_REQUEST_TAG: authn.sign_run_request(actor)}
 
 
 def _selects_dataset(selection: str | None) -> bool:

@@ -1,6 +1,6 @@
 """Roles and clearances: who may do what, and which data classifications they may read.
 
-    policy = AccessPolicy.from_settings(settings)               # config/roles.yaml
+    policy = AccessPolicy.from_settings(settings)               # the signed trust policy (or config/roles.yaml)
     policy.require("alice", "data.read", classification="confidential", audit=log, subject="sha256:…")
     decision = policy.decide("bob", "model.approve")            # Decision(allowed=False, reason=...)
 
@@ -76,6 +76,14 @@ class AccessPolicy:
 
     @classmethod
     def from_settings(cls, settings: _HasConfig) -> AccessPolicy:
+        """The signed trust policy's roles once it exists; before that, the shipped roles.yaml."""
+        home, environ = getattr(settings, "home", None), getattr(settings, "environ", {})
+        if home is not None:
+            from secure_ml.governance.trust import ROOT_ENV, TrustStore
+
+            store = TrustStore.from_home(home, environ)
+            if store.exists() or environ.get(ROOT_ENV):
+                return cls(store.load().access_config())
         return cls(settings.load_config("roles"))
 
     def roles_of(self, identity: str) -> tuple[str, ...]:

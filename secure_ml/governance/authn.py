@@ -14,12 +14,15 @@ is ``unauthenticated`` and holds only the roles the trust policy gives unauthent
 
 from __future__ import annotations
 
+import json
+import secrets
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from secure_ml.custody.dsse import Signer, load_signer
+from secure_ml.custody.dsse import Signer, canonical_json, load_signer, sign_envelope, verify_envelope
 from secure_ml.errors import ConfigurationError, Error, PolicyDenied, VerificationError
 from secure_ml.governance.access import AccessPolicy, Decision
 from secure_ml.governance.identity import Identity, acting_identity
@@ -27,10 +30,14 @@ from secure_ml.governance.trust import UNAUTHENTICATED, TrustPolicy, TrustStore
 from secure_ml.settings import Settings
 
 PIPELINE_KEY = Path("keys") / "model-signing.pem"
+RUN_REQUEST_TAG = "secure_ml/run_request"
+RUN_REQUEST_TYPE = "application/vnd.secure-ml.run-request+json"
+RUN_REQUEST_TTL_S = 3600
 OIDC_TOKEN_ENV = "SECURE_ML_OIDC_TOKEN"
 OIDC_ISSUER_ENV = "SECURE_ML_OIDC_ISSUER"
 
-__all__ = ["Actor", "verified_policy", "authenticate", "require", "check_config", "pipeline_signer", "trust_store"]
+__all__ = ["Actor", "verified_policy", "authenticate", "require", "check_config", "pipeline_signer", "trust_store",
+           "sign_run_request", "run_actor", "RUN_REQUEST_TAG"]
 
 
 @dataclass(frozen=True)
@@ -136,3 +143,32 @@ def pipeline_signer(settings: Settings) -> Signer | None:
     """The pipeline's own signing key (local runs; CI signs keyless), or None if it has none yet."""
     path = settings.home / PIPELINE_KEY
     return load_signer(path) if path.exists() else None
+
+
+def sign_run_request(actor: Actor) -> str:
+    """A run tag proving who launched a pipeline run: a DSSE envelope signed by their identity key."""
+    body = {"purpose": "pipeline.run", "actor": actor.name, "time": time.time(), "nonce": secrets.token_hex(8)}
+    return json.dumps(json.loads(sign_envelope(canonical_json(body), RUN_REQUEST_TYPE, [actor.signer])),
+                      separators=(",", ":"), sort_keys=True)
+
+
+def run_actor(settings: Settings, tags: Mapping[str, str] | None) -> str:
+    """Who a pipeline run acts as: the verified signer of its run request, else ``unauthenticated``.
+
+    Before a trust policy exists (local development, ``trust init`` not run), the claimed name is
+    used as before; once it exists, a name in a tag or the environment counts for nothing.
+    """
+    store = trust_store(settings)
+    if not store.exists() and not settings.environ.get("SECURE_ML_TRUST_ROOT"):
+        return settings.actor(tags)
+    policy = verified_policy(settings)
+    request = (tags or {}).get(RUN_REQUEST_TAG)
+    if not request:
+        return UNAUTHENTICATED
+    keys = [key for name in policy.identities for key in policy.keys_of(name)]
+    verified = verify_envelope(request, keys, threshold=1, payload_type=RUN_REQUEST_TYPE, what="run request")
+    body = verified.json()
+    age = time.time() - float(body.get("time", 0)) if isinstance(body, dict) else RUN_REQUEST_TTL_S + 1
+    if not 0 - 60 <= age <= RUN_REQUEST_TTL_S:
+        raise VerificationError("the run request is stale or dated in the future: launch the run again")
+    return str(policy.name_of_key(verified.keyids[0]))
