@@ -173,3 +173,29 @@ def test_envelope_threshold_counts_distinct_trusted_keys(world) -> None:  # type
     assert verify_envelope(parsed, [world["carol"].key]).keyids == (world["carol"].keyid,)
     with pytest.raises(VerificationError, match="0 of 1 needed"):
         verify_envelope(parsed, [world["bob"].key])
+
+
+def test_the_ledger_stores_only_what_verifies_and_names_a_moved_statement(world) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    from secure_ml.custody.audit import AuditLog
+    from secure_ml.governance.ledger import Ledger
+
+    policy = world["store"].load()
+    audit = AuditLog(world["tmp"] / "audit.jsonl")
+    ledger = Ledger(world["tmp"] / "statements", audit)
+    ledger.sign_and_record("training", DIGEST, {"trainer": "bob"}, world["pipeline"].signer, policy)
+    ledger.record(sign_decision("approval", DIGEST, {"version": "v1"}, world["carol"].signer), policy,
+                  model_digest=DIGEST)
+    with pytest.raises(VerificationError, match="who does not hold the approver role"):
+        ledger.record(sign_decision("approval", DIGEST, {}, world["bob"].signer), policy, model_digest=DIGEST)
+    assert len(ledger.envelopes(DIGEST)) == 2
+    evidence = ledger.evidence(DIGEST, policy)
+    assert evidence.approvals == ["carol"] and evidence.products["training"]["trainer"] == "bob"
+    # carol's approval copied onto another model's folder: refused, named, audited.
+    (ledger.directory / OTHER).mkdir()
+    for path in (ledger.directory / DIGEST).glob("*.json"):
+        shutil.copy(path, ledger.directory / OTHER / path.name)
+    with pytest.raises(VerificationError, match="moved from another version"):
+        ledger.evidence(OTHER, policy)
+    assert [e["outcome"] for e in audit.entries() if e["action"] == "decision.verify"] == ["deny", "deny"]

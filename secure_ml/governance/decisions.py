@@ -135,17 +135,22 @@ class Evidence:
               model_digest: str) -> Evidence:
         evidence = cls(model_digest)
         for envelope in envelopes:
-            fact = verify_decision(envelope, policy, model_digest=model_digest)
-            evidence.facts.append(fact)
-            if fact.kind == "approval" and fact.signer not in evidence.approvals:
-                evidence.approvals.append(fact.signer)
-            elif fact.kind == "revocation":
-                evidence.revoked = fact
-            elif fact.kind in ("deployment", "rollback"):
-                evidence.deployments.append(fact)
-            elif fact.kind in PIPELINE_KINDS:
-                evidence.products[fact.kind] = fact.predicate  # the newest of each kind wins
+            evidence.add(verify_decision(envelope, policy, model_digest=model_digest))
         return evidence
+
+    def add(self, fact: Fact) -> None:
+        """Fold in one verified fact (about this model)."""
+        if fact.model_digest != self.model_digest:
+            raise VerificationError(f"the {fact.kind} statement is about another model: it was moved")
+        self.facts.append(fact)
+        if fact.kind == "approval" and fact.signer not in self.approvals:
+            self.approvals.append(fact.signer)
+        elif fact.kind == "revocation":
+            self.revoked = fact
+        elif fact.kind in ("deployment", "rollback"):
+            self.deployments.append(fact)
+        elif fact.kind in PIPELINE_KINDS:
+            self.products[fact.kind] = fact.predicate  # the newest of each kind wins
 
     def contributors(self, policy: TrustPolicy) -> dict[str, list[str]]:
         """Who trained it, added its data and wrote its code, as trust-policy names where known."""
