@@ -33,12 +33,24 @@ install: $(STAMP)
 init: install
 	$(BIN)/secure-ml init
 
-# The pipeline registers a candidate; a second person approves it (carol, an approver) and a third
-# deploys it (dave, a deployer) after the deploy gate re-verifies it from its bytes.
+# Identities are keys, each in its owner's own folder (never under SECURE_ML_HOME). The owner signs
+# the trust policy; bob (data steward, ML engineer) lands data and trains; carol (approver) approves;
+# dave (deployer) deploys after the deploy gate re-verifies the model from its bytes and every
+# decision from its signature.
+IDS   ?= $(CURDIR)/.secure_ml_identities
+OWNER := --owner-key $(IDS)/owner/owner.key
 demo: init
-	$(BIN)/secure-ml pipeline run
-	$(BIN)/secure-ml approve staging --as carol
-	SECURE_ML_ACTOR=dave $(BIN)/secure-ml deploy
+	@for who in owner bob carol dave; do test -f $(IDS)/$$who/$$who.key || \
+	  $(BIN)/secure-ml identity new $$who --out $(IDS)/$$who; done
+	@test -f $(SECURE_ML_HOME)/trust/policy.json || ( set -e; \
+	  $(BIN)/secure-ml trust init $(OWNER); \
+	  $(BIN)/secure-ml trust add bob --role data_steward --role ml_engineer --public-key $(IDS)/bob/bob.pub $(OWNER); \
+	  $(BIN)/secure-ml trust add carol --role approver --public-key $(IDS)/carol/carol.pub $(OWNER); \
+	  $(BIN)/secure-ml trust add dave --role deployer --public-key $(IDS)/dave/dave.pub $(OWNER) )
+	$(BIN)/secure-ml trust verify
+	SECURE_ML_IDENTITY=$(IDS)/bob/bob.key $(BIN)/secure-ml pipeline run
+	SECURE_ML_IDENTITY=$(IDS)/carol/carol.key $(BIN)/secure-ml approve staging
+	SECURE_ML_IDENTITY=$(IDS)/dave/dave.key $(BIN)/secure-ml deploy
 	$(BIN)/secure-ml status
 	$(BIN)/secure-ml audit verify
 
@@ -64,4 +76,4 @@ lock:
 	/tmp/secure-ml-lock/bin/python scripts/lock.py /tmp/secure-ml-lock.json > requirements.lock
 
 clean:
-	rm -rf $(VENV) .secure_ml test-artifacts
+	rm -rf $(VENV) .secure_ml .secure_ml_identities test-artifacts
