@@ -1,14 +1,16 @@
 """secure-ml approve | promote | status | deploy | rollback | serve: the release commands.
 
     secure-ml status [--json] [VERSION]                  versions, stages, approvals, what is deployed
-    secure-ml approve v3 --as carol                       a second identity approves; production if policy allows
-    secure-ml promote v3 [--stage staging]                re-evaluate the promotion policy now
-    SECURE_ML_ACTOR=dave secure-ml deploy [VERSION] [--target local|kubernetes]
-    SECURE_ML_ACTOR=dave secure-ml rollback [--target local] [--reason TEXT]
+    SECURE_ML_IDENTITY=carol.key secure-ml approve v3     a second person approves (signed); production if policy allows
+    SECURE_ML_IDENTITY=carol.key secure-ml promote v3     re-evaluate the promotion policy now (an approver)
+    SECURE_ML_IDENTITY=dave.key secure-ml deploy [VERSION] [--target local|kubernetes]
+    SECURE_ML_IDENTITY=dave.key secure-ml rollback [--target local] [--reason TEXT]
+    SECURE_ML_IDENTITY=carol.key secure-ml revoke v3 --reason TEXT
     secure-ml serve [--issue-token NAME]                  serve the verified local deployment
 
-The acting identity is ``--as`` for approve and otherwise what secure_ml.settings.resolve_actor
-returns (SECURE_ML_ACTOR, a CI identity, or the OS user). Denials exit 1 with every reason.
+Who acts is the holder of the identity key (``SECURE_ML_IDENTITY`` or ``--identity FILE``) as the
+signed trust policy names it; every decision is a signed statement. A name typed anywhere
+(``SECURE_ML_ACTOR``, CI variables) grants nothing. Denials and forgeries exit 1 with every reason.
 """
 
 from __future__ import annotations
@@ -31,24 +33,33 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     approve = sub.add_parser("approve", help="approve a model version (a second identity)")
     approve.add_argument("version", help="v1, sha256:<prefix>, or a stage (staging: the newest awaiting approval)")
-    approve.add_argument("--as", dest="identity", required=True, help="the approving identity")
+    _identity_option(approve)
     approve.set_defaults(handler=cmd_approve)
 
     promote = sub.add_parser("promote", help="re-evaluate the promotion policy for a version")
     promote.add_argument("version")
     promote.add_argument("--stage", choices=("staging", "production"), default="production")
+    _identity_option(promote)
     promote.set_defaults(handler=cmd_promote)
 
     deploy = sub.add_parser("deploy", help="verify the production model from its bytes, then deploy it")
     deploy.add_argument("version", nargs="?", default="production")
     deploy.add_argument("--target", choices=("local", "kubernetes"), default=None)
     deploy.add_argument("--no-health-check", action="store_true", help="skip the post-deploy health check")
+    _identity_option(deploy)
     deploy.set_defaults(handler=cmd_deploy)
 
     rollback = sub.add_parser("rollback", help="redeploy the previous verified version")
     rollback.add_argument("--target", choices=("local", "kubernetes"), default="local")
     rollback.add_argument("--reason", default="requested by an operator")
+    _identity_option(rollback)
     rollback.set_defaults(handler=cmd_rollback)
+
+    revoke = sub.add_parser("revoke", help="revoke a version (an approver): never deployed again, rolled back where live")
+    revoke.add_argument("version")
+    revoke.add_argument("--reason", required=True, help="why (recorded in the signed revocation)")
+    _identity_option(revoke)
+    revoke.set_defaults(handler=cmd_revoke)
 
     serve = sub.add_parser("serve", help="serve the verified local deployment (or a pinned model dir)")
     serve.add_argument("--model-dir", type=Path, help="a deployed model directory (Kubernetes: on the volume)")
@@ -62,16 +73,36 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     serve.set_defaults(handler=cmd_serve)
 
 
+def _identity_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--identity", type=Path, help="your identity key file (default: $SECURE_ML_IDENTITY)")
+
+
 def _release(settings: Settings, actor: str | None = None) -> Any:
     from secure_ml.release.deploy import Release
 
     return Release.from_settings(settings, actor=actor)
 
 
+def _actor(settings: Settings, args: argparse.Namespace) -> Any:
+    """The authenticated actor; privileged commands need a trust policy and an identity key."""
+    from secure_ml.errors import ConfigurationError
+    from secure_ml.governance import authn
+
+    if not authn.trust_store(settings).exists() and not settings.environ.get("SECURE_ML_TRUST_ROOT"):
+        raise ConfigurationError("no trust policy: decisions are signed with identity keys; create it with "
+                                 "`secure-ml trust init --owner-key FILE` and `secure-ml trust add`")
+    return authn.authenticate(settings, authn.verified_policy(settings), identity_file=args.identity)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from secure_ml.release.registry import Registry
+    from secure_ml.release.signed import SignedDecisions, TrustedRegistry
 
-    registry = Registry.from_settings(Settings.from_env())
+    settings = Settings.from_env()
+    registry = Registry.from_settings(settings)
+    signed = SignedDecisions.for_settings(settings)
+    if signed is not None:  # stages, approvals and trainers as the signed statements say
+        registry = TrustedRegistry(registry.path, signed)
     if args.version:
         version = registry.get(args.version)
         data: dict[str, Any] = {**version.as_dict(), "history": registry.history(version.version)}
@@ -107,15 +138,17 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_approve(args: argparse.Namespace) -> int:
-    release = _release(Settings.from_env(), actor=args.identity)
+    settings = Settings.from_env()
+    actor = _actor(settings, args)
+    release = _release(settings, actor=actor.name)
     if args.version == "staging" and not any(v.stage == "staging" for v in release.registry.versions()):
         # `approve staging` in a re-run demo: nothing waits, and that is not an error.
         live = release.registry.production()
         if live is not None:
             print(f"nothing awaits approval; {live.version} is in production")
             return 0
-    version, decision = release.approve(args.version, identity=args.identity)
-    print(f"{args.identity} approved {version.version}")
+    version, decision = release.approve(args.version, by=actor)
+    print(f"{actor.name} approved {version.version} (signed)")
     if decision.allowed:
         print(f"{version.version} is now {version.stage}: the promotion policy allows it")
         return 0
@@ -127,8 +160,9 @@ def cmd_approve(args: argparse.Namespace) -> int:
 
 def cmd_promote(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
-    release = _release(settings)
-    version, decision = release.promote(args.version, actor=settings.actor(), stage=args.stage)
+    actor = _actor(settings, args)
+    release = _release(settings, actor=actor.name)
+    version, decision = release.promote(args.version, actor=actor.name, stage=args.stage, by=actor)
     print(decision.markdown().replace("**", ""))
     print(f"{version.version} is {version.stage}")
     return 0 if decision.allowed else 1
@@ -136,19 +170,30 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
-    actor = settings.actor()
-    release = _release(settings, actor=actor)
+    actor = _actor(settings, args)
+    release = _release(settings, actor=actor.name)
     target = args.target or str((release.config.get("deploy") or {}).get("default_target", "local"))
-    record = release.deploy(args.version, actor=actor, target=target, health=not args.no_health_check)
-    print(f"deployed {record.version} sha256:{record.model_digest[:16]}… to {target} as {actor}: {record.location}")
+    record = release.deploy(args.version, actor=actor.name, target=target, health=not args.no_health_check, by=actor)
+    print(f"deployed {record.version} sha256:{record.model_digest[:16]}… to {target} as {actor.name}: {record.location}")
     return 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
-    actor = settings.actor()
-    record = _release(settings, actor=actor).rollback(actor=actor, target=args.target, reason=args.reason)
+    actor = _actor(settings, args)
+    record = _release(settings, actor=actor.name).rollback(actor=actor.name, target=args.target, reason=args.reason,
+                                                           by=actor)
     print(f"rolled back {args.target} to {record.version} sha256:{record.model_digest[:16]}… (re-verified)")
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    actor = _actor(settings, args)
+    done = _release(settings, actor=actor.name).revoke(args.version, by=actor, reason=args.reason)
+    print(f"{actor.name} revoked {args.version} (signed): {args.reason}")
+    for line in done:
+        print(f"  {line}")
     return 0
 
 

@@ -259,8 +259,11 @@ class Release:
 
     def __init__(self, *, home: Path, registry: Registry, engine: PolicyEngine, access: AccessPolicy,
                  store: ArtifactStore, audit: AuditLog, verifiers: Verifiers | Callable[[], Verifiers],
-                 config: Mapping[str, Any] | None = None, health_check: HealthCheck | None = None) -> None:
+                 config: Mapping[str, Any] | None = None, health_check: HealthCheck | None = None,
+                 signed: Any = None) -> None:
         self.home = Path(home)
+        # Once a trust policy exists: decisions are signed statements and the registry only an index.
+        self.signed = signed
         self.registry = registry
         self.engine = engine
         self.access = access
@@ -273,8 +276,15 @@ class Release:
     @classmethod
     def from_settings(cls, settings: _Settings, *, verifiers: Verifiers | None = None,
                       health_check: HealthCheck | None = None, actor: str | None = None) -> Release:
+        from secure_ml.release.signed import SignedDecisions, TrustedRegistry
+        from secure_ml.settings import Settings
+
         config = settings.load_config("release")
-        return cls(home=settings.home, registry=Registry.from_settings(settings),
+        signed = SignedDecisions.for_settings(settings) if isinstance(settings, Settings) else None
+        registry = Registry.from_settings(settings)
+        if signed is not None:
+            registry = TrustedRegistry(registry.path, signed)
+        return cls(home=settings.home, registry=registry, signed=signed,
                    engine=PolicyEngine.from_settings(settings), access=AccessPolicy.from_settings(settings),
                    store=settings.artifact_store(actor=actor), audit=settings.audit_log(),
                    verifiers=verifiers or (lambda: default_verifiers(settings)), config=config,
@@ -366,6 +376,9 @@ class Release:
         """
         self.access.require(actor, "model.register", audit=self.audit, subject=f"sha256:{model_dir_digest}")
         version, created = self.registry.register(model_dir_digest, evidence, actor=actor)
+        if self.signed is not None and "training" not in self.signed.evidence(version).products:
+            self.signed.sign_products(version, evidence, actor=actor)  # the pipeline signs what it produced
+            version = self.registry.get(version.version)
         if created:
             self.audit.record(actor, "registry.register", subject=f"{version.version} sha256:{version.model_digest}",
                               details={"stage": "candidate"})
@@ -393,12 +406,16 @@ class Release:
                           details={"reasons": list(decision.reasons), "input_sha256": decision.input_sha256})
         return decision
 
-    def approve(self, ref: str, *, identity: str) -> tuple[ModelVersion, PolicyDecision]:
+    def approve(self, ref: str, *, identity: str = "", by: Any = None) -> tuple[ModelVersion, PolicyDecision]:
         """``identity`` approves a version; promoted to production when the policy then allows.
 
         Denied (audited, PolicyDenied) when the identity is not an approver, added the data,
-        trained the model, already approved, or the version is not awaiting approval.
+        trained the model, already approved, or the version is not awaiting approval. With a
+        trust policy the approver is ``by`` (an authenticated actor) and the approval is signed.
         """
+        if self.signed is not None:
+            by = self.signed.require_actor(by, "an approval")
+            identity = by.name
         version = self.registry.get(ref)
         subject = f"{version.version} sha256:{version.model_digest}"
         evidence = version.evidence
@@ -414,18 +431,24 @@ class Release:
         })
         # Every reason at once: a person denied for two reasons should not have to find the second.
         reasons = [*([] if access.allowed else [access.reason]),
-                   *(r for r in sod.reasons if access.allowed or "is not an" not in r)]
+                   *(r for r in sod.reasons if access.allowed or "is not an" not in r),
+                   *(self.signed.code_author_conflicts(version, identity) if self.signed is not None else [])]
         if reasons:
             self.audit.record(identity, "model.approve", subject=subject, outcome="deny", details={"reasons": reasons})
             self.registry.record_event(identity, "approve.denied", version.version, {"reasons": reasons})
             raise PolicyDenied(f"{identity} may not approve {version.version}: " + "; ".join(reasons))
+        if self.signed is not None:
+            self.signed.decide(by, "approval", version, {"stage": version.stage}, permission="model.approve")
         version = self.registry.add_approval(version.version, identity, roles=self.access.roles_of(identity))
         self.audit.record(identity, "model.approve", subject=subject, outcome="allow",
                           details={"roles": list(self.access.roles_of(identity))})
-        return self.promote(version.version, actor=identity)
+        return self.promote(version.version, actor=identity, by=by)
 
-    def promote(self, ref: str, *, actor: str, stage: str = "production") -> tuple[ModelVersion, PolicyDecision]:
-        """Re-verify from the bytes and evaluate the policy; move to ``stage`` only if it allows."""
+    def promote(self, ref: str, *, actor: str, stage: str = "production",
+                by: Any = None) -> tuple[ModelVersion, PolicyDecision]:
+        """Re-verify from the bytes and evaluate the policy; move to ``stage`` only if it allows.
+
+        With a trust policy, moving to production is a promotion statement signed by an approver (``by``)."""
         version = self.registry.get(ref)
         signature, attestation = self._verification_facts(version, actor=actor)
         decision = self.decide(version, stage, signature=signature, attestation=attestation, actor=actor)
@@ -436,6 +459,10 @@ class Release:
             self.audit.record(actor, "model.promote", subject=version.version, outcome="deny",
                               details={"to": stage, "reasons": list(decision.reasons)})
             return self.registry.get(version.version), decision
+        if self.signed is not None and stage == "production":
+            by = self.signed.require_actor(by, "a promotion to production")
+            self.signed.decide(by, "promotion", version, {"stage": stage, "input_sha256": decision.input_sha256},
+                               permission="model.approve")
         version = self.registry.set_stage(version.version, stage, actor=actor, expect=("candidate", "staging"),
                                           reason="promotion policy allows")
         self.audit.record(actor, "model.promote", subject=f"{version.version} sha256:{version.model_digest}",
@@ -483,9 +510,12 @@ class Release:
 
     def deploy(self, ref: str = "production", *, actor: str, target: str = "local",
                health: bool = True, _action: str = "deployed", _permission: str = "model.deploy",
-               _reason: str = "") -> Deployment:
+               _reason: str = "", by: Any = None) -> Deployment:
         """Gate, then write the verified model to ``target``; health-check it; roll back on failure."""
         verified = self.gate(ref, actor=actor, target=target, permission=_permission)
+        if self.signed is not None and by is not None and _action == "deployed":
+            self.signed.decide(by, "deployment", self.registry.get(verified.version),
+                               {"target": target}, permission=_permission)
         version = self.registry.get(verified.version)
         try:
             location = self._write_target(verified, version, target=target, actor=actor)
@@ -531,8 +561,8 @@ class Release:
                                _action="rollback", _permission="model.rollback", _reason=reason)
         raise VerificationError(f"{reason}; rolled back to {restored.version}")
 
-    def rollback(self, *, actor: str, target: str = "local", reason: str = "requested") -> Deployment:
-        """Redeploy the previously deployed version, re-verified through the full gate."""
+    def rollback(self, *, actor: str, target: str = "local", reason: str = "requested", by: Any = None) -> Deployment:
+        """Redeploy the previously deployed version (never a revoked one), re-verified through the full gate."""
         current = self.registry.current_deployment(target)
         if current is None:
             raise BadInput(f"nothing is deployed to {target}")
@@ -540,7 +570,11 @@ class Release:
         if previous is None:
             raise BadInput(f"no earlier verified deployment to roll back to on {target}")
         self.access.require(actor, "model.rollback", audit=self.audit, subject=f"{current.version} -> {previous.version}")
-        replaced_stage = self.registry.get(current.version).stage
+        if self.signed is not None:
+            by = self.signed.require_actor(by, "a rollback")
+            self.signed.decide(by, "rollback", self.registry.get(previous.version),
+                               {"target": target, "from": current.version, "reason": reason}, permission="model.rollback")
+        replaced_stage = Registry.get(self.registry, current.version).stage
         self._restore_stage(previous.version, current.version, actor=actor, reason=reason)
         try:
             record = self.deploy(previous.version, actor=actor, target=target, _action="rollback",
@@ -558,6 +592,44 @@ class Release:
         self.audit.record(actor, "deploy.rollback", subject=f"{current.version} -> {previous.version}",
                           details={"reason": reason})
         return record
+
+    def revoke(self, ref: str, *, by: Any, reason: str) -> list[str]:
+        """An approver revokes a version: never deployed again; where it is live, rolled back (or taken down)."""
+        from secure_ml.release.signed import REVOKED
+
+        if self.signed is None:
+            raise ConfigurationError("revocation is a signed decision: create the trust policy first "
+                                     "(`secure-ml trust init`)")
+        if not reason.strip():
+            raise BadInput("a revocation needs a reason (--reason TEXT)")
+        by = self.signed.require_actor(by, "a revocation")
+        version = self.registry.get(ref)
+        if version.stage == REVOKED:
+            raise BadInput(f"{version.version} is already revoked")
+        self.signed.decide(by, "revocation", version, {"reason": reason}, permission="model.approve")
+        if Registry.get(self.registry, version.version).stage in ("candidate", "staging", "production"):
+            self.registry.set_stage(version.version, "archived", actor=by.name, action="revoke", reason=reason)
+        self.audit.record(by.name, "model.revoke", subject=f"{version.version} sha256:{version.model_digest}",
+                          details={"reason": reason})
+        done = []
+        for target in sorted({d.target for d in self.registry.deployments()}):
+            current = self.registry.current_deployment(target)
+            if current is None or current.model_digest != version.model_digest:
+                continue
+            why = f"{version.version} revoked: {reason}"
+            try:
+                record = self.rollback(actor=by.name, target=target, reason=why, by=by)
+                done.append(f"{target}: rolled back to {record.version}")
+            except Error as exc:
+                # Nobody may run a revoked model: take it down even where no rollback is possible.
+                self._clear_current(target)
+                self.registry.record_deployment(actor=by.name, target=target, version=current.version,
+                                                model_digest=current.model_digest, status="rolled_back",
+                                                location=current.location, reason=why)
+                self.audit.record(by.name, "deploy.takedown", subject=f"{current.version} -> {target}",
+                                  details={"reason": why, "no_rollback": exc.explain()})
+                done.append(f"{target}: taken down, nothing live ({exc.explain()})")
+        return done
 
     def _restore_stage(self, restore: str, replaced: str, *, actor: str, reason: str) -> None:
         """Rollback makes the restored version production again (and archives the replaced one)."""

@@ -5,6 +5,7 @@
     facts = signed.promotion_facts(version)                  # replaces every recorded fact in the policy input
     signed.decide(actor, "approval", version, {...}, permission="model.approve")
     signed.revoked(version)                                  # a verified revocation, or None
+    registry = TrustedRegistry(path, signed)                 # get() returns rows with verified facts only
 
 The registry stays the index (versions, stages, history), but the policy input's evidence,
 approvals and who trained the model come from :class:`~secure_ml.governance.ledger.Ledger`
@@ -14,19 +15,25 @@ are the trust policy's, so the separation-of-duties rules see one person under e
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from secure_ml.errors import ConfigurationError
+from secure_ml.errors import ConfigurationError, PolicyDenied, VerificationError
 from secure_ml.governance import authn
 from secure_ml.governance.decisions import Evidence, Fact
 from secure_ml.governance.ledger import Ledger
 from secure_ml.governance.trust import TrustPolicy
-from secure_ml.release.registry import ModelVersion
+from secure_ml.release.registry import Deployment, ModelVersion, Registry
 from secure_ml.settings import Settings
 
-__all__ = ["SignedDecisions"]
+__all__ = ["SignedDecisions", "TrustedRegistry", "REVOKED"]
+
+REVOKED = "revoked"
+_PRODUCTS = ("evaluation", "scan", "provenance")
+_ENVELOPE_FIELDS = ("version", "time")
 
 
 @dataclass
@@ -54,7 +61,7 @@ class SignedDecisions:
         training = dict(evidence.get("training") or {})
         provenance = dict(evidence.get("provenance") or {})
         contributors = {
-            "trainer": actor,
+            "trainer": str(training.get("actor") or actor),
             "data_adders": [n for n in [provenance.get("data_actor")] if n],
             "code_authors": [n for n in (training.get("code_author"), training.get("code_author_name")) if n],
         }
@@ -95,9 +102,19 @@ class SignedDecisions:
             "provenance": provenance,
             "training": training,
             "registered_by": training.get("actor") or "",
-            "approvals": [{"identity": name, "roles": list(self.policy.roles_of(name))} for name in evidence.approvals],
+            # An approval by the code's author never counts (the Rego rules cover data adder and trainer).
+            "approvals": [{"identity": name, "roles": list(self.policy.roles_of(name))} for name in evidence.approvals
+                          if not any(self.policy.same_person(name, a) for a in contributors["code_authors"])],
             "revoked": evidence.revoked is not None,
         }
+
+    def code_author_conflicts(self, version: ModelVersion, name: str) -> list[str]:
+        """Why ``name`` may not approve: they wrote the code that produced it (under any alias)."""
+        authors = self.evidence(version).contributors(self.policy)["code_authors"]
+        if any(self.policy.same_person(name, a) for a in authors):
+            return [f"self-approval: {name} authored the pipeline code that produced {version.version} "
+                    "and may not approve it"]
+        return []
 
     # -- people's decisions --------------------------------------------------------------------
     def decide(self, actor: authn.Actor, kind: str, version: ModelVersion, predicate: Mapping[str, Any], *,
@@ -106,3 +123,74 @@ class SignedDecisions:
                                   {"version": version.version, **dict(predicate)}, permission=permission)
         self._evidence.pop(version.model_digest, None)
         return fact
+
+    # -- the registry row, believed only where statements back it -----------------------------
+    def trusted(self, row: ModelVersion, *, strict: bool = True) -> ModelVersion:
+        """``row`` with its evidence, approvals, trainer and stage replaced by verified facts.
+
+        ``strict``: a row that claims what no statement backs (an edited or inserted row) is refused.
+        """
+        evidence = self.evidence(row)
+        if strict:
+            self._check_row(row, evidence)
+        facts = self.promotion_facts(row)
+        merged = {**row.evidence, **{k: facts[k] for k in (*_PRODUCTS, "training")}}
+        approvals = tuple({"identity": a["identity"], "roles": a["roles"], "signed": True} for a in facts["approvals"])
+        stage = REVOKED if evidence.revoked is not None else row.stage
+        return dataclasses.replace(row, evidence=merged, approvals=approvals, stage=stage,
+                                   registered_by=facts["registered_by"] or row.registered_by)
+
+    def _check_row(self, row: ModelVersion, evidence: Evidence) -> None:
+        problems = []
+        for kind in _PRODUCTS:
+            signed = evidence.products.get(kind)
+            if signed is not None and kind in row.evidence:
+                body = {k: v for k, v in signed.items() if k not in _ENVELOPE_FIELDS}
+                if body != row.evidence[kind]:
+                    problems.append(f"its {kind} differs from what the pipeline signed")
+        unsigned = [a.get("identity") for a in row.approvals
+                    if self.canonical(str(a.get("identity"))) not in evidence.approvals]
+        if unsigned:
+            problems.append(f"it lists approvals with no signed statement ({', '.join(map(str, unsigned))})")
+        if row.stage == "production" and not any(f.kind in ("promotion", "rollback") for f in evidence.facts):
+            problems.append("it says production but no signed promotion or rollback put it there")
+        if problems:
+            message = f"the registry row of {row.version} was edited: {'; '.join(problems)}"
+            self.settings.audit_log().record("registry", "registry.verify", subject=f"{row.version} sha256:"
+                                             f"{row.model_digest}", outcome="deny", details={"reasons": problems})
+            raise VerificationError(message)
+
+    def require_actor(self, by: authn.Actor | None, what: str) -> authn.Actor:
+        if by is None or by.identity is None:
+            self.settings.audit_log().record(authn.claimed(self.settings), "access.deny", outcome="deny",
+                                             details={"reason": f"{what} without an identity key"})
+            raise PolicyDenied(f"{what} is a signed decision: set SECURE_ML_IDENTITY to your identity key file")
+        return by
+
+
+class TrustedRegistry(Registry):
+    """The registry as an index: every version read back carries verified facts only."""
+
+    def __init__(self, path: Path | str, signed: SignedDecisions) -> None:
+        super().__init__(path)
+        self.signed = signed
+
+    def get(self, ref: str) -> ModelVersion:
+        return self.signed.trusted(super().get(ref))
+
+    def versions(self) -> list[ModelVersion]:
+        return [self.signed.trusted(v, strict=False) for v in super().versions()]
+
+    def previous_deployment(self, target: str) -> Deployment | None:
+        """As the base, but a revoked version is never a rollback target."""
+        live = [d for d in self.deployments(target) if d.status in ("deployed", "rollback")]
+        if not live:
+            return None
+        current = live[-1]
+        failed = {d.version for d in self.deployments(target) if d.status == "rolled_back"}
+        for earlier in reversed(live[:-1]):
+            if earlier.version in (current.version, *failed):
+                continue
+            if self.signed.revoked(Registry.get(self, earlier.version)) is None:
+                return earlier
+        return None
