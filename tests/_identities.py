@@ -21,11 +21,13 @@ from secure_ml.settings import Settings
 
 
 def trust_people(settings: Settings, root: Path, *, unauthenticated_may_train: bool = True,
-                 aliases: dict[str, list[str]] | None = None) -> dict[str, Path]:
+                 aliases: dict[str, list[str]] | None = None,
+                 extra: dict[str, list[str]] | None = None) -> dict[str, Path]:
     roles = settings.load_config("roles")
     release = settings.load_config("release")
+    people = {**roles.get("identities", {}), **(extra or {})}
     keys: dict[str, Path] = {}
-    for name in ["owner", *roles.get("identities", {})]:
+    for name in ["owner", *people]:
         keys[name] = new_identity(name, root / name)[0]
     owner = load_identity(keys["owner"])
     doc = TrustPolicy.new_document([owner.key], threshold=1, roles_config=roles, release_config=release,
@@ -33,7 +35,7 @@ def trust_people(settings: Settings, root: Path, *, unauthenticated_may_train: b
                                    else ())
     pipeline = ensure_signing_key(settings.home / "keys" / "model-signing.pem")
     add_identity(doc, "pipeline", roles=["pipeline"], key=public_key(public_key_path(pipeline)), model_signer=True)
-    for name, held in roles.get("identities", {}).items():
+    for name, held in people.items():
         held_roles: Any = [held] if isinstance(held, str) else list(held)
         add_identity(doc, name, roles=held_roles, key=load_identity(keys[name]).key,
                      aliases=(aliases or {}).get(name, []))

@@ -324,25 +324,33 @@ def test_a_failing_first_deploy_leaves_nothing_live(settings: Settings, release:
 
 
 # -- the CLI ------------------------------------------------------------------------------------------------
-def _cli(settings: Settings, *args: str, actor: str = "test-engineer") -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "SECURE_ML_HOME": str(settings.home), "SECURE_ML_ACTOR": actor}
+def _cli(settings: Settings, *args: str, identity: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "SECURE_ML_HOME": str(settings.home), "SECURE_ML_ACTOR": "carol"}  # a claim: ignored
+    env.pop("SECURE_ML_IDENTITY", None)
+    if identity is not None:
+        env["SECURE_ML_IDENTITY"] = str(identity)
     return subprocess.run([sys.executable, "-m", "secure_ml", *args], capture_output=True, text=True, env=env,
                           cwd=REPO, timeout=120, check=False)
 
 
-def test_cli_approve_and_status(settings: Settings, release: Release, keys: Keys, tmp_path: Path) -> None:
-    published = new_model(settings, keys, tmp_path, "m1")
-    release.register(published.digest, published.evidence, actor="bob")
+def test_cli_approve_and_status(settings: Settings, keys: Keys, tmp_path: Path) -> None:
+    from _identities import trust_people
+
+    people = trust_people(settings, tmp_path / "ids")
     # The CLI trusts the security configuration's keys: make the test key the trusted one.
     trusted = settings.home / "keys" / "model-signing.pub"
     trusted.write_bytes(keys.public.read_bytes())
-    denied = _cli(settings, "approve", "v1", "--as", "bob")
+    release = release_for(settings, keys)
+    published = new_model(settings, keys, tmp_path, "m1")
+    release.register(published.digest, published.evidence, actor="bob")
+    assert _cli(settings, "approve", "v1").returncode == 1  # no key: a claimed name grants nothing
+    denied = _cli(settings, "approve", "v1", identity=people["bob"])
     assert denied.returncode == 1 and "self-approval: bob trained v1" in denied.stderr
     assert len(denied.stderr.strip().splitlines()) == 1
-    approved = _cli(settings, "approve", "v1", "--as", "carol")
+    approved = _cli(settings, "approve", "v1", identity=people["carol"])
     assert approved.returncode == 0, approved.stderr
     assert "v1 is now production" in approved.stdout
-    deployed = _cli(settings, "deploy", actor="dave")
+    deployed = _cli(settings, "deploy", identity=people["dave"])
     assert deployed.returncode == 0, deployed.stderr
     status = json.loads(_cli(settings, "status", "--json").stdout)
     assert status["versions"][0]["stage"] == "production"

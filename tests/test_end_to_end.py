@@ -21,18 +21,28 @@ from pathlib import Path
 import pytest
 
 CLI = str(Path(sys.executable).parent / "secure-ml")
-TRAINER = "pat"  # not listed in roles.yaml: the local default roles (data steward, ML engineer)
+TRAINER = "pat"  # a data steward and ML engineer, added to the trust policy with a key of her own
+KEYS: dict[str, Path] = {}  # who holds which identity key (filled by the `home` fixture)
 
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    from _identities import trust_people
+
+    from secure_ml.settings import Settings
+
     root = tmp_path_factory.mktemp("e2e") / "home"
+    settings = Settings.from_env({"SECURE_ML_HOME": str(root), "DAGSTER_HOME": str(root / "dagster")})
+    KEYS.update(trust_people(settings, root.parent / "identities", unauthenticated_may_train=False,
+                             extra={TRAINER: ["data_steward", "ml_engineer"]}))
     yield root
 
 
-def cli(home: Path, *args: str, actor: str = TRAINER) -> subprocess.CompletedProcess[str]:
+def cli(home: Path, *args: str, actor: str | None = TRAINER) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SECURE_ML_")}
-    env.update(SECURE_ML_HOME=str(home), DAGSTER_HOME=str(home / "dagster"), SECURE_ML_ACTOR=actor)
+    env.update(SECURE_ML_HOME=str(home), DAGSTER_HOME=str(home / "dagster"), SECURE_ML_ACTOR="carol")
+    if actor is not None:  # the holder of the key acts; the SECURE_ML_ACTOR claim is ignored
+        env["SECURE_ML_IDENTITY"] = str(KEYS[actor])
     return subprocess.run([CLI, *args], capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -63,13 +73,15 @@ def test_release_needs_a_second_person_and_a_deployer(home: Path, pipeline: dict
     assert [v["stage"] for v in status["versions"]] == ["staging"] and not status["deployed"]
 
     # Whoever added the data and trained the model may not approve it.
-    assert "pat" in one_line_error(cli(home, "approve", "staging", "--as", TRAINER), 1)
+    assert "pat" in one_line_error(cli(home, "approve", "staging", actor=TRAINER), 1)
     # An ML engineer is not an approver.
-    assert "bob" in one_line_error(cli(home, "approve", "staging", "--as", "bob"), 1)
+    assert "bob" in one_line_error(cli(home, "approve", "staging", actor="bob"), 1)
     # Nothing can be deployed before approval.
     assert "no model version is in production" in one_line_error(cli(home, "deploy", actor="dave"), 2)
 
-    approved = cli(home, "approve", "staging", "--as", "carol")
+    # No key: a claimed name (SECURE_ML_ACTOR=carol) grants nothing.
+    assert "SECURE_ML_IDENTITY" in one_line_error(cli(home, "approve", "staging", actor=None), 1)
+    approved = cli(home, "approve", "staging", actor="carol")
     assert approved.returncode == 0 and "production" in approved.stdout, approved.stderr
     # A data steward is not a deployer.
     assert "alice" in one_line_error(cli(home, "deploy", actor="alice"), 1)

@@ -21,6 +21,7 @@ from typing import Any
 import dagster as dg
 import pytest
 import yaml
+from _identities import trust_people
 from _release_fixtures import GOOD_EVALUATION, make_model_dir
 
 import resources
@@ -30,7 +31,10 @@ from assets import security
 from resources import CustodyResource
 from secure_ml.cli import main as cli
 from secure_ml.release.registry import Registry
-from secure_ml.settings import ACTOR_TAG, Settings
+from secure_ml.governance import authn
+from secure_ml.settings import Settings
+
+KEYS: dict[str, Path] = {}  # the people's identity keys (filled by the `stage` fixture)
 
 
 class TrainingConfig(dg.Config):
@@ -86,11 +90,23 @@ def stage(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, l
     (config_dir / "security.yaml").write_text(yaml.safe_dump(security_cfg))
     monkeypatch.setenv("SECURE_ML_CONFIG", str(config_dir))
     current = Settings.from_env()
+    KEYS.clear()
+    KEYS.update(trust_people(current, tmp_path / "identities", unauthenticated_may_train=False))
     with dg.DagsterInstance.get() as instance:
-        result = dg.materialize([data_assets.dataset], instance=instance, tags={ACTOR_TAG: "alice"},
+        result = dg.materialize([data_assets.dataset], instance=instance, tags=as_(current, "alice"),
                                 resources=resources.build_resources(current), raise_on_error=False)
     assert result.success, [e.step_failure_data.error.message for e in result.get_step_failure_events()]
     return current
+
+
+def as_(settings: Settings, who: str) -> dict[str, str]:
+    """Run tags that prove who launched the run: a run request signed with their identity key."""
+    actor = authn.authenticate(settings, authn.verified_policy(settings), identity_file=KEYS[who])
+    return {authn.RUN_REQUEST_TAG: authn.sign_run_request(actor)}
+
+
+def key(who: str) -> list[str]:
+    return ["--identity", str(KEYS[who])]
 
 
 def run(settings: Settings, *, actor: str, selection: Any = None, train: bool = True,
@@ -99,7 +115,7 @@ def run(settings: Settings, *, actor: str, selection: Any = None, train: bool = 
     with dg.DagsterInstance.get() as instance:
         return dg.materialize(
             [*UPSTREAM, *RELEASE], instance=instance, resources=resources.build_resources(settings),
-            raise_on_error=False, selection=selection, tags={ACTOR_TAG: actor},
+            raise_on_error=False, selection=selection, tags=as_(settings, actor),
             run_config={"ops": {"trained_model": config, "model_evaluation": config}} if train else None,
         )
 
@@ -138,11 +154,11 @@ def test_the_release_proof(stage: Settings, monkeypatch: pytest.MonkeyPatch, cap
     assert outcome["deployment_matches_signed_digest"] == (True, "nothing is deployed yet")
 
     # A self-approval is denied with a clear reason; a second identity's approval promotes it.
-    assert cli(["approve", "v1", "--as", "bob"]) == 1
+    assert cli(["approve", "v1", *key("bob")]) == 1
     assert "self-approval: bob trained v1" in capsys.readouterr().err
-    assert cli(["approve", "v1", "--as", "alice"]) == 1
+    assert cli(["approve", "v1", *key("alice")]) == 1
     assert "self-approval: alice added the training data of v1" in capsys.readouterr().err
-    assert cli(["approve", "v1", "--as", "carol"]) == 0
+    assert cli(["approve", "v1", *key("carol")]) == 0
     assert "v1 is now production" in capsys.readouterr().out
 
     # 2. The deployment asset deploys it through the gate when a deployer runs it.
@@ -155,8 +171,8 @@ def test_the_release_proof(stage: Settings, monkeypatch: pytest.MonkeyPatch, cap
     # 3. A second model: registered, approved by another approver, deployed from the CLI.
     second = run(settings, actor="bob", seed=1)
     assert second.success and materialized(second)["registered_model"]["version"] == "v2"
-    assert cli(["approve", "v2", "--as", "erin"]) == 0
-    monkeypatch.setenv("SECURE_ML_ACTOR", "dave")
+    assert cli(["approve", "v2", *key("erin")]) == 0
+    monkeypatch.setenv("SECURE_ML_IDENTITY", str(KEYS["dave"]))
     assert cli(["deploy"]) == 0
     registry = Registry.from_settings(settings)
     assert registry.current_deployment("local").version == "v2"  # type: ignore[union-attr]
@@ -210,7 +226,7 @@ def test_a_fairness_breach_and_a_blocking_finding_each_stop_the_model(stage: Set
     assert not passed and "fairness breach: demographic_parity_difference for sex is 0.41" in reason
     assert "deployment" not in materialized(breach)  # the blocking check stopped it
     assert Registry.from_settings(settings).get("v1").stage == "candidate"
-    assert cli(["approve", "v1", "--as", "carol"]) == 1  # recorded, but the policy still says no
+    assert cli(["approve", "v1", *key("carol")]) == 1  # recorded, but the policy still says no
     assert Registry.from_settings(settings).get("v1").stage == "candidate"
 
     smuggled = run(settings, actor="bob", seed=2, smuggle_pickle=True)
