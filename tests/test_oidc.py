@@ -19,6 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from secure_ml.errors import VerificationError
+from secure_ml.settings import Settings
 from secure_ml.governance.oidc import verify_token
 
 
@@ -98,3 +99,25 @@ def test_forged_and_garbled_tokens_are_refused(issuer: Issuer) -> None:
     with pytest.raises(VerificationError) as caught:
         verify_token(token[:-8] + "AAAAAAAA", issuer=issuer.url)
     assert token not in str(caught.value)
+
+
+def test_a_ci_identity_maps_to_a_name_and_a_bad_token_is_audited(issuer: Issuer, settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from secure_ml.governance import authn
+    from secure_ml.governance.identity import load_identity, new_identity
+    from secure_ml.governance.trust import TrustPolicy, add_identity
+
+    owner = load_identity(new_identity("owner", tmp_path / "owner")[0])
+    doc = TrustPolicy.new_document([owner.key], threshold=1, roles_config=settings.load_config("roles"),
+                                   release_config=settings.load_config("release"))
+    add_identity(doc, "ci", roles=["ml_engineer"], oidc=(issuer.url, "repo:org/secure-ml:ref:refs/heads/main"))
+    authn.trust_store(settings).init(doc, [owner.signer])
+    policy = authn.verified_policy(settings)
+    ci = Settings.from_env({**settings.environ, "SECURE_ML_OIDC_TOKEN": issuer.token(),
+                            "SECURE_ML_OIDC_ISSUER": issuer.url})
+    assert authn.authenticate(ci, policy).name == "ci"
+    expired = Settings.from_env({**ci.environ, "SECURE_ML_OIDC_TOKEN": issuer.token(exp=int(time.time()) - 600)})
+    with pytest.raises(VerificationError, match="expired"):
+        authn.authenticate(expired, policy)
+    denied = [e for e in settings.audit_log().entries() if e["action"] == "identity.deny"]
+    assert denied and "expired" in denied[-1]["details"]["reason"]
+    assert issuer.token() not in settings.audit_path.read_text()

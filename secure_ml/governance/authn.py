@@ -98,10 +98,15 @@ def authenticate(settings: Settings, policy: TrustPolicy, *, identity_file: Path
         issuer = settings.environ.get(OIDC_ISSUER_ENV) or ""
         if not issuer:
             raise ConfigurationError(f"{OIDC_TOKEN_ENV} needs {OIDC_ISSUER_ENV} (the issuer to verify it against)")
-        claims = verify_token(token, issuer=issuer)
-        name = policy.name_of_oidc(issuer, str(claims["sub"]))
-        if name is None:
-            raise PolicyDenied(f"the OIDC subject {claims['sub']} of {issuer} is nobody in the trust policy")
+        try:
+            claims = verify_token(token, issuer=issuer)
+            name = policy.name_of_oidc(issuer, str(claims["sub"]))
+            if name is None:
+                raise PolicyDenied(f"the OIDC subject {claims['sub']} of {issuer} is nobody in the trust policy")
+        except (VerificationError, PolicyDenied) as exc:
+            settings.audit_log().record(claimed(settings), "identity.deny", outcome="deny",
+                                        details={"issuer": issuer, "reason": exc.explain()})
+            raise
         return Actor(name, "oidc")
     return Actor(UNAUTHENTICATED, "none")
 
