@@ -222,7 +222,7 @@ def test_a_model_tampered_in_the_registry_is_refused_at_deploy(settings: Setting
     published = new_model(settings, keys, tmp_path, "m1")
     production(release, published)
     _swap_stored_file(settings, published, "config.json", b'{"architecture": "mlp", "threshold": 0.0}')
-    with pytest.raises(VerificationError, match="it was replaced"):
+    with pytest.raises(VerificationError, match="the model does not match its signature: config.json changed after"):
         release.deploy(actor="dave")
     assert local_files(settings) == []
     assert not list((settings.home / "deployments" / ".staging").iterdir())  # scratch removed too

@@ -154,7 +154,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from secure_ml.release import serving
-    from secure_ml.release.deploy import key_signature_verifier
+    from secure_ml.security.verification import TrustPolicy
 
     settings = Settings.from_env()
     config = settings.load_config("release").get("serving") or {}
@@ -176,8 +176,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.model_dir:
         if not (args.digest and args.digest.startswith("sha256:") and args.public_key):
             raise BadInput("--model-dir needs --digest sha256:<hex> and --public-key")
+        if not args.public_key.is_file():
+            raise BadInput(f"public key not found: {args.public_key}")
         model = serving.load_deployment(args.model_dir, expected_digest=args.digest[len("sha256:"):],
-                                        verify_signature=key_signature_verifier(args.public_key))
+                                        trust=TrustPolicy.of(public_keys=[args.public_key]))
     else:
         model = _local_deployment(settings)
     audit.record(settings.actor(), "serve.start", subject=f"{model.version} sha256:{model.model_digest}")
@@ -196,7 +198,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _local_deployment(settings: Settings) -> Any:
-    """The current local deployment, re-verified against the registry and the signature."""
+    """The current local deployment, re-verified by the chain, pinned to the registry's digest."""
     from secure_ml.release import serving
     from secure_ml.release.deploy import Release
 
@@ -204,5 +206,4 @@ def _local_deployment(settings: Settings) -> Any:
     current = release.registry.current_deployment("local")
     if current is None:
         raise BadInput("nothing is deployed locally: run `secure-ml deploy` first")
-    return serving.load_deployment(current.location, expected_digest=current.model_digest,
-                                   verify_signature=release.verifiers.signature)
+    return serving.load_deployment(current.location, expected_digest=current.model_digest, trust=release.trust)

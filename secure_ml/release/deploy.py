@@ -1,6 +1,6 @@
 """Releasing a model: registration, approval, promotion, the deploy gate, deployment and rollback.
 
-    release = Release.from_settings(settings)                   # registry + policies + verifiers + roles
+    release = Release.from_settings(settings)                   # registry + policies + trust + roles
     version, staging, production = release.register(model_digest, evidence, actor="bob")  # candidate -> staging?
     release.approve("v1", identity="carol")                     # SoD + roles; promotes to production if allowed
     record = release.deploy("production", actor="dave")         # verify from bytes, then write; health check
@@ -8,10 +8,10 @@
 
 The deploy gate (:meth:`Release.gate`) runs before anything is written to a target: it decrypts
 the model tree, the signature bundle and the attestation from the encrypted store (the store
-checks every tag and digest), re-verifies the signature over the decrypted files and the
-attestation over the model and bundle, recomputes the model digest from those bytes and compares
-it with the registry's, checks that the registry says production, and evaluates the promotion and
-deployment policies again. Any failure is audited and raises; the private staging directory is
+checks every tag and digest), runs the one verification chain (secure_ml.security.verification:
+signature against trusted signers, tree digest pinned to the registry's, attestation and its
+subjects) over those bytes, checks that the registry says production, and evaluates the promotion
+and deployment policies again. Any failure is audited and raises; the private staging directory is
 removed and no target is touched. Metadata is never trusted for any of it.
 
 Targets: ``local`` (default; a verified model directory under ``$SECURE_ML_HOME/deployments/local``
@@ -27,14 +27,12 @@ it, and the git author of the code commit in its training record. None of them m
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,12 +42,12 @@ from secure_ml.custody.store import ArtifactStore
 from secure_ml.errors import BadInput, ConfigurationError, Error, PolicyDenied, VerificationError
 from secure_ml.governance.access import AccessPolicy
 from secure_ml.governance.policy import PolicyDecision, PolicyEngine
+from secure_ml.release.deployed import ATTESTATION_FILE, RECEIPT_FILE, SIGNATURE_FILE, HealthResult
 from secure_ml.release.registry import Deployment, ModelVersion, Registry
+from secure_ml.security import verification
+from secure_ml.security.verification import TrustPolicy
 
 TARGETS = ("local", "kubernetes")
-SIGNATURE_FILE = "model.sig"
-ATTESTATION_FILE = "attestation.dsse.json"
-RECEIPT_FILE = "DEPLOYMENT.json"
 
 
 class _Settings(Protocol):
@@ -60,97 +58,24 @@ class _Settings(Protocol):
     def artifact_store(self, *, actor: str | None = None) -> ArtifactStore: ...
 
 
-# -- verification: the security stage's verifiers behind a small interface ----------------------
-SignatureVerifier = Callable[[Path, bytes], Mapping[str, Any]]
-"""(model_dir, bundle bytes) -> details (e.g. signer); raises VerificationError if it does not verify."""
-AttestationVerifier = Callable[[bytes, Path, bytes], Mapping[str, Any]]
-"""(DSSE envelope, model_dir, bundle) -> details; raises VerificationError unless it verifies AND its
-subjects name exactly the model files (and bundle) given."""
-
-
-@dataclass(frozen=True)
-class Verifiers:
-    signature: SignatureVerifier
-    attestation: AttestationVerifier
-
-
-def trusted_verifiers(trust: Any) -> Verifiers:
-    """The security stage's verifiers (secure_ml.signing / secure_ml.attestation) bound to a trust policy.
-
-    The signature must verify against a trusted key or identity and cover every file; the DSSE
-    envelope must be signed by a trusted key and its subjects must be exactly the files signed
-    (``model/<name>``) plus the bundle (``model.sig``).
-    """
-    from secure_ml.security import attestation, signing
-
-    def verify_signature(model_dir: Path, bundle: bytes) -> Mapping[str, Any]:
-        with tempfile.TemporaryDirectory(prefix="secure-ml-sig-") as scratch:
-            path = Path(scratch) / "model.sig"
-            path.write_bytes(bundle)
-            verified = signing.verify_model(model_dir, path, trust)
-        return {"signer": verified.signer, "method": verified.method, "files": dict(verified.files)}
-
-    def verify_attestation(envelope: bytes, model_dir: Path, bundle: bytes) -> Mapping[str, Any]:
-        statement = attestation.verify_envelope(envelope, trust.public_keys)
-        # Subjects against the bytes in hand (not the signature's claims): the files being deployed.
-        attestation.check_subjects(statement, sha256_tree(model_dir), hashlib.sha256(bundle).hexdigest())
-        details = statement.get("predicate", {}).get("runDetails", {})
-        return {"verified_by": str(statement.get("_verified_by", "")),
-                "builder": str(details.get("builder", {}).get("id", "")),
-                "invocation": str(details.get("metadata", {}).get("invocationId", ""))}
-
-    return Verifiers(signature=verify_signature, attestation=verify_attestation)
-
-
-def default_verifiers(settings: Any) -> Verifiers:
-    """Verifiers trusting what the security configuration names (config/security.yaml ``signing``)."""
-    try:
-        from secure_ml.security import signing
-    except ImportError as exc:  # fail closed: without a verifier nothing deploys
-        raise ConfigurationError(f"model verification is unavailable ({exc})") from None
-    trust = signing.TrustPolicy.from_config(settings.load_config("security"), settings.home)
-    if not trust.public_keys and not trust.identities:
-        raise ConfigurationError("no trusted signing keys or identities in config/security.yaml (signing)")
-    return trusted_verifiers(trust)
-
-
-def key_signature_verifier(public_key: Path | str) -> SignatureVerifier:
-    """Verify a model-signing bundle against one trusted public key (PEM), offline.
-
-    What the Kubernetes pod and ``serve --public-key`` use, where the trust is one mounted key.
-    """
-    from secure_ml.security import signing
-
-    key = Path(public_key)
-    if not key.is_file():
-        raise ConfigurationError(f"public key not found: {key}")
-    return trusted_verifiers(signing.TrustPolicy.of(public_keys=[key])).signature
-
-
 def model_digest(model_dir: Path) -> str:
     """The digest the registry addresses a version by: over every file's SHA-256 and path."""
     return tree_digest(sha256_tree(model_dir))
 
 
 @dataclass(frozen=True)
-class VerifiedModel:
-    """A model decrypted into a private directory and verified from its bytes."""
+class VerifiedVersion:
+    """A registered version decrypted into a private directory and verified from its bytes by the chain."""
 
     version: str
-    model_digest: str
     directory: Path
     bundle: bytes
     envelope: bytes
-    signature: Mapping[str, Any]
-    attestation: Mapping[str, Any]
-    seconds: float
+    verified: verification.VerifiedVersion
 
-
-@dataclass
-class HealthResult:
-    healthy: bool
-    reason: str
-    details: dict[str, Any] = field(default_factory=dict)
+    @property
+    def model_digest(self) -> str:
+        return self.verified.model_digest
 
 
 HealthCheck = Callable[[Path, ModelVersion], HealthResult]
@@ -255,10 +180,10 @@ def promotion_input(version: ModelVersion, *, target_stage: str, signature: Mapp
 
 # -- the release service -------------------------------------------------------------------------
 class Release:
-    """Registry, policy, roles, verifiers, store and audit log: every release decision goes through here."""
+    """Registry, policy, roles, trust, store and audit log: every release decision goes through here."""
 
     def __init__(self, *, home: Path, registry: Registry, engine: PolicyEngine, access: AccessPolicy,
-                 store: ArtifactStore, audit: AuditLog, verifiers: Verifiers | Callable[[], Verifiers],
+                 store: ArtifactStore, audit: AuditLog, trust: TrustPolicy | Callable[[], TrustPolicy],
                  config: Mapping[str, Any] | None = None, health_check: HealthCheck | None = None) -> None:
         self.home = Path(home)
         self.registry = registry
@@ -266,45 +191,44 @@ class Release:
         self.access = access
         self.store = store
         self.audit = audit
-        self._verifiers = verifiers
+        self._trust = trust
         self.config = dict(config or {})
         self.health_check = health_check
 
     @classmethod
-    def from_settings(cls, settings: _Settings, *, verifiers: Verifiers | None = None,
+    def from_settings(cls, settings: _Settings, *, trust: TrustPolicy | None = None,
                       health_check: HealthCheck | None = None, actor: str | None = None) -> Release:
         config = settings.load_config("release")
         return cls(home=settings.home, registry=Registry.from_settings(settings),
                    engine=PolicyEngine.from_settings(settings), access=AccessPolicy.from_settings(settings),
                    store=settings.artifact_store(actor=actor), audit=settings.audit_log(),
-                   verifiers=verifiers or (lambda: default_verifiers(settings)), config=config,
-                   health_check=health_check)
+                   trust=trust or (lambda: TrustPolicy.from_config(settings.load_config("security"), settings.home)),
+                   config=config, health_check=health_check)
 
     @property
-    def verifiers(self) -> Verifiers:
-        if callable(self._verifiers) and not isinstance(self._verifiers, Verifiers):
-            self._verifiers = self._verifiers()  # resolved lazily: status and approve need no signer config
-        if not isinstance(self._verifiers, Verifiers):
-            raise ConfigurationError("model verifiers are not configured")
-        return self._verifiers
+    def trust(self) -> TrustPolicy:
+        """Whom the verification chain believes (resolved lazily: status and approve need no signer config)."""
+        if not isinstance(self._trust, TrustPolicy):
+            self._trust = self._trust()
+        return self._trust
 
     @property
     def deployments_dir(self) -> Path:
         return self.home / "deployments"
 
     # -- verification from bytes ------------------------------------------------------------
-    def verify(self, version: ModelVersion, *, actor: str, into: Path | None = None) -> VerifiedModel:
-        """Decrypt the model, bundle and attestation from the store and verify them; audited.
+    def verify(self, version: ModelVersion, *, actor: str) -> VerifiedVersion:
+        """Decrypt the model, bundle and attestation from the store and run the verification chain; audited.
 
-        The model lands in a private directory (``into``, or a new temp dir under deployments);
-        the caller owns it. On failure it is removed and VerificationError/IntegrityError raised.
+        The model lands in a private directory under ``deployments/.staging``; the caller owns its
+        parent and removes it. On failure it is removed and VerificationError/IntegrityError raised.
         """
-        started = time.perf_counter()
         stored = version.evidence.get("store") or {}
         scratch_parent = self.deployments_dir / ".staging"
         scratch_parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         scratch = Path(tempfile.mkdtemp(prefix=f"{version.version}-", dir=scratch_parent))
-        model_dir = into or scratch / "model"
+        model_dir = scratch / "model"
+        subject = f"{version.version} sha256:{version.model_digest}"
         try:
             for key in ("model_tree", "signature", "attestation"):
                 if not stored.get(key):
@@ -312,49 +236,35 @@ class Release:
             self.store.get_tree(stored["model_tree"], model_dir)
             bundle = self.store.get_bytes(stored["signature"])
             envelope = self.store.get_bytes(stored["attestation"])
-            digest = model_digest(model_dir)
-            if digest != version.model_digest:
-                raise VerificationError(
-                    f"{version.version}: the stored model hashes to {digest[:16]}…, the registry says "
-                    f"{version.model_digest[:16]}…: it was replaced")
-            signature = dict(self.verifiers.signature(model_dir, bundle))
-            try:
-                attestation = dict(self.verifiers.attestation(envelope, model_dir, bundle))
-            except Error as exc:
-                exc.stage = "attestation"  # type: ignore[attr-defined]
-                raise
+            # The one chain (security.verification), pinned to the digest the registry holds.
+            verified = verification.verify_model(model_dir, bundle, envelope, trust=self.trust,
+                                                 expected_digest=version.model_digest)
         except Error as exc:
             shutil.rmtree(scratch, ignore_errors=True)
-            if into is not None:
-                shutil.rmtree(into, ignore_errors=True)
-            self.audit.record(actor, "model.verify", subject=f"{version.version} sha256:{version.model_digest}",
-                              outcome="fail", details={"reason": exc.explain()})
+            self.audit.record(actor, "model.verify", subject=subject, outcome="fail", details={"reason": exc.explain()})
             raise
         except BaseException:
             shutil.rmtree(scratch, ignore_errors=True)
             raise
-        elapsed = time.perf_counter() - started
-        self.audit.record(actor, "model.verify", subject=f"{version.version} sha256:{digest}",
-                          details={"seconds": round(elapsed, 4), "signer": str(signature.get("signer", ""))})
-        return VerifiedModel(version.version, digest, model_dir, bundle, envelope, signature, attestation, elapsed)
+        self.audit.record(actor, "model.verify", subject=subject,
+                          details={"seconds": round(verified.seconds, 4), "signer": verified.signer})
+        return VerifiedVersion(version.version, model_dir, bundle, envelope, verified)
 
     def _verification_facts(self, version: ModelVersion, *, actor: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """Signature/attestation facts for the policy, verified now (a failure becomes a deny reason)."""
         try:
-            verified = self.verify(version, actor=actor)
+            checked = self.verify(version, actor=actor)
         except Error as exc:
             reason = " ".join(str(exc).split())
-            if getattr(exc, "stage", "") == "attestation":
+            if isinstance(exc, verification.AttestationError):
                 return ({"verified": True, "digest": version.model_digest, "reason": ""},
                         {"verified": False, "subject_matches": False, "reason": reason})
             return ({"verified": False, "reason": reason, "digest": ""},
                     {"verified": False, "subject_matches": False,
                      "reason": "not checked, because the model or its signature did not verify"})
-        shutil.rmtree(verified.directory.parent, ignore_errors=True)
-        return ({"verified": True, "digest": verified.model_digest, "reason": "",
-                 "signer": str(verified.signature.get("signer", ""))},
-                {"verified": True, "subject_matches": True, "reason": "",
-                 **{k: v for k, v in verified.attestation.items() if isinstance(v, str | bool | int)}})
+        shutil.rmtree(checked.directory.parent, ignore_errors=True)
+        return ({"verified": True, "digest": checked.model_digest, "reason": "", "signer": checked.verified.signer},
+                {"verified": True, "subject_matches": True, "reason": "", **checked.verified.attestation})
 
     # -- registration and promotion ------------------------------------------------------------
     def register(self, model_dir_digest: str, evidence: Mapping[str, Any], *,
@@ -448,7 +358,7 @@ class Release:
                                     "reasons": list(decision.reasons)})
 
     # -- the deploy gate -------------------------------------------------------------------------
-    def gate(self, ref: str, *, actor: str, target: str, permission: str = "model.deploy") -> VerifiedModel:
+    def gate(self, ref: str, *, actor: str, target: str, permission: str = "model.deploy") -> VerifiedVersion:
         """Everything that must hold before a byte is written to ``target``; raises otherwise."""
         if target not in TARGETS:
             raise BadInput(f"unknown deploy target {target!r} (one of {', '.join(TARGETS)})")
@@ -474,7 +384,7 @@ class Release:
             shutil.rmtree(verified.directory.parent, ignore_errors=True)
             raise
         self.audit.record(actor, "deploy.gate", subject=subject, outcome="allow",
-                          details={"verify_seconds": round(verified.seconds, 4)})
+                          details={"verify_seconds": round(verified.verified.seconds, 4)})
         return verified
 
     def _deny(self, actor: str, subject: str, reasons: tuple[str, ...]) -> None:
@@ -503,9 +413,10 @@ class Release:
         return record
 
     def _health(self, location: Path, version: ModelVersion) -> HealthResult:
-        check = self.health_check or _default_health_check
         try:
-            return check(location, version)
+            if self.health_check is not None:
+                return self.health_check(location, version)
+            return _default_health_check(location, self.trust)
         except Error as exc:
             return HealthResult(False, exc.explain())
         except Exception as exc:  # a crash in the health check is an unhealthy deployment
@@ -566,7 +477,7 @@ class Release:
                                     reason=f"rolled back from {replaced}: {reason}")
 
     # -- targets -----------------------------------------------------------------------------
-    def _write_target(self, verified: VerifiedModel, version: ModelVersion, *, target: str, actor: str) -> Path:
+    def _write_target(self, verified: VerifiedVersion, version: ModelVersion, *, target: str, actor: str) -> Path:
         root = self.deployments_dir / target
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         name = f"{version.version}-{verified.model_digest[:12]}"
@@ -574,7 +485,7 @@ class Release:
         receipt = {
             "format": "secure-ml-deployment/1", "version": version.version, "model_digest": verified.model_digest,
             "target": target, "actor": actor, "signature_file": SIGNATURE_FILE, "attestation_file": ATTESTATION_FILE,
-            "signer": str(verified.signature.get("signer", "")),
+            "signer": verified.verified.signer,
         }
         staging = Path(tempfile.mkdtemp(prefix=f".tmp-{name}.", dir=root))
         try:
@@ -610,8 +521,8 @@ class Release:
             pointer.unlink()
 
 
-def _default_health_check(location: Path, version: ModelVersion) -> HealthResult:
-    """Load the deployed model the way the server does and predict one representative row."""
+def _default_health_check(location: Path, trust: TrustPolicy) -> HealthResult:
+    """Load the deployed model the way the server does (the same chain) and predict one representative row."""
     from secure_ml.release import serving
 
-    return serving.health_probe(location)
+    return serving.health_probe(location, trust=trust)
