@@ -3,7 +3,7 @@
     secure-ml status [--json] [VERSION]                  versions, stages, approvals, what is deployed
     secure-ml approve v3 --as carol                       a second identity approves; production if policy allows
     secure-ml promote v3 [--stage staging]                re-evaluate the promotion policy now
-    SECURE_ML_ACTOR=dave secure-ml deploy [VERSION] [--target local|kubernetes]
+    SECURE_ML_ACTOR=dave secure-ml deploy [VERSION] [--target TARGET]   (secure_ml.release.targets)
     SECURE_ML_ACTOR=dave secure-ml rollback [--target local] [--reason TEXT]
     secure-ml serve [--issue-token NAME]                  serve the verified local deployment
 
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from secure_ml.errors import BadInput
+from secure_ml.release import targets
 from secure_ml.settings import Settings
 
 
@@ -41,12 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     deploy = sub.add_parser("deploy", help="verify the production model from its bytes, then deploy it")
     deploy.add_argument("version", nargs="?", default="production")
-    deploy.add_argument("--target", choices=("local", "kubernetes"), default=None)
+    deploy.add_argument("--target", choices=sorted(targets.TARGETS), default=None)
     deploy.add_argument("--no-health-check", action="store_true", help="skip the post-deploy health check")
     deploy.set_defaults(handler=cmd_deploy)
 
     rollback = sub.add_parser("rollback", help="redeploy the previous verified version")
-    rollback.add_argument("--target", choices=("local", "kubernetes"), default="local")
+    rollback.add_argument("--target", choices=sorted(targets.TARGETS), default="local")
     rollback.add_argument("--reason", default="requested by an operator")
     rollback.set_defaults(handler=cmd_rollback)
 

@@ -14,11 +14,12 @@ subjects) over those bytes, checks that the registry says production, and evalua
 and deployment policies again. Any failure is audited and raises; the private staging directory is
 removed and no target is touched. Metadata is never trusted for any of it.
 
-Targets: ``local`` (default; a verified model directory under ``$SECURE_ML_HOME/deployments/local``
-and a ``current.json`` pointer the local server reads) and ``kubernetes`` (rendered manifests,
-validated in strict mode and by the admission policy, beside the verified model directory to be
-copied onto the models volume). After a local deploy a health check loads the model the way the
-server does and predicts one row; a failure rolls back by itself and records why.
+Targets (secure_ml.release.targets, one module each behind one protocol): ``local`` (default; a
+verified model directory under ``$SECURE_ML_HOME/deployments/local`` and a ``current.json`` pointer
+the local server reads) and ``kubernetes`` (rendered manifests, validated in strict mode and by the
+admission policy, beside the verified model directory to be copied onto the models volume). After
+a deploy the target's health check runs (local: load the model the way the server does and predict
+one row); a failure rolls back by itself and records why.
 
 "Changed the pipeline" (separation of duties, DESIGN section 6) is concrete here: the identity
 that registered the version (ran the pipeline run that produced it), the identity that trained
@@ -37,17 +38,18 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from secure_ml.custody.audit import AuditLog
-from secure_ml.custody.integrity import atomic_write, sha256_tree, tree_digest
+from secure_ml.custody.integrity import sha256_tree, tree_digest
 from secure_ml.custody.store import ArtifactStore
 from secure_ml.errors import BadInput, ConfigurationError, Error, PolicyDenied, VerificationError
 from secure_ml.governance.access import AccessPolicy
 from secure_ml.governance.policy import PolicyDecision, PolicyEngine
-from secure_ml.release.deployed import ATTESTATION_FILE, RECEIPT_FILE, SIGNATURE_FILE, HealthResult
+from secure_ml.release import targets
+from secure_ml.release.deployed import ATTESTATION_FILE, MODEL_DIR, RECEIPT_FILE, SIGNATURE_FILE, HealthResult
 from secure_ml.release.registry import Deployment, ModelVersion, Registry
+from secure_ml.release.targets import DeployTarget
 from secure_ml.security import verification
 from secure_ml.security.verification import TrustPolicy
 
-TARGETS = ("local", "kubernetes")
 
 
 class _Settings(Protocol):
@@ -76,9 +78,6 @@ class VerifiedVersion:
     @property
     def model_digest(self) -> str:
         return self.verified.model_digest
-
-
-HealthCheck = Callable[[Path, ModelVersion], HealthResult]
 
 
 # -- evidence and policy input -------------------------------------------------------------------
@@ -184,7 +183,7 @@ class Release:
 
     def __init__(self, *, home: Path, registry: Registry, engine: PolicyEngine, access: AccessPolicy,
                  store: ArtifactStore, audit: AuditLog, trust: TrustPolicy | Callable[[], TrustPolicy],
-                 config: Mapping[str, Any] | None = None, health_check: HealthCheck | None = None) -> None:
+                 config: Mapping[str, Any] | None = None) -> None:
         self.home = Path(home)
         self.registry = registry
         self.engine = engine
@@ -193,17 +192,16 @@ class Release:
         self.audit = audit
         self._trust = trust
         self.config = dict(config or {})
-        self.health_check = health_check
 
     @classmethod
     def from_settings(cls, settings: _Settings, *, trust: TrustPolicy | None = None,
-                      health_check: HealthCheck | None = None, actor: str | None = None) -> Release:
+                      actor: str | None = None) -> Release:
         config = settings.load_config("release")
         return cls(home=settings.home, registry=Registry.from_settings(settings),
                    engine=PolicyEngine.from_settings(settings), access=AccessPolicy.from_settings(settings),
                    store=settings.artifact_store(actor=actor), audit=settings.audit_log(),
                    trust=trust or (lambda: TrustPolicy.from_config(settings.load_config("security"), settings.home)),
-                   config=config, health_check=health_check)
+                   config=config)
 
     @property
     def trust(self) -> TrustPolicy:
@@ -360,8 +358,7 @@ class Release:
     # -- the deploy gate -------------------------------------------------------------------------
     def gate(self, ref: str, *, actor: str, target: str, permission: str = "model.deploy") -> VerifiedVersion:
         """Everything that must hold before a byte is written to ``target``; raises otherwise."""
-        if target not in TARGETS:
-            raise BadInput(f"unknown deploy target {target!r} (one of {', '.join(TARGETS)})")
+        targets.get(target)  # an unknown target is bad input before anything else is looked at
         version = self.registry.get(ref)
         subject = f"{version.version} sha256:{version.model_digest} -> {target}"
         self.access.require(actor, permission, audit=self.audit, subject=subject)
@@ -397,8 +394,9 @@ class Release:
         """Gate, then write the verified model to ``target``; health-check it; roll back on failure."""
         verified = self.gate(ref, actor=actor, target=target, permission=_permission)
         version = self.registry.get(verified.version)
+        where = targets.get(target)
         try:
-            location = self._write_target(verified, version, target=target, actor=actor)
+            location = self._write_target(verified, version, target=where, actor=actor)
         finally:
             shutil.rmtree(verified.directory.parent, ignore_errors=True)
         record = self.registry.record_deployment(actor=actor, target=target, version=version.version,
@@ -406,17 +404,14 @@ class Release:
                                                  location=str(location), reason=_reason)
         self.audit.record(actor, "deploy", subject=f"{version.version} sha256:{verified.model_digest} -> {target}",
                           details={"location": str(location), "status": _action})
-        if health and target == "local":
-            result = self._health(location, version)
-            if not result.healthy:
-                return self._automatic_rollback(record, result, actor=actor)
+        result = self._health(where, location) if health else None
+        if result is not None and not result.healthy:
+            return self._automatic_rollback(record, result, actor=actor)
         return record
 
-    def _health(self, location: Path, version: ModelVersion) -> HealthResult:
+    def _health(self, target: DeployTarget, location: Path) -> HealthResult | None:
         try:
-            if self.health_check is not None:
-                return self.health_check(location, version)
-            return _default_health_check(location, self.trust)
+            return target.health(location, trust=self.trust)
         except Error as exc:
             return HealthResult(False, exc.explain())
         except Exception as exc:  # a crash in the health check is an unhealthy deployment
@@ -431,7 +426,7 @@ class Release:
                           details={"reason": result.reason})
         previous = self.registry.previous_deployment(failed.target)
         if previous is None:
-            self._clear_current(failed.target)
+            targets.get(failed.target).clear(self.deployments_dir / failed.target)
             self.audit.record(actor, "deploy.rollback", subject=f"{failed.version} -> {failed.target}", outcome="fail",
                               details={"reason": reason + "; no earlier verified version to restore: nothing is live"})
             raise VerificationError(reason + "; no earlier verified version to restore, nothing is live")
@@ -477,31 +472,25 @@ class Release:
                                     reason=f"rolled back from {replaced}: {reason}")
 
     # -- targets -----------------------------------------------------------------------------
-    def _write_target(self, verified: VerifiedVersion, version: ModelVersion, *, target: str, actor: str) -> Path:
-        root = self.deployments_dir / target
+    def _write_target(self, verified: VerifiedVersion, version: ModelVersion, *, target: DeployTarget,
+                      actor: str) -> Path:
+        """The verified bytes, the target's own files and a receipt, renamed into place at once; then activated."""
+        root = self.deployments_dir / target.name
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         name = f"{version.version}-{verified.model_digest[:12]}"
         final = root / name
         receipt = {
             "format": "secure-ml-deployment/1", "version": version.version, "model_digest": verified.model_digest,
-            "target": target, "actor": actor, "signature_file": SIGNATURE_FILE, "attestation_file": ATTESTATION_FILE,
-            "signer": verified.verified.signer,
+            "target": target.name, "actor": actor, "signature_file": SIGNATURE_FILE,
+            "attestation_file": ATTESTATION_FILE, "signer": verified.verified.signer,
         }
         staging = Path(tempfile.mkdtemp(prefix=f".tmp-{name}.", dir=root))
         try:
-            shutil.copytree(verified.directory, staging / "model")
+            shutil.copytree(verified.directory, staging / MODEL_DIR)
             (staging / SIGNATURE_FILE).write_bytes(verified.bundle)
             (staging / ATTESTATION_FILE).write_bytes(verified.envelope)
-            if target == "kubernetes":
-                from secure_ml.release import k8s_render
-
-                manifests = k8s_render.render(self.config.get("kubernetes") or {}, version=version.version,
-                                              model_digest=verified.model_digest)
-                k8s_render.validate(manifests, signed_digests=[verified.model_digest],
-                                    kubernetes_version=str((self.config.get("kubernetes") or {})
-                                                           .get("kubernetes_version", "1.33")))
-                (staging / "manifests.yaml").write_text(k8s_render.to_yaml(manifests))
-                receipt["manifests"] = "manifests.yaml"
+            receipt.update(target.write(staging, version=version.version, model_digest=verified.model_digest,
+                                        config=self.config))
             (staging / RECEIPT_FILE).write_text(json.dumps(receipt, indent=1, sort_keys=True))
             if final.exists():
                 shutil.rmtree(final)  # same version and digest: an identical redeploy replaces it
@@ -509,20 +498,5 @@ class Release:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        if target == "local":
-            with atomic_write(root / "current.json") as out:
-                out.write(json.dumps({"version": version.version, "model_digest": verified.model_digest,
-                                      "directory": name}, sort_keys=True).encode())
+        target.activate(root, final, version=version.version, model_digest=verified.model_digest)
         return final
-
-    def _clear_current(self, target: str) -> None:
-        pointer = self.deployments_dir / target / "current.json"
-        if pointer.exists():
-            pointer.unlink()
-
-
-def _default_health_check(location: Path, trust: TrustPolicy) -> HealthResult:
-    """Load the deployed model the way the server does (the same chain) and predict one representative row."""
-    from secure_ml.release import serving
-
-    return serving.health_probe(location, trust=trust)
