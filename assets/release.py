@@ -18,8 +18,9 @@ from resources.release import ReleaseResource
 from secure_ml.custody.integrity import list_tree
 from secure_ml.errors import Error, VerificationError
 from secure_ml.governance import code_identity
-from secure_ml.release.deploy import Release, evaluation_evidence, model_digest, pipeline_changers, scan_evidence
+from secure_ml.release.deploy import Release
 from secure_ml.release.deployed import ATTESTATION_FILE, MODEL_DIR, SIGNATURE_FILE
+from secure_ml.release.evidence import evaluation_evidence, model_digest, pipeline_changers, scan_evidence
 from secure_ml.security import verification
 
 RELEASE = "release"

@@ -23,8 +23,7 @@ from secure_ml.custody.integrity import sha256_file, tree_digest
 from secure_ml.errors import BadInput, Error
 from secure_ml.governance import code_identity
 from secure_ml.security import attestation as provenance
-from secure_ml.security import scanning
-from secure_ml.security import verification
+from secure_ml.security import scanning, verification
 from secure_ml.security.sbom import DatasetRef
 
 SECURITY = "security"

@@ -21,7 +21,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from secure_ml.custody.integrity import sha256_tree
-from secure_ml.release.deploy import Release, model_digest
+from secure_ml.release.deploy import Release
+from secure_ml.release.evidence import model_digest
 from secure_ml.security.verification import TrustPolicy
 from secure_ml.settings import Settings
 
@@ -120,7 +121,7 @@ def publish(settings: Settings, model_dir: Path, keys: Keys, scratch: Path, *,
             evaluation: Mapping[str, Any] = GOOD_EVALUATION, scan: Mapping[str, Any] = CLEAN_SCAN,
             approved: bool = True, bundle: bytes | None = None, envelope: bytes | None = None) -> Published:
     """Seal model, bundle and attestation into the store; the evidence registered_model would build."""
-    from secure_ml.release.deploy import evaluation_evidence, scan_evidence
+    from secure_ml.release.evidence import evaluation_evidence, scan_evidence
 
     bundle = bundle if bundle is not None else sign(model_dir, keys, scratch)
     envelope = envelope if envelope is not None else attest(model_dir, bundle, keys)

@@ -32,8 +32,9 @@ from _release_fixtures import (
 
 from secure_ml.errors import BadInput, IntegrityError, PolicyDenied, VerificationError
 from secure_ml.release import targets
-from secure_ml.release.deploy import Release, model_digest
+from secure_ml.release.deploy import Release
 from secure_ml.release.deployed import HealthResult
+from secure_ml.release.evidence import model_digest
 from secure_ml.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]

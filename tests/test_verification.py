@@ -25,7 +25,7 @@ from resources import CustodyResource
 from secure_ml.cli import main as cli
 from secure_ml.errors import Error, VerificationError
 from secure_ml.release import serving
-from secure_ml.release.deploy import model_digest
+from secure_ml.release.evidence import model_digest
 from secure_ml.security import verification
 from secure_ml.settings import Settings
 

@@ -6,13 +6,11 @@
     record = release.deploy("production", actor="dave")         # verify from bytes, then write; health check
     release.rollback(actor="dave")                              # previous verified version, re-verified
 
-The deploy gate (:meth:`Release.gate`) runs before anything is written to a target: it decrypts
-the model tree, the signature bundle and the attestation from the encrypted store (the store
-checks every tag and digest), runs the one verification chain (secure_ml.security.verification:
-signature against trusted signers, tree digest pinned to the registry's, attestation and its
-subjects) over those bytes, checks that the registry says production, and evaluates the promotion
-and deployment policies again. Any failure is audited and raises; the private staging directory is
-removed and no target is touched. Metadata is never trusted for any of it.
+The deploy gate (:meth:`Release.gate`, secure_ml.release.gate) runs before anything is written to
+a target: roles and the deployment policy, then the one verification chain over the bytes
+decrypted from the store, pinned to the registry's digest, then the promotion policy again. Any
+failure is audited and raises, and no target is touched. The policy inputs are built in
+secure_ml.release.evidence.
 
 Targets (secure_ml.release.targets, one module each behind one protocol): ``local`` (default; a
 verified model directory under ``$SECURE_ML_HOME/deployments/local`` and a ``current.json`` pointer
@@ -20,10 +18,6 @@ the local server reads) and ``kubernetes`` (rendered manifests, validated in str
 admission policy, beside the verified model directory to be copied onto the models volume). After
 a deploy the target's health check runs (local: load the model the way the server does and predict
 one row); a failure rolls back by itself and records why.
-
-"Changed the pipeline" (separation of duties, DESIGN section 6) is concrete here: the identity
-that registered the version (ran the pipeline run that produced it), the identity that trained
-it, and the git author of the code commit in its training record. None of them may deploy it.
 """
 
 from __future__ import annotations
@@ -33,23 +27,21 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from secure_ml.custody.audit import AuditLog
-from secure_ml.custody.integrity import sha256_tree, tree_digest
 from secure_ml.custody.store import ArtifactStore
-from secure_ml.errors import BadInput, ConfigurationError, Error, PolicyDenied, VerificationError
+from secure_ml.errors import BadInput, Error, PolicyDenied, VerificationError
 from secure_ml.governance.access import AccessPolicy
 from secure_ml.governance.policy import PolicyDecision, PolicyEngine
 from secure_ml.release import targets
 from secure_ml.release.deployed import ATTESTATION_FILE, MODEL_DIR, RECEIPT_FILE, SIGNATURE_FILE, HealthResult
+from secure_ml.release.evidence import promotion_input
+from secure_ml.release.gate import DeployGate, VerifiedVersion
 from secure_ml.release.registry import Deployment, ModelVersion, Registry
 from secure_ml.release.targets import DeployTarget
-from secure_ml.security import verification
 from secure_ml.security.verification import TrustPolicy
-
 
 
 class _Settings(Protocol):
@@ -58,123 +50,6 @@ class _Settings(Protocol):
     def load_config(self, name: str) -> dict[str, Any]: ...
     def audit_log(self) -> AuditLog: ...
     def artifact_store(self, *, actor: str | None = None) -> ArtifactStore: ...
-
-
-def model_digest(model_dir: Path) -> str:
-    """The digest the registry addresses a version by: over every file's SHA-256 and path."""
-    return tree_digest(sha256_tree(model_dir))
-
-
-@dataclass(frozen=True)
-class VerifiedVersion:
-    """A registered version decrypted into a private directory and verified from its bytes by the chain."""
-
-    version: str
-    directory: Path
-    bundle: bytes
-    envelope: bytes
-    verified: verification.VerifiedVersion
-
-    @property
-    def model_digest(self) -> str:
-        return self.verified.model_digest
-
-
-# -- evidence and policy input -------------------------------------------------------------------
-def _numbers(mapping: Any, prefix: str = "") -> dict[str, float]:
-    """Numeric leaves of a nested mapping, keyed by their last name (and dotted path)."""
-    out: dict[str, float] = {}
-    if not isinstance(mapping, Mapping):
-        return out
-    for key, value in mapping.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, bool):
-            continue
-        if isinstance(value, int | float):
-            out[str(key)] = float(value)
-            out[name] = float(value)
-        elif isinstance(value, Mapping):
-            for sub_key, sub_value in _numbers(value, f"{name}.").items():
-                out.setdefault(sub_key, sub_value)
-    return out
-
-
-def _fairness_gaps(fairness: Any) -> list[dict[str, Any]]:
-    """Every numeric bias metric as {attribute, metric, value}, whatever nesting evaluation used."""
-    gaps: list[dict[str, Any]] = []
-
-    def walk(node: Any, path: list[str]) -> None:
-        if isinstance(node, Mapping):
-            if "value" in node and isinstance(node["value"], int | float) and not isinstance(node["value"], bool):
-                gaps.append({"attribute": ".".join(path[:-1]) or "*", "metric": path[-1] if path else "value",
-                             "value": float(node["value"])})
-                return
-            for key, value in node.items():
-                walk(value, [*path, str(key)])
-        elif isinstance(node, int | float) and not isinstance(node, bool) and path:
-            gaps.append({"attribute": ".".join(path[:-1]) or "*", "metric": path[-1], "value": float(node)})
-
-    walk(fairness, [])
-    return gaps
-
-
-def evaluation_evidence(evaluation: Mapping[str, Any]) -> dict[str, Any]:
-    """The part of model_evaluation the policy reads, normalised."""
-    return {
-        "passed": evaluation.get("passed") is True,
-        "metrics": _numbers(evaluation.get("metrics")),
-        "fairness_gaps": _fairness_gaps(evaluation.get("fairness")),
-        "robustness": _numbers(evaluation.get("robustness")),
-    }
-
-
-def scan_evidence(scan: Mapping[str, Any]) -> dict[str, Any]:
-    findings = []
-    for item in scan.get("findings") or []:
-        if not isinstance(item, Mapping):
-            continue
-        findings.append({
-            "id": str(item.get("id") or item.get("rule") or item.get("advisory") or item.get("test_id") or "finding"),
-            "severity": str(item.get("severity") or "unknown"),
-            "blocking": item.get("blocking") is True,
-            "where": str(item.get("where") or item.get("path") or item.get("package") or item.get("file") or "?"),
-        })
-    return {"blocking": bool(scan.get("blocking")), "counts": dict(scan.get("counts") or {}), "findings": findings}
-
-
-def pipeline_changers(version: ModelVersion) -> list[dict[str, str]]:
-    training = version.evidence.get("training") or {}
-    changers = [{"identity": version.registered_by, "why": f"registered {version.version} (ran its pipeline)"}]
-    if training.get("actor"):
-        changers.append({"identity": str(training["actor"]), "why": f"trained {version.version}"})
-    for key in ("code_author", "code_author_name"):
-        if not training.get(key):
-            continue
-        commit = str(training.get("code_commit") or "")[:12]
-        changers.append({"identity": str(training[key]),
-                         "why": f"authored the pipeline code commit {commit} that produced {version.version}"})
-    return changers
-
-
-def promotion_input(version: ModelVersion, *, target_stage: str, signature: Mapping[str, Any],
-                    attestation: Mapping[str, Any], access: AccessPolicy) -> dict[str, Any]:
-    """The promotion policy's input: recorded evidence plus verification done just now."""
-    evidence = version.evidence
-    return {
-        "version": version.version,
-        "model_digest": version.model_digest,
-        "target_stage": target_stage,
-        "evaluation": evidence.get("evaluation"),
-        "scan": evidence.get("scan"),
-        "signature": dict(signature),
-        "attestation": dict(attestation),
-        "provenance": evidence.get("provenance") or {},
-        "training": evidence.get("training") or {},
-        "registered_by": version.registered_by,
-        # Roles are looked up now, not when the approval was given: a revoked approver stops counting.
-        "approvals": [{"identity": a["identity"], "roles": list(access.roles_of(a["identity"]))}
-                      for a in version.approvals],
-    }
 
 
 # -- the release service -------------------------------------------------------------------------
@@ -190,8 +65,9 @@ class Release:
         self.access = access
         self.store = store
         self.audit = audit
-        self._trust = trust
         self.config = dict(config or {})
+        self.gatekeeper = DeployGate(home=self.home, registry=registry, engine=engine, access=access, store=store,
+                                     audit=audit, trust=trust)
 
     @classmethod
     def from_settings(cls, settings: _Settings, *, trust: TrustPolicy | None = None,
@@ -206,63 +82,20 @@ class Release:
     @property
     def trust(self) -> TrustPolicy:
         """Whom the verification chain believes (resolved lazily: status and approve need no signer config)."""
-        if not isinstance(self._trust, TrustPolicy):
-            self._trust = self._trust()
-        return self._trust
+        return self.gatekeeper.trust
 
     @property
     def deployments_dir(self) -> Path:
         return self.home / "deployments"
 
-    # -- verification from bytes ------------------------------------------------------------
     def verify(self, version: ModelVersion, *, actor: str) -> VerifiedVersion:
-        """Decrypt the model, bundle and attestation from the store and run the verification chain; audited.
+        """The version's stored bytes through the verification chain (:meth:`DeployGate.verify`)."""
+        return self.gatekeeper.verify(version, actor=actor)
 
-        The model lands in a private directory under ``deployments/.staging``; the caller owns its
-        parent and removes it. On failure it is removed and VerificationError/IntegrityError raised.
-        """
-        stored = version.evidence.get("store") or {}
-        scratch_parent = self.deployments_dir / ".staging"
-        scratch_parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        scratch = Path(tempfile.mkdtemp(prefix=f"{version.version}-", dir=scratch_parent))
-        model_dir = scratch / "model"
-        subject = f"{version.version} sha256:{version.model_digest}"
-        try:
-            for key in ("model_tree", "signature", "attestation"):
-                if not stored.get(key):
-                    raise VerificationError(f"{version.version} has no stored {key.replace('_', ' ')}")
-            self.store.get_tree(stored["model_tree"], model_dir)
-            bundle = self.store.get_bytes(stored["signature"])
-            envelope = self.store.get_bytes(stored["attestation"])
-            # The one chain (security.verification), pinned to the digest the registry holds.
-            verified = verification.verify_model(model_dir, bundle, envelope, trust=self.trust,
-                                                 expected_digest=version.model_digest)
-        except Error as exc:
-            shutil.rmtree(scratch, ignore_errors=True)
-            self.audit.record(actor, "model.verify", subject=subject, outcome="fail", details={"reason": exc.explain()})
-            raise
-        except BaseException:
-            shutil.rmtree(scratch, ignore_errors=True)
-            raise
-        self.audit.record(actor, "model.verify", subject=subject,
-                          details={"seconds": round(verified.seconds, 4), "signer": verified.signer})
-        return VerifiedVersion(version.version, model_dir, bundle, envelope, verified)
+    def gate(self, ref: str, *, actor: str, target: str, permission: str = "model.deploy") -> VerifiedVersion:
+        """Everything that must hold before a byte is written to ``target`` (:meth:`DeployGate.check`)."""
+        return self.gatekeeper.check(ref, actor=actor, target=target, permission=permission)
 
-    def _verification_facts(self, version: ModelVersion, *, actor: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Signature/attestation facts for the policy, verified now (a failure becomes a deny reason)."""
-        try:
-            checked = self.verify(version, actor=actor)
-        except Error as exc:
-            reason = " ".join(str(exc).split())
-            if isinstance(exc, verification.AttestationError):
-                return ({"verified": True, "digest": version.model_digest, "reason": ""},
-                        {"verified": False, "subject_matches": False, "reason": reason})
-            return ({"verified": False, "reason": reason, "digest": ""},
-                    {"verified": False, "subject_matches": False,
-                     "reason": "not checked, because the model or its signature did not verify"})
-        shutil.rmtree(checked.directory.parent, ignore_errors=True)
-        return ({"verified": True, "digest": checked.model_digest, "reason": "", "signer": checked.verified.signer},
-                {"verified": True, "subject_matches": True, "reason": "", **checked.verified.attestation})
 
     # -- registration and promotion ------------------------------------------------------------
     def register(self, model_dir_digest: str, evidence: Mapping[str, Any], *,
@@ -277,7 +110,7 @@ class Release:
         if created:
             self.audit.record(actor, "registry.register", subject=f"{version.version} sha256:{version.model_digest}",
                               details={"stage": "candidate"})
-        signature, attestation = self._verification_facts(version, actor=actor)
+        signature, attestation = self.gatekeeper.verification_facts(version, actor=actor)
         staging = self.decide(version, "staging", signature=signature, attestation=attestation, actor=actor)
         production = self.decide(version, "production", signature=signature, attestation=attestation, actor=actor)
         self._remember_decision(version, production)
@@ -335,7 +168,7 @@ class Release:
     def promote(self, ref: str, *, actor: str, stage: str = "production") -> tuple[ModelVersion, PolicyDecision]:
         """Re-verify from the bytes and evaluate the policy; move to ``stage`` only if it allows."""
         version = self.registry.get(ref)
-        signature, attestation = self._verification_facts(version, actor=actor)
+        signature, attestation = self.gatekeeper.verification_facts(version, actor=actor)
         decision = self.decide(version, stage, signature=signature, attestation=attestation, actor=actor)
         self._remember_decision(version, decision)
         if not decision.allowed:
@@ -354,39 +187,6 @@ class Release:
         self.registry.record_event("policy", "policy.decision", version.version,
                                    {"package": decision.package, "allowed": decision.allowed,
                                     "reasons": list(decision.reasons)})
-
-    # -- the deploy gate -------------------------------------------------------------------------
-    def gate(self, ref: str, *, actor: str, target: str, permission: str = "model.deploy") -> VerifiedVersion:
-        """Everything that must hold before a byte is written to ``target``; raises otherwise."""
-        targets.get(target)  # an unknown target is bad input before anything else is looked at
-        version = self.registry.get(ref)
-        subject = f"{version.version} sha256:{version.model_digest} -> {target}"
-        self.access.require(actor, permission, audit=self.audit, subject=subject)
-        deployment = self.engine.decide("deployment", {
-            "version": version.version, "stage": version.stage, "target": target,
-            "deployer": {"identity": actor, "roles": list(self.access.roles_of(actor))},
-            "pipeline_changers": pipeline_changers(version),
-        })
-        if not deployment.allowed:
-            self._deny(actor, subject, deployment.reasons)
-        verified = self.verify(version, actor=actor)
-        try:
-            promotion = self.engine.decide("promotion", promotion_input(
-                version, target_stage="production", access=self.access,
-                signature={"verified": True, "digest": verified.model_digest, "reason": ""},
-                attestation={"verified": True, "subject_matches": True, "reason": ""}))
-            if not promotion.allowed:
-                self._deny(actor, subject, promotion.reasons)
-        except BaseException:
-            shutil.rmtree(verified.directory.parent, ignore_errors=True)
-            raise
-        self.audit.record(actor, "deploy.gate", subject=subject, outcome="allow",
-                          details={"verify_seconds": round(verified.verified.seconds, 4)})
-        return verified
-
-    def _deny(self, actor: str, subject: str, reasons: tuple[str, ...]) -> None:
-        self.audit.record(actor, "deploy", subject=subject, outcome="deny", details={"reasons": list(reasons)})
-        raise PolicyDenied(f"deploy of {subject.split(' ')[0]} denied: " + "; ".join(reasons))
 
     def deploy(self, ref: str = "production", *, actor: str, target: str = "local",
                health: bool = True, _action: str = "deployed", _permission: str = "model.deploy",

@@ -8,11 +8,11 @@
 
 What it refuses: a model directory that fails the verification chain
 (secure_ml.security.verification: signature against trusted signers, files hashing to the pinned
-digest, attestation and its subjects when present), that holds any file other than the model's safetensors and JSON/Markdown files
-(nothing is ever unpickled), or symlinks. Requests without a valid bearer token (401), over the
-client's rate (429, with Retry-After), over the body or batch size (413), and instances that do
-not match the model's preprocessing (unknown or missing features, wrong types, non-finite
-numbers, unseen categories: 422, naming the field).
+digest, attestation and its subjects when present), that holds any file other than the model's
+safetensors and JSON/Markdown files (nothing is ever unpickled), or symlinks. Requests without a
+valid bearer token (401), over the client's rate (429, with Retry-After), over the body or batch
+size (413), and instances that do not match the model's preprocessing (unknown or missing
+features, wrong types, non-finite numbers, unseen categories: 422, naming the field).
 
 Endpoints: ``GET /healthz`` (no auth; version and digest), ``POST /v1/predict`` with
 ``{"instances": [{feature: value, ...}, ...]}`` -> ``{"predictions": [{"probability", "label"}]}``.
