@@ -180,7 +180,7 @@ def test_the_release_proof(stage: Settings, monkeypatch: pytest.MonkeyPatch, cap
     registry.set_stage("v2", "production", actor="mallory")
     before = sorted((settings.home / "deployments" / "local").iterdir())
     assert cli(["deploy"]) == 1
-    assert "it was replaced" in capsys.readouterr().err
+    assert "the model does not match its signature: config.json changed after signing" in capsys.readouterr().err
     assert sorted((settings.home / "deployments" / "local").iterdir()) == before
     assert ("dave", "model.verify", "fail") in actions(settings)
 
