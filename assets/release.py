@@ -16,24 +16,15 @@ import dagster as dg
 from resources import CustodyResource, verdict
 from resources.release import ReleaseResource
 from secure_ml.custody.integrity import list_tree
-from secure_ml.errors import Error
+from secure_ml.errors import Error, VerificationError
 from secure_ml.governance import code_identity
-from secure_ml.release.deploy import Release, evaluation_evidence, model_digest, pipeline_changers, scan_evidence
+from secure_ml.release.deploy import Release
+from secure_ml.release.deployed import ATTESTATION_FILE, MODEL_DIR, SIGNATURE_FILE
+from secure_ml.release.evidence import evaluation_evidence, model_digest, pipeline_changers, scan_evidence
+from secure_ml.security import verification
 
 RELEASE = "release"
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _defined_elsewhere(name: str) -> bool:
-    here = Path(__file__)
-    return any(f"def {name}(" in module.read_text() for module in here.parent.glob("*.py") if module != here)
-
-
-if not _defined_elsewhere("model_evaluation"):
-    # Until the evaluation stage lands, model_evaluation is an external asset so the graph still loads.
-    model_evaluation_placeholder = dg.AssetsDefinition(specs=[dg.AssetSpec(
-        "model_evaluation", group_name="training",
-        description="Placeholder: the training stage (assets/training.py) defines this asset.")])
 
 
 def _recorded(custody: CustodyResource, context: Any, key: str) -> dict[str, Any]:
@@ -234,16 +225,19 @@ def deployment_matches_signed_digest(context: dg.AssetCheckExecutionContext, cus
                        reason="nothing is deployed yet")
     location = Path(current.location)
     try:
-        actual = model_digest(location / "model")
-        if actual != current.model_digest or actual != service.registry.get(current.version).model_digest:
-            raise Error(f"{location.name} hashes to {actual[:16]}…, the registry signed {current.model_digest[:16]}…")
-        service.verifiers.signature(location / "model", (location / "model.sig").read_bytes())
-    except (Error, OSError) as exc:
-        reason = exc.explain() if isinstance(exc, Error) else f"{type(exc).__name__}: {exc}"
+        registered = service.registry.get(current.version).model_digest
+        if current.model_digest != registered:
+            raise VerificationError(f"the deployment record says sha256:{current.model_digest[:16]}…, "
+                                    f"the registry signed sha256:{registered[:16]}…")
+        # The one chain, over the files live on the target now, pinned to the registry's digest.
+        verified = verification.verify_model(location / MODEL_DIR, location / SIGNATURE_FILE,
+                                             location / ATTESTATION_FILE, trust=service.trust,
+                                             expected_digest=registered)
+    except Error as exc:
         return verdict(custody, context, check="deployment_matches_signed_digest", subject=current.version,
-                       passed=False, reason=reason)
+                       passed=False, reason=exc.explain())
     return verdict(custody, context, check="deployment_matches_signed_digest", subject=current.version, passed=True,
-                   reason=f"{current.version} on {target} is sha256:{actual[:16]}…, signed and verified")
+                   reason=f"{current.version} on {target} is sha256:{verified.model_digest[:16]}…, signed and verified")
 
 
 @dg.asset_check(asset=deployment, blocking=True)
@@ -258,7 +252,7 @@ def deployment_healthy(context: dg.AssetCheckExecutionContext, custody: CustodyR
         return verdict(custody, context, check="deployment_healthy", subject="local", passed=True,
                        reason="nothing is deployed locally yet")
     try:
-        result = serving.health_probe(current.location, verify_signature=service.verifiers.signature)
+        result = serving.health_probe(current.location, trust=service.trust)
     except Error as exc:
         return verdict(custody, context, check="deployment_healthy", subject=current.version, passed=False,
                        reason=exc.explain())

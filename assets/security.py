@@ -19,12 +19,11 @@ import dagster as dg
 
 from resources import CustodyResource, verdict
 from resources.security import SigningResource
-from secure_ml.custody.integrity import sha256_file
+from secure_ml.custody.integrity import sha256_file, tree_digest
 from secure_ml.errors import BadInput, Error
 from secure_ml.governance import code_identity
 from secure_ml.security import attestation as provenance
-from secure_ml.security import scanning
-from secure_ml.security import signing as signatures
+from secure_ml.security import scanning, verification
 from secure_ml.security.sbom import DatasetRef
 
 SECURITY = "security"
@@ -151,20 +150,31 @@ def model_signature_verifies(context: dg.AssetCheckExecutionContext, custody: Cu
     """The bundle verifies over the model's files (decrypted from the store) against the trusted keys
     or identities in security.yaml, and it is the signature of the current trained_model."""
     recorded = custody.recorded(context.instance, model_signature.key)
-    model_tree = custody.recorded(context.instance, TRAINED_MODEL)["sha256"]
+    model_tree = str(custody.recorded(context.instance, TRAINED_MODEL)["sha256"])
     subject = f"sha256:{model_tree}"
     try:
-        bundle = custody.store(context).get_bytes(recorded["sha256"])
-        with _model_dir(context, custody, model_tree) as model_dir, tempfile.TemporaryDirectory() as tmp:
-            bundle_path = Path(tmp) / "model.sig"
-            bundle_path.write_bytes(bundle)
-            verified = signatures.verify_model(model_dir, bundle_path, signing.trust())
+        verified = _verify_stored(context, custody, signing, model_tree, str(recorded["sha256"]), None)
     except Error as exc:
         return verdict(custody, context, check="model_signature_verifies", subject=subject, passed=False,
                        reason=exc.explain())
     return verdict(custody, context, check="model_signature_verifies", subject=subject, passed=True,
                    reason=f"{len(verified.files)} files verified; signed by {verified.signer}",
                    metadata={"signer": verified.signer, "method": verified.method})
+
+
+def _verify_stored(context: Any, custody: CustodyResource, signing: SigningResource, model_tree: str,
+                   bundle_sha256: str, envelope_sha256: str | None) -> verification.VerifiedModel:
+    """The verification chain over the stored model, bundle (and attestation), decrypted from the store.
+
+    Pinned to the tree digest of the store's manifest for ``model_tree``: the files verified are the
+    current trained_model's.
+    """
+    store = custody.store(context)
+    bundle = store.get_bytes(bundle_sha256)
+    envelope = None if envelope_sha256 is None else store.get_bytes(envelope_sha256)
+    pinned = tree_digest(store.tree_files(model_tree))
+    with _model_dir(context, custody, model_tree) as model_dir:
+        return verification.verify_model(model_dir, bundle, envelope, trust=signing.trust(), expected_digest=pinned)
 
 
 @dg.asset(group_name=SECURITY, kinds={"slsa", "in-toto"}, owners=["team:security"], code_version="1",
@@ -203,24 +213,20 @@ def attestation(context: dg.AssetExecutionContext, trained_model: dict[str, Any]
 @dg.asset_check(asset=attestation, blocking=True)
 def attestation_verifies(context: dg.AssetCheckExecutionContext, custody: CustodyResource,
                          signing: SigningResource) -> dg.AssetCheckResult:
-    """The DSSE envelope verifies against a trusted key and its subjects are exactly the current model's
-    files (as stored) and its signature bundle."""
+    """The whole chain over the current model as stored: its signature verifies, and the DSSE envelope
+    verifies against a trusted key with subjects exactly the model's files and its signature bundle."""
     recorded = custody.recorded(context.instance, attestation.key)
-    model_tree = custody.recorded(context.instance, TRAINED_MODEL)["sha256"]
-    bundle_sha = custody.recorded(context.instance, model_signature.key)["sha256"]
+    model_tree = str(custody.recorded(context.instance, TRAINED_MODEL)["sha256"])
+    bundle_sha = str(custody.recorded(context.instance, model_signature.key)["sha256"])
     subject = f"sha256:{model_tree}"
     try:
-        store = custody.store(context)
-        envelope = store.get_bytes(recorded["sha256"])
-        statement = provenance.verify_envelope(envelope, signing.trust().public_keys)
-        manifest = store.get_json(model_tree)
-        provenance.check_subjects(statement, manifest["files"], bundle_sha)
+        verified = _verify_stored(context, custody, signing, model_tree, bundle_sha, str(recorded["sha256"]))
     except Error as exc:
         return verdict(custody, context, check="attestation_verifies", subject=subject, passed=False,
                        reason=exc.explain())
     return verdict(custody, context, check="attestation_verifies", subject=subject, passed=True,
-                   reason=f"signed by {statement['_verified_by']}; {len(statement['subject'])} subjects match "
-                          "the signed model")
+                   reason=f"signed by {verified.attestation['verified_by']}; {verified.attestation['subjects']} "
+                          "subjects match the signed model")
 
 
 def _byproducts(custody: CustodyResource, context: Any) -> list[dict[str, Any]]:

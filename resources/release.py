@@ -1,6 +1,6 @@
-"""The release resource: the registry, policies, roles and verifiers behind registered_model and deployment.
+"""The release resource: the registry, policies, roles and trust behind registered_model and deployment.
 
-Assets ask it for a :class:`secure_ml.deploy.Release` bound to the run's actor; every decision
+Assets ask it for a :class:`secure_ml.release.deploy.Release` bound to the run's actor; every decision
 (registration, promotion, deploy, rollback) is made and audited there, so the CLI and the assets
 share one implementation.
 """

@@ -4,7 +4,7 @@ Nothing here is mocked: the model is a torch MLP saved as safetensors, the signa
 model-signing bundle made by secure_ml.signing with a fresh P-256 key, the attestation an in-toto
 Statement (SLSA provenance v1) in a DSSE envelope made by secure_ml.attestation with the same
 key, and everything is sealed into the encrypted store. The release is verified by the same
-security-stage verifiers production uses, trusting only the test key.
+verification chain production uses (secure_ml.security.verification), trusting only the test key.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from secure_ml.custody.integrity import sha256_tree
-from secure_ml.release.deploy import Release, Verifiers, model_digest, trusted_verifiers
+from secure_ml.release.deploy import Release
+from secure_ml.release.evidence import model_digest
+from secure_ml.security.verification import TrustPolicy
 from secure_ml.settings import Settings
 
 NUMERIC = {"age": (35.5, 11.4), "credit_amount": (3271.0, 2822.0)}
@@ -101,10 +103,8 @@ def attest(model_dir: Path, bundle: bytes, keys: Keys, *, files: Mapping[str, st
     return attestation.sign_envelope(statement, private_key=keys.private)
 
 
-def verifiers(keys: Keys) -> Verifiers:
-    from secure_ml.security import signing
-
-    return trusted_verifiers(signing.TrustPolicy.of(public_keys=[keys.public]))
+def trust(keys: Keys) -> TrustPolicy:
+    return TrustPolicy.of(public_keys=[keys.public])
 
 
 @dataclass
@@ -121,7 +121,7 @@ def publish(settings: Settings, model_dir: Path, keys: Keys, scratch: Path, *,
             evaluation: Mapping[str, Any] = GOOD_EVALUATION, scan: Mapping[str, Any] = CLEAN_SCAN,
             approved: bool = True, bundle: bytes | None = None, envelope: bytes | None = None) -> Published:
     """Seal model, bundle and attestation into the store; the evidence registered_model would build."""
-    from secure_ml.release.deploy import evaluation_evidence, scan_evidence
+    from secure_ml.release.evidence import evaluation_evidence, scan_evidence
 
     bundle = bundle if bundle is not None else sign(model_dir, keys, scratch)
     envelope = envelope if envelope is not None else attest(model_dir, bundle, keys)
@@ -139,7 +139,7 @@ def publish(settings: Settings, model_dir: Path, keys: Keys, scratch: Path, *,
 
 
 def release_for(settings: Settings, keys: Keys, **kwargs: Any) -> Release:
-    return Release.from_settings(settings, verifiers=verifiers(keys), **kwargs)
+    return Release.from_settings(settings, trust=trust(keys), **kwargs)
 
 
 def b64(data: bytes) -> str:

@@ -31,7 +31,10 @@ from _release_fixtures import (
 )
 
 from secure_ml.errors import BadInput, IntegrityError, PolicyDenied, VerificationError
-from secure_ml.release.deploy import Release, model_digest
+from secure_ml.release import targets
+from secure_ml.release.deploy import Release
+from secure_ml.release.deployed import HealthResult
+from secure_ml.release.evidence import model_digest
 from secure_ml.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -222,7 +225,7 @@ def test_a_model_tampered_in_the_registry_is_refused_at_deploy(settings: Setting
     published = new_model(settings, keys, tmp_path, "m1")
     production(release, published)
     _swap_stored_file(settings, published, "config.json", b'{"architecture": "mlp", "threshold": 0.0}')
-    with pytest.raises(VerificationError, match="it was replaced"):
+    with pytest.raises(VerificationError, match="the model does not match its signature: config.json changed after"):
         release.deploy(actor="dave")
     assert local_files(settings) == []
     assert not list((settings.home / "deployments" / ".staging").iterdir())  # scratch removed too
@@ -259,6 +262,42 @@ def test_kubernetes_target_writes_validated_manifests(settings: Settings, releas
     assert model_digest(location / "model") == published.digest and (location / "model.sig").read_bytes() == published.bundle
     with pytest.raises(BadInput, match="unknown deploy target"):
         release.deploy(actor="dave", target="ftp")
+
+
+def test_a_new_target_is_one_class_and_its_registration(settings: Settings, release: Release, keys: Keys,
+                                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The workflow calls a target only through the protocol: register one and it is deployable."""
+    calls: list[tuple[str, str]] = []
+
+    class Shelf:
+        name = "shelf"
+
+        def write(self, staging: Path, *, version: str, model_digest: str, config: Any) -> dict[str, str]:
+            (staging / "SHELF").write_text(f"{version} {model_digest}")
+            return {"shelf": "SHELF"}
+
+        def activate(self, root: Path, location: Path, *, version: str, model_digest: str) -> None:
+            calls.append(("activate", location.name))
+
+        def health(self, location: Path, *, trust: Any) -> HealthResult | None:
+            calls.append(("health", location.name))
+            return HealthResult(True, "on the shelf")
+
+        def clear(self, root: Path) -> None:
+            calls.append(("clear", root.name))
+
+    monkeypatch.setitem(targets.TARGETS, "shelf", Shelf())
+    published = new_model(settings, keys, tmp_path, "m1")
+    production(release, published)
+    location = Path(release.deploy(actor="dave", target="shelf").location)
+    assert (location / "SHELF").read_text() == f"v1 {published.digest}"
+    assert json.loads((location / "DEPLOYMENT.json").read_text())["shelf"] == "SHELF"
+    assert model_digest(location / "model") == published.digest
+    assert calls == [("activate", location.name), ("health", location.name)]
+    from secure_ml.cli import build_parser
+
+    deploy = build_parser()._subparsers._group_actions[0].choices["deploy"]  # type: ignore[union-attr]
+    assert next(a for a in deploy._actions if a.dest == "target").choices == sorted(targets.TARGETS)
 
 
 # -- rollback -------------------------------------------------------------------------------------------------

@@ -71,7 +71,8 @@ UPSTREAM = [stand_in_trained_model, stand_in_model_evaluation, security.scan_rep
 RELEASE = [release_assets.registered_model, release_assets.deployment,
            release_assets.registered_model_policy_allows, release_assets.registered_model_separation_of_duties,
            release_assets.deployment_matches_signed_digest, release_assets.deployment_healthy]
-OWN_CODE = ["secure_ml/release/registry.py", "secure_ml/governance/policy.py", "secure_ml/release/deploy.py", "secure_ml/release/k8s_render.py",
+OWN_CODE = ["secure_ml/release/registry.py", "secure_ml/governance/policy.py", "secure_ml/release/deploy.py", "secure_ml/release/gate.py",
+            "secure_ml/release/evidence.py", "secure_ml/release/deployed.py", "secure_ml/release/targets", "secure_ml/release/k8s_render.py",
             "secure_ml/release/serving.py", "assets/release.py", "resources/release.py"]
 
 
@@ -195,7 +196,7 @@ def test_the_release_proof(stage: Settings, monkeypatch: pytest.MonkeyPatch, cap
     registry.set_stage("v2", "production", actor="mallory")
     before = sorted((settings.home / "deployments" / "local").iterdir())
     assert cli(["deploy"]) == 1
-    assert "it was replaced" in capsys.readouterr().err
+    assert "the model does not match its signature: config.json changed after signing" in capsys.readouterr().err
     assert sorted((settings.home / "deployments" / "local").iterdir()) == before
     assert ("dave", "model.verify", "fail") in actions(settings)
 

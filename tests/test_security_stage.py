@@ -93,7 +93,7 @@ def audit_actions(settings: Settings) -> list[dict[str, Any]]:
 
 
 OWN_CODE = ["secure_ml/security/scanning.py", "secure_ml/security/signing.py", "secure_ml/security/attestation.py", "secure_ml/security/sbom.py",
-            "assets/security.py", "resources/security.py"]
+            "secure_ml/security/verification.py", "assets/security.py", "resources/security.py"]
 
 
 def security_config(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **signing: Any) -> Path:
@@ -155,9 +155,11 @@ def test_clean_model_is_scanned_signed_and_attested(settings: Settings, tmp_path
         security.model_signature_verifies, security.attestation_verifies))
     outcome = checks(result)
     assert not outcome["model_signature_verifies"][0] and "changed after signing" in outcome["model_signature_verifies"][1]
-    assert not outcome["attestation_verifies"][0] and "do not match" in outcome["attestation_verifies"][1]
+    # One chain: the attestation check refuses for the same reason the signature check does.
+    assert not outcome["attestation_verifies"][0]
+    assert outcome["attestation_verifies"][1] == outcome["model_signature_verifies"][1]
     failed = [e for e in audit_actions(settings) if e["action"] == "check.attestation_verifies"]
-    assert failed[-1]["outcome"] == "fail" and "do not match" in failed[-1]["details"]["reason"]
+    assert failed[-1]["outcome"] == "fail" and "changed after signing" in failed[-1]["details"]["reason"]
     assert cli(["model", "export", str(tmp_path / "export2")]) == 1  # export verifies first, and refuses
     assert not (tmp_path / "export2").exists()
 

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _release_fixtures import Keys, make_keys, make_model_dir, publish, release_for
+from _release_fixtures import Keys, make_keys, make_model_dir, publish, release_for, trust
 
 from secure_ml.errors import BadInput, VerificationError
 from secure_ml.release import serving
-from secure_ml.release.deploy import Release, key_signature_verifier
+from secure_ml.release.deploy import Release
 from secure_ml.settings import Settings
 
 ROW = {"age": 41, "credit_amount": 2500.0, "sex": "female", "purpose": "car"}
@@ -99,7 +99,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> Iterator[tup
     location = Path(release.deploy(actor="dave").location)
     tokens = serving.TokenStore(serving.tokens_path(settings.home))
     secret = tokens.issue("frontend")
-    model = serving.load_deployment(location, verify_signature=key_signature_verifier(keys.public))
+    model = serving.load_deployment(location, trust=trust(keys))
     events: list[Any] = []
     app = serving.create_app(model, tokens, rate_per_minute=1000, max_batch=4, max_body_bytes=4096,
                              on_event=lambda *e: events.append(e))
@@ -198,15 +198,15 @@ def test_a_file_changed_after_deploy_is_refused(deployed: tuple[Release, Path], 
     path = location / "model" / "config.json"
     os.chmod(path, 0o600)
     path.write_text(json.dumps({"architecture": "mlp", "threshold": 0.0}))
-    with pytest.raises(VerificationError, match="hashes to .* not the pinned"):
-        serving.load_deployment(location, verify_signature=key_signature_verifier(keys.public))
+    with pytest.raises(VerificationError, match="the model does not match its signature: config.json changed"):
+        serving.load_deployment(location, trust=trust(keys))
 
 
 def test_a_stray_pickle_is_refused(deployed: tuple[Release, Path], keys: Keys) -> None:
     _, location = deployed
     (location / "model" / "weights.bin").write_bytes(b"\x80\x04\x95" + b"cos\nsystem\n")
-    with pytest.raises(VerificationError, match="unexpected file: weights.bin"):
-        serving.load_deployment(location, verify_signature=key_signature_verifier(keys.public))
+    with pytest.raises(VerificationError, match="weights.bin"):
+        serving.load_deployment(location, trust=trust(keys))
 
 
 def test_a_symlink_is_refused(deployed: tuple[Release, Path], keys: Keys) -> None:
@@ -214,19 +214,48 @@ def test_a_symlink_is_refused(deployed: tuple[Release, Path], keys: Keys) -> Non
     (location / "model" / "MODEL_CARD.md").unlink()
     (location / "model" / "MODEL_CARD.md").symlink_to("/etc/passwd")
     with pytest.raises(BadInput, match="symbolic link"):
-        serving.load_deployment(location, verify_signature=key_signature_verifier(keys.public))
+        serving.load_deployment(location, trust=trust(keys))
 
 
-def test_a_different_pinned_digest_or_key_is_refused(deployed: tuple[Release, Path], tmp_path: Path) -> None:
+def test_a_different_pinned_digest_or_key_is_refused(deployed: tuple[Release, Path], keys: Keys,
+                                                     tmp_path: Path) -> None:
     _, location = deployed
     with pytest.raises(VerificationError, match="not the expected"):
-        serving.load_deployment(location, expected_digest="0" * 64)
+        serving.load_deployment(location, expected_digest="0" * 64, trust=trust(keys))
     stranger = make_keys(tmp_path / "stranger", "stranger")
     with pytest.raises(VerificationError, match="not trusted"):
-        serving.load_deployment(location, verify_signature=key_signature_verifier(stranger.public))
+        serving.load_deployment(location, trust=trust(stranger))
 
 
-def test_the_health_probe_passes_for_a_good_model(deployed: tuple[Release, Path]) -> None:
+def test_the_health_probe_passes_for_a_good_model(deployed: tuple[Release, Path], keys: Keys) -> None:
     _, location = deployed
-    result = serving.health_probe(location)
+    result = serving.health_probe(location, trust=trust(keys))
     assert result.healthy and 0.0 <= result.details["probability"] <= 1.0
+
+
+def test_another_signed_model_or_a_removed_attestation_is_refused(deployed: tuple[Release, Path], keys: Keys,
+                                                                  tmp_path: Path) -> None:
+    """A different model, validly signed by the trusted key, fails the pin; dropping the attestation
+    the receipt names does not downgrade the check to signature-only."""
+    import shutil
+
+    from _release_fixtures import sign
+
+    _, location = deployed
+    other = make_model_dir(tmp_path / "other", seed=99)
+    bundle = sign(other, keys, tmp_path)
+    (location / "attestation.dsse.json").unlink()
+    with pytest.raises(VerificationError, match="lacks its attestation attestation.dsse.json"):
+        serving.load_deployment(location, trust=trust(keys))
+    for path in (location / "model").iterdir():
+        os.chmod(path, 0o600)
+    shutil.rmtree(location / "model")
+    shutil.copytree(other, location / "model")
+    os.chmod(location / "model.sig", 0o600)
+    (location / "model.sig").write_bytes(bundle)
+    receipt = json.loads((location / "DEPLOYMENT.json").read_text())
+    del receipt["attestation_file"]
+    os.chmod(location / "DEPLOYMENT.json", 0o600)
+    (location / "DEPLOYMENT.json").write_text(json.dumps(receipt))
+    with pytest.raises(VerificationError, match="hashes to sha256:.*not the pinned sha256:"):
+        serving.load_deployment(location, trust=trust(keys))

@@ -6,6 +6,8 @@
     secure-ml verify-attestation ENVELOPE --model MODEL_DIR --signature SIG [--public-key PEM]
     secure-ml model export [VERSION] DIR              decrypt, verify, write model + bundle + attestation + key
 
+verify-model, verify-attestation and export run the one verification chain
+(secure_ml.security.verification), the same the deploy gate, the security checks and the server run.
 Without ``--public-key`` / ``--identity``, trust comes from security.yaml (trusted keys and
 identities), never from the bundle itself. Everything here runs offline, Sigstore bundles
 included (sigstore-python's shipped trusted root).
@@ -22,9 +24,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from secure_ml.custody.integrity import SHA256_HEX, sha256_file, sha256_tree, tree_digest
+from secure_ml.custody.integrity import SHA256_HEX, tree_digest
 from secure_ml.errors import BadInput, VerificationError
-from secure_ml.security import attestation, scanning, signing
+from secure_ml.security import scanning, signing, verification
 from secure_ml.settings import Settings
 
 
@@ -123,14 +125,8 @@ def cmd_verify_model(args: argparse.Namespace) -> int:
     pinned = _pinned_digest(args.digest)
     settings = _settings()
     try:
-        if pinned is not None:
-            if not args.model_dir.is_dir():
-                raise VerificationError(f"model directory not found: {args.model_dir}")
-            actual = tree_digest(sha256_tree(args.model_dir))
-            if actual != pinned:
-                raise VerificationError(f"model directory hashes to sha256:{actual[:16]}…, "
-                                        f"not the pinned sha256:{pinned[:16]}…")
-        verified = signing.verify_model(args.model_dir, args.signature, _trust(args, settings))
+        verified = verification.verify_model(args.model_dir, args.signature, None, trust=_trust(args, settings),
+                                             expected_digest=pinned)
     except VerificationError as exc:
         _audit(settings, "verify.model", str(args.model_dir.absolute()), "fail", {"reason": exc.explain()})
         raise
@@ -147,23 +143,24 @@ def cmd_verify_attestation(args: argparse.Namespace) -> int:
     try:
         if not args.envelope.is_file():
             raise BadInput(f"attestation not found: {args.envelope}")
-        statement = attestation.verify_envelope(args.envelope.read_bytes(), keys)
-        # The subjects must be this model as signed: verify the signature too, then compare.
-        signing.verify_model(args.model, args.signature, signing.TrustPolicy.of(public_keys=keys))
-        attestation.check_subjects(statement, sha256_tree(args.model), sha256_file(args.signature))
+        # The subjects must be this model as signed: the whole chain, signature first.
+        verified = verification.verify_model(args.model, args.signature, args.envelope,
+                                             trust=signing.TrustPolicy.of(public_keys=keys))
     except VerificationError as exc:
         _audit(settings, "verify.attestation", str(args.envelope.absolute()), "fail", {"reason": exc.explain()})
         raise
-    run = statement["predicate"]["runDetails"]
-    _audit(settings, "verify.attestation", str(args.envelope.absolute()), "pass",
-           {"invocation": run["metadata"].get("invocationId")})
-    print(f"verified: SLSA provenance signed by {statement['_verified_by']}; {len(statement['subject'])} subjects "
-          f"match; builder {run['builder']['id']}, run {run['metadata'].get('invocationId')}")
+    facts = verified.attestation
+    _audit(settings, "verify.attestation", str(args.envelope.absolute()), "pass", {"invocation": facts["invocation"]})
+    print(f"verified: SLSA provenance signed by {facts['verified_by']}; {facts['subjects']} subjects "
+          f"match; builder {facts['builder']}, run {facts['invocation']}")
     return 0
 
 
-def _stored_digests(settings: Settings, version: str | None) -> tuple[str, str, str, str]:
-    """(label, model tree, signature, attestation) store digests: a registry version or the latest run."""
+def _stored_digests(settings: Settings, version: str | None) -> tuple[str, str, str, str, str | None]:
+    """(label, model tree, signature, attestation, pinned model digest): a registry version or the latest run.
+
+    A registry version pins the digest the registry holds; the latest run pins nothing beyond the
+    store's own manifest (the store checks every file against it as it decrypts)."""
     if version:
         from secure_ml.release.registry import Registry
 
@@ -171,7 +168,7 @@ def _stored_digests(settings: Settings, version: str | None) -> tuple[str, str, 
         stored = found.evidence.get("store") or {}
         if not all(stored.get(k) for k in ("model_tree", "signature", "attestation")):
             raise VerificationError(f"{version} has no stored model, signature and attestation")
-        return found.version, stored["model_tree"], stored["signature"], stored["attestation"]
+        return found.version, stored["model_tree"], stored["signature"], stored["attestation"], found.model_digest
     os.environ.setdefault("DAGSTER_HOME", str(settings.dagster_home))
     import dagster as dg
 
@@ -182,7 +179,7 @@ def _stored_digests(settings: Settings, version: str | None) -> tuple[str, str, 
             if not records or records[0].asset_materialization is None:
                 raise BadInput(f"{key} has never been materialized: run the pipeline first")
             digests.append(str(records[0].asset_materialization.metadata["sha256"].value))
-    return "latest", digests[0], digests[1], digests[2]
+    return "latest", digests[0], digests[1], digests[2], None
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -192,7 +189,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if target.exists():
         raise BadInput(f"output exists: {target}")
     settings = _settings()
-    label, tree, signature_digest, attestation_digest = _stored_digests(settings, version)
+    label, tree, signature_digest, attestation_digest, pinned = _stored_digests(settings, version)
     store = settings.artifact_store()
     trust = signing.TrustPolicy.from_config(settings.load_config("security"), settings.home)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -202,9 +199,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         (staging / "model.sig").write_bytes(store.get_bytes(signature_digest))
         (staging / "attestation.dsse.json").write_bytes(store.get_bytes(attestation_digest))
         # Verify before anything appears under DIR: the export is all or nothing.
-        verified = signing.verify_model(staging / "model", staging / "model.sig", trust)
-        statement = attestation.verify_envelope((staging / "attestation.dsse.json").read_bytes(), trust.public_keys)
-        attestation.check_subjects(statement, sha256_tree(staging / "model"), signature_digest)
+        verified = verification.verify_model(staging / "model", staging / "model.sig",
+                                             staging / "attestation.dsse.json", trust=trust,
+                                             expected_digest=pinned or tree_digest(store.tree_files(tree)))
         for index, key in enumerate(trust.public_keys):
             if key.exists():
                 shutil.copyfile(key, staging / ("signing-key.pub" if index == 0 else f"signing-key-{index}.pub"))

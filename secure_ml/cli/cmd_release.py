@@ -3,7 +3,7 @@
     secure-ml status [--json] [VERSION]                  versions, stages, approvals, what is deployed
     SECURE_ML_IDENTITY=carol.key secure-ml approve v3     a second person approves (signed); production if policy allows
     SECURE_ML_IDENTITY=carol.key secure-ml promote v3     re-evaluate the promotion policy now (an approver)
-    SECURE_ML_IDENTITY=dave.key secure-ml deploy [VERSION] [--target local|kubernetes]
+    SECURE_ML_IDENTITY=dave.key secure-ml deploy [VERSION] [--target TARGET]
     SECURE_ML_IDENTITY=dave.key secure-ml rollback [--target local] [--reason TEXT]
     SECURE_ML_IDENTITY=carol.key secure-ml revoke v3 --reason TEXT
     secure-ml serve [--issue-token NAME]                  serve the verified local deployment
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from secure_ml.errors import BadInput
+from secure_ml.release import targets
 from secure_ml.settings import Settings
 
 
@@ -44,13 +45,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     deploy = sub.add_parser("deploy", help="verify the production model from its bytes, then deploy it")
     deploy.add_argument("version", nargs="?", default="production")
-    deploy.add_argument("--target", choices=("local", "kubernetes"), default=None)
+    deploy.add_argument("--target", choices=sorted(targets.TARGETS), default=None)
     deploy.add_argument("--no-health-check", action="store_true", help="skip the post-deploy health check")
     _identity_option(deploy)
     deploy.set_defaults(handler=cmd_deploy)
 
     rollback = sub.add_parser("rollback", help="redeploy the previous verified version")
-    rollback.add_argument("--target", choices=("local", "kubernetes"), default="local")
+    rollback.add_argument("--target", choices=sorted(targets.TARGETS), default="local")
     rollback.add_argument("--reason", default="requested by an operator")
     _identity_option(rollback)
     rollback.set_defaults(handler=cmd_rollback)
@@ -199,7 +200,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from secure_ml.release import serving
-    from secure_ml.release.deploy import key_signature_verifier
+    from secure_ml.security.verification import TrustPolicy
 
     settings = Settings.from_env()
     config = settings.load_config("release").get("serving") or {}
@@ -221,8 +222,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.model_dir:
         if not (args.digest and args.digest.startswith("sha256:") and args.public_key):
             raise BadInput("--model-dir needs --digest sha256:<hex> and --public-key")
+        if not args.public_key.is_file():
+            raise BadInput(f"public key not found: {args.public_key}")
         model = serving.load_deployment(args.model_dir, expected_digest=args.digest[len("sha256:"):],
-                                        verify_signature=key_signature_verifier(args.public_key))
+                                        trust=TrustPolicy.of(public_keys=[args.public_key]))
     else:
         model = _local_deployment(settings)
     audit.record(settings.actor(), "serve.start", subject=f"{model.version} sha256:{model.model_digest}")
@@ -241,7 +244,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _local_deployment(settings: Settings) -> Any:
-    """The current local deployment, re-verified against the registry and the signature."""
+    """The current local deployment, re-verified by the chain, pinned to the registry's digest."""
     from secure_ml.release import serving
     from secure_ml.release.deploy import Release
 
@@ -249,5 +252,4 @@ def _local_deployment(settings: Settings) -> Any:
     current = release.registry.current_deployment("local")
     if current is None:
         raise BadInput("nothing is deployed locally: run `secure-ml deploy` first")
-    return serving.load_deployment(current.location, expected_digest=current.model_digest,
-                                   verify_signature=release.verifiers.signature)
+    return serving.load_deployment(current.location, expected_digest=current.model_digest, trust=release.trust)

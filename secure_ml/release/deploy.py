@@ -1,55 +1,47 @@
 """Releasing a model: registration, approval, promotion, the deploy gate, deployment and rollback.
 
-    release = Release.from_settings(settings)                   # registry + policies + verifiers + roles
+    release = Release.from_settings(settings)                   # registry + policies + trust + roles
     version, staging, production = release.register(model_digest, evidence, actor="bob")  # candidate -> staging?
     release.approve("v1", identity="carol")                     # SoD + roles; promotes to production if allowed
     record = release.deploy("production", actor="dave")         # verify from bytes, then write; health check
     release.rollback(actor="dave")                              # previous verified version, re-verified
 
-The deploy gate (:meth:`Release.gate`) runs before anything is written to a target: it decrypts
-the model tree, the signature bundle and the attestation from the encrypted store (the store
-checks every tag and digest), re-verifies the signature over the decrypted files and the
-attestation over the model and bundle, recomputes the model digest from those bytes and compares
-it with the registry's, checks that the registry says production, and evaluates the promotion and
-deployment policies again. Any failure is audited and raises; the private staging directory is
-removed and no target is touched. Metadata is never trusted for any of it.
+The deploy gate (:meth:`Release.gate`, secure_ml.release.gate) runs before anything is written to
+a target: roles and the deployment policy, then the one verification chain over the bytes
+decrypted from the store, pinned to the registry's digest, then the promotion policy again. Any
+failure is audited and raises, and no target is touched. The policy inputs are built in
+secure_ml.release.evidence.
 
-Targets: ``local`` (default; a verified model directory under ``$SECURE_ML_HOME/deployments/local``
-and a ``current.json`` pointer the local server reads) and ``kubernetes`` (rendered manifests,
-validated in strict mode and by the admission policy, beside the verified model directory to be
-copied onto the models volume). After a local deploy a health check loads the model the way the
-server does and predicts one row; a failure rolls back by itself and records why.
-
-"Changed the pipeline" (separation of duties, DESIGN section 6) is concrete here: the identity
-that registered the version (ran the pipeline run that produced it), the identity that trained
-it, and the git author of the code commit in its training record. None of them may deploy it.
+Targets (secure_ml.release.targets, one module each behind one protocol): ``local`` (default; a
+verified model directory under ``$SECURE_ML_HOME/deployments/local`` and a ``current.json`` pointer
+the local server reads) and ``kubernetes`` (rendered manifests, validated in strict mode and by the
+admission policy, beside the verified model directory to be copied onto the models volume). After
+a deploy the target's health check runs (local: load the model the way the server does and predict
+one row); a failure rolls back by itself and records why.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from secure_ml.custody.audit import AuditLog
-from secure_ml.custody.integrity import atomic_write, sha256_tree, tree_digest
 from secure_ml.custody.store import ArtifactStore
 from secure_ml.errors import BadInput, ConfigurationError, Error, PolicyDenied, VerificationError
 from secure_ml.governance.access import AccessPolicy
 from secure_ml.governance.policy import PolicyDecision, PolicyEngine
+from secure_ml.release import targets
+from secure_ml.release.deployed import ATTESTATION_FILE, MODEL_DIR, RECEIPT_FILE, SIGNATURE_FILE, HealthResult
+from secure_ml.release.evidence import promotion_input
+from secure_ml.release.gate import DeployGate, VerifiedVersion
 from secure_ml.release.registry import Deployment, ModelVersion, Registry
-
-TARGETS = ("local", "kubernetes")
-SIGNATURE_FILE = "model.sig"
-ATTESTATION_FILE = "attestation.dsse.json"
-RECEIPT_FILE = "DEPLOYMENT.json"
+from secure_ml.release.targets import DeployTarget
+from secure_ml.security.verification import TrustPolicy
 
 
 class _Settings(Protocol):
@@ -60,207 +52,13 @@ class _Settings(Protocol):
     def artifact_store(self, *, actor: str | None = None) -> ArtifactStore: ...
 
 
-# -- verification: the security stage's verifiers behind a small interface ----------------------
-SignatureVerifier = Callable[[Path, bytes], Mapping[str, Any]]
-"""(model_dir, bundle bytes) -> details (e.g. signer); raises VerificationError if it does not verify."""
-AttestationVerifier = Callable[[bytes, Path, bytes], Mapping[str, Any]]
-"""(DSSE envelope, model_dir, bundle) -> details; raises VerificationError unless it verifies AND its
-subjects name exactly the model files (and bundle) given."""
-
-
-@dataclass(frozen=True)
-class Verifiers:
-    signature: SignatureVerifier
-    attestation: AttestationVerifier
-
-
-def trusted_verifiers(trust: Any) -> Verifiers:
-    """The security stage's verifiers (secure_ml.signing / secure_ml.attestation) bound to a trust policy.
-
-    The signature must verify against a trusted key or identity and cover every file; the DSSE
-    envelope must be signed by a trusted key and its subjects must be exactly the files signed
-    (``model/<name>``) plus the bundle (``model.sig``).
-    """
-    from secure_ml.security import attestation, signing
-
-    def verify_signature(model_dir: Path, bundle: bytes) -> Mapping[str, Any]:
-        with tempfile.TemporaryDirectory(prefix="secure-ml-sig-") as scratch:
-            path = Path(scratch) / "model.sig"
-            path.write_bytes(bundle)
-            verified = signing.verify_model(model_dir, path, trust)
-        return {"signer": verified.signer, "method": verified.method, "files": dict(verified.files)}
-
-    def verify_attestation(envelope: bytes, model_dir: Path, bundle: bytes) -> Mapping[str, Any]:
-        statement = attestation.verify_envelope(envelope, trust.public_keys)
-        # Subjects against the bytes in hand (not the signature's claims): the files being deployed.
-        attestation.check_subjects(statement, sha256_tree(model_dir), hashlib.sha256(bundle).hexdigest())
-        details = statement.get("predicate", {}).get("runDetails", {})
-        return {"verified_by": str(statement.get("_verified_by", "")),
-                "builder": str(details.get("builder", {}).get("id", "")),
-                "invocation": str(details.get("metadata", {}).get("invocationId", ""))}
-
-    return Verifiers(signature=verify_signature, attestation=verify_attestation)
-
-
-def default_verifiers(settings: Any) -> Verifiers:
-    """Verifiers trusting what the security configuration names (config/security.yaml ``signing``)."""
-    try:
-        from secure_ml.security import signing
-    except ImportError as exc:  # fail closed: without a verifier nothing deploys
-        raise ConfigurationError(f"model verification is unavailable ({exc})") from None
-    trust = signing.TrustPolicy.from_config(settings.load_config("security"), settings.home)
-    if not trust.public_keys and not trust.identities:
-        raise ConfigurationError("no trusted signing keys or identities in config/security.yaml (signing)")
-    return trusted_verifiers(trust)
-
-
-def key_signature_verifier(public_key: Path | str) -> SignatureVerifier:
-    """Verify a model-signing bundle against one trusted public key (PEM), offline.
-
-    What the Kubernetes pod and ``serve --public-key`` use, where the trust is one mounted key.
-    """
-    from secure_ml.security import signing
-
-    key = Path(public_key)
-    if not key.is_file():
-        raise ConfigurationError(f"public key not found: {key}")
-    return trusted_verifiers(signing.TrustPolicy.of(public_keys=[key])).signature
-
-
-def model_digest(model_dir: Path) -> str:
-    """The digest the registry addresses a version by: over every file's SHA-256 and path."""
-    return tree_digest(sha256_tree(model_dir))
-
-
-@dataclass(frozen=True)
-class VerifiedModel:
-    """A model decrypted into a private directory and verified from its bytes."""
-
-    version: str
-    model_digest: str
-    directory: Path
-    bundle: bytes
-    envelope: bytes
-    signature: Mapping[str, Any]
-    attestation: Mapping[str, Any]
-    seconds: float
-
-
-@dataclass
-class HealthResult:
-    healthy: bool
-    reason: str
-    details: dict[str, Any] = field(default_factory=dict)
-
-
-HealthCheck = Callable[[Path, ModelVersion], HealthResult]
-
-
-# -- evidence and policy input -------------------------------------------------------------------
-def _numbers(mapping: Any, prefix: str = "") -> dict[str, float]:
-    """Numeric leaves of a nested mapping, keyed by their last name (and dotted path)."""
-    out: dict[str, float] = {}
-    if not isinstance(mapping, Mapping):
-        return out
-    for key, value in mapping.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, bool):
-            continue
-        if isinstance(value, int | float):
-            out[str(key)] = float(value)
-            out[name] = float(value)
-        elif isinstance(value, Mapping):
-            for sub_key, sub_value in _numbers(value, f"{name}.").items():
-                out.setdefault(sub_key, sub_value)
-    return out
-
-
-def _fairness_gaps(fairness: Any) -> list[dict[str, Any]]:
-    """Every numeric bias metric as {attribute, metric, value}, whatever nesting evaluation used."""
-    gaps: list[dict[str, Any]] = []
-
-    def walk(node: Any, path: list[str]) -> None:
-        if isinstance(node, Mapping):
-            if "value" in node and isinstance(node["value"], int | float) and not isinstance(node["value"], bool):
-                gaps.append({"attribute": ".".join(path[:-1]) or "*", "metric": path[-1] if path else "value",
-                             "value": float(node["value"])})
-                return
-            for key, value in node.items():
-                walk(value, [*path, str(key)])
-        elif isinstance(node, int | float) and not isinstance(node, bool) and path:
-            gaps.append({"attribute": ".".join(path[:-1]) or "*", "metric": path[-1], "value": float(node)})
-
-    walk(fairness, [])
-    return gaps
-
-
-def evaluation_evidence(evaluation: Mapping[str, Any]) -> dict[str, Any]:
-    """The part of model_evaluation the policy reads, normalised."""
-    return {
-        "passed": evaluation.get("passed") is True,
-        "metrics": _numbers(evaluation.get("metrics")),
-        "fairness_gaps": _fairness_gaps(evaluation.get("fairness")),
-        "robustness": _numbers(evaluation.get("robustness")),
-    }
-
-
-def scan_evidence(scan: Mapping[str, Any]) -> dict[str, Any]:
-    findings = []
-    for item in scan.get("findings") or []:
-        if not isinstance(item, Mapping):
-            continue
-        findings.append({
-            "id": str(item.get("id") or item.get("rule") or item.get("advisory") or item.get("test_id") or "finding"),
-            "severity": str(item.get("severity") or "unknown"),
-            "blocking": item.get("blocking") is True,
-            "where": str(item.get("where") or item.get("path") or item.get("package") or item.get("file") or "?"),
-        })
-    return {"blocking": bool(scan.get("blocking")), "counts": dict(scan.get("counts") or {}), "findings": findings}
-
-
-def pipeline_changers(version: ModelVersion) -> list[dict[str, str]]:
-    training = version.evidence.get("training") or {}
-    changers = [{"identity": version.registered_by, "why": f"registered {version.version} (ran its pipeline)"}]
-    if training.get("actor"):
-        changers.append({"identity": str(training["actor"]), "why": f"trained {version.version}"})
-    for key in ("code_author", "code_author_name"):
-        if not training.get(key):
-            continue
-        commit = str(training.get("code_commit") or "")[:12]
-        changers.append({"identity": str(training[key]),
-                         "why": f"authored the pipeline code commit {commit} that produced {version.version}"})
-    return changers
-
-
-def promotion_input(version: ModelVersion, *, target_stage: str, signature: Mapping[str, Any],
-                    attestation: Mapping[str, Any], access: AccessPolicy) -> dict[str, Any]:
-    """The promotion policy's input: recorded evidence plus verification done just now."""
-    evidence = version.evidence
-    return {
-        "version": version.version,
-        "model_digest": version.model_digest,
-        "target_stage": target_stage,
-        "evaluation": evidence.get("evaluation"),
-        "scan": evidence.get("scan"),
-        "signature": dict(signature),
-        "attestation": dict(attestation),
-        "provenance": evidence.get("provenance") or {},
-        "training": evidence.get("training") or {},
-        "registered_by": version.registered_by,
-        # Roles are looked up now, not when the approval was given: a revoked approver stops counting.
-        "approvals": [{"identity": a["identity"], "roles": list(access.roles_of(a["identity"]))}
-                      for a in version.approvals],
-    }
-
-
 # -- the release service -------------------------------------------------------------------------
 class Release:
-    """Registry, policy, roles, verifiers, store and audit log: every release decision goes through here."""
+    """Registry, policy, roles, trust, store and audit log: every release decision goes through here."""
 
     def __init__(self, *, home: Path, registry: Registry, engine: PolicyEngine, access: AccessPolicy,
-                 store: ArtifactStore, audit: AuditLog, verifiers: Verifiers | Callable[[], Verifiers],
-                 config: Mapping[str, Any] | None = None, health_check: HealthCheck | None = None,
-                 signed: Any = None) -> None:
+                 store: ArtifactStore, audit: AuditLog, trust: TrustPolicy | Callable[[], TrustPolicy],
+                 config: Mapping[str, Any] | None = None, signed: Any = None) -> None:
         self.home = Path(home)
         # Once a trust policy exists: decisions are signed statements and the registry only an index.
         self.signed = signed
@@ -269,13 +67,13 @@ class Release:
         self.access = access
         self.store = store
         self.audit = audit
-        self._verifiers = verifiers
         self.config = dict(config or {})
-        self.health_check = health_check
+        self.gatekeeper = DeployGate(home=self.home, registry=registry, engine=engine, access=access, store=store,
+                                     audit=audit, trust=trust)
 
     @classmethod
-    def from_settings(cls, settings: _Settings, *, verifiers: Verifiers | None = None,
-                      health_check: HealthCheck | None = None, actor: str | None = None) -> Release:
+    def from_settings(cls, settings: _Settings, *, trust: TrustPolicy | None = None,
+                      actor: str | None = None) -> Release:
         from secure_ml.release.signed import SignedDecisions, TrustedRegistry
         from secure_ml.settings import Settings
 
@@ -287,84 +85,26 @@ class Release:
         return cls(home=settings.home, registry=registry, signed=signed,
                    engine=PolicyEngine.from_settings(settings), access=AccessPolicy.from_settings(settings),
                    store=settings.artifact_store(actor=actor), audit=settings.audit_log(),
-                   verifiers=verifiers or (lambda: default_verifiers(settings)), config=config,
-                   health_check=health_check)
+                   trust=trust or (lambda: TrustPolicy.from_config(settings.load_config("security"), settings.home)),
+                   config=config)
 
     @property
-    def verifiers(self) -> Verifiers:
-        if callable(self._verifiers) and not isinstance(self._verifiers, Verifiers):
-            self._verifiers = self._verifiers()  # resolved lazily: status and approve need no signer config
-        if not isinstance(self._verifiers, Verifiers):
-            raise ConfigurationError("model verifiers are not configured")
-        return self._verifiers
+    def trust(self) -> TrustPolicy:
+        """Whom the verification chain believes (resolved lazily: status and approve need no signer config)."""
+        return self.gatekeeper.trust
 
     @property
     def deployments_dir(self) -> Path:
         return self.home / "deployments"
 
-    # -- verification from bytes ------------------------------------------------------------
-    def verify(self, version: ModelVersion, *, actor: str, into: Path | None = None) -> VerifiedModel:
-        """Decrypt the model, bundle and attestation from the store and verify them; audited.
+    def verify(self, version: ModelVersion, *, actor: str) -> VerifiedVersion:
+        """The version's stored bytes through the verification chain (:meth:`DeployGate.verify`)."""
+        return self.gatekeeper.verify(version, actor=actor)
 
-        The model lands in a private directory (``into``, or a new temp dir under deployments);
-        the caller owns it. On failure it is removed and VerificationError/IntegrityError raised.
-        """
-        started = time.perf_counter()
-        stored = version.evidence.get("store") or {}
-        scratch_parent = self.deployments_dir / ".staging"
-        scratch_parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        scratch = Path(tempfile.mkdtemp(prefix=f"{version.version}-", dir=scratch_parent))
-        model_dir = into or scratch / "model"
-        try:
-            for key in ("model_tree", "signature", "attestation"):
-                if not stored.get(key):
-                    raise VerificationError(f"{version.version} has no stored {key.replace('_', ' ')}")
-            self.store.get_tree(stored["model_tree"], model_dir)
-            bundle = self.store.get_bytes(stored["signature"])
-            envelope = self.store.get_bytes(stored["attestation"])
-            digest = model_digest(model_dir)
-            if digest != version.model_digest:
-                raise VerificationError(
-                    f"{version.version}: the stored model hashes to {digest[:16]}…, the registry says "
-                    f"{version.model_digest[:16]}…: it was replaced")
-            signature = dict(self.verifiers.signature(model_dir, bundle))
-            try:
-                attestation = dict(self.verifiers.attestation(envelope, model_dir, bundle))
-            except Error as exc:
-                exc.stage = "attestation"  # type: ignore[attr-defined]
-                raise
-        except Error as exc:
-            shutil.rmtree(scratch, ignore_errors=True)
-            if into is not None:
-                shutil.rmtree(into, ignore_errors=True)
-            self.audit.record(actor, "model.verify", subject=f"{version.version} sha256:{version.model_digest}",
-                              outcome="fail", details={"reason": exc.explain()})
-            raise
-        except BaseException:
-            shutil.rmtree(scratch, ignore_errors=True)
-            raise
-        elapsed = time.perf_counter() - started
-        self.audit.record(actor, "model.verify", subject=f"{version.version} sha256:{digest}",
-                          details={"seconds": round(elapsed, 4), "signer": str(signature.get("signer", ""))})
-        return VerifiedModel(version.version, digest, model_dir, bundle, envelope, signature, attestation, elapsed)
+    def gate(self, ref: str, *, actor: str, target: str, permission: str = "model.deploy") -> VerifiedVersion:
+        """Everything that must hold before a byte is written to ``target`` (:meth:`DeployGate.check`)."""
+        return self.gatekeeper.check(ref, actor=actor, target=target, permission=permission)
 
-    def _verification_facts(self, version: ModelVersion, *, actor: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Signature/attestation facts for the policy, verified now (a failure becomes a deny reason)."""
-        try:
-            verified = self.verify(version, actor=actor)
-        except Error as exc:
-            reason = " ".join(str(exc).split())
-            if getattr(exc, "stage", "") == "attestation":
-                return ({"verified": True, "digest": version.model_digest, "reason": ""},
-                        {"verified": False, "subject_matches": False, "reason": reason})
-            return ({"verified": False, "reason": reason, "digest": ""},
-                    {"verified": False, "subject_matches": False,
-                     "reason": "not checked, because the model or its signature did not verify"})
-        shutil.rmtree(verified.directory.parent, ignore_errors=True)
-        return ({"verified": True, "digest": verified.model_digest, "reason": "",
-                 "signer": str(verified.signature.get("signer", ""))},
-                {"verified": True, "subject_matches": True, "reason": "",
-                 **{k: v for k, v in verified.attestation.items() if isinstance(v, str | bool | int)}})
 
     # -- registration and promotion ------------------------------------------------------------
     def register(self, model_dir_digest: str, evidence: Mapping[str, Any], *,
@@ -382,7 +122,7 @@ class Release:
         if created:
             self.audit.record(actor, "registry.register", subject=f"{version.version} sha256:{version.model_digest}",
                               details={"stage": "candidate"})
-        signature, attestation = self._verification_facts(version, actor=actor)
+        signature, attestation = self.gatekeeper.verification_facts(version, actor=actor)
         staging = self.decide(version, "staging", signature=signature, attestation=attestation, actor=actor)
         production = self.decide(version, "production", signature=signature, attestation=attestation, actor=actor)
         self._remember_decision(version, production)
@@ -450,7 +190,7 @@ class Release:
 
         With a trust policy, moving to production is a promotion statement signed by an approver (``by``)."""
         version = self.registry.get(ref)
-        signature, attestation = self._verification_facts(version, actor=actor)
+        signature, attestation = self.gatekeeper.verification_facts(version, actor=actor)
         decision = self.decide(version, stage, signature=signature, attestation=attestation, actor=actor)
         self._remember_decision(version, decision)
         if not decision.allowed:
@@ -474,40 +214,6 @@ class Release:
                                    {"package": decision.package, "allowed": decision.allowed,
                                     "reasons": list(decision.reasons)})
 
-    # -- the deploy gate -------------------------------------------------------------------------
-    def gate(self, ref: str, *, actor: str, target: str, permission: str = "model.deploy") -> VerifiedModel:
-        """Everything that must hold before a byte is written to ``target``; raises otherwise."""
-        if target not in TARGETS:
-            raise BadInput(f"unknown deploy target {target!r} (one of {', '.join(TARGETS)})")
-        version = self.registry.get(ref)
-        subject = f"{version.version} sha256:{version.model_digest} -> {target}"
-        self.access.require(actor, permission, audit=self.audit, subject=subject)
-        deployment = self.engine.decide("deployment", {
-            "version": version.version, "stage": version.stage, "target": target,
-            "deployer": {"identity": actor, "roles": list(self.access.roles_of(actor))},
-            "pipeline_changers": pipeline_changers(version),
-        })
-        if not deployment.allowed:
-            self._deny(actor, subject, deployment.reasons)
-        verified = self.verify(version, actor=actor)
-        try:
-            promotion = self.engine.decide("promotion", promotion_input(
-                version, target_stage="production", access=self.access,
-                signature={"verified": True, "digest": verified.model_digest, "reason": ""},
-                attestation={"verified": True, "subject_matches": True, "reason": ""}))
-            if not promotion.allowed:
-                self._deny(actor, subject, promotion.reasons)
-        except BaseException:
-            shutil.rmtree(verified.directory.parent, ignore_errors=True)
-            raise
-        self.audit.record(actor, "deploy.gate", subject=subject, outcome="allow",
-                          details={"verify_seconds": round(verified.seconds, 4)})
-        return verified
-
-    def _deny(self, actor: str, subject: str, reasons: tuple[str, ...]) -> None:
-        self.audit.record(actor, "deploy", subject=subject, outcome="deny", details={"reasons": list(reasons)})
-        raise PolicyDenied(f"deploy of {subject.split(' ')[0]} denied: " + "; ".join(reasons))
-
     def deploy(self, ref: str = "production", *, actor: str, target: str = "local",
                health: bool = True, _action: str = "deployed", _permission: str = "model.deploy",
                _reason: str = "", by: Any = None) -> Deployment:
@@ -517,8 +223,9 @@ class Release:
             self.signed.decide(by, "deployment", self.registry.get(verified.version),
                                {"target": target}, permission=_permission)
         version = self.registry.get(verified.version)
+        where = targets.get(target)
         try:
-            location = self._write_target(verified, version, target=target, actor=actor)
+            location = self._write_target(verified, version, target=where, actor=actor)
         finally:
             shutil.rmtree(verified.directory.parent, ignore_errors=True)
         record = self.registry.record_deployment(actor=actor, target=target, version=version.version,
@@ -526,16 +233,14 @@ class Release:
                                                  location=str(location), reason=_reason)
         self.audit.record(actor, "deploy", subject=f"{version.version} sha256:{verified.model_digest} -> {target}",
                           details={"location": str(location), "status": _action})
-        if health and target == "local":
-            result = self._health(location, version)
-            if not result.healthy:
-                return self._automatic_rollback(record, result, actor=actor)
+        result = self._health(where, location) if health else None
+        if result is not None and not result.healthy:
+            return self._automatic_rollback(record, result, actor=actor)
         return record
 
-    def _health(self, location: Path, version: ModelVersion) -> HealthResult:
-        check = self.health_check or _default_health_check
+    def _health(self, target: DeployTarget, location: Path) -> HealthResult | None:
         try:
-            return check(location, version)
+            return target.health(location, trust=self.trust)
         except Error as exc:
             return HealthResult(False, exc.explain())
         except Exception as exc:  # a crash in the health check is an unhealthy deployment
@@ -550,7 +255,7 @@ class Release:
                           details={"reason": result.reason})
         previous = self.registry.previous_deployment(failed.target)
         if previous is None:
-            self._clear_current(failed.target)
+            targets.get(failed.target).clear(self.deployments_dir / failed.target)
             self.audit.record(actor, "deploy.rollback", subject=f"{failed.version} -> {failed.target}", outcome="fail",
                               details={"reason": reason + "; no earlier verified version to restore: nothing is live"})
             raise VerificationError(reason + "; no earlier verified version to restore, nothing is live")
@@ -622,7 +327,7 @@ class Release:
                 done.append(f"{target}: rolled back to {record.version}")
             except Error as exc:
                 # Nobody may run a revoked model: take it down even where no rollback is possible.
-                self._clear_current(target)
+                targets.get(target).clear(self.deployments_dir / target)
                 self.registry.record_deployment(actor=by.name, target=target, version=current.version,
                                                 model_digest=current.model_digest, status="rolled_back",
                                                 location=current.location, reason=why)
@@ -638,31 +343,25 @@ class Release:
                                     reason=f"rolled back from {replaced}: {reason}")
 
     # -- targets -----------------------------------------------------------------------------
-    def _write_target(self, verified: VerifiedModel, version: ModelVersion, *, target: str, actor: str) -> Path:
-        root = self.deployments_dir / target
+    def _write_target(self, verified: VerifiedVersion, version: ModelVersion, *, target: DeployTarget,
+                      actor: str) -> Path:
+        """The verified bytes, the target's own files and a receipt, renamed into place at once; then activated."""
+        root = self.deployments_dir / target.name
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         name = f"{version.version}-{verified.model_digest[:12]}"
         final = root / name
         receipt = {
             "format": "secure-ml-deployment/1", "version": version.version, "model_digest": verified.model_digest,
-            "target": target, "actor": actor, "signature_file": SIGNATURE_FILE, "attestation_file": ATTESTATION_FILE,
-            "signer": str(verified.signature.get("signer", "")),
+            "target": target.name, "actor": actor, "signature_file": SIGNATURE_FILE,
+            "attestation_file": ATTESTATION_FILE, "signer": verified.verified.signer,
         }
         staging = Path(tempfile.mkdtemp(prefix=f".tmp-{name}.", dir=root))
         try:
-            shutil.copytree(verified.directory, staging / "model")
+            shutil.copytree(verified.directory, staging / MODEL_DIR)
             (staging / SIGNATURE_FILE).write_bytes(verified.bundle)
             (staging / ATTESTATION_FILE).write_bytes(verified.envelope)
-            if target == "kubernetes":
-                from secure_ml.release import k8s_render
-
-                manifests = k8s_render.render(self.config.get("kubernetes") or {}, version=version.version,
-                                              model_digest=verified.model_digest)
-                k8s_render.validate(manifests, signed_digests=[verified.model_digest],
-                                    kubernetes_version=str((self.config.get("kubernetes") or {})
-                                                           .get("kubernetes_version", "1.33")))
-                (staging / "manifests.yaml").write_text(k8s_render.to_yaml(manifests))
-                receipt["manifests"] = "manifests.yaml"
+            receipt.update(target.write(staging, version=version.version, model_digest=verified.model_digest,
+                                        config=self.config))
             (staging / RECEIPT_FILE).write_text(json.dumps(receipt, indent=1, sort_keys=True))
             if final.exists():
                 shutil.rmtree(final)  # same version and digest: an identical redeploy replaces it
@@ -670,20 +369,5 @@ class Release:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        if target == "local":
-            with atomic_write(root / "current.json") as out:
-                out.write(json.dumps({"version": version.version, "model_digest": verified.model_digest,
-                                      "directory": name}, sort_keys=True).encode())
+        target.activate(root, final, version=version.version, model_digest=verified.model_digest)
         return final
-
-    def _clear_current(self, target: str) -> None:
-        pointer = self.deployments_dir / target / "current.json"
-        if pointer.exists():
-            pointer.unlink()
-
-
-def _default_health_check(location: Path, version: ModelVersion) -> HealthResult:
-    """Load the deployed model the way the server does and predict one representative row."""
-    from secure_ml.release import serving
-
-    return serving.health_probe(location)

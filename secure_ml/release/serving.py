@@ -2,16 +2,17 @@
 
     tokens = TokenStore(home / "serving" / "tokens.json")
     secret = tokens.issue("frontend")              # shown once; only its SHA-256 is stored
-    model = load_verified(model_dir, expected_digest="ab12…", verify_signature=verifier)
+    model = load_deployment(location, trust=trust)   # the verification chain, pinned to the receipt's digest
     app = create_app(model, tokens, rate_per_minute=120)
     uvicorn.run(app, host="127.0.0.1", port=8765)  # or: secure-ml serve
 
-What it refuses: a model directory whose files do not hash to the pinned digest, whose signature
-does not verify, that holds any file other than the model's safetensors and JSON/Markdown files
-(nothing is ever unpickled), or symlinks. Requests without a valid bearer token (401), over the
-client's rate (429, with Retry-After), over the body or batch size (413), and instances that do
-not match the model's preprocessing (unknown or missing features, wrong types, non-finite
-numbers, unseen categories: 422, naming the field).
+What it refuses: a model directory that fails the verification chain
+(secure_ml.security.verification: signature against trusted signers, files hashing to the pinned
+digest, attestation and its subjects when present), that holds any file other than the model's
+safetensors and JSON/Markdown files (nothing is ever unpickled), or symlinks. Requests without a
+valid bearer token (401), over the client's rate (429, with Retry-After), over the body or batch
+size (413), and instances that do not match the model's preprocessing (unknown or missing
+features, wrong types, non-finite numbers, unseen categories: 422, naming the field).
 
 Endpoints: ``GET /healthz`` (no auth; version and digest), ``POST /v1/predict`` with
 ``{"instances": [{feature: value, ...}, ...]}`` -> ``{"predictions": [{"probability", "label"}]}``.
@@ -27,14 +28,18 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from secure_ml.custody.integrity import atomic_write, list_tree, sha256_tree, tree_digest
+from secure_ml.custody.integrity import atomic_write
 from secure_ml.errors import BadInput, ConfigurationError, IntegrityError, VerificationError
+from secure_ml.release.deployed import ATTESTATION_FILE, RECEIPT_FILE, SIGNATURE_FILE, HealthResult
+from secure_ml.security import verification
+from secure_ml.security.verification import TrustPolicy
+from secure_ml.training.trainer import load_predictor
 
 ALLOWED_FILES = re.compile(r"^(model\.safetensors|config\.json|preprocessing\.json|training_record\.json|MODEL_CARD\.md)$")
 _TOKEN_NAME = re.compile(r"^[A-Za-z0-9_.@:-]{1,64}$")
@@ -200,76 +205,16 @@ class LoadedModel:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def _generic_mlp(model_dir: Path, spec: FeatureSpec) -> Predictor:
-    """An MLP read from safetensors: numbered Linear layers (``*.N.weight``/``*.N.bias``) with ReLU."""
-    import torch
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(model_dir / "model.safetensors"))  # safetensors: no code runs on load
-    layers: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
-    for key, weight in tensors.items():
-        match = re.match(r"^(?:.*\.)?(\d+)\.weight$", key)
-        if match and weight.dim() == 2:
-            bias = tensors.get(key[: -len("weight")] + "bias")
-            layers.append((int(match.group(1)), weight.float(), bias.float() if bias is not None else None))
-    layers.sort(key=lambda item: item[0])
-    if not layers:
-        raise IntegrityError("model.safetensors holds no linear layers")
-
-    def encode(rows: list[dict[str, Any]]) -> torch.Tensor:
-        columns: list[list[float]] = []
-        for row in rows:
-            values = [(float(row[n]) - mean) / scale for n, (mean, scale) in spec.numeric.items()]
-            for name, categories in spec.categorical.items():
-                values.extend(1.0 if row[name] == c else 0.0 for c in categories)
-            columns.append(values)
-        return torch.tensor(columns, dtype=torch.float32)
-
-    def predict(rows: list[dict[str, Any]]) -> list[float]:
-        with torch.no_grad():
-            x = encode(rows)
-            if x.shape[1] != layers[0][1].shape[1]:
-                raise IntegrityError(f"the model expects {layers[0][1].shape[1]} inputs; preprocessing gives {x.shape[1]}")
-            for i, (_, weight, bias) in enumerate(layers):
-                x = torch.nn.functional.linear(x, weight, bias)
-                if i < len(layers) - 1:
-                    x = torch.relu(x)
-            probs = torch.sigmoid(x[:, 0]) if x.shape[1] == 1 else torch.softmax(x, dim=1)[:, 1]
-            return [float(p) for p in probs]
-
-    return predict
-
-
-def _predictor(model_dir: Path, spec: FeatureSpec) -> Predictor:
-    """The training stage's own loader when it offers one, else the generic safetensors MLP."""
-    try:
-        from secure_ml.training import trainer as training  # type: ignore[attr-defined]
-    except ImportError:
-        training = None
-    loader = getattr(training, "load_predictor", None)
-    if callable(loader):
-        return loader(model_dir)  # type: ignore[no-any-return]
-    return _generic_mlp(model_dir, spec)
-
-
-def load_verified(model_dir: Path | str, *, expected_digest: str,
-                  verify_signature: Callable[[Path, bytes], Mapping[str, Any]] | None = None,
-                  bundle: bytes | None = None, version: str = "") -> LoadedModel:
-    """Load ``model_dir`` only if its files hash to ``expected_digest`` (and the signature verifies)."""
+def load_verified(model_dir: Path | str, *, trust: TrustPolicy, expected_digest: str, bundle: bytes | Path,
+                  envelope: bytes | Path | None = None, version: str = "") -> LoadedModel:
+    """Load ``model_dir`` only after the verification chain passes: signature against ``trust``, files
+    hashing to ``expected_digest``, and the attestation with its subjects when one is given."""
     model_dir = Path(model_dir)
-    names = list_tree(model_dir)  # refuses symlinks
-    strays = [n for n in names if not ALLOWED_FILES.match(n)]
+    verified = verification.verify_model(model_dir, bundle, envelope, trust=trust, expected_digest=expected_digest)
+    strays = [n for n in verified.files if not ALLOWED_FILES.match(n)]
     if strays:
         # Only safetensors and JSON are ever loaded: anything else (a pickle by any name) is refused.
         raise VerificationError(f"model directory holds an unexpected file: {strays[0]}")
-    actual = tree_digest(sha256_tree(model_dir))
-    if actual != expected_digest:
-        raise VerificationError(f"model directory hashes to {actual[:16]}…, not the pinned {expected_digest[:16]}…")
-    details: dict[str, Any] = {}
-    if verify_signature is not None:
-        if bundle is None:
-            raise VerificationError("no signature bundle to verify the model against")
-        details = dict(verify_signature(model_dir, bundle))
     try:
         prep = json.loads((model_dir / "preprocessing.json").read_text())
         config = json.loads((model_dir / "config.json").read_text())
@@ -279,30 +224,39 @@ def load_verified(model_dir: Path | str, *, expected_digest: str,
         raise VerificationError("the model's config.json or preprocessing.json is not JSON") from None
     spec = FeatureSpec.from_preprocessing(prep)
     threshold = float(config.get("threshold", 0.5)) if isinstance(config, Mapping) else 0.5
-    return LoadedModel(model_dir, actual, version, spec, _predictor(model_dir, spec), threshold, details)
+    details = {"signer": verified.signer, "method": verified.method, **verified.attestation}
+    # The training stage's loader is the one loader (safetensors: no code runs on load).
+    return LoadedModel(model_dir, verified.model_digest, version, spec, load_predictor(model_dir), threshold, details)
 
 
-def load_deployment(location: Path | str, *, verify_signature: Callable[[Path, bytes], Mapping[str, Any]] | None = None,
-                    expected_digest: str | None = None) -> LoadedModel:
-    """Load a deployed directory (model/, model.sig, DEPLOYMENT.json) after verifying it."""
+def load_deployment(location: Path | str, *, trust: TrustPolicy, expected_digest: str | None = None) -> LoadedModel:
+    """Load a deployed directory (model/, model.sig, attestation, DEPLOYMENT.json) after the chain passes.
+
+    The digest is pinned to the receipt's (and to ``expected_digest`` when given). An attestation the
+    receipt names must be there: removing it does not downgrade the check to signature-only.
+    """
     location = Path(location)
     try:
-        receipt = json.loads((location / "DEPLOYMENT.json").read_text())
+        receipt = json.loads((location / RECEIPT_FILE).read_text())
     except (FileNotFoundError, ValueError):
-        raise VerificationError(f"{location} is not a deployment (no readable DEPLOYMENT.json)") from None
+        raise VerificationError(f"{location} is not a deployment (no readable {RECEIPT_FILE})") from None
     digest = str(receipt.get("model_digest", ""))
     if expected_digest is not None and digest != expected_digest:
         raise VerificationError(f"deployment {location.name} is {digest[:16]}…, not the expected {expected_digest[:16]}…")
-    bundle = (location / "model.sig").read_bytes() if (location / "model.sig").exists() else None
-    return load_verified(location / "model", expected_digest=digest, verify_signature=verify_signature,
-                         bundle=bundle, version=str(receipt.get("version", "")))
+    bundle = location / str(receipt.get("signature_file") or SIGNATURE_FILE)
+    if not bundle.is_file():
+        raise VerificationError(f"deployment {location.name} has no signature bundle")
+    named = receipt.get("attestation_file")
+    envelope = location / str(named or ATTESTATION_FILE)
+    if named and not envelope.is_file():
+        raise VerificationError(f"deployment {location.name} lacks its attestation {envelope.name}")
+    return load_verified(location / "model", trust=trust, expected_digest=digest, bundle=bundle,
+                         envelope=envelope if envelope.is_file() else None, version=str(receipt.get("version", "")))
 
 
-def health_probe(location: Path | str, *, verify_signature: Callable[[Path, bytes], Mapping[str, Any]] | None = None) -> Any:
+def health_probe(location: Path | str, *, trust: TrustPolicy) -> HealthResult:
     """Load a deployment the way the server does and predict one row: healthy only if that works."""
-    from secure_ml.release.deploy import HealthResult
-
-    model = load_deployment(location, verify_signature=verify_signature)
+    model = load_deployment(location, trust=trust)
     example = model.spec.example()
     probabilities = model.predict([model.spec.validate(example, 0)])
     if len(probabilities) != 1 or not all(math.isfinite(p) and 0.0 <= p <= 1.0 for p in probabilities):
@@ -384,7 +338,3 @@ def serve(app: Any, *, host: str, port: int) -> None:  # pragma: no cover - exer
 
 def tokens_path(home: Path) -> Path:
     return Path(home) / "serving" / "tokens.json"
-
-
-def _names(values: Sequence[str]) -> str:
-    return ", ".join(values)

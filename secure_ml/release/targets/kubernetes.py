@@ -1,0 +1,43 @@
+"""The ``kubernetes`` deploy target: manifests pinned to the verified digest, beside the verified model.
+
+    deployments/kubernetes/<version>-<digest12>/{model/, model.sig, attestation.dsse.json,
+                                                 manifests.yaml, DEPLOYMENT.json}
+
+The manifests (secure_ml.release.k8s_render, configured by release.yaml ``kubernetes``) are
+validated in strict mode and by the Rego admission policy before anything is written; the model
+directory is copied onto the models volume and the manifests applied by the platform. The pod's
+init container re-verifies the model against the pinned digest, so no health check runs here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from secure_ml.release import k8s_render
+from secure_ml.release.deployed import HealthResult
+from secure_ml.security.verification import TrustPolicy
+
+MANIFESTS = "manifests.yaml"
+
+
+class KubernetesTarget:
+    name = "kubernetes"
+
+    def write(self, staging: Path, *, version: str, model_digest: str, config: Mapping[str, Any]) -> dict[str, str]:
+        kubernetes = dict(config.get("kubernetes") or {})
+        manifests = k8s_render.render(kubernetes, version=version, model_digest=model_digest)
+        k8s_render.validate(manifests, signed_digests=[model_digest],
+                            kubernetes_version=str(kubernetes.get("kubernetes_version", "1.33")))
+        (staging / MANIFESTS).write_text(k8s_render.to_yaml(manifests))
+        return {"manifests": MANIFESTS}
+
+    def activate(self, root: Path, location: Path, *, version: str, model_digest: str) -> None:
+        return None  # applied by the platform (kubectl / GitOps); the init container verifies in the pod
+
+    def health(self, location: Path, *, trust: TrustPolicy) -> HealthResult | None:
+        return None
+
+    def clear(self, root: Path) -> None:
+        return None
