@@ -2,8 +2,8 @@
 
 registered_model registers the signed, attested model as a candidate (staging when everything but
 the approval allows) and shows the promotion decision with every reason; production needs
-``secure-ml approve VERSION --as IDENTITY`` by a second identity. deployment deploys whatever the
-registry says is production, through the deploy gate, when the run's identity may deploy it.
+``SECURE_ML_IDENTITY=KEY secure-ml approve VERSION`` by a second person. deployment deploys whatever
+the registry says is production, through the deploy gate, when the run's identity may deploy it.
 """
 
 import json
@@ -108,8 +108,9 @@ def registered_model(context: dg.AssetExecutionContext, model_evaluation: dict[s
         version, staging, production = service.register(digest, evidence, actor=actor)
     except Error as exc:
         raise dg.Failure(exc.explain()) from None
-    next_step = (f"approve with `secure-ml approve {version.version} --as <approver>` (someone who neither "
-                 f"added the data nor trained the model)" if staging.allowed and version.stage == "staging"
+    awaiting = staging.allowed and version.stage == "staging"
+    next_step = (f"approve with `SECURE_ML_IDENTITY=<your key> secure-ml approve {version.version}` "
+                 "(someone who neither added the data nor trained the model)" if awaiting
                  else "fix what the policy names, then run the pipeline again")
     value = {"version": version.version, "model_sha256": version.model_digest, "stage": version.stage,
              "approvals": list(version.approvals), "staging": staging.as_dict(), "production": production.as_dict()}

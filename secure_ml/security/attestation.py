@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from secure_ml.custody.dsse import INTOTO_PAYLOAD_TYPE, STATEMENT_TYPE, pae
 from secure_ml.errors import ConfigurationError, VerificationError
 
-PAYLOAD_TYPE = "application/vnd.in-toto+json"
-STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+# One DSSE encoding for every envelope we sign (secure_ml.custody.dsse): attestations and decisions.
+PAYLOAD_TYPE = INTOTO_PAYLOAD_TYPE
 SLSA_PROVENANCE = "https://slsa.dev/provenance/v1"
 BUILD_TYPE = "https://secure-ml.local/buildtypes/dagster-pipeline/v1"
 MODEL_PREFIX = "model/"
@@ -50,12 +51,6 @@ class BuildInfo:
     hyperparameters: Mapping[str, Any] = field(default_factory=dict)
     dependencies: Sequence[Mapping[str, Any]] = ()   # ResourceDescriptors (datasets)
     byproducts: Sequence[Mapping[str, Any]] = ()
-
-
-def pae(payload_type: str, payload: bytes) -> bytes:
-    """DSSE pre-authentication encoding: what is actually signed (binds the type to the bytes)."""
-    kind = payload_type.encode()
-    return b"DSSEv1 %d %s %d %s" % (len(kind), kind, len(payload), payload)
 
 
 def provenance_statement(model_files: Mapping[str, str], bundle_sha256: str, *, build: BuildInfo) -> dict[str, Any]:
