@@ -14,7 +14,7 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from secure_ml.security.scan_findings import Finding
 
@@ -43,25 +43,30 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def read_safetensors_header(path: Path, limits: SafetensorsLimits = SafetensorsLimits()) -> tuple[dict[str, Any], list[str]]:
     """(tensor table, problems): the header is read and checked without reading tensor data."""
-    problems: list[str] = []
-    size = path.stat().st_size
     with path.open("rb") as handle:
-        raw_len = handle.read(8)
-        if len(raw_len) < 8:
-            return {}, [f"file is {size} bytes: too short for a safetensors header"]
-        (header_len,) = struct.unpack("<Q", raw_len)
-        if header_len > limits.max_header_bytes:
-            return {}, [f"header claims {header_len} bytes (limit {limits.max_header_bytes})"]
-        if 8 + header_len > size:
-            return {}, [f"header claims {header_len} bytes but the file has only {size - 8} after the length"]
-        raw = handle.read(header_len)
+        return read_safetensors_header_from(handle, path.stat().st_size, limits)
+
+
+def read_safetensors_header_from(handle: BinaryIO, size: int,
+                                 limits: SafetensorsLimits = SafetensorsLimits()) -> tuple[dict[str, Any], list[str]]:
+    """The same check over ``size`` bytes of an open reader (an archive member, a region of a file)."""
+    problems: list[str] = []
+    raw_len = handle.read(8)
+    if len(raw_len) < 8:
+        return {}, [f"file is {size} bytes: too short for a safetensors header"]
+    (header_len,) = struct.unpack("<Q", raw_len)
+    if header_len > limits.max_header_bytes:
+        return {}, [f"header claims {header_len} bytes (limit {limits.max_header_bytes})"]
+    if 8 + header_len > size:
+        return {}, [f"header claims {header_len} bytes but the file has only {size - 8} after the length"]
+    raw = handle.read(header_len)
     try:
         text = raw.decode("utf-8")
         if not text.lstrip().startswith("{"):
             raise ValueError("header is not a JSON object")
         header = json.loads(text, object_pairs_hook=_no_duplicate_keys)
-    except (UnicodeDecodeError, ValueError) as exc:
-        return {}, [f"header is not valid JSON: {exc}"]
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        return {}, [f"header is not valid JSON: {str(exc)[:160]}"]
     if not isinstance(header, dict):
         return {}, ["header is not a JSON object"]
     metadata = header.pop("__metadata__", {})
@@ -76,8 +81,8 @@ def read_safetensors_header(path: Path, limits: SafetensorsLimits = SafetensorsL
             problems.append(f"tensor {name!r}: entry must hold only dtype, shape, data_offsets")
             continue
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in limits.allowed_dtypes:
-            problems.append(f"tensor {name!r}: dtype {dtype!r} is not allowed")
+        if not isinstance(dtype, str) or dtype not in limits.allowed_dtypes or dtype not in DTYPE_BYTES:
+            problems.append(f"tensor {name!r}: dtype {str(dtype)[:40]!r} is not allowed")
             continue
         if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
             problems.append(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")

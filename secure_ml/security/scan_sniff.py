@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import io
 import tarfile
 import zipfile
 from pathlib import Path
@@ -20,7 +19,7 @@ def _head(path: Path, size: int = 64) -> bytes:
 def looks_like_pickle(data: bytes) -> bool:
     """A pickle stream: protocol 2+ starts with PROTO; protocol 0/1 is recognised by parsing it.
 
-    Parsing (never loading) is done with fickling, which reads opcodes without executing any.
+    Parsing (never loading) walks the opcodes (secure_ml.security.scan_pickle), executing none.
     """
     if len(data) >= 2 and data[0] == 0x80 and 2 <= data[1] <= 5:
         return True
@@ -32,14 +31,13 @@ _OPCODE_STARTS = {b"(", b"c", b"]", b"}", b"I", b"S", b"V", b"N", b"K", b"X", b"
 
 
 def _parses_as_pickle(data: bytes) -> bool:
-    from fickling.fickle import Pickled
+    from secure_ml.security.scan_pickle import UnreadablePickle, walk_pickle
 
     try:
-        pickled = Pickled.load(io.BytesIO(data))
-    except Exception:  # noqa: BLE001 - not a pickle, whatever the parser's complaint
+        walk_pickle(data)
+    except UnreadablePickle:
         return False
-    # A real pickle has at least one opcode before STOP and nothing invalid.
-    return len(pickled) > 1 and not getattr(pickled, "has_invalid_opcode", False)
+    return True
 
 
 def _zip_members(path: Path) -> list[str] | None:
