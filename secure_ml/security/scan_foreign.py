@@ -19,7 +19,9 @@ import io
 import json
 import logging
 import os
+import re
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,15 @@ from secure_ml.security.scan_formats import (
     identify,
     keras_config_problems,
 )
-from secure_ml.security.scan_pickle import PickleStream, UnreadablePickle, disallowed, walk_pickle, walk_stacked
+from secure_ml.security.scan_pickle import (
+    ALLOWED_IMPORTS,
+    RENAMED_MODULES,
+    PickleStream,
+    UnreadablePickle,
+    disallowed,
+    walk_pickle,
+    walk_stacked,
+)
 from secure_ml.security.scan_safetensors import read_safetensors_header_from
 
 _OPCODE_BYTES = frozenset(b"()*-.0123456789BCFGIJKLMNPQRSTUVXabcdeghijlmopqrstu}~\x80\x81\x82\x83\x84\x85\x86"
@@ -68,14 +78,30 @@ def scan_foreign_file(path: Path, where: str | None = None, *, limits: UnpackLim
     except BadInput as exc:
         scan.add("high", blob.where, "unreadable", f"cannot be read, so it cannot be judged: {exc.explain()}")
     if external:
-        scan.findings += external_findings(Path(path), blob.where, scan.top_kind, scan.streams)
+        scan.findings += [_second_opinion(f) for f in external_findings(Path(path), blob.where, scan.top_kind,
+                                                                         scan.streams)]
     return dedupe(scan.findings)
+
+
+_FROM_IMPORT = re.compile(r"from ([\w.]+) import ([\w.]+)")
+
+
+def _second_opinion(finding: Finding) -> Finding:
+    """A scanner's finding about an import our allow-list holds is noted (low), not a block: the
+    verdict is ours. A finding about anything else keeps its severity: two readers disagree."""
+    named = str(finding.details.get("operator", ""))
+    match = _FROM_IMPORT.search(finding.why)
+    if match:
+        named = f"{RENAMED_MODULES.get(match.group(1), match.group(1))}.{match.group(2)}"
+    if named and named in ALLOWED_IMPORTS:
+        return replace(finding, severity="low", why=f"{finding.why[:240]} (on our allow-list: noted, not blocking)")
+    return finding
 
 
 class _Scan:
     def __init__(self) -> None:
         self.findings: list[Finding] = []
-        self.streams: list[tuple[Blob, PickleStream]] = []
+        self.streams: list[tuple[str, bytes]] = []   # (where, bytes) of each pickle, for fickling
         self.top_kind: str | None = None
 
     def add(self, severity: str, where: str, rule: str, why: str, **details: Any) -> None:
@@ -174,8 +200,11 @@ class _Scan:
         return found
 
     def _judge(self, blob: Blob, stream: PickleStream) -> None:
-        self.streams.append((blob, stream))
         where = blob.where if stream.start == 0 else f"{blob.where}@{stream.start}"
+        if stream.end - stream.start <= _FICKLING_LIMIT:
+            with blob.open() as region:
+                region.seek(stream.start)
+                self.streams.append((where, region.read(stream.end - stream.start)))
         for problem in disallowed(stream):
             # Loading it would import (and may call) something no tensor needs: code execution.
             self.add("critical", where, "pickle-import",
@@ -194,18 +223,13 @@ _FICKLING_SEVERITY = {
 }
 
 
-def external_findings(path: Path, where: str, kind: str | None,
-                      streams: list[tuple[Blob, PickleStream]]) -> list[Finding]:
+def external_findings(path: Path, where: str, kind: str | None, streams: list[tuple[str, bytes]]) -> list[Finding]:
     findings = []
     if kind in _MODELSCAN_SUFFIX:
         findings += modelscan_findings(path, where, _MODELSCAN_SUFFIX[kind])
     findings += picklescan_findings(path, where)
-    for blob, stream in streams:
-        if stream.end - stream.start <= _FICKLING_LIMIT:
-            with blob.open() as region:
-                region.seek(stream.start)
-                data = region.read(stream.end - stream.start)
-            findings += fickling_findings(data, blob.where if stream.start == 0 else f"{blob.where}@{stream.start}")
+    for stream_where, data in streams:
+        findings += fickling_findings(data, stream_where)
     return findings
 
 
@@ -245,7 +269,8 @@ def picklescan_findings(path: Path, where: str) -> list[Finding]:
     for found in result.globals:
         if found.safety == SafetyLevel.Dangerous:
             findings.append(Finding("model", "critical", where, "picklescan:dangerous-import",
-                                    f"picklescan: dangerous import {found.module}.{found.name}"))
+                                    f"picklescan: dangerous import {found.module}.{found.name}",
+                                    {"operator": f"{found.module}.{found.name}"}))
     if result.scan_err:
         findings.append(Finding("model", "info", where, "picklescan:error", "picklescan could not read all of it"))
     return findings

@@ -55,7 +55,7 @@ ALLOWED_IMPORTS: frozenset[str] = frozenset({
     "builtins.complex", "builtins.bytearray", "builtins.range", "_codecs.encode",
 })
 # Python 2 names the unpickler maps to today's modules (fix_imports).
-_RENAMED_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
+RENAMED_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 
 _STRING_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8"}
 _MARK = object()
@@ -148,7 +148,7 @@ def walk_pickle(source: bytes | bytearray | memoryview | BinaryIO | Any, offset:
         raise UnreadablePickle("pickle pops to a mark it never set")
 
     def record(module: str, name: str) -> None:
-        module = _RENAMED_MODULES.get(module, module)
+        module = RENAMED_MODULES.get(module, module)
         imports[f"{module}.{name}"] = None
 
     try:
