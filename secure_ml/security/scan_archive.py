@@ -20,12 +20,14 @@ import bz2
 import io
 import lzma
 import mmap
+import re
 import struct
 import tarfile
 import tempfile
 import zipfile
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,7 +186,7 @@ class Unpacker:
             self._members(blob, len(members))
             for info in members:
                 where = f"{blob.where}:{info.filename}"
-                if info.is_dir():
+                if info.filename.endswith("/"):
                     continue
                 if info.flag_bits & 0x1:
                     raise UnreadableArchive(f"{where}: encrypted zip member cannot be scanned")
@@ -201,6 +203,8 @@ class Unpacker:
 
     def _stored(self, blob: Blob, region: _Region, info: zipfile.ZipInfo, where: str) -> Blob:
         # The member's bytes as they lie in the archive, after its local header.
+        if not 0 <= info.header_offset < blob.length:
+            raise UnreadableArchive(f"{where}: zip member's header lies outside the archive")
         region.seek(info.header_offset)
         header = region.read(30)
         if len(header) < 30 or header[:4] != b"PK\x03\x04":
@@ -308,13 +312,23 @@ class Unpacker:
             raise ArchiveRefused(f"{blob.where}: {count} members (limit {self.limits.max_members})")
 
 
-def find_all(blob: Blob, needle: bytes) -> Iterator[int]:
-    """Offsets (within the blob) of every occurrence of ``needle``: mmap, no copy."""
-    if blob.length < len(needle):
+_PROTO = re.compile(rb"\x80[\x02-\x05]")
+
+
+def proto_offsets(blob: Blob) -> Iterator[int]:
+    """Offsets (within the blob) of every PROTO 2-5 opcode (0x80, 2..5): where a pickle may start.
+
+    One regular-expression pass over an mmap (C speed, no copy): about one SHA-256 pass's time.
+    """
+    if blob.length < 2:
         return
     with blob.path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
-        start, end = blob.offset, blob.offset + blob.length
-        while (hit := view.find(needle, start, end)) >= 0:
-            yield hit - blob.offset
-            start = hit + 1
+        for match in _PROTO.finditer(view, blob.offset, blob.offset + blob.length):
+            yield match.start() - blob.offset
 
+
+@contextmanager
+def mapped(blob: Blob) -> Iterator[mmap.mmap]:
+    """The blob's file, memory-mapped read-only (offsets are the file's: add ``blob.offset``)."""
+    with blob.path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        yield view

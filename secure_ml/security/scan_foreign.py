@@ -27,7 +27,7 @@ from typing import Any
 
 from secure_ml.custody.integrity import list_tree
 from secure_ml.errors import BadInput, PolicyDenied
-from secure_ml.security.scan_archive import Blob, Unpacker, UnpackLimits, container_kind, find_all
+from secure_ml.security.scan_archive import Blob, Unpacker, UnpackLimits, container_kind, mapped, proto_offsets
 from secure_ml.security.scan_findings import SEVERITIES, Finding, dedupe
 from secure_ml.security.scan_formats import (
     check_gguf,
@@ -77,6 +77,9 @@ def scan_foreign_file(path: Path, where: str | None = None, *, limits: UnpackLim
         scan.add("critical", blob.where, "archive-bomb", exc.explain())
     except BadInput as exc:
         scan.add("high", blob.where, "unreadable", f"cannot be read, so it cannot be judged: {exc.explain()}")
+    except Exception as exc:  # noqa: BLE001 - fail closed: a reader that breaks on these bytes cannot judge them
+        scan.add("high", blob.where, "scanner-error", f"a reader broke on it, so it cannot be judged: "
+                                                      f"{type(exc).__name__}: {str(exc)[:160]}")
     if external:
         scan.findings += [_second_opinion(f) for f in external_findings(Path(path), blob.where, scan.top_kind,
                                                                          scan.streams)]
@@ -185,18 +188,19 @@ class _Scan:
     def _probe(self, blob: Blob, known: set[int]) -> list[PickleStream]:
         """Pickles hidden at any offset: every PROTO 2-5 opcode is a candidate start."""
         found: list[PickleStream] = []
-        with blob.open() as region:
-            for protocol in (2, 3, 4, 5):
-                for offset in find_all(blob, bytes((0x80, protocol))):
-                    if offset in known or any(s.start < offset < s.end for s in found):
-                        continue
-                    region.seek(offset + 2)
-                    if region.read(1)[:1] not in _OPCODE_SET:
-                        continue
-                    try:
-                        found.append(walk_pickle(region, offset, blob.length))
-                    except UnreadablePickle:
-                        continue  # data that merely looks like a PROTO opcode
+        if blob.length < 3:
+            return found
+        with mapped(blob) as view:
+            base, end = blob.offset, blob.offset + blob.length
+            for offset in proto_offsets(blob):
+                if offset in known or offset + 2 >= blob.length or view[base + offset + 2] not in _OPCODE_BYTES \
+                        or any(s.start < offset < s.end for s in found):
+                    continue
+                try:
+                    stream = walk_pickle(view, base + offset, end)
+                except UnreadablePickle:
+                    continue  # data that merely looks like a PROTO opcode
+                found.append(replace(stream, start=offset, end=stream.end - base))
         return found
 
     def _judge(self, blob: Blob, stream: PickleStream) -> None:
@@ -210,9 +214,6 @@ class _Scan:
             self.add("critical", where, "pickle-import",
                      f"pickle {problem}: not a tensor rebuilder, numpy reconstruction or plain container",
                      protocol=stream.protocol)
-
-
-_OPCODE_SET = {bytes((b,)) for b in _OPCODE_BYTES}
 
 
 # -- the field's scanners: what they flag is added; the verdict stays ours ------------------------

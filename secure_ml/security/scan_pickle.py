@@ -4,7 +4,7 @@
     stream = walk_pickle(reader, offset=4096)  # any object with read/seek/tell (an mmap, a file)
     bad = disallowed(stream)                   # imports outside the allow-list, plus unresolved globals
 
-Every opcode is walked (``pickletools.genops``), in any protocol, to its STOP. The names a loader
+Every opcode is walked (pickletools' opcode table; big arguments skipped, not read), in any protocol, to its STOP. The names a loader
 would import come from GLOBAL and INST, and from STACK_GLOBAL resolved through a small emulation
 of the unpickler's stack and memo (string pushes, GET/PUT/MEMOIZE, marks, DUP, POP): a
 STACK_GLOBAL whose operands are not known strings is itself a problem, as are extension codes
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import pickletools
+import struct
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -84,7 +85,10 @@ class _Window:
         self.source, self.position, self.end = source, start, end
 
     def read(self, size: int = -1) -> bytes:
-        size = self.end - self.position if size < 0 else min(size, self.end - self.position)
+        if size > self.end - self.position:
+            # An argument longer than what is left: truncated (and never read into memory).
+            raise UnreadablePickle(f"pickle is truncated: {size} bytes wanted past the end of the data")
+        size = self.end - self.position if size < 0 else size
         if size <= 0:
             return b""
         if isinstance(self.source, (bytes, bytearray, memoryview)):
@@ -122,6 +126,40 @@ def _length(source: Any) -> int:
     return size
 
 
+_CODE2OP = {op.code.encode("latin-1"): op for op in pickletools.opcodes}
+_LENGTH_PREFIX = {pickletools.TAKEN_FROM_ARGUMENT1: (1, "<B"), pickletools.TAKEN_FROM_ARGUMENT4: (4, "<i"),
+                  pickletools.TAKEN_FROM_ARGUMENT4U: (4, "<I"), pickletools.TAKEN_FROM_ARGUMENT8U: (8, "<Q")}
+MAX_NAME_STRING = 64 * 1024   # longer strings are data, never an import's operand: skipped, not read
+
+
+def _next_opcode(window: _Window) -> tuple[Any, Any]:
+    """One opcode and its argument. Length-prefixed arguments (bytes, long ints, big strings) are
+    skipped without reading them, so a 1 GiB array in a pickle costs a seek, not a copy."""
+    code = window.read(1)
+    if not code:
+        raise UnreadablePickle("pickle is truncated: it ends without STOP")
+    opcode = _CODE2OP.get(code)
+    if opcode is None:
+        raise UnreadablePickle(f"unknown opcode {code!r} at byte {window.tell() - 1}")
+    spec = opcode.arg
+    if spec is None:
+        return opcode, None
+    if spec.n in _LENGTH_PREFIX:
+        width, fmt = _LENGTH_PREFIX[spec.n]
+        (size,) = struct.unpack(fmt, window.read(width))
+        if size < 0 or size > window.end - window.position:
+            raise UnreadablePickle(f"pickle is truncated: {opcode.name} argument of {size} bytes runs past the end")
+        if opcode.name in _STRING_OPS and size <= MAX_NAME_STRING:
+            raw = window.read(size)
+            try:
+                return opcode, raw.decode("utf-8", "surrogatepass") if "UNICODE" in opcode.name else raw.decode("latin-1")
+            except UnicodeDecodeError:
+                raise UnreadablePickle(f"{opcode.name} argument is not UTF-8") from None
+        window.position += size
+        return opcode, _UNKNOWN
+    return opcode, spec.reader(window)
+
+
 def walk_pickle(source: bytes | bytearray | memoryview | BinaryIO | Any, offset: int = 0,
                 end: int | None = None) -> PickleStream:
     """Walk one pickle stream from ``offset`` to its STOP; raise UnreadablePickle if it is not one."""
@@ -152,7 +190,8 @@ def walk_pickle(source: bytes | bytearray | memoryview | BinaryIO | Any, offset:
         imports[f"{module}.{name}"] = None
 
     try:
-        for opcode, arg, _pos in pickletools.genops(window):
+        while True:
+            opcode, arg = _next_opcode(window)
             count += 1
             if count > MAX_OPCODES:
                 raise UnreadablePickle(f"pickle has more than {MAX_OPCODES} opcodes")
@@ -165,7 +204,7 @@ def walk_pickle(source: bytes | bytearray | memoryview | BinaryIO | Any, offset:
                 stopped = True
                 break
             if name in _STRING_OPS:
-                stack.append(str(arg))
+                stack.append(arg if arg is _UNKNOWN else str(arg))
             elif name in ("GET", "BINGET", "LONG_BINGET"):
                 if arg not in memo:
                     raise UnreadablePickle(f"pickle reads memo slot {arg} it never wrote")
@@ -219,7 +258,7 @@ def walk_pickle(source: bytes | bytearray | memoryview | BinaryIO | Any, offset:
                 stack.extend(_UNKNOWN for _ in after)
     except UnreadablePickle:
         raise
-    except Exception as exc:  # noqa: BLE001 - whatever genops says about bad bytes, the stream is unreadable
+    except Exception as exc:  # noqa: BLE001 - whatever an argument reader says about bad bytes, the stream is unreadable
         raise UnreadablePickle(f"not a well-formed pickle at byte {offset}: {str(exc)[:160]}") from None
     if not stopped:
         raise UnreadablePickle(f"pickle at byte {offset} ends without STOP (truncated)")
