@@ -203,6 +203,7 @@ def _hostile() -> dict[str, tuple[str, Callable[[Path], None] | bytes]]:
         "stacked.pkl": ("stacked pickles (hostile after benign)", benign_pickle() + proto2_global()),
         "stacked_p0.pkl": ("stacked pickles (hostile after benign)", benign_pickle() + p0),
         "appended_after_npy.npy": ("pickle at an offset", npy_header("<f4", (2,)) + b"\0" * 8 + proto2_global()),
+        "offset_in_member.zip": ("pickle at an offset", zip_of({"notes.bin": bytes(range(200)) + proto4_stack_global()})),
         "tar_pickle.tar": ("pickle inside tar", tar_of({"model/weights.pkl": proto2_global()})),
         "tar_p0.tar": ("pickle inside tar", tar_of({"data.bin": p0})),
         "joblib_gzip.joblib": ("compressed pickle (gzip, bz2, xz)", gzip.compress(proto2_global("os", "system"))),

@@ -20,13 +20,14 @@ import bz2
 import io
 import lzma
 import mmap
-import re
+import os
 import struct
 import tarfile
 import tempfile
 import zipfile
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -312,19 +313,39 @@ class Unpacker:
             raise ArchiveRefused(f"{blob.where}: {count} members (limit {self.limits.max_members})")
 
 
-_PROTO = re.compile(rb"\x80[\x02-\x05]")
+_PROBE_CHUNK = 8 << 20
 
 
-def proto_offsets(blob: Blob) -> Iterator[int]:
+def _proto_hits(data: Any, start: int, end: int) -> Any:
+    import numpy as np
+
+    window = data[start:min(end + 1, len(data))]
+    candidates = np.flatnonzero(window[:-1] == 0x80)
+    return candidates[(window[candidates + 1] - np.uint8(2)) < 4] + start
+
+
+def proto_offsets(blob: Blob) -> list[int]:
     """Offsets (within the blob) of every PROTO 2-5 opcode (0x80, 2..5): where a pickle may start.
 
-    One regular-expression pass over an mmap (C speed, no copy): about one SHA-256 pass's time.
+    Vectorised (numpy, which releases the GIL) over an mmap in chunks on a few threads: no copy,
+    and less time than one SHA-256 pass over the same bytes.
     """
+    import numpy as np
+
     if blob.length < 2:
-        return
+        return []
     with blob.path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
-        for match in _PROTO.finditer(view, blob.offset, blob.offset + blob.length):
-            yield match.start() - blob.offset
+        data = np.frombuffer(view, dtype=np.uint8, count=blob.length, offset=blob.offset)
+        starts = range(0, blob.length - 1, _PROBE_CHUNK)
+        try:
+            if len(starts) == 1:
+                hits = [_proto_hits(data, 0, blob.length)]
+            else:
+                with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+                    hits = list(pool.map(lambda s: _proto_hits(data, s, s + _PROBE_CHUNK), starts))
+            return [int(offset) for chunk in hits for offset in chunk]
+        finally:
+            del data  # release the buffer before the mmap closes
 
 
 @contextmanager

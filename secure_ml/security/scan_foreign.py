@@ -6,7 +6,8 @@
 Content is sniffed, never the name. Zip, tar, gzip, bz2 and xz are opened recursively within
 :class:`UnpackLimits` (a bomb is refused). Every pickle stream is walked to its STOP, at the start
 of every file and member, after every STOP (stacked pickles), and at every PROTO opcode anywhere
-in the bytes, and its imports are judged against the allow-list in ``scan_pickle``. NumPy object
+in every file and member (not the bytes of a container, whose members are probed, nor a torch zip's
+tensor storages, which torch reads as numbers), and its imports are judged against the allow-list in ``scan_pickle``. NumPy object
 arrays, Keras (``.keras`` config, ``.h5`` model_config), ONNX external-data paths and GGUF chat
 templates are checked. A file that no reader recognises blocks, with the reason. modelscan,
 picklescan and fickling run too; what they flag is added, what they cannot read is noted, and the
@@ -41,6 +42,7 @@ from secure_ml.security.scan_pickle import (
     ALLOWED_IMPORTS,
     RENAMED_MODULES,
     PickleStream,
+    TruncatedPickle,
     UnreadablePickle,
     disallowed,
     walk_pickle,
@@ -51,6 +53,7 @@ from secure_ml.security.scan_safetensors import read_safetensors_header_from
 _OPCODE_BYTES = frozenset(b"()*-.0123456789BCFGIJKLMNPQRSTUVXabcdeghijlmopqrstu}~\x80\x81\x82\x83\x84\x85\x86"
                           b"\x87\x88\x89\x8a\x8b\x8c\x8d\x8e\x8f\x90\x91\x92\x93\x94\x95\x96\x97\x98")
 _FICKLING_LIMIT = 64 << 20
+_PROBE_WINDOW = 4096
 
 
 def scan_foreign(path: Path | str, *, limits: UnpackLimits = UnpackLimits(), external: bool = True) -> list[Finding]:
@@ -133,7 +136,10 @@ class _Scan:
                 walked += self._format(blob, fmt)
         if blob.depth == 0 and kind is not None:
             self.top_kind = kind
-        walked += self._probe(blob, {s.start for s in walked})
+        if not raw_data and kind is None:
+            # Probed: every file and member that is not a container (its members are probed) and not
+            # a torch storage (numbers torch reads as numbers, never as a pickle).
+            walked += self._probe(blob, {s.start for s in walked})
         for stream in walked:
             self._judge(blob, stream)
         if not recognised:
@@ -196,8 +202,18 @@ class _Scan:
                 if offset in known or offset + 2 >= blob.length or view[base + offset + 2] not in _OPCODE_BYTES \
                         or any(s.start < offset < s.end for s in found):
                     continue
+                # Most candidates are tensor bytes that fail within a few opcodes: walk a small copy
+                # first, and the whole mapping only when the stream runs past it.
+                start = base + offset
                 try:
-                    stream = walk_pickle(view, base + offset, end)
+                    head = view[start:min(end, start + _PROBE_WINDOW)]
+                    try:
+                        stream = walk_pickle(head)
+                        stream = replace(stream, start=start, end=start + stream.end)
+                    except TruncatedPickle:
+                        if start + len(head) >= end:
+                            raise
+                        stream = walk_pickle(view, start, end)
                 except UnreadablePickle:
                     continue  # data that merely looks like a PROTO opcode
                 found.append(replace(stream, start=offset, end=stream.end - base))

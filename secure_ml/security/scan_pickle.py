@@ -68,6 +68,10 @@ class UnreadablePickle(BadInput):
     """A stream that is not a complete, well-formed pickle: it cannot be judged, so it blocks."""
 
 
+class TruncatedPickle(UnreadablePickle):
+    """The stream runs past the end of the bytes it was given."""
+
+
 @dataclass(frozen=True)
 class PickleStream:
     start: int
@@ -87,7 +91,7 @@ class _Window:
     def read(self, size: int = -1) -> bytes:
         if size > self.end - self.position:
             # An argument longer than what is left: truncated (and never read into memory).
-            raise UnreadablePickle(f"pickle is truncated: {size} bytes wanted past the end of the data")
+            raise TruncatedPickle(f"pickle is truncated: {size} bytes wanted past the end of the data")
         size = self.end - self.position if size < 0 else size
         if size <= 0:
             return b""
@@ -137,7 +141,7 @@ def _next_opcode(window: _Window) -> tuple[Any, Any]:
     skipped without reading them, so a 1 GiB array in a pickle costs a seek, not a copy."""
     code = window.read(1)
     if not code:
-        raise UnreadablePickle("pickle is truncated: it ends without STOP")
+        raise TruncatedPickle("pickle is truncated: it ends without STOP")
     opcode = _CODE2OP.get(code)
     if opcode is None:
         raise UnreadablePickle(f"unknown opcode {code!r} at byte {window.tell() - 1}")
@@ -147,8 +151,10 @@ def _next_opcode(window: _Window) -> tuple[Any, Any]:
     if spec.n in _LENGTH_PREFIX:
         width, fmt = _LENGTH_PREFIX[spec.n]
         (size,) = struct.unpack(fmt, window.read(width))
-        if size < 0 or size > window.end - window.position:
-            raise UnreadablePickle(f"pickle is truncated: {opcode.name} argument of {size} bytes runs past the end")
+        if size < 0:
+            raise UnreadablePickle(f"{opcode.name} argument has a negative length")
+        if size > window.end - window.position:
+            raise TruncatedPickle(f"pickle is truncated: {opcode.name} argument of {size} bytes runs past the end")
         if opcode.name in _STRING_OPS and size <= MAX_NAME_STRING:
             raw = window.read(size)
             try:
