@@ -180,7 +180,8 @@ class Unpacker:
         try:
             region = blob.open()
             archive = zipfile.ZipFile(region)
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, struct.error) as exc:
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, OSError, ValueError,
+                EOFError, UnicodeDecodeError, struct.error) as exc:
             raise UnreadableArchive(f"{blob.where}: not a readable zip archive ({exc})") from None
         with region, archive:
             members = archive.infolist()
@@ -223,7 +224,7 @@ class Unpacker:
             region = blob.open()
             archive = tarfile.open(fileobj=region, mode="r:")
             members = archive.getmembers()
-        except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
+        except (tarfile.TarError, OSError, ValueError, EOFError, UnicodeDecodeError, struct.error) as exc:
             raise UnreadableArchive(f"{blob.where}: not a readable tar archive ({exc})") from None
         with region, archive:
             self._members(blob, len(members))
