@@ -177,11 +177,12 @@ class Unpacker:
 
     # -- zip ------------------------------------------------------------------------------------
     def _zip(self, blob: Blob) -> Iterator[Blob]:
+        region = blob.open()
         try:
-            region = blob.open()
             archive = zipfile.ZipFile(region)
         except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, OSError, ValueError,
                 EOFError, UnicodeDecodeError, struct.error) as exc:
+            region.close()
             raise UnreadableArchive(f"{blob.where}: not a readable zip archive ({exc})") from None
         with region, archive:
             members = archive.infolist()
@@ -220,11 +221,12 @@ class Unpacker:
 
     # -- tar ------------------------------------------------------------------------------------
     def _tar(self, blob: Blob) -> Iterator[Blob]:
+        region = blob.open()
         try:
-            region = blob.open()
             archive = tarfile.open(fileobj=region, mode="r:")
             members = archive.getmembers()
         except (tarfile.TarError, OSError, ValueError, EOFError, UnicodeDecodeError, struct.error) as exc:
+            region.close()
             raise UnreadableArchive(f"{blob.where}: not a readable tar archive ({exc})") from None
         with region, archive:
             self._members(blob, len(members))
