@@ -107,3 +107,15 @@ def test_directory_scan_and_cli(corpus: tuple[dict[str, tuple[str, Path]], dict[
     assert json.loads(capsys.readouterr().out)["blocking"] is False
     findings = scan_foreign(hostile["tar_pickle.tar"][1].parent)
     assert {f.where.split(":")[0].split("@")[0] for f in findings if ScanPolicy().blocks(f)} >= {"tar_pickle.tar", "garbage.bin"}
+
+
+def test_field_scanners_get_a_name_that_matches_the_content(corpus: tuple[dict[str, tuple[str, Path]], dict[str, Path]],
+                                                             tmp_path: Path) -> None:
+    """modelscan picks its scanner by extension: an HDF5 file called .bin still gets its H5 scanner."""
+    renamed = tmp_path / "weights.bin"
+    renamed.write_bytes(corpus[0]["keras_lambda.h5"][1].read_bytes())
+    findings = scan_foreign_file(renamed)
+    assert [f for f in findings if f.rule == "modelscan:unsafe-operator" and "Lambda" in f.why]
+    # What a field scanner flags about an import on our allow-list is noted, not blocking.
+    numpy_state = [f for f in scan_foreign_file(corpus[1]["numpy_state.pkl"]) if f.rule.startswith("fickling:")]
+    assert numpy_state and all(f.severity == "low" and "allow-list" in f.why for f in numpy_state)

@@ -126,6 +126,8 @@ class _Scan:
         recognised = bool(walked) or raw_data
         if kind is not None:
             recognised = True
+            if blob.depth == 0:
+                self.top_kind = kind
             self._container(blob, kind, unpacker)
         else:
             fmt = identify(blob)
@@ -134,8 +136,6 @@ class _Scan:
             if fmt is not None:
                 recognised = True
                 walked += self._format(blob, fmt)
-        if blob.depth == 0 and kind is not None:
-            self.top_kind = kind
         if not raw_data and kind is None:
             # Probed: every file and member that is not a container (its members are probed) and not
             # a torch storage (numbers torch reads as numbers, never as a pickle).
@@ -153,6 +153,10 @@ class _Scan:
         torch_prefixes = {name[:-len("data.pkl")] for name in names if name == "data.pkl" or name.endswith("/data.pkl")}
         if kind == "zip" and "config.json" in names and ({"metadata.json", "model.weights.h5"} & set(names)):
             self._keras_zip(names["config.json"])
+            if blob.depth == 0:
+                self.top_kind = "keras"
+        if torch_prefixes and blob.depth == 0:
+            self.top_kind = "torch"  # modelscan picks its scanner by name: a torch zip is a .pt
         for member in members:
             name = member.where.rsplit(":", 1)[-1]
             # torch keeps each storage as raw bytes in <prefix>/data/<key>: data, never unpickled.
@@ -233,7 +237,7 @@ class _Scan:
 
 
 # -- the field's scanners: what they flag is added; the verdict stays ours ------------------------
-_MODELSCAN_SUFFIX = {"pickle": ".pkl", "zip": ".pt", "npy": ".npy", "hdf5": ".h5"}
+_MODELSCAN_SUFFIX = {"pickle": ".pkl", "torch": ".pt", "keras": ".keras", "zip": ".zip", "npy": ".npy", "hdf5": ".h5"}
 _FICKLING_SEVERITY = {
     "LIKELY_SAFE": None, "POSSIBLY_UNSAFE": "low", "SUSPICIOUS": "medium", "LIKELY_UNSAFE": "high",
     "LIKELY_OVERTLY_MALICIOUS": "critical", "OVERTLY_MALICIOUS": "critical",
