@@ -119,3 +119,19 @@ def test_field_scanners_get_a_name_that_matches_the_content(corpus: tuple[dict[s
     # What a field scanner flags about an import on our allow-list is noted, not blocking.
     numpy_state = [f for f in scan_foreign_file(corpus[1]["numpy_state.pkl"]) if f.rule.startswith("fickling:")]
     assert numpy_state and all(f.severity == "low" and "allow-list" in f.why for f in numpy_state)
+
+
+def test_magic_numbers_inside_tensor_data_are_not_archives(tmp_path: Path) -> None:
+    """A storage that starts like gzip and holds a zip end-record signature is still numbers."""
+    import numpy as np
+    import torch
+
+    raw = bytearray(np.random.default_rng(0).bytes(4096))
+    raw[:2], raw[-100:-96] = b"\x1f\x8b", b"PK\x05\x06"
+    path = tmp_path / "benign.pt"
+    torch.save({"w": torch.frombuffer(bytes(raw), dtype=torch.uint8).clone()}, path)
+    assert scan_foreign_file(path) == []
+    # The same bytes as a file of their own claim to be gzip and are not: that blocks.
+    loose = tmp_path / "loose.bin"
+    loose.write_bytes(bytes(raw))
+    assert blocks(loose, external=False)
