@@ -129,7 +129,7 @@ def test_magic_numbers_inside_tensor_data_are_not_archives(tmp_path: Path) -> No
     raw = bytearray(np.random.default_rng(0).bytes(4096))
     raw[:2], raw[-100:-96] = b"\x1f\x8b", b"PK\x05\x06"
     path = tmp_path / "benign.pt"
-    torch.save({"w": torch.frombuffer(bytes(raw), dtype=torch.uint8).clone()}, path)
+    torch.save({"w": torch.tensor(list(raw), dtype=torch.uint8)}, path)
     assert scan_foreign_file(path) == []
     # The same bytes as a file of their own claim to be gzip and are not: that blocks.
     loose = tmp_path / "loose.bin"
