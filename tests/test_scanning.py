@@ -272,3 +272,12 @@ def test_training_stage_model_shapes_are_checked_against_its_config(tmp_path: Pa
     (model_dir / "config.json").write_text(json.dumps({**config, "hidden": [8, 5]}))
     mismatches = [f.why for f in scanning.scan_model_dir(model_dir) if f.rule == "safetensors-shape"]
     assert any("layers.3.weight" in why and "[5, 8]" in why for why in mismatches)
+
+
+def test_scanning_is_small_modules_of_one_concern() -> None:
+    """Issue 12: no scanning module over 500 lines; the release scan's public names stay importable."""
+    modules = sorted((REPO / "secure_ml" / "security").glob("scan*.py"))
+    assert len(modules) >= 8
+    assert {m.name: len(m.read_text().splitlines()) for m in modules if len(m.read_text().splitlines()) > 500} == {}
+    for name in scanning.__all__:
+        assert getattr(scanning, name) is not None
