@@ -64,6 +64,7 @@ class Blob:
     length: int
     where: str
     depth: int = 0
+    name: str = ""     # the member's name inside its archive ("" for a file or a decompressed stream)
 
     @classmethod
     def of_file(cls, path: Path, where: str | None = None) -> Blob:
@@ -208,7 +209,8 @@ class Unpacker:
                             struct.error, RuntimeError) as exc:
                         raise UnreadableArchive(f"{where}: zip member cannot be read ({exc})") from None
                     with stream:
-                        yield self._spool(blob, where, lambda s=stream: s.read(CHUNK), info.compress_size)
+                        yield self._spool(blob, where, lambda s=stream: s.read(CHUNK), info.compress_size,
+                                          info.filename)
 
     def _stored(self, blob: Blob, region: _Region, info: zipfile.ZipInfo, where: str) -> Blob:
         # The member's bytes as they lie in the archive, after its local header.
@@ -223,7 +225,7 @@ class Unpacker:
         if start + info.compress_size > blob.length:
             raise UnreadableArchive(f"{where}: zip member runs past the end of the archive")
         self._account(where, info.file_size, info.compress_size or 1, stored=True)
-        return Blob(blob.path, blob.offset + start, info.compress_size, where, blob.depth + 1)
+        return Blob(blob.path, blob.offset + start, info.compress_size, where, blob.depth + 1, info.filename)
 
     # -- tar ------------------------------------------------------------------------------------
     def _tar(self, blob: Blob) -> Iterator[Blob]:
@@ -243,7 +245,7 @@ class Unpacker:
                 if member.issparse() or member.offset_data + member.size > blob.length:
                     raise UnreadableArchive(f"{where}: tar member is sparse or runs past the archive")
                 self._account(where, member.size, member.size or 1, stored=True)
-                yield Blob(blob.path, blob.offset + member.offset_data, member.size, where, blob.depth + 1)
+                yield Blob(blob.path, blob.offset + member.offset_data, member.size, where, blob.depth + 1, member.name)
 
     # -- compressed streams ---------------------------------------------------------------------
     def _decompress(self, blob: Blob, kind: str) -> Blob:
@@ -287,7 +289,7 @@ class Unpacker:
             except (zlib.error, OSError, EOFError, lzma.LZMAError, ValueError) as exc:
                 raise UnreadableArchive(f"{blob.where}: {kind} stream cannot be decompressed ({exc})") from None
 
-    def _spool(self, parent: Blob, where: str, read: Any, compressed: int) -> Blob:
+    def _spool(self, parent: Blob, where: str, read: Any, compressed: int, name: str = "") -> Blob:
         assert self._tmp is not None, "Unpacker is a context manager"
         self._count += 1
         target = Path(self._tmp.name) / f"{self._count:06d}"
@@ -301,7 +303,7 @@ class Unpacker:
         except (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, OSError, struct.error) as exc:
             raise UnreadableArchive(f"{where}: cannot be read to its end ({exc})") from None
         self._account(where, written, compressed)
-        return Blob(target, 0, written, where, parent.depth + 1)
+        return Blob(target, 0, written, where, parent.depth + 1, name)
 
     def _check_ratio(self, where: str, written: int, compressed: int) -> None:
         if written > self.limits.ratio_floor and written > self.limits.max_ratio * max(compressed, 1):

@@ -150,7 +150,7 @@ class _Scan:
 
     def _container(self, blob: Blob, kind: str, unpacker: Unpacker) -> None:
         members = list(unpacker.children(blob, kind))
-        names = {m.where.rsplit(":", 1)[-1]: m for m in members}
+        names = {m.name: m for m in members}
         torch_prefixes = {name[:-len("data.pkl")] for name in names if name == "data.pkl" or name.endswith("/data.pkl")}
         if kind == "zip" and "config.json" in names and ({"metadata.json", "model.weights.h5"} & set(names)):
             self._keras_zip(names["config.json"])
@@ -159,7 +159,7 @@ class _Scan:
         if torch_prefixes and blob.depth == 0:
             self.top_kind = "torch"  # modelscan picks its scanner by name: a torch zip is a .pt
         for member in members:
-            name = member.where.rsplit(":", 1)[-1]
+            name = member.name
             # torch keeps each storage as raw bytes in <prefix>/data/<key>: data, never unpickled.
             raw = any(name.startswith(prefix + "data/") for prefix in torch_prefixes)
             self.blob(member, unpacker, raw_data=raw)
