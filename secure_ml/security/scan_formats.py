@@ -44,15 +44,18 @@ def identify(blob: Blob) -> str | None:
     if head[:1] == b"\x08" and blob.length <= MAX_IN_MEMORY and _onnx_model(blob.read()) is not None:
         return "onnx"
     if b"\0" not in head:
+        whole = blob.length <= MAX_IN_MEMORY
         try:
-            text = blob.read().decode("utf-8") if blob.length <= MAX_IN_MEMORY else head.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-        if text.lstrip()[:1] in ("{", "["):
+            text = (blob.read() if whole else head).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if whole or exc.start < len(head) - 3:
+                return None
+            text = head[:exc.start].decode("utf-8")  # a large file's head may cut a character in two
+        if whole and text.lstrip()[:1] in ("{", "["):
             try:
                 json.loads(text)
                 return "json"
-            except ValueError:
+            except (ValueError, RecursionError):
                 pass
         return "text"
     return None
