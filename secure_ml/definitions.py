@@ -1,67 +1,81 @@
-"""The one place where Dagster wiring happens: assets, checks, sensors and resources.
+"""The one place where Dagster wiring happens: assets, checks, sensors, schedules, resources, executor.
 
-``dagster dev -w workspace.yaml`` (or ``make ui``) loads ``defs`` from here; ``secure-ml pipeline
-run`` calls :func:`run_pipeline`, which materialises the same definitions on the instance under
-``$DAGSTER_HOME``.
+    defs                                   # what `dagster dev -w workspace.yaml` loads (lazily)
+    build_definitions(settings)            # the same, for given settings (tests, the CLI)
+    run_pipeline(settings, selection="dataset+")   # `secure-ml pipeline run`
+
+Everything is listed here explicitly: the stage modules of assets/, the sensors and the schedule
+of sensors/, the resources of resources/ and the executor for the environment. Nothing reads the
+configuration or the environment at import time: ``defs`` is a ``@dg.definitions`` function that
+Dagster calls when it loads the code location, and ``build_definitions`` reads automation.yaml
+(through ``settings.config``) when it runs.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 import warnings
 from collections.abc import Sequence
-from types import ModuleType
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
-import assets as assets_package
-import resources
+from assets import data, release, security, training, validation
+from resources import build_resources
 from secure_ml.errors import BadInput
 from secure_ml.settings import Settings
+from sensors import conditions, failures, landing
 
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
-
-def _modules(package: ModuleType) -> list[ModuleType]:
-    return [importlib.import_module(f"{package.__name__}.{m.name}")
-            for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_")]
-
-
-def _sensor_modules() -> list[ModuleType]:
-    try:
-        import sensors as sensors_package
-    except ImportError:  # pragma: no cover
-        return []
-    return _modules(sensors_package)
+#: The pipeline's stages in order; a new stage is a new module in assets/, listed here.
+STAGES = (data, validation, training, security, release)
+K8S_JOB_EXECUTOR = Path(__file__).resolve().parents[1] / "k8s" / "job_executor.yaml"
 
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
+    """The code location for ``settings`` (default: from the environment)."""
     settings = settings or Settings.from_env()
-    stage_modules = _modules(assets_package)
-    stage_assets: list[Any] = list(dg.load_assets_from_modules(stage_modules))
-    automation: dict[str, list[Any]] = {"sensors": [], "schedules": [], "jobs": []}
-    executor = None
-    for module in _sensor_modules():
-        for name in automation:
-            automation[name].extend(getattr(module, name.upper(), []))
-        # sensors/ may apply automation conditions, freshness policies and the executor to every stage.
-        if hasattr(module, "map_assets"):
-            stage_assets = module.map_assets(stage_assets)
-        if hasattr(module, "executor_for"):
-            executor = module.executor_for(settings) or executor
+    automation = settings.config.automation
     return dg.Definitions(
-        assets=stage_assets,
-        asset_checks=dg.load_asset_checks_from_modules(stage_modules),
-        resources=resources.build_resources(settings),
-        executor=executor,
-        **automation,
+        assets=conditions.map_assets(dg.load_assets_from_modules(STAGES), automation),
+        asset_checks=dg.load_asset_checks_from_modules(STAGES),
+        sensors=[landing.landing_sensor(settings), conditions.asset_automation_sensor(settings),
+                 *failures.failure_sensors(settings)],
+        schedules=[landing.retraining_schedule(settings)],
+        resources=build_resources(settings),
+        executor=executor_for(settings),
     )
 
 
-defs = build_definitions()
+@dg.definitions
+def defs() -> dg.Definitions:
+    """The code location as ``dagster dev`` / ``dagster-webserver`` load it (workspace.yaml)."""
+    return build_definitions()
+
+
+def executor_for(settings: Settings) -> dg.ExecutorDefinition | None:
+    """automation.yaml ``executor.<env>``: in_process, multiprocess, k8s, or default (Dagster's, None)."""
+    choice = getattr(settings.config.automation.executor, settings.env)
+    if choice == "k8s":
+        return _k8s_job_executor()
+    if choice == "in_process":
+        return dg.in_process_executor
+    if choice == "multiprocess":
+        return dg.multiprocess_executor
+    return None
+
+
+def _k8s_job_executor() -> dg.ExecutorDefinition:
+    """One hardened pod per step (dagster-k8s), configured from k8s/job_executor.yaml when present."""
+    import yaml
+    from dagster_k8s import k8s_job_executor
+
+    if not K8S_JOB_EXECUTOR.exists():  # an image without the k8s/ folder: configure it per run instead
+        return k8s_job_executor
+    config = (yaml.safe_load(K8S_JOB_EXECUTOR.read_text()) or {}).get("execution", {}).get("config") or {}
+    return k8s_job_executor.configured(config, name="k8s_job_executor")
 
 
 # -- running the pipeline outside the UI (secure-ml pipeline run) --------------------------------
@@ -82,7 +96,7 @@ def run_pipeline(settings: Settings, *, selection: str | None = None,
         result = dg.materialize(
             everything,  # type: ignore[arg-type]
             instance=instance,
-            resources=resources.build_resources(settings),
+            resources=build_resources(settings),
             selection=chosen,
             run_config=config,
             tags=tags or {},

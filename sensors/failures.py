@@ -1,7 +1,9 @@
 """Failed runs and failed checks: audited, and POSTed to the webhook in automation.yaml.
 
+    sensors = failure_sensors(settings)    # [failed_runs, failed_checks]; secure_ml/definitions.py
+
 ``failed_runs`` (a run-failure sensor) and ``failed_checks`` (reads failed asset-check executions
-from the instance after its cursor) each write an ``automation.run_failed`` /
+from the instance after its cursor), every ``failures.interval_seconds``, each write an ``automation.run_failed`` /
 ``automation.check_failed`` audit entry and call :class:`secure_ml.notify.Notifier`, which audits
 the delivery (``notify.webhook``: ok, fail or skipped when no URL is configured). A webhook that
 is down is audited and never fails the sensor. Only the one-line reason a check or step gave is
@@ -19,10 +21,9 @@ from dagster._core.storage.asset_check_execution_record import AssetCheckExecuti
 
 from resources import CustodyResource
 from secure_ml.governance.notify import Notifier
-from sensors._shared import DROP_TAG, TRIGGER_TAG, seconds, section, sensor_status
+from secure_ml.settings import Settings
+from sensors._shared import DROP_TAG, TRIGGER_TAG, sensor_status
 
-_FAILURES = section("failures")
-INTERVAL = seconds(_FAILURES.get("interval_seconds", 15), "failures.interval_seconds")
 #: Executions read per check and tick, failed ids remembered, and when a planned check is abandoned.
 BATCH = 50
 MAX_REPORTED = 2000
@@ -60,14 +61,8 @@ def run_failure_details(context: dg.RunFailureSensorContext) -> dict[str, Any]:
     }
 
 
-@dg.run_failure_sensor(
-    name="failed_runs",
-    minimum_interval_seconds=INTERVAL,
-    default_status=sensor_status(),
-    description="Audits every failed run and POSTs it (run id, job, failed steps and their one-line "
-                "reasons) to the webhook in automation.yaml.",
-)
-def failed_runs(context: dg.RunFailureSensorContext, custody: CustodyResource) -> None:
+def report_failed_run(context: dg.RunFailureSensorContext, custody: CustodyResource) -> None:
+    """The ``failed_runs`` sensor's tick: audit the failed run and POST it to the webhook."""
     details = run_failure_details(context)
     subject = f"run:{details['run_id']}"
     custody.record(None, "automation.run_failed", subject=subject, outcome="fail", details=details)
@@ -138,14 +133,8 @@ def failed_check_evaluations(instance: dg.DagsterInstance, keys: list[dg.AssetCh
     return failed
 
 
-@dg.sensor(
-    name="failed_checks",
-    minimum_interval_seconds=INTERVAL,
-    default_status=sensor_status(),
-    description="Audits every failed asset check (blocking or not) with its reason and POSTs it to "
-                "the webhook in automation.yaml.",
-)
-def failed_checks(context: dg.SensorEvaluationContext, custody: CustodyResource) -> dg.SkipReason:
+def report_failed_checks(context: dg.SensorEvaluationContext, custody: CustodyResource) -> dg.SkipReason:
+    """The ``failed_checks`` sensor's tick: audit and POST each failed check not yet reported."""
     keys = _check_keys(context)
     if context.cursor is None:
         # Like a run-failure sensor, start from now: an old history is not news.
@@ -166,4 +155,18 @@ def failed_checks(context: dg.SensorEvaluationContext, custody: CustodyResource)
     return dg.SkipReason(f"{len(failed)} failed check(s) reported" if failed else "no failed check")
 
 
-SENSORS = [failed_runs, failed_checks]
+def failure_sensors(settings: Settings) -> list[dg.SensorDefinition]:
+    """``failed_runs`` and ``failed_checks``, ticking every ``failures.interval_seconds``."""
+    interval = settings.config.automation.failures.interval_seconds
+    status = sensor_status(settings)
+    failed_runs = dg.run_failure_sensor(
+        name="failed_runs", minimum_interval_seconds=interval, default_status=status,
+        description="Audits every failed run and POSTs it (run id, job, failed steps and their one-line "
+                    "reasons) to the webhook in automation.yaml.",
+    )(report_failed_run)
+    failed_checks = dg.sensor(
+        name="failed_checks", minimum_interval_seconds=interval, default_status=status,
+        description="Audits every failed asset check (blocking or not) with its reason and POSTs it to "
+                    "the webhook in automation.yaml.",
+    )(report_failed_checks)
+    return [failed_runs, failed_checks]
