@@ -79,30 +79,46 @@ def _k8s_job_executor() -> dg.ExecutorDefinition:
 
 
 # -- running the pipeline outside the UI (secure-ml pipeline run) --------------------------------
+#: Console log levels for run_pipeline: "quiet" keeps Dagster's own log lines (and their stack
+#: traces) off the terminal; they are always in the instance's event log.
+CONSOLE_LEVELS = {"quiet": "CRITICAL", "info": "INFO", "debug": "DEBUG"}
+
+
 def run_pipeline(settings: Settings, *, selection: str | None = None,
                  run_config: dict[str, Any] | None = None, tags: dict[str, str] | None = None,
-                 log_level: str = "WARNING") -> dict[str, Any]:
+                 console: str = "quiet") -> dict[str, Any]:
     """Materialise ``selection`` (default: every asset) on the instance under DAGSTER_HOME.
 
     Returns a summary: for each asset, whether it materialised and its digest; for each check,
-    its result and reason; and the names of the blocking checks that failed.
+    its result and reason; the names of the blocking checks that failed; and each failed step
+    with its one-line reason and whether it was an expected refusal (a denial, bad input, a
+    failed blocking check) or an internal error. ``console`` (quiet, info, debug) is how much of
+    Dagster's own log reaches stderr.
     """
+    if console not in CONSOLE_LEVELS:
+        raise BadInput(f"console must be one of {', '.join(CONSOLE_LEVELS)}, not {console!r}")
     definitions = build_definitions(settings)
     graph = definitions.resolve_asset_graph()
     chosen = parse_selection(selection)
+    known = {key.to_user_string() for key in graph.get_all_asset_keys()}
+    unknown = [name for name in (part.strip().strip("+") for part in (selection or "").split(","))
+               if name and name != "*" and name not in known]
+    if unknown:
+        raise BadInput(f"--select names {', '.join(map(repr, unknown))}, not an asset of the pipeline "
+                       f"(assets: {', '.join(sorted(known))})")
+    picked = chosen.resolve(graph)
     everything = [*(definitions.assets or []), *(definitions.asset_checks or [])]
-    config = {"loggers": {"console": {"config": {"log_level": log_level}}}, **(run_config or {})}
+    config = {"loggers": {"console": {"config": {"log_level": CONSOLE_LEVELS[console]}}}, **(run_config or {})}
     with dg.DagsterInstance.get() as instance:
         result = dg.materialize(
             everything,  # type: ignore[arg-type]
             instance=instance,
-            resources=build_resources(settings),
+            resources=definitions.resources,
             selection=chosen,
             run_config=config,
             tags=tags or {},
             raise_on_error=False,
         )
-        picked = chosen.resolve(graph)
         in_pipeline_order = [key for key in graph.toposorted_asset_keys if key in picked]
         return summarise(result, in_pipeline_order, definitions)
 
@@ -152,7 +168,7 @@ def summarise(result: dg.ExecuteInProcessResult, selected_keys: list[dg.AssetKey
         digest = getattr(metadata.get("sha256"), "value", None)
         summary_assets.append({"asset": key.to_user_string(), "materialized": event is not None, "sha256": digest})
     failed = [f"{c['asset']}:{c['check']}" for c in checks if c["blocking"] and not c["passed"]]
-    step_failures = [{"step": e.step_key, "error": _root_cause(e.step_failure_data.error)}
+    step_failures = [{"step": e.step_key, **failures.root_cause(e.step_failure_data.error)}
                      for e in result.get_step_failure_events()]
     return {
         "run_id": result.run_id,
@@ -163,18 +179,6 @@ def summarise(result: dg.ExecuteInProcessResult, selected_keys: list[dg.AssetKey
         "failed_blocking_checks": failed,
         "step_failures": step_failures,
     }
-
-
-def _root_cause(error: Any) -> str:
-    """The one line that says what went wrong: the innermost cause, not Dagster's wrapper."""
-    while error is not None and getattr(error, "cause", None) is not None:
-        error = error.cause
-    if error is None:
-        return ""
-    lines = [line.strip() for line in error.message.strip().splitlines() if line.strip()]
-    line = lines[-1] if lines else error.cls_name or ""
-    # A dg.Failure carries our own one-line explanation: drop Dagster's class path before it.
-    return line.split(": ", 1)[1] if error.cls_name == "Failure" and ": " in line else line
 
 
 def _check_specs(definitions: dg.Definitions) -> Sequence[dg.AssetCheckSpec]:

@@ -20,6 +20,15 @@ import dagster as dg
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
 from resources import CustodyResource
+from secure_ml.errors import (
+    BadInput,
+    ConfigurationError,
+    Error,
+    IntegrityError,
+    KeyUnavailable,
+    PolicyDenied,
+    VerificationError,
+)
 from secure_ml.governance.notify import Notifier
 from secure_ml.settings import Settings
 from sensors._shared import DROP_TAG, TRIGGER_TAG, sensor_status
@@ -33,30 +42,63 @@ PLANNED = AssetCheckExecutionRecordStatus.PLANNED
 MAX_REASON = 500
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
+    """The last non-empty line of an exception's text (where format_exception_only puts the message)."""
     lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
     return (lines[-1] if lines else "")[:MAX_REASON]
 
 
-def _root_cause(error: Any) -> str:
-    while error is not None and getattr(error, "cause", None) is not None:
-        error = error.cause
-    if error is None:
-        return ""
-    line = _one_line(error.message) or str(error.cls_name or "")
-    return line.split(": ", 1)[1] if error.cls_name == "Failure" and ": " in line else line
+#: Our own errors (secure_ml.errors), to explain one raised straight out of an asset.
+_OUR_ERRORS: dict[str, type[Error]] = {cls.__name__: cls for cls in (
+    BadInput, ConfigurationError, KeyUnavailable, IntegrityError, VerificationError, PolicyDenied)}
+
+
+def _ours(error: Any) -> bool:
+    return error.cls_name in _OUR_ERRORS and str(error.message).startswith(f"secure_ml.errors.{error.cls_name}")
+
+
+def _known(error: Any) -> bool:
+    return error.cls_name in ("Failure", "DagsterAssetCheckFailedError") or _ours(error)
+
+
+def root_cause(error: Any) -> dict[str, str]:
+    """What went wrong in a failed step, in one line, and of which kind.
+
+    ``kind`` is ``refused`` (a dg.Failure an asset raised with our one-line explanation, or one
+    of our own errors: a denial, bad input, a failed verification), ``blocking_check`` (Dagster
+    stopping the step because one of its blocking checks failed: the check says why), or
+    ``internal`` (anything else: a bug, to be read with --debug).
+    """
+    chain = []
+    while error is not None:
+        chain.append(error)
+        error = getattr(error, "cause", None)
+    if not chain:
+        return {"error": "", "kind": "internal"}
+    # The outermost error we raised on purpose; else the innermost (the bug's own exception).
+    error = next((e for e in chain if _known(e)), chain[-1])
+    line = one_line(error.message) or str(error.cls_name or "")
+    detail = line.split(": ", 1)[1] if ": " in line else line
+    if error.cls_name == "Failure":
+        return {"error": detail, "kind": "refused"}
+    if _ours(error):
+        return {"error": f"{_OUR_ERRORS[error.cls_name].label}: {detail}", "kind": "refused"}
+    if error.cls_name == "DagsterAssetCheckFailedError":
+        checks = [part.strip() for part in error.message.strip().splitlines()[1:] if part.strip()]
+        return {"error": f"blocking check failed: {', '.join(checks) or detail}", "kind": "blocking_check"}
+    return {"error": f"{error.cls_name}: {detail}", "kind": "internal"}
 
 
 def run_failure_details(context: dg.RunFailureSensorContext) -> dict[str, Any]:
     run = context.dagster_run
-    steps = [{"step": event.step_key, "error": _root_cause(event.step_failure_data.error)}
+    steps = [{"step": event.step_key, "error": root_cause(event.step_failure_data.error)["error"]}
              for event in context.get_step_failure_events()]
     return {
         "run_id": run.run_id,
         "job": run.job_name,
         "trigger": run.tags.get(TRIGGER_TAG, "manual"),
         "drop": run.tags.get(DROP_TAG, ""),
-        "message": _one_line(context.failure_event.message or ""),
+        "message": one_line(context.failure_event.message or ""),
         "failed_steps": steps,
     }
 
@@ -121,7 +163,7 @@ def failed_check_evaluations(instance: dg.DagsterInstance, keys: list[dg.AssetCh
                 "check": key.name,
                 "blocking": bool(evaluation and evaluation.blocking),
                 "severity": evaluation.severity.value if evaluation else "ERROR",
-                "reason": _one_line(str(reason or (evaluation.description if evaluation else "") or "")),
+                "reason": one_line(str(reason or (evaluation.description if evaluation else "") or "")),
                 "run_id": record.run_id,
             })
     latest = storage.get_latest_asset_check_execution_by_key(keys).values() if keys else []
