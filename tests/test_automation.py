@@ -200,6 +200,40 @@ def test_a_failed_run_is_posted_with_its_one_line_reason(settings: Settings, def
     assert "Traceback" not in json.dumps(event)
 
 
+def test_root_cause_tells_a_refusal_from_a_bug() -> None:
+    """One classifier for the CLI and the failure sensor: our errors and dg.Failure are refusals
+    (one line, explained), anything else is internal; a look-alike class name is not ours."""
+    import sys
+
+    from dagster._utils.error import serializable_error_info_from_exc_info
+
+    from secure_ml.errors import BadInput, PolicyDenied
+
+    class LookAlike(Exception):
+        pass
+
+    LookAlike.__name__ = "PolicyDenied"
+
+    def info(exc: BaseException) -> Any:
+        try:
+            raise exc
+        except BaseException:  # noqa: BLE001 - capturing what Dagster would capture
+            return serializable_error_info_from_exc_info(sys.exc_info())
+
+    assert sensors.failures.root_cause(info(BadInput("drop x has ragged rows"))) == {
+        "error": "bad input: drop x has ragged rows", "kind": "refused"}
+    assert sensors.failures.root_cause(info(dg.Failure(PolicyDenied("alice may not").explain()))) == {
+        "error": "denied: alice may not", "kind": "refused"}
+    try:
+        {}["missing"]
+    except KeyError as inner:
+        wrapped = RuntimeError("step wrapper")
+        wrapped.__cause__ = inner
+    bug = sensors.failures.root_cause(info(wrapped))
+    assert bug["kind"] == "internal" and "KeyError" in bug["error"]
+    assert sensors.failures.root_cause(info(LookAlike("trust me")))["kind"] == "internal"
+
+
 # -- the automation condition, evaluated by Dagster on a graph wired by the same map_assets -------
 GATE = {"passed": True}
 

@@ -323,6 +323,20 @@ def test_pipeline_run_selecting_an_unknown_asset_is_bad_input(home: Path) -> Non
     assert_one_line_error(result, 2, "bad input: --select names 'nosuch', not an asset of the pipeline")
 
 
+def test_pipeline_run_with_a_broken_configuration_is_one_line(home: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from secure_ml.config import SHIPPED_DIR
+
+    config = tmp_path / "config"
+    shutil.copytree(SHIPPED_DIR, config, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    text = (config / "automation.yaml").read_text().replace("  interval_seconds: 5\n", "  interval_seconds: soon\n")
+    (config / "automation.yaml").write_text(text)
+    result = run(home, "pipeline", "run", "--select", "dataset", SECURE_ML_CONFIG=str(config))
+    assert_one_line_error(result, 2, f"configuration error: {config / 'automation.yaml'}: landing.interval_seconds: "
+                                     "expected an integer, got 'soon'")
+
+
 @pytest.mark.slow
 def test_pipeline_run_a_poisoned_drop_is_one_blocking_check_line(home: Path, tmp_path: Path) -> None:
     import pandas as pd
