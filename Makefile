@@ -12,11 +12,12 @@ export DVC_NO_ANALYTICS := 1
 export DAGSTER_DISABLE_TELEMETRY := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help install init demo test ui bench lock system-deps clean
+.PHONY: help install init demo test fuzz ui bench lock system-deps clean
 
 help:
 	@echo "make demo    set up and run the whole pipeline on the bundled sample data"
 	@echo "make test    set up and run every test"
+	@echo "make fuzz    long property-based fuzzing of the parsers we own (scanners)"
 	@echo "make ui      the Dagster UI on http://127.0.0.1:3000 (sensors and schedules on)"
 	@echo "make bench   the benchmarks (figures as ratios to same-run baselines)"
 	@echo "make lock    re-resolve requirements.in into requirements.lock (hashed)"
@@ -63,6 +64,11 @@ system-deps:
 PYTEST_ARGS ?= -n 2 --dist loadfile
 test: install system-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# The normal tests run the fuzzers briefly (hypothesis profile "quick"); this runs them long.
+FUZZ_PROFILE ?= long
+fuzz: install
+	SECURE_ML_FUZZ_PROFILE=$(FUZZ_PROFILE) $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_fuzz_*.py
 
 ui: init
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000

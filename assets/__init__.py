@@ -1,6 +1,7 @@
 """Dagster assets and asset checks, one module per pipeline stage.
 
-secure_ml/definitions.py loads every module of this package, so a new stage is a new module.
+A stage is a module here, listed in ``secure_ml.definitions.STAGES`` (its assets and checks are
+loaded from it there).
 
 The contract between stages (asset key: what the sealed output is; how downstream reads it).
 Every output goes through ``custody.output(...)`` / ``sealed_output(...)``: encrypted into the

@@ -86,7 +86,7 @@ def _through_daemon(base: Path, drops: list[bytes]) -> list[dict[str, float]]:
 
 def _direct(base: Path, data: bytes) -> float:
     from secure_ml.definitions import build_definitions
-    from sensors.landing import LANDING_SELECTION
+    from sensors.landing import landing_selection
     from tests._dagster_servers import make_home
 
     home = make_home(base, automation="off")
@@ -100,7 +100,7 @@ def _direct(base: Path, data: bytes) -> float:
     try:
         started = time.perf_counter()
         result = dg.materialize([*defs.assets, *(defs.asset_checks or [])],  # type: ignore[list-item]
-                                instance=instance, resources=defs.resources, selection=LANDING_SELECTION,
+                                instance=instance, resources=defs.resources, selection=landing_selection(home.settings.config.automation),
                                 run_config={"ops": {"dataset": {"config": {"drop": name}}},
                                             "loggers": {"console": {"config": {"log_level": "ERROR"}}}},
                                 raise_on_error=False)

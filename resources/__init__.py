@@ -1,16 +1,15 @@
 """Dagster resources: thin, typed wrappers over the secure_ml core.
 
 ``build_resources(settings)`` is the one place resources are chosen per environment. Each module
-here that provides resources defines ``resources_for(settings) -> dict[str, resource]``; they are
-merged in module-name order (``custody`` first, since the others depend on it).
+here defines ``resources_for(settings, built) -> dict[str, resource]``, listed below in the order
+they are built (``custody`` first: the others build on it).
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Any
 
+from resources import release, security
 from resources.custody import (
     CustodyResource,
     EncryptedIOManager,
@@ -18,19 +17,16 @@ from resources.custody import (
     sealed_output,
     verdict,
 )
+from resources.custody import resources_for as custody_resources
 from secure_ml.settings import Settings
 
 
 def build_resources(settings: Settings) -> dict[str, Any]:
     """Every resource for ``settings.env``; the one place they are chosen."""
-    merged: dict[str, Any] = {}
-    names = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
-    for name in sorted(names, key=lambda n: (n != "custody", n)):
-        module = importlib.import_module(f"{__name__}.{name}")
-        provide = getattr(module, "resources_for", None)
-        if provide is not None:
-            merged.update(provide(settings, merged))
-    return merged
+    built: dict[str, Any] = {}
+    for provide in (custody_resources, release.resources_for, security.resources_for):
+        built.update(provide(settings, built))
+    return built
 
 
 __all__ = ["CustodyResource", "EncryptedIOManager", "Sealed", "build_resources", "sealed_output", "verdict"]

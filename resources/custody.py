@@ -39,14 +39,12 @@ class CustodyResource(dg.ConfigurableResource):  # type: ignore[type-arg]
 
     home: str
     env: str = "local"
+    config_dir: str = ""
 
     def settings(self) -> Settings:
-        import os
-
-        environ = dict(os.environ)
-        environ["SECURE_ML_HOME"] = self.home
-        environ["SECURE_ML_ENV"] = self.env
-        return Settings.from_env(environ)
+        """Fresh settings per call (the environment as it is now), with this resource's home,
+        environment and configuration directory: the one factory, Settings.from_env."""
+        return Settings.from_env(home=self.home, env=self.env, config_dir=self.config_dir)
 
     def actor(self, context: Any = None) -> str:
         tags = getattr(getattr(context, "run", None), "tags", None)
@@ -181,7 +179,7 @@ class EncryptedIOManager(dg.ConfigurableIOManager):  # type: ignore[type-arg]
 
 def resources_for(settings: Settings, built: dict[str, Any]) -> dict[str, Any]:
     """The custody resource and the encrypted IO manager (every other resource builds on these)."""
-    custody = CustodyResource(home=str(settings.home), env=settings.env)
+    custody = CustodyResource(home=str(settings.home), env=settings.env, config_dir=settings.config_override)
     return {"custody": custody, "io_manager": EncryptedIOManager(custody=custody)}
 
 

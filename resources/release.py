@@ -23,14 +23,7 @@ class ReleaseResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     config_dir: str = ""
 
     def settings(self) -> Settings:
-        import os
-
-        environ = dict(os.environ)
-        environ["SECURE_ML_HOME"] = self.home
-        environ["SECURE_ML_ENV"] = self.env
-        if self.config_dir:
-            environ["SECURE_ML_CONFIG"] = self.config_dir
-        return Settings.from_env(environ)
+        return Settings.from_env(home=self.home, env=self.env, config_dir=self.config_dir)
 
     def release(self, actor: str) -> Release:
         return Release.from_settings(self.settings(), actor=actor)

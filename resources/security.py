@@ -30,13 +30,7 @@ class SigningResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         return "SigningResource(<key held>)"
 
     def _settings(self) -> Settings:
-        import os
-
-        environ = dict(os.environ)
-        environ["SECURE_ML_HOME"] = self.home
-        if self.config_dir:
-            environ["SECURE_ML_CONFIG"] = self.config_dir
-        return Settings.from_env(environ)
+        return Settings.from_env(home=self.home, config_dir=self.config_dir)
 
     def config(self) -> dict[str, Any]:
         return self._settings().load_config("security")

@@ -1,94 +1,124 @@
-"""The one place where Dagster wiring happens: assets, checks, sensors and resources.
+"""The one place where Dagster wiring happens: assets, checks, sensors, schedules, resources, executor.
 
-``dagster dev -w workspace.yaml`` (or ``make ui``) loads ``defs`` from here; ``secure-ml pipeline
-run`` calls :func:`run_pipeline`, which materialises the same definitions on the instance under
-``$DAGSTER_HOME``.
+    defs                                   # what `dagster dev -w workspace.yaml` loads (lazily)
+    build_definitions(settings)            # the same, for given settings (tests, the CLI)
+    run_pipeline(settings, selection="dataset+")   # `secure-ml pipeline run`
+
+Everything is listed here explicitly: the stage modules of assets/, the sensors and the schedule
+of sensors/, the resources of resources/ and the executor for the environment. Nothing reads the
+configuration or the environment at import time: ``defs`` is a ``@dg.definitions`` function that
+Dagster calls when it loads the code location, and ``build_definitions`` reads automation.yaml
+(through ``settings.config``) when it runs.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 import warnings
 from collections.abc import Sequence
-from types import ModuleType
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
-import assets as assets_package
-import resources
+from assets import data, release, security, training, validation
+from resources import build_resources
 from secure_ml.errors import BadInput
 from secure_ml.settings import Settings
+from sensors import conditions, failures, landing
 
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
-
-def _modules(package: ModuleType) -> list[ModuleType]:
-    return [importlib.import_module(f"{package.__name__}.{m.name}")
-            for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_")]
-
-
-def _sensor_modules() -> list[ModuleType]:
-    try:
-        import sensors as sensors_package
-    except ImportError:  # pragma: no cover
-        return []
-    return _modules(sensors_package)
+#: The pipeline's stages in order; a new stage is a new module in assets/, listed here.
+STAGES = (data, validation, training, security, release)
+K8S_JOB_EXECUTOR = Path(__file__).resolve().parents[1] / "k8s" / "job_executor.yaml"
 
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
+    """The code location for ``settings`` (default: from the environment)."""
     settings = settings or Settings.from_env()
-    stage_modules = _modules(assets_package)
-    stage_assets: list[Any] = list(dg.load_assets_from_modules(stage_modules))
-    automation: dict[str, list[Any]] = {"sensors": [], "schedules": [], "jobs": []}
-    executor = None
-    for module in _sensor_modules():
-        for name in automation:
-            automation[name].extend(getattr(module, name.upper(), []))
-        # sensors/ may apply automation conditions, freshness policies and the executor to every stage.
-        if hasattr(module, "map_assets"):
-            stage_assets = module.map_assets(stage_assets)
-        if hasattr(module, "executor_for"):
-            executor = module.executor_for(settings) or executor
+    automation = settings.config.automation
     return dg.Definitions(
-        assets=stage_assets,
-        asset_checks=dg.load_asset_checks_from_modules(stage_modules),
-        resources=resources.build_resources(settings),
-        executor=executor,
-        **automation,
+        assets=conditions.map_assets(dg.load_assets_from_modules(STAGES), automation),
+        asset_checks=dg.load_asset_checks_from_modules(STAGES),
+        sensors=[landing.landing_sensor(settings), conditions.asset_automation_sensor(settings),
+                 *failures.failure_sensors(settings)],
+        schedules=[landing.retraining_schedule(settings)],
+        resources=build_resources(settings),
+        executor=executor_for(settings),
     )
 
 
-defs = build_definitions()
+@dg.definitions
+def defs() -> dg.Definitions:
+    """The code location as ``dagster dev`` / ``dagster-webserver`` load it (workspace.yaml)."""
+    return build_definitions()
+
+
+def executor_for(settings: Settings) -> dg.ExecutorDefinition | None:
+    """automation.yaml ``executor.<env>``: in_process, multiprocess, k8s, or default (Dagster's, None)."""
+    choice = getattr(settings.config.automation.executor, settings.env)
+    if choice == "k8s":
+        return _k8s_job_executor()
+    if choice == "in_process":
+        return dg.in_process_executor
+    if choice == "multiprocess":
+        return dg.multiprocess_executor
+    return None
+
+
+def _k8s_job_executor() -> dg.ExecutorDefinition:
+    """One hardened pod per step (dagster-k8s), configured from k8s/job_executor.yaml when present."""
+    import yaml
+    from dagster_k8s import k8s_job_executor
+
+    if not K8S_JOB_EXECUTOR.exists():  # an image without the k8s/ folder: configure it per run instead
+        return k8s_job_executor
+    config = (yaml.safe_load(K8S_JOB_EXECUTOR.read_text()) or {}).get("execution", {}).get("config") or {}
+    return k8s_job_executor.configured(config, name="k8s_job_executor")
 
 
 # -- running the pipeline outside the UI (secure-ml pipeline run) --------------------------------
+#: Console log levels for run_pipeline: "quiet" keeps Dagster's own log lines (and their stack
+#: traces) off the terminal; they are always in the instance's event log.
+CONSOLE_LEVELS = {"quiet": "CRITICAL", "info": "INFO", "debug": "DEBUG"}
+
+
 def run_pipeline(settings: Settings, *, selection: str | None = None,
                  run_config: dict[str, Any] | None = None, tags: dict[str, str] | None = None,
-                 log_level: str = "WARNING") -> dict[str, Any]:
+                 console: str = "quiet") -> dict[str, Any]:
     """Materialise ``selection`` (default: every asset) on the instance under DAGSTER_HOME.
 
     Returns a summary: for each asset, whether it materialised and its digest; for each check,
-    its result and reason; and the names of the blocking checks that failed.
+    its result and reason; the names of the blocking checks that failed; and each failed step
+    with its one-line reason and whether it was an expected refusal (a denial, bad input, a
+    failed blocking check) or an internal error. ``console`` (quiet, info, debug) is how much of
+    Dagster's own log reaches stderr.
     """
+    if console not in CONSOLE_LEVELS:
+        raise BadInput(f"console must be one of {', '.join(CONSOLE_LEVELS)}, not {console!r}")
     definitions = build_definitions(settings)
     graph = definitions.resolve_asset_graph()
     chosen = parse_selection(selection)
+    known = {key.to_user_string() for key in graph.get_all_asset_keys()}
+    unknown = [name for name in (part.strip().strip("+") for part in (selection or "").split(","))
+               if name and name != "*" and name not in known]
+    if unknown:
+        raise BadInput(f"--select names {', '.join(map(repr, unknown))}, not an asset of the pipeline "
+                       f"(assets: {', '.join(sorted(known))})")
+    picked = chosen.resolve(graph)
     everything = [*(definitions.assets or []), *(definitions.asset_checks or [])]
-    config = {"loggers": {"console": {"config": {"log_level": log_level}}}, **(run_config or {})}
+    config = {"loggers": {"console": {"config": {"log_level": CONSOLE_LEVELS[console]}}}, **(run_config or {})}
     with dg.DagsterInstance.get() as instance:
         result = dg.materialize(
             everything,  # type: ignore[arg-type]
             instance=instance,
-            resources=resources.build_resources(settings),
+            resources=definitions.resources,
             selection=chosen,
             run_config=config,
             tags=tags or {},
             raise_on_error=False,
         )
-        picked = chosen.resolve(graph)
         in_pipeline_order = [key for key in graph.toposorted_asset_keys if key in picked]
         return summarise(result, in_pipeline_order, definitions)
 
@@ -138,7 +168,7 @@ def summarise(result: dg.ExecuteInProcessResult, selected_keys: list[dg.AssetKey
         digest = getattr(metadata.get("sha256"), "value", None)
         summary_assets.append({"asset": key.to_user_string(), "materialized": event is not None, "sha256": digest})
     failed = [f"{c['asset']}:{c['check']}" for c in checks if c["blocking"] and not c["passed"]]
-    step_failures = [{"step": e.step_key, "error": _root_cause(e.step_failure_data.error)}
+    step_failures = [{"step": e.step_key, **failures.root_cause(e.step_failure_data.error)}
                      for e in result.get_step_failure_events()]
     return {
         "run_id": result.run_id,
@@ -149,18 +179,6 @@ def summarise(result: dg.ExecuteInProcessResult, selected_keys: list[dg.AssetKey
         "failed_blocking_checks": failed,
         "step_failures": step_failures,
     }
-
-
-def _root_cause(error: Any) -> str:
-    """The one line that says what went wrong: the innermost cause, not Dagster's wrapper."""
-    while error is not None and getattr(error, "cause", None) is not None:
-        error = error.cause
-    if error is None:
-        return ""
-    lines = [line.strip() for line in error.message.strip().splitlines() if line.strip()]
-    line = lines[-1] if lines else error.cls_name or ""
-    # A dg.Failure carries our own one-line explanation: drop Dagster's class path before it.
-    return line.split(": ", 1)[1] if error.cls_name == "Failure" and ": " in line else line
 
 
 def _check_specs(definitions: dg.Definitions) -> Sequence[dg.AssetCheckSpec]:

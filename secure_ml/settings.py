@@ -2,6 +2,11 @@
 
     settings = Settings.from_env()          # SECURE_ML_HOME, SECURE_ML_ENV, DAGSTER_HOME, ...
     store = settings.artifact_store(actor=settings.actor())
+    settings.config.training.training.epochs            # typed configuration (secure_ml.config)
+    Settings.from_env(home=..., env=..., config_dir=...)  # what a Dagster resource was given
+
+``Settings.from_env`` is the one factory: the CLI, the resources and the sensors all build their
+settings with it, so one rule decides home, environment and configuration directory everywhere.
 
 ``SECURE_ML_HOME`` defaults to ``./.secure_ml``; ``SECURE_ML_ENV`` is ``local`` (default) or
 ``production``; ``DAGSTER_HOME`` defaults to ``$SECURE_ML_HOME/dagster``. The key provider is the
@@ -14,11 +19,11 @@ import getpass
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from secure_ml.config import Config
 from secure_ml.custody.audit import AuditLog
 from secure_ml.custody.keys import EnvKeyProvider, KeyProvider, LocalKeyring
 from secure_ml.custody.store import ArtifactStore
@@ -35,8 +40,15 @@ class Settings:
     environ: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None, *, home: str | Path | None = None,
+                 env: str | None = None, config_dir: str | Path | None = None) -> Settings:
+        """Settings from ``environ`` (default ``os.environ``); ``home``, ``env`` and ``config_dir``, when
+        given (a resource's own fields), win over SECURE_ML_HOME, SECURE_ML_ENV and SECURE_ML_CONFIG
+        and are written into ``environ`` so anything started from these settings sees the same."""
         env_vars = dict(os.environ if environ is None else environ)
+        for variable, value in (("SECURE_ML_HOME", home), ("SECURE_ML_ENV", env), ("SECURE_ML_CONFIG", config_dir)):
+            if value:
+                env_vars[variable] = str(value)
         home = Path(env_vars.get("SECURE_ML_HOME") or ".secure_ml").absolute()
         env = env_vars.get("SECURE_ML_ENV", "local")
         if env not in ENVIRONMENTS:
@@ -69,20 +81,19 @@ class Settings:
         """Pipeline configuration (YAML): ``$SECURE_ML_CONFIG`` or the defaults shipped in the package."""
         return Path(self.environ.get("SECURE_ML_CONFIG") or Path(__file__).parent / "config")
 
+    @cached_property
+    def config(self) -> Config:
+        """The configuration files of :attr:`config_dir`, each parsed and validated once (typed)."""
+        return Config(self.config_dir)
+
+    @property
+    def config_override(self) -> str:
+        """``$SECURE_ML_CONFIG`` as given ("" for the shipped defaults): what resources carry."""
+        return str(self.environ.get("SECURE_ML_CONFIG") or "")
+
     def load_config(self, name: str) -> dict[str, Any]:
-        """``config_dir/NAME.yaml`` parsed with yaml.safe_load; a clear error if it is unusable."""
-        path = self.config_dir / f"{name}.yaml"
-        try:
-            data = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigurationError(f"configuration file not found: {path}") from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigurationError(f"configuration file {path} is not valid YAML{where}") from None
-        if not isinstance(data, dict):
-            raise ConfigurationError(f"configuration file {path} must hold a mapping")
-        return data
+        """``config_dir/NAME.yaml`` as a dict, validated by its model (once per Settings); a copy."""
+        return self.config.as_dict(name)
 
     @property
     def dagster_home(self) -> Path:

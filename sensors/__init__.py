@@ -1,4 +1,7 @@
 """Sensors, schedules and automation conditions.
 
-secure_ml/definitions.py collects ``SENSORS``, ``SCHEDULES`` and ``JOBS`` from every module here.
+Each module builds its definitions from settings (``landing_sensor(settings)``,
+``failure_sensors(settings)``, ``asset_automation_sensor(settings)``, ``retraining_schedule(settings)``,
+``map_assets(assets, automation)``); secure_ml/definitions.py lists them. Nothing here reads
+configuration at import time.
 """

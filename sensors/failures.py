@@ -1,7 +1,9 @@
 """Failed runs and failed checks: audited, and POSTed to the webhook in automation.yaml.
 
+    sensors = failure_sensors(settings)    # [failed_runs, failed_checks]; secure_ml/definitions.py
+
 ``failed_runs`` (a run-failure sensor) and ``failed_checks`` (reads failed asset-check executions
-from the instance after its cursor) each write an ``automation.run_failed`` /
+from the instance after its cursor), every ``failures.interval_seconds``, each write an ``automation.run_failed`` /
 ``automation.check_failed`` audit entry and call :class:`secure_ml.notify.Notifier`, which audits
 the delivery (``notify.webhook``: ok, fail or skipped when no URL is configured). A webhook that
 is down is audited and never fails the sensor. Only the one-line reason a check or step gave is
@@ -18,11 +20,19 @@ import dagster as dg
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
 from resources import CustodyResource
+from secure_ml.errors import (
+    BadInput,
+    ConfigurationError,
+    Error,
+    IntegrityError,
+    KeyUnavailable,
+    PolicyDenied,
+    VerificationError,
+)
 from secure_ml.governance.notify import Notifier
-from sensors._shared import DROP_TAG, TRIGGER_TAG, seconds, section, sensor_status
+from secure_ml.settings import Settings
+from sensors._shared import DROP_TAG, TRIGGER_TAG, sensor_status
 
-_FAILURES = section("failures")
-INTERVAL = seconds(_FAILURES.get("interval_seconds", 15), "failures.interval_seconds")
 #: Executions read per check and tick, failed ids remembered, and when a planned check is abandoned.
 BATCH = 50
 MAX_REPORTED = 2000
@@ -32,42 +42,69 @@ PLANNED = AssetCheckExecutionRecordStatus.PLANNED
 MAX_REASON = 500
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
+    """The last non-empty line of an exception's text (where format_exception_only puts the message)."""
     lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
     return (lines[-1] if lines else "")[:MAX_REASON]
 
 
-def _root_cause(error: Any) -> str:
-    while error is not None and getattr(error, "cause", None) is not None:
-        error = error.cause
-    if error is None:
-        return ""
-    line = _one_line(error.message) or str(error.cls_name or "")
-    return line.split(": ", 1)[1] if error.cls_name == "Failure" and ": " in line else line
+#: Our own errors (secure_ml.errors), to explain one raised straight out of an asset.
+_OUR_ERRORS: dict[str, type[Error]] = {cls.__name__: cls for cls in (
+    BadInput, ConfigurationError, KeyUnavailable, IntegrityError, VerificationError, PolicyDenied)}
+
+
+def _ours(error: Any) -> bool:
+    return error.cls_name in _OUR_ERRORS and str(error.message).startswith(f"secure_ml.errors.{error.cls_name}")
+
+
+def _known(error: Any) -> bool:
+    return error.cls_name in ("Failure", "DagsterAssetCheckFailedError") or _ours(error)
+
+
+def root_cause(error: Any) -> dict[str, str]:
+    """What went wrong in a failed step, in one line, and of which kind.
+
+    ``kind`` is ``refused`` (a dg.Failure an asset raised with our one-line explanation, or one
+    of our own errors: a denial, bad input, a failed verification), ``blocking_check`` (Dagster
+    stopping the step because one of its blocking checks failed: the check says why), or
+    ``internal`` (anything else: a bug, to be read with --debug).
+    """
+    chain = []
+    while error is not None:
+        chain.append(error)
+        error = getattr(error, "cause", None)
+    if not chain:
+        return {"error": "", "kind": "internal"}
+    # The outermost error we raised on purpose; else the innermost (the bug's own exception).
+    error = next((e for e in chain if _known(e)), chain[-1])
+    line = one_line(error.message) or str(error.cls_name or "")
+    detail = line.split(": ", 1)[1] if ": " in line else line
+    if error.cls_name == "Failure":
+        return {"error": detail, "kind": "refused"}
+    if _ours(error):
+        return {"error": f"{_OUR_ERRORS[error.cls_name].label}: {detail}", "kind": "refused"}
+    if error.cls_name == "DagsterAssetCheckFailedError":
+        checks = [part.strip() for part in error.message.strip().splitlines()[1:] if part.strip()]
+        return {"error": f"blocking check failed: {', '.join(checks) or detail}", "kind": "blocking_check"}
+    return {"error": f"{error.cls_name}: {detail}", "kind": "internal"}
 
 
 def run_failure_details(context: dg.RunFailureSensorContext) -> dict[str, Any]:
     run = context.dagster_run
-    steps = [{"step": event.step_key, "error": _root_cause(event.step_failure_data.error)}
+    steps = [{"step": event.step_key, "error": root_cause(event.step_failure_data.error)["error"]}
              for event in context.get_step_failure_events()]
     return {
         "run_id": run.run_id,
         "job": run.job_name,
         "trigger": run.tags.get(TRIGGER_TAG, "manual"),
         "drop": run.tags.get(DROP_TAG, ""),
-        "message": _one_line(context.failure_event.message or ""),
+        "message": one_line(context.failure_event.message or ""),
         "failed_steps": steps,
     }
 
 
-@dg.run_failure_sensor(
-    name="failed_runs",
-    minimum_interval_seconds=INTERVAL,
-    default_status=sensor_status(),
-    description="Audits every failed run and POSTs it (run id, job, failed steps and their one-line "
-                "reasons) to the webhook in automation.yaml.",
-)
-def failed_runs(context: dg.RunFailureSensorContext, custody: CustodyResource) -> None:
+def report_failed_run(context: dg.RunFailureSensorContext, custody: CustodyResource) -> None:
+    """The ``failed_runs`` sensor's tick: audit the failed run and POST it to the webhook."""
     details = run_failure_details(context)
     subject = f"run:{details['run_id']}"
     custody.record(None, "automation.run_failed", subject=subject, outcome="fail", details=details)
@@ -126,7 +163,7 @@ def failed_check_evaluations(instance: dg.DagsterInstance, keys: list[dg.AssetCh
                 "check": key.name,
                 "blocking": bool(evaluation and evaluation.blocking),
                 "severity": evaluation.severity.value if evaluation else "ERROR",
-                "reason": _one_line(str(reason or (evaluation.description if evaluation else "") or "")),
+                "reason": one_line(str(reason or (evaluation.description if evaluation else "") or "")),
                 "run_id": record.run_id,
             })
     latest = storage.get_latest_asset_check_execution_by_key(keys).values() if keys else []
@@ -138,14 +175,8 @@ def failed_check_evaluations(instance: dg.DagsterInstance, keys: list[dg.AssetCh
     return failed
 
 
-@dg.sensor(
-    name="failed_checks",
-    minimum_interval_seconds=INTERVAL,
-    default_status=sensor_status(),
-    description="Audits every failed asset check (blocking or not) with its reason and POSTs it to "
-                "the webhook in automation.yaml.",
-)
-def failed_checks(context: dg.SensorEvaluationContext, custody: CustodyResource) -> dg.SkipReason:
+def report_failed_checks(context: dg.SensorEvaluationContext, custody: CustodyResource) -> dg.SkipReason:
+    """The ``failed_checks`` sensor's tick: audit and POST each failed check not yet reported."""
     keys = _check_keys(context)
     if context.cursor is None:
         # Like a run-failure sensor, start from now: an old history is not news.
@@ -166,4 +197,18 @@ def failed_checks(context: dg.SensorEvaluationContext, custody: CustodyResource)
     return dg.SkipReason(f"{len(failed)} failed check(s) reported" if failed else "no failed check")
 
 
-SENSORS = [failed_runs, failed_checks]
+def failure_sensors(settings: Settings) -> list[dg.SensorDefinition]:
+    """``failed_runs`` and ``failed_checks``, ticking every ``failures.interval_seconds``."""
+    interval = settings.config.automation.failures.interval_seconds
+    status = sensor_status(settings)
+    failed_runs = dg.run_failure_sensor(
+        name="failed_runs", minimum_interval_seconds=interval, default_status=status,
+        description="Audits every failed run and POSTs it (run id, job, failed steps and their one-line "
+                    "reasons) to the webhook in automation.yaml.",
+    )(report_failed_run)
+    failed_checks = dg.sensor(
+        name="failed_checks", minimum_interval_seconds=interval, default_status=status,
+        description="Audits every failed asset check (blocking or not) with its reason and POSTs it to "
+                    "the webhook in automation.yaml.",
+    )(report_failed_checks)
+    return [failed_runs, failed_checks]

@@ -18,6 +18,12 @@ check upstream passed.
 
 The ``weekly_retraining`` schedule (``retraining.cron``) retrains and re-signs on the latest
 validated data: the training and security groups in one run.
+
+    landing_sensor(settings), retraining_schedule(settings)   # secure_ml/definitions.py builds them
+    landing_selection(settings.config.automation)              # what one drop's run materialises
+
+automation.yaml is read when the definitions are built (interval, groups, cron) and, for the
+settle and recheck times, on every tick from the custody resource's settings; never at import.
 """
 
 from __future__ import annotations
@@ -27,28 +33,20 @@ import time
 import dagster as dg
 
 from resources import CustodyResource
+from secure_ml.config.models import AutomationFile
 from secure_ml.data import landing
 from secure_ml.errors import Error
 from secure_ml.settings import Settings
-from sensors._shared import (
-    DROP_SHA_TAG,
-    DROP_TAG,
-    TRIGGER_TAG,
-    schedule_status,
-    seconds,
-    section,
-    sensor_status,
-)
+from sensors._shared import DROP_SHA_TAG, DROP_TAG, TRIGGER_TAG, schedule_status, sensor_status
 
-_LANDING = section("landing")
-_RETRAINING = section("retraining")
-RECHECK_SECONDS = float(_LANDING.get("recheck_seconds", 2))
-LANDING_GROUPS: list[str] = list(_LANDING.get("groups") or ["data", "training", "security"])
-RETRAINING_GROUPS: list[str] = list(_RETRAINING.get("groups") or ["training", "security"])
 
-#: ``dataset`` and everything downstream of it in the landing groups (lazy: grows with the graph).
-LANDING_SELECTION = dg.AssetSelection.assets("dataset").downstream() & dg.AssetSelection.groups(*LANDING_GROUPS)
-RETRAINING_SELECTION = dg.AssetSelection.groups(*RETRAINING_GROUPS)
+def landing_selection(automation: AutomationFile) -> dg.AssetSelection:
+    """``dataset`` and everything downstream of it in ``landing.groups`` (lazy: grows with the graph)."""
+    return dg.AssetSelection.assets("dataset").downstream() & dg.AssetSelection.groups(*automation.landing.groups)
+
+
+def retraining_selection(automation: AutomationFile) -> dg.AssetSelection:
+    return dg.AssetSelection.groups(*automation.retraining.groups)
 
 
 def drop_run_request(drop: landing.Drop) -> dg.RunRequest:
@@ -60,38 +58,30 @@ def drop_run_request(drop: landing.Drop) -> dg.RunRequest:
     )
 
 
-def _settle_seconds(current: Settings) -> float:
+def settle_seconds(current: Settings) -> float:
     """The longer of ours and the dataset asset's own (pipeline.yaml): it refuses younger drops."""
-    ours = float(_LANDING.get("settle_seconds", landing.SETTLE_SECONDS))
-    dataset = (current.load_config("pipeline").get("dataset") or {}).get("settle_seconds", 0)
-    return max(ours, float(dataset or 0))
+    return max(current.config.automation.landing.settle_seconds, current.config.pipeline.dataset.settle_seconds)
 
 
-@dg.sensor(
-    name="landing_drops",
-    target=LANDING_SELECTION,
-    minimum_interval_seconds=seconds(_LANDING.get("interval_seconds", 5), "landing.interval_seconds"),
-    default_status=sensor_status(),
-    description="New complete CSV/Parquet drops in the landing area become dataset versions; each drop "
-                "is one run (keyed by its sha256) through validation, training, scanning and signing.",
-)
-def landing_drops(context: dg.SensorEvaluationContext, custody: CustodyResource) -> dg.SensorResult:
+def scan_landing(context: dg.SensorEvaluationContext, custody: CustodyResource) -> dg.SensorResult:
+    """The ``landing_drops`` sensor's tick: one run request per complete, settled, new drop."""
     current = custody.settings()
+    recheck = current.config.automation.landing.recheck_seconds
     try:
         cursor = landing.LandingCursor.loads(context.cursor)
     except Error as exc:
         custody.record(None, "automation.landing", subject="cursor", outcome="fail",
                        details={"reason": exc.explain()})
         raise
-    settle = _settle_seconds(current)
+    settle = settle_seconds(current)
     requests: list[dg.RunRequest] = []
     for attempt in range(2):
         if attempt:
             # A drop seen for the first time is looked at again after `recheck_seconds` within this
             # tick (unchanged and settled by then: taken), instead of waiting a whole daemon loop.
-            if not cursor.pending or RECHECK_SECONDS <= 0:
+            if not cursor.pending or recheck <= 0:
                 break
-            time.sleep(RECHECK_SECONDS)
+            time.sleep(recheck)
         for drop in landing.scan(current.landing_dir, cursor, settle_seconds=settle):
             requests.append(drop_run_request(drop))
             cursor.mark_done(drop)
@@ -103,17 +93,29 @@ def landing_drops(context: dg.SensorEvaluationContext, custody: CustodyResource)
     return dg.SensorResult(run_requests=requests, cursor=cursor.dumps(), skip_reason=skip)
 
 
-weekly_retraining = dg.ScheduleDefinition(
-    name="weekly_retraining",
-    target=RETRAINING_SELECTION,
-    cron_schedule=str(_RETRAINING.get("cron", "0 3 * * 1")),
-    execution_timezone=str(_RETRAINING.get("timezone", "UTC")),
-    default_status=schedule_status(),
-    tags={TRIGGER_TAG: "schedule"},
-    description="Retrain, evaluate, scan and sign on the latest validated dataset (automation.yaml "
-                "retraining.cron); blocking checks stop the run as anywhere else.",
-)
+def landing_sensor(settings: Settings) -> dg.SensorDefinition:
+    """``landing_drops``: scans the landing area every ``landing.interval_seconds``."""
+    automation = settings.config.automation
+    return dg.sensor(
+        name="landing_drops",
+        target=landing_selection(automation),
+        minimum_interval_seconds=automation.landing.interval_seconds,
+        default_status=sensor_status(settings),
+        description="New complete CSV/Parquet drops in the landing area become dataset versions; each drop "
+                    "is one run (keyed by its sha256) through validation, training, scanning and signing.",
+    )(scan_landing)
 
 
-SENSORS = [landing_drops]
-SCHEDULES = [weekly_retraining]
+def retraining_schedule(settings: Settings) -> dg.ScheduleDefinition:
+    """``weekly_retraining`` on ``retraining.cron``."""
+    automation = settings.config.automation
+    return dg.ScheduleDefinition(
+        name="weekly_retraining",
+        target=retraining_selection(automation),
+        cron_schedule=automation.retraining.cron,
+        execution_timezone=automation.retraining.timezone,
+        default_status=schedule_status(settings),
+        tags={TRIGGER_TAG: "schedule"},
+        description="Retrain, evaluate, scan and sign on the latest validated dataset (automation.yaml "
+                    "retraining.cron); blocking checks stop the run as anywhere else.",
+    )

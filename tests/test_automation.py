@@ -16,7 +16,6 @@ the webhook. Does not touch: the browser (tests/test_browser.py).
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import threading
@@ -32,7 +31,6 @@ import pandas as pd
 import pytest
 
 import sensors.conditions
-import sensors.failures
 import sensors.landing
 from secure_ml.definitions import build_definitions
 from secure_ml.settings import Settings
@@ -87,7 +85,7 @@ def tick(defs: dg.Definitions, instance: dg.DagsterInstance, cursor: str | None)
     context = dg.build_sensor_context(instance=instance, cursor=cursor,
                                       resources={"custody": defs.resources["custody"]},  # type: ignore[index]
                                       definitions=defs)
-    result = sensors.landing.landing_drops(context)
+    result = defs.resolve_sensor_def("landing_drops")(context)
     assert isinstance(result, dg.SensorResult)
     return result
 
@@ -111,7 +109,7 @@ def test_each_complete_drop_becomes_one_run_keyed_by_its_digest(settings: Settin
         name = land_file(settings, SAMPLE_CSV)
         started = time.monotonic()
         ready = tick(defs, instance, first.cursor)
-        assert time.monotonic() - started >= sensors.landing.RECHECK_SECONDS  # looked twice before taking it
+        assert time.monotonic() - started >= settings.config.automation.landing.recheck_seconds  # looked twice
         [request] = ready.run_requests or []                      # the settled drop, not the one in progress
         assert "german_credit-writing.csv" in json.loads(ready.cursor or "{}")["pending"]
         digest = json.loads(ready.cursor or "{}")["done"][name][2]
@@ -134,9 +132,10 @@ def test_a_broken_cursor_stops_the_sensor_and_is_audited(settings: Settings, def
     assert any(e["action"] == "automation.landing" and e["outcome"] == "fail" for e in settings.audit_log().entries())
 
 
-def test_landing_selection_is_dataset_and_its_downstream_candidate_not_release(defs: dg.Definitions) -> None:
+def test_landing_selection_is_dataset_and_its_downstream_candidate_not_release(settings: Settings,
+                                                                               defs: dg.Definitions) -> None:
     graph = defs.resolve_asset_graph()
-    chosen = sensors.landing.LANDING_SELECTION.resolve(graph)
+    chosen = sensors.landing.landing_selection(settings.config.automation).resolve(graph)
     assert dg.AssetKey("dataset") in chosen
     assert all(graph.get(key).group_name in {"data", "training", "security"} for key in chosen)
     for key in ("registered_model", "deployment"):
@@ -151,7 +150,8 @@ def test_a_tampered_ciphertext_fails_its_check_and_is_posted_and_audited(
     with dg.DagsterInstance.get() as instance:
         context = dg.build_sensor_context(instance=instance, cursor=None, definitions=defs,
                                           resources={"custody": defs.resources["custody"]})  # type: ignore[index]
-        sensors.failures.failed_checks(context)                 # first tick: starts watching from now
+        failed_checks = defs.resolve_sensor_def("failed_checks")
+        failed_checks(context)                                  # first tick: starts watching from now
         assert context.cursor is not None
         ok = materialize(defs, instance, dg.AssetSelection.assets("dataset"),
                          {"ops": {"dataset": {"config": {"drop": name}}}})
@@ -165,8 +165,8 @@ def test_a_tampered_ciphertext_fails_its_check_and_is_posted_and_audited(
         checks = materialize(defs, instance, dg.AssetSelection.checks_for_assets("dataset"))
         failed = [e for e in checks.get_asset_check_evaluations() if not e.passed]
         assert "dataset_ciphertext_authentic" in {e.check_name for e in failed}
-        sensors.failures.failed_checks(context)
-        sensors.failures.failed_checks(context)                 # reported once, not on every tick
+        failed_checks(context)
+        failed_checks(context)                                  # reported once, not on every tick
     assert len(hook.events) == len(failed)
     posted = {e["details"]["check"]: e for e in hook.events}
     event = posted["dataset_ciphertext_authentic"]
@@ -191,13 +191,47 @@ def test_a_failed_run_is_posted_with_its_one_line_reason(settings: Settings, def
             sensor_name="failed_runs", dagster_event=failure, dagster_instance=instance, dagster_run=run,
             resources={"custody": defs.resources["custody"]},  # type: ignore[index]
         ).for_run_failure()
-        sensors.failures.failed_runs(context)
+        defs.resolve_sensor_def("failed_runs")(context)
     [event] = hook.events
     assert event["event"] == "run.failed" and event["subject"] == f"run:{result.run_id}"
     assert event["details"]["trigger"] == "landing" and event["details"]["drop"] == "german_credit-missing.csv"
     [step] = event["details"]["failed_steps"]
     assert step["step"] == "dataset" and "german_credit-missing.csv" in step["error"]
     assert "Traceback" not in json.dumps(event)
+
+
+def test_root_cause_tells_a_refusal_from_a_bug() -> None:
+    """One classifier for the CLI and the failure sensor: our errors and dg.Failure are refusals
+    (one line, explained), anything else is internal; a look-alike class name is not ours."""
+    import sys
+
+    from dagster._utils.error import serializable_error_info_from_exc_info
+
+    from secure_ml.errors import BadInput, PolicyDenied
+
+    class LookAlike(Exception):
+        pass
+
+    LookAlike.__name__ = "PolicyDenied"
+
+    def info(exc: BaseException) -> Any:
+        try:
+            raise exc
+        except BaseException:  # noqa: BLE001 - capturing what Dagster would capture
+            return serializable_error_info_from_exc_info(sys.exc_info())
+
+    assert sensors.failures.root_cause(info(BadInput("drop x has ragged rows"))) == {
+        "error": "bad input: drop x has ragged rows", "kind": "refused"}
+    assert sensors.failures.root_cause(info(dg.Failure(PolicyDenied("alice may not").explain()))) == {
+        "error": "denied: alice may not", "kind": "refused"}
+    try:
+        {}["missing"]
+    except KeyError as inner:
+        wrapped = RuntimeError("step wrapper")
+        wrapped.__cause__ = inner
+    bug = sensors.failures.root_cause(info(wrapped))
+    assert bug["kind"] == "internal" and "KeyError" in bug["error"]
+    assert sensors.failures.root_cause(info(LookAlike("trust me")))["kind"] == "internal"
 
 
 # -- the automation condition, evaluated by Dagster on a graph wired by the same map_assets -------
@@ -222,7 +256,7 @@ def downstream() -> int:
 
 
 def test_downstream_advances_only_when_every_upstream_blocking_check_passed() -> None:
-    wired = sensors.conditions.map_assets([upstream, downstream])
+    wired = sensors.conditions.map_assets([upstream, downstream], Settings.from_env({}).config.automation)
     assert wired[1].specs_by_key[dg.AssetKey("downstream")].automation_condition is not None
     assert wired[0].specs_by_key[dg.AssetKey("upstream")].automation_condition is None  # a root: sensor-driven
     definitions = dg.Definitions(assets=wired, asset_checks=[upstream_gate])
@@ -249,7 +283,7 @@ def test_downstream_advances_only_when_every_upstream_blocking_check_passed() ->
         assert evaluation.get_num_requested(dg.AssetKey("downstream")) == 0
 
 
-def test_real_graph_carries_conditions_freshness_and_the_cron(defs: dg.Definitions) -> None:
+def test_real_graph_carries_conditions_freshness_and_the_cron(settings: Settings, defs: dg.Definitions) -> None:
     graph = defs.resolve_asset_graph()
     for node in graph.asset_nodes:
         if node.group_name in {"data", "training", "security"} and node.parent_keys:
@@ -259,9 +293,9 @@ def test_real_graph_carries_conditions_freshness_and_the_cron(defs: dg.Definitio
     if graph.has(dg.AssetKey("deployment")):
         policy = graph.get(dg.AssetKey("deployment")).freshness_policy
         assert policy is not None and policy.fail_window.to_timedelta().total_seconds() == 168 * 3600
-    schedule = defs.get_schedule_def("weekly_retraining")
+    schedule = defs.resolve_schedule_def("weekly_retraining")
     assert schedule.cron_schedule == "0 3 * * 1" and schedule.execution_timezone == "UTC"
-    retrained = sensors.landing.RETRAINING_SELECTION.resolve(graph)
+    retrained = sensors.landing.retraining_selection(settings.config.automation).resolve(graph)
     assert all(graph.get(key).group_name in {"training", "security"} for key in retrained)
     with dg.instance_for_test() as instance:
         tick_data = schedule.evaluate_tick(dg.build_schedule_context(instance=instance))
@@ -271,31 +305,43 @@ def test_real_graph_carries_conditions_freshness_and_the_cron(defs: dg.Definitio
     assert {"landing_drops", "failed_runs", "failed_checks", "asset_automation"} <= names
 
 
-def test_the_switch_starts_every_sensor_and_schedule_stopped(monkeypatch: pytest.MonkeyPatch,
-                                                            settings: Settings) -> None:
-    modules = [sensors.landing, sensors.failures, sensors.conditions]
-
-    def statuses() -> set[str]:
-        definitions = build_definitions(settings)
+def test_the_switch_starts_every_sensor_and_schedule_stopped(settings: Settings) -> None:
+    """SECURE_ML_AUTOMATION is read when the definitions are built: no module reload needed."""
+    def statuses(switch: str) -> set[str]:
+        definitions = build_definitions(Settings.from_env({**settings.environ, "SECURE_ML_AUTOMATION": switch}))
         return {*(s.default_status.value for s in definitions.sensors or []),
                 *(s.default_status.value for s in definitions.schedules or [])}
 
-    try:
-        monkeypatch.setenv("SECURE_ML_AUTOMATION", "off")
-        for module in modules:
-            importlib.reload(module)
-        assert statuses() == {"STOPPED"}
-        monkeypatch.setenv("SECURE_ML_AUTOMATION", "on")
-        for module in modules:
-            importlib.reload(module)
-        assert statuses() == {"RUNNING"}
-        monkeypatch.setenv("SECURE_ML_AUTOMATION", "sometimes")
-        with pytest.raises(Exception, match="SECURE_ML_AUTOMATION"):
-            importlib.reload(sensors.landing)
-    finally:
-        monkeypatch.delenv("SECURE_ML_AUTOMATION", raising=False)
-        for module in modules:
-            importlib.reload(module)
+    assert statuses("off") == {"STOPPED"}
+    assert statuses("on") == {"RUNNING"}
+    with pytest.raises(Exception, match="SECURE_ML_AUTOMATION"):
+        statuses("sometimes")
+
+
+def test_automation_yaml_is_read_when_definitions_are_built(settings: Settings, tmp_path: Path) -> None:
+    """Intervals, cron and groups come from the active configuration directory at build time."""
+    import shutil
+
+    import yaml
+
+    from secure_ml.config import SHIPPED_DIR
+
+    config = tmp_path / "config"
+    shutil.copytree(SHIPPED_DIR, config, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    automation = yaml.safe_load((config / "automation.yaml").read_text())
+    automation["landing"]["interval_seconds"] = 42
+    automation["retraining"]["cron"] = "0 4 * * 2"
+    automation["failures"]["interval_seconds"] = 77
+    (config / "automation.yaml").write_text(yaml.safe_dump(automation))
+    definitions = build_definitions(Settings.from_env(settings.environ, config_dir=config))
+    assert definitions.resolve_sensor_def("landing_drops").minimum_interval_seconds == 42
+    assert definitions.resolve_sensor_def("failed_checks").minimum_interval_seconds == 77
+    assert definitions.resolve_schedule_def("weekly_retraining").cron_schedule == "0 4 * * 2"
+    assert definitions.resources["custody"].config_dir == str(config)  # type: ignore[index]
+    automation["landing"]["interval_seconds"] = "often"
+    (config / "automation.yaml").write_text(yaml.safe_dump(automation))
+    with pytest.raises(Exception, match="automation.yaml: landing.interval_seconds: expected an integer"):
+        build_definitions(Settings.from_env(settings.environ, config_dir=config))
 
 
 def test_every_asset_explains_itself_in_the_ui(defs: dg.Definitions) -> None:
@@ -385,7 +431,8 @@ def test_a_clean_drop_becomes_a_signed_candidate_and_a_poisoned_one_stops_at_val
     home = make_home(tmp_path, automation="on", extra={"SECURE_ML_WEBHOOK_URL": hook_server.url,
                                                         "SECURE_ML_ACTOR": "alice"})
     graph = build_definitions(home.settings).resolve_asset_graph()
-    expected = {k.to_user_string() for k in sensors.landing.LANDING_SELECTION.resolve(graph)}
+    expected = {k.to_user_string() for k in
+                sensors.landing.landing_selection(home.settings.config.automation).resolve(graph)}
     missing_stages = [key for key in CANDIDATE if key not in expected]
     logs = tmp_path / "logs"
     logs.mkdir()

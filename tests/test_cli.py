@@ -4,12 +4,16 @@ Touches: the real `secure-ml` entry point with a real home (keyring 0600), files
 ('-' for stdin/stdout), SIGKILL mid-stream. For every bad input it checks the CLI contract:
 exit code (1 failed verification, 2 bad usage/input/configuration), exactly one line on stderr,
 no traceback, nothing on stdout, and nothing written at OUT.
-Does not touch: `keys rotate` (tests/test_keys.py), `audit verify` (tests/test_audit.py),
-`pipeline run` (tests/test_dataset_asset.py).
+`pipeline run` on refused drops (unapproved source, ragged rows; a poisoned drop, marked slow):
+one line per failure on stderr, no Dagster log lines or stack traces, everything in the Dagster
+event log, and `--debug` showing Dagster's DEBUG log and stack traces.
+Does not touch: `keys rotate` (tests/test_keys.py), `audit verify` (tests/test_audit.py), a
+successful `pipeline run` (tests/test_dataset_asset.py, tests/test_end_to_end.py).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -274,3 +278,77 @@ def test_killed_midway_leaves_no_output(home: Path, tmp_path: Path, verb: str) -
         assert stdout == b""
         assert not (outdir / "out.bin").exists()
         assert all(name.startswith(".tmp-out.bin.") for name in listing(outdir))
+
+
+# -- pipeline run: an ordinary refusal is one line, not Dagster's stack traces ---------------------
+def dagster_noise(err: str) -> list[str]:
+    return [line for line in err.splitlines()
+            if " - dagster - " in line or "Traceback" in line or "Stack Trace" in line or line.startswith("  File ")]
+
+
+def test_pipeline_run_refusals_are_one_line_each_and_debug_shows_everything(home: Path, tmp_path: Path) -> None:
+    import dagster as dg
+
+    unapproved = tmp_path / "partner_feed.csv"
+    unapproved.write_text("a,b\n1,2\n")
+    denied = run(home, "pipeline", "run", "--data", str(unapproved), SECURE_ML_ACTOR="alice")
+    err = denied.stderr.decode()
+    assert denied.returncode == 1, err
+    assert err.count("\n") == 1 and not dagster_noise(err), err
+    assert err.startswith("secure-ml: step dataset failed: denied: drop 'partner_feed-") and "approved source" in err
+    assert b"NOT materialized" in denied.stdout
+    run_id = denied.stdout.decode().split()[1]
+    with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:  # the full story stays here
+        failures = instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
+    assert [e.dagster_event.step_key for e in failures] == ["dataset"]  # type: ignore[union-attr]
+
+    ragged = tmp_path / "german_credit-ragged.csv"
+    ragged.write_text("risk,sex\n1,male\n0\n")
+    bad = run(home, "pipeline", "run", "--data", str(ragged), "--json", SECURE_ML_ACTOR="alice")
+    err = bad.stderr.decode()
+    assert bad.returncode == 1 and err.count("\n") == 1 and not dagster_noise(err), err
+    assert err.startswith("secure-ml: step dataset failed: bad input: ") and "ragged" in err
+    [failure] = json.loads(bad.stdout)["step_failures"]
+    assert failure["kind"] == "refused" and failure["step"] == "dataset"
+
+    debug = run(home, "--debug", "pipeline", "run", "--data", str(unapproved), SECURE_ML_ACTOR="alice")
+    err = debug.stderr.decode()
+    assert debug.returncode == 1
+    assert " - dagster - DEBUG - " in err and "Stack Trace" in err and len(dagster_noise(err)) > 10
+    assert err.splitlines()[-1].startswith("secure-ml: step dataset failed: denied: drop 'partner_feed-")
+
+
+def test_pipeline_run_selecting_an_unknown_asset_is_bad_input(home: Path) -> None:
+    result = run(home, "pipeline", "run", "--select", "dataset,nosuch+")
+    assert_one_line_error(result, 2, "bad input: --select names 'nosuch', not an asset of the pipeline")
+
+
+def test_pipeline_run_with_a_broken_configuration_is_one_line(home: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from secure_ml.config import SHIPPED_DIR
+
+    config = tmp_path / "config"
+    shutil.copytree(SHIPPED_DIR, config, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    text = (config / "automation.yaml").read_text().replace("  interval_seconds: 5\n", "  interval_seconds: soon\n")
+    (config / "automation.yaml").write_text(text)
+    result = run(home, "pipeline", "run", "--select", "dataset", SECURE_ML_CONFIG=str(config))
+    assert_one_line_error(result, 2, f"configuration error: {config / 'automation.yaml'}: landing.interval_seconds: "
+                                     "expected an integer, got 'soon'")
+
+
+@pytest.mark.slow
+def test_pipeline_run_a_poisoned_drop_is_one_blocking_check_line(home: Path, tmp_path: Path) -> None:
+    import pandas as pd
+
+    from secure_ml.data.poisoning import flip_labels
+    from tests.conftest import SAMPLE_CSV
+
+    poisoned, _ = flip_labels(pd.read_csv(SAMPLE_CSV), "risk", 0.10, seed=3)
+    drop = tmp_path / "german_credit-poisoned.csv"
+    poisoned.to_csv(drop, index=False)
+    result = run(home, "pipeline", "run", "--data", str(drop), SECURE_ML_ACTOR="alice")
+    err = result.stderr.decode()
+    assert result.returncode == 1 and err.count("\n") == 1 and not dagster_noise(err), err
+    assert err.startswith("secure-ml: blocking check failed: validated_dataset:poisoning_score_under_threshold: ")
+    assert "over the threshold" in err

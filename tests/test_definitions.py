@@ -1,7 +1,7 @@
 """Loading the Dagster definitions: secure_ml/definitions.py, workspace.yaml, and where the code comes from.
 
-Touches: the real `defs` object (every module of assets/ and sensors/, resources built for the
-local environment), `dagster definitions validate` over workspace.yaml in a subprocess (the way
+Touches: the real `defs` code location (every stage module of assets/, every sensor and schedule of
+sensors/, resources built for the local environment), listed explicitly (no reflection), `dagster definitions validate` over workspace.yaml in a subprocess (the way
 the UI loads the code location), and the import paths of the top-level assets/resources/sensors
 packages from a different working directory.
 Does not touch: materialising anything (tests/test_dataset_asset.py and each stage's tests do).
@@ -23,8 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_defs_load_with_the_dataset_asset_its_blocking_checks_and_custody_resources() -> None:
     from resources.custody import CustodyResource, EncryptedIOManager
-    from secure_ml.definitions import defs
+    from secure_ml.definitions import defs as lazy_defs
 
+    defs = lazy_defs()  # what Dagster does when it loads the code location
     assert isinstance(defs, dg.Definitions)
     graph = defs.resolve_asset_graph()
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
@@ -42,10 +43,32 @@ def test_defs_load_with_the_dataset_asset_its_blocking_checks_and_custody_resour
     assert defs.resolve_job_def("__ASSET_JOB") is not None
 
 
-def test_every_asset_is_described_grouped_and_owned() -> None:
-    from secure_ml.definitions import defs
+def test_wiring_is_explicit_every_stage_sensor_and_schedule_is_listed() -> None:
+    """Each stage module is listed and contributes its assets; nothing is found by reflection."""
+    import assets
+    import secure_ml.definitions as definitions
+    from secure_ml.definitions import STAGES, build_definitions
 
+    on_disk = {p.stem for p in Path(assets.__file__).parent.glob("*.py") if not p.stem.startswith("_")}
+    assert {m.__name__.split(".")[-1] for m in STAGES} == on_disk  # a new stage module must be listed
+    source = Path(definitions.__file__).read_text() + Path(assets.__file__).parents[1].joinpath(
+        "resources", "__init__.py").read_text()
+    assert "pkgutil" not in source and "hasattr" not in source and "importlib" not in source
+    defs = build_definitions()
     graph = defs.resolve_asset_graph()
+    for stage in STAGES:
+        names = {a.key for a in dg.load_assets_from_modules([stage]) if isinstance(a, dg.AssetsDefinition)}
+        assert names and all(graph.has(k) for k in names), stage.__name__
+    assert {s.name for s in defs.sensors or []} == {"landing_drops", "asset_automation", "failed_runs",
+                                                     "failed_checks"}
+    assert {s.name for s in defs.schedules or []} == {"weekly_retraining"}
+    assert set(defs.resources or {}) >= {"custody", "io_manager", "release", "signing"}
+
+
+def test_every_asset_is_described_grouped_and_owned() -> None:
+    from secure_ml.definitions import build_definitions
+
+    graph = build_definitions().resolve_asset_graph()
     for key in graph.get_all_asset_keys():
         node = graph.get(key)
         if not node.is_materializable:

@@ -1,4 +1,11 @@
-"""secure-ml pipeline run [--data FILE] [--select SELECTION] [--json]."""
+"""secure-ml pipeline run [--data FILE] [--select SELECTION] [--json] [-v].
+
+The run's summary goes to stdout (a table, or JSON with ``--json``). Each expected failure (a
+denial, bad input, a failed blocking check) is ONE line on stderr, ``secure-ml: ...``; Dagster's
+own log lines and stack traces stay in the instance's event log (the UI shows them). ``-v`` adds
+Dagster's log at INFO on stderr; ``secure-ml --debug pipeline run`` shows it at DEBUG, with
+tracebacks. An internal error (a bug) is one line too, naming the exception, and asks for --debug.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from secure_ml.custody.integrity import atomic_write, sha256_file
 from secure_ml.errors import BadInput
@@ -24,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     run.add_argument("--data", type=Path, help=f"data drop to land (default: {SAMPLE.name})")
     run.add_argument("--select", help="Dagster asset selection (default: everything)")
     run.add_argument("--json", action="store_true", help="print a machine-readable summary")
-    run.add_argument("-v", "--verbose", action="store_true", help="show Dagster's event log")
+    run.add_argument("-v", "--verbose", action="store_true", help="show Dagster's event log (INFO) on stderr")
     run.set_defaults(handler=cmd_run)
 
 
@@ -53,7 +61,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = run_pipeline(settings, selection=args.select,
                            run_config={"ops": {"dataset": {"config": {"drop": drop}}}}
                            if _selects_dataset(args.select) else None,
-                           tags=_run_request(settings), log_level="DEBUG" if args.verbose else "WARNING")
+                           tags=_run_request(settings),
+                           console="debug" if args.debug else "info" if args.verbose else "quiet")
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
@@ -68,15 +77,28 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"  check {name:<52} {mark}  {check['reason']}")
         for failure in summary["step_failures"]:
             print(f"  step {failure['step']} failed: {failure['error']}")
-    if summary["failed_blocking_checks"]:
-        print(f"secure-ml: blocking check failed: {', '.join(summary['failed_blocking_checks'])}",
-              file=sys.stderr)
-        return 1
-    if summary["step_failures"]:
-        print(f"secure-ml: step failed: {summary['step_failures'][0]['step']}: {summary['step_failures'][0]['error']}",
-              file=sys.stderr)
-        return 1
-    return 0
+    sys.stdout.flush()
+    problems = failure_lines(summary)
+    if not problems and not summary["success"]:
+        problems = [f"run {summary['run_id']} failed (its event log in the Dagster UI says why; "
+                    "or rerun with secure-ml --debug pipeline run)"]
+    for line in problems:
+        print(f"secure-ml: {line}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def failure_lines(summary: dict[str, Any]) -> list[str]:
+    """One line per failed blocking check (with its reason) and per failed step that is not just
+    Dagster stopping a step for a blocking check already reported."""
+    lines = [f"blocking check failed: {c['asset']}:{c['check']}: {c['reason']}"
+             for c in summary["checks"] if c["blocking"] and not c["passed"]]
+    for failure in summary["step_failures"]:
+        if failure["kind"] == "blocking_check" and lines:
+            continue
+        hint = " (rerun with secure-ml --debug pipeline run)" if failure["kind"] == "internal" else ""
+        what = "internal error: " if failure["kind"] == "internal" else ""
+        lines.append(f"step {failure['step']} failed: {what}{failure['error']}{hint}")
+    return lines
 
 
 def _run_request(settings: Settings) -> dict[str, str]:
