@@ -94,8 +94,10 @@ def test_a_config_dir_that_changes_the_gates_is_refused(ids: Path, settings: Set
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "config"
     shutil.copytree(settings.config_dir, config)
-    text = (config / "release.yaml").read_text().replace("required_approvals: 1", "required_approvals: 0")
+    # A lower bar that the typed configuration accepts: only the signed policy may set it.
+    text = (config / "release.yaml").read_text().replace("accuracy: 0.65", "accuracy: 0.10")
+    assert "accuracy: 0.10" in text
     (config / "release.yaml").write_text(text)
     monkeypatch.setenv("SECURE_ML_CONFIG", str(config))
     code, _, err = run(capsys, "trust", "verify")
-    assert code == 1 and "changes what the gates decide (promotion.required_approvals)" in err
+    assert code == 1 and "changes what the gates decide (promotion.min_metrics)" in err

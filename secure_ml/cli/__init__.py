@@ -5,6 +5,7 @@
     secure-ml encrypt IN OUT            streaming authenticated encryption ('-' = stdin/stdout)
     secure-ml decrypt IN OUT
     secure-ml audit verify | tail       the hash-chained audit log
+    secure-ml identity | trust          identity keys; the signed trust policy
     secure-ml pipeline run              materialise the pipeline on the Dagster instance
 
 Exit codes: 0 ok; 1 verification failed or denied; 2 bad usage or bad input. Errors are one
@@ -21,10 +22,11 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from secure_ml.cli import cmd_audit, cmd_keys, cmd_model, cmd_pipeline, cmd_release, cmd_schema
+from secure_ml.cli import (cmd_audit, cmd_identity, cmd_keys, cmd_model, cmd_pipeline, cmd_release, cmd_schema,
+                           cmd_trust)
 from secure_ml.errors import Error
 
-COMMAND_GROUPS = (cmd_audit, cmd_keys, cmd_model, cmd_pipeline, cmd_release, cmd_schema)
+COMMAND_GROUPS = (cmd_audit, cmd_identity, cmd_keys, cmd_model, cmd_pipeline, cmd_release, cmd_schema, cmd_trust)
 
 
 class _Parser(argparse.ArgumentParser):
