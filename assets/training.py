@@ -24,8 +24,13 @@ from resources import CustodyResource, verdict
 from secure_ml.custody.integrity import sha256_file
 from secure_ml.errors import ConfigurationError, Error
 from secure_ml.training import evaluation as evaluation_core
-from secure_ml.training import trainer as training_core
+from secure_ml.training.checkpoints import CheckpointStore
+from secure_ml.training.config import TrainingConfig
+from secure_ml.training.features import DataSpec
+from secure_ml.training.predictor import load_model
+from secure_ml.training.record import record_problems
 from secure_ml.training.sandbox import IsolationPolicy
+from secure_ml.training.trainer import train_model
 
 TRAINING = "training"
 TRAINED = dg.AssetKey("trained_model")
@@ -48,7 +53,7 @@ def _settings(custody: CustodyResource) -> dict[str, Any]:
     if when not in ("every", "release"):
         raise ConfigurationError(f"training.yaml reproducible.when must be every or release, not {when!r}")
     return {
-        "training": training_core.TrainingConfig.from_mapping(config.get("training")),
+        "training": TrainingConfig.from_mapping(config.get("training")),
         "isolation": IsolationPolicy.from_mapping(config.get("isolation")),
         "reproducible": when,
         "keep": int((config.get("checkpoints") or {}).get("keep", 2)),
@@ -90,13 +95,13 @@ def trained_model(context: dg.AssetExecutionContext, validated_dataset: dict[str
     actor = custody.actor(context)
     try:
         chosen = _settings(custody)
-        spec = training_core.DataSpec.from_validated(validated_dataset)
+        spec = DataSpec.from_validated(validated_dataset)
         train = custody.store(context).get_dataframe(str(validated_dataset["train_sha256"]))
     except Error as exc:
         raise _fail(custody, context, "training.configure", subject, exc) from None
-    config: training_core.TrainingConfig = chosen["training"]
-    checkpoints = training_core.CheckpointStore(settings.home / "checkpoints", settings.key_provider(),
-                                                settings.audit_log(), actor=actor, keep=chosen["keep"])
+    config: TrainingConfig = chosen["training"]
+    checkpoints = CheckpointStore(settings.home / "checkpoints", settings.key_provider(),
+                                  settings.audit_log(), actor=actor, keep=chosen["keep"])
     provenance = {key: validated_dataset.get(key) for key in
                   ("train_sha256", "test_sha256", "dataset_sha256", "dvc_version", "source")}
     provenance["actor"] = actor
@@ -107,11 +112,13 @@ def trained_model(context: dg.AssetExecutionContext, validated_dataset: dict[str
 
     with tempfile.TemporaryDirectory(prefix="secure-ml-train-") as tmp:
         try:
-            result = training_core.train_model(train, spec, config, Path(tmp) / "model", isolation=chosen["isolation"],
-                                               checkpoints=checkpoints, provenance=provenance, on_progress=progress)
+            result = train_model(train, spec, config, Path(tmp) / "model", isolation=chosen["isolation"],
+                                 checkpoints=checkpoints, provenance=provenance, on_progress=progress)
         except Error as exc:
             raise _fail(custody, context, "training.run", subject, exc) from None
         record = result.record
+        for stale in record["result"]["checkpoints_superseded"]:
+            context.log.warning(f"checkpoints {stale['checkpoints'][:16]}… ({stale['files']} file(s)) {stale['reason']}")
         custody.record(context, "training.complete", subject=f"sha256:{result.weights_sha256}", details={
             "train_sha256": validated_dataset["train_sha256"], "device": result.device,
             "isolation": {k: v for k, v in record["isolation"].items() if k != "environment"},
@@ -159,7 +166,7 @@ def _record_check(custody: CustodyResource, context: Any, tree: str, weights_sha
             custody.store(context).get_tree(tree, Path(tmp) / "model")  # every file verified on the way out
             stored_weights = sha256_file(Path(tmp) / "model" / "model.safetensors")
             record = json.loads((Path(tmp) / "model" / "training_record.json").read_text())
-            problems = training_core.record_problems(record, stored_weights)
+            problems = record_problems(record, stored_weights)
         except (Error, OSError, ValueError) as exc:
             problems = [exc.explain() if isinstance(exc, Error) else f"record unreadable ({exc})"]
             record = {}
@@ -176,7 +183,7 @@ def _record_check(custody: CustodyResource, context: Any, tree: str, weights_sha
 
 
 def _reproducible_check(custody: CustodyResource, context: Any, chosen: dict[str, Any], train: Any,
-                        spec: training_core.DataSpec, weights_sha: str, tree: str) -> dg.AssetCheckResult:
+                        spec: DataSpec, weights_sha: str, tree: str) -> dg.AssetCheckResult:
     subject = f"sha256:{tree}"
     release = str(context.run.tags.get(RELEASE_TAG, "")).lower() == "true"
     if chosen["reproducible"] == "release" and not release:
@@ -188,8 +195,8 @@ def _reproducible_check(custody: CustodyResource, context: Any, chosen: dict[str
     context.log.info("reproducible: training again from scratch to compare the weights digest")
     with tempfile.TemporaryDirectory(prefix="secure-ml-retrain-") as tmp:
         try:
-            again = training_core.train_model(train, spec, chosen["training"], Path(tmp) / "model",
-                                              isolation=chosen["isolation"], checkpoints=None, provenance={})
+            again = train_model(train, spec, chosen["training"], Path(tmp) / "model",
+                                isolation=chosen["isolation"], checkpoints=None, provenance={})
             digest, error = again.weights_sha256, ""
         except Error as exc:
             digest, error = "", exc.explain()
@@ -241,7 +248,7 @@ def model_evaluation(context: dg.AssetExecutionContext, trained_model: dict[str,
         protected = [str(p) for p in validated_dataset.get("protected") or []]
         with tempfile.TemporaryDirectory(prefix="secure-ml-eval-") as tmp:
             store.get_tree(tree, Path(tmp) / "model")
-            loaded = training_core.load_model(Path(tmp) / "model")
+            loaded = load_model(Path(tmp) / "model")
             report = evaluation_core.evaluate(loaded, test, protected=protected, config=chosen["evaluation"])
     except Error as exc:
         raise _fail(custody, context, "evaluation.run", subject, exc) from None

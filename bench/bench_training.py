@@ -26,7 +26,9 @@ from bench import Figure
 from secure_ml.data import splitting
 from secure_ml.settings import Settings
 from secure_ml.training.sandbox import IsolationPolicy
-from secure_ml.training.trainer import DataSpec, Preprocessing, TrainingConfig, fit, train_model
+from secure_ml.training.config import TrainingConfig
+from secure_ml.training.features import DataSpec, Preprocessing
+from secure_ml.training.trainer import fit, train_model
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample" / "german_credit.csv"

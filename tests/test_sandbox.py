@@ -133,10 +133,17 @@ def test_a_required_namespace_that_the_host_cannot_give_is_a_clear_error(
 
 def test_a_failing_or_hung_training_process_is_reported_in_one_line() -> None:
     from secure_ml.errors import BadInput
+    from secure_ml.training.loop import ENTRY
     from secure_ml.training.sandbox import SandboxError, run_isolated
 
     header = {"config": {"epochs": 1}, "rows": 10, "width": 3, "device": "cpu", "fingerprint": "0" * 64}
     with pytest.raises(BadInput, match="received data of the wrong size"):
-        run_isolated(header, [b"\0" * 8, b"\0" * 8], policy=IsolationPolicy(), on_frame=lambda k, p: None)
+        run_isolated(header, [b"\0" * 8, b"\0" * 8], entry=ENTRY, policy=IsolationPolicy(),
+                     on_frame=lambda k, p: None)
     with pytest.raises(SandboxError, match="ran past isolation.timeout_s"):
-        run_isolated(header, [], policy=IsolationPolicy(timeout_s=0.5), on_frame=lambda k, p: None)
+        run_isolated(header, [], entry=ENTRY, policy=IsolationPolicy(timeout_s=0.5), on_frame=lambda k, p: None)
+    with pytest.raises(BadInput, match="entry point must be 'module:function'"):
+        run_isolated(header, [], entry="os:system; rm -rf /", policy=IsolationPolicy(), on_frame=lambda k, p: None)
+    with pytest.raises(BadInput, match="has no function 'nothing_here'"):
+        run_isolated(header, [], entry="secure_ml.training.loop:nothing_here", policy=IsolationPolicy(),
+                     on_frame=lambda k, p: None)

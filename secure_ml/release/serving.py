@@ -243,7 +243,7 @@ def _generic_mlp(model_dir: Path, spec: FeatureSpec) -> Predictor:
 def _predictor(model_dir: Path, spec: FeatureSpec) -> Predictor:
     """The training stage's own loader when it offers one, else the generic safetensors MLP."""
     try:
-        from secure_ml.training import trainer as training  # type: ignore[attr-defined]
+        from secure_ml.training import predictor as training  # type: ignore[attr-defined]
     except ImportError:
         training = None
     loader = getattr(training, "load_predictor", None)

@@ -1,11 +1,15 @@
 """The isolated training process: no network, no secrets, no keys; only the data it trains on.
 
     policy = IsolationPolicy.from_mapping(config["isolation"])      # training.yaml
-    frames = run_isolated(job, blobs, policy=policy, on_frame=handle)   # handle(kind, payload)
+    facts = run_isolated(job, blobs, entry="pkg.module:function", policy=policy, on_frame=handle)
     report = probe_isolation(policy, connect=("127.0.0.1", port))    # what the child can reach
 
-The child is ``python -I -m secure_ml.sandbox`` (isolated mode: no PYTHON* variables, no user
-site), started:
+The child is ``python -I -c BOOT CODE_ROOT ENTRY`` (isolated mode: no PYTHON* variables, no user
+site; BOOT imports this module from the CODE_ROOT the parent imported it from, and runs main). ``ENTRY`` is the ``module:function`` the parent names (training names
+secure_ml.training.loop:child_train): once its isolation is set up, the child imports that module
+by name, calls its ``preload()`` if it has one (imports needing files only root may read), drops
+privileges, reads the job and calls ``function(header, blobs, send, facts)``. So this module
+imports nothing of what it runs. The child is started:
 
 - in a fresh **network namespace** (``unshare --net``; ``--map-root-user`` where only user
   namespaces are allowed) whenever the OS offers one: the child sees only a loopback interface
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import json
 import os
 import re
@@ -44,6 +49,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from secure_ml import errors
@@ -52,6 +58,12 @@ from secure_ml.errors import BadInput, ConfigurationError, Error
 FRAME = struct.Struct(">cQ")
 NOBODY = 65534
 NAMESPACE_MODES = ("auto", "required", "off")
+ENTRY_POINT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+PROBE_ENTRY = "secure_ml.training.sandbox:probe_entry"
+# The child imports secure_ml from where the parent did (-I ignores PYTHONPATH): the same code runs on both sides.
+CODE_ROOT = Path(__file__).resolve().parents[2]
+BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); from secure_ml.training.sandbox import main; "
+        "raise SystemExit(main(sys.argv[2:]))")
 
 # Names that must never reach the training process, whatever the configuration says.
 SECRET_ENV = re.compile(
@@ -149,9 +161,11 @@ def child_environment(policy: IsolationPolicy, *, threads: int = 1,
     return env, withheld
 
 
-def child_command(policy: IsolationPolicy, mode: str) -> tuple[list[str], bool]:
+def child_command(policy: IsolationPolicy, entry: str) -> tuple[list[str], bool]:
     """(argv, whether a network namespace is used); raises if one is required and unavailable."""
-    argv = [sys.executable, "-I", "-m", "secure_ml.training.sandbox", mode,
+    if not ENTRY_POINT.match(entry):
+        raise BadInput(f"sandbox entry point must be 'module:function', not {entry[:80]!r}")
+    argv = [sys.executable, "-I", "-c", BOOT, str(CODE_ROOT), entry,
             "guard" if policy.socket_guard else "no-guard",
             "drop" if policy.drop_privileges else "keep"]
     if policy.network_namespace == "off":
@@ -198,15 +212,16 @@ _ERRORS: dict[str, type[Error]] = {
 
 
 def run_isolated(header: Mapping[str, Any], blobs: Iterable[bytes | memoryview], *, policy: IsolationPolicy,
-                 on_frame: Callable[[str, bytes], None], mode: str = "train", threads: int = 1,
+                 entry: str, on_frame: Callable[[str, bytes], None], threads: int = 1,
                  on_start: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Run one job in the isolated child; frames go to ``on_frame(kind, payload)`` as they arrive.
+    """Run ``entry`` (``module:function``) on one job in the isolated child; frames go to
+    ``on_frame(kind, payload)`` as they arrive.
 
     Returns the isolation facts (namespace used, environment withheld). A child that fails
     raises its own error class (BadInput, IntegrityError, ...) with its one-line message; a
     child that dies or is killed raises :class:`SandboxError`.
     """
-    argv, namespaced = child_command(policy, mode)
+    argv, namespaced = child_command(policy, entry)
     env, withheld = child_environment(policy, threads=threads)
     try:
         process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -288,7 +303,7 @@ def probe_isolation(policy: IsolationPolicy, *, connect: tuple[str, int] | None 
             report.update(json.loads(payload))
 
     facts = run_isolated({"probe": {"connect": list(connect) if connect else None, "read": read}}, [],
-                         policy=policy, on_frame=keep, mode="probe")
+                         policy=policy, entry=PROBE_ENTRY, on_frame=keep)
     return {**report, "policy": facts}
 
 
@@ -370,32 +385,49 @@ def _probe(probe: Mapping[str, Any]) -> dict[str, str]:
     return outcome
 
 
+def preload() -> None:
+    """The probe's imports (host names are encoded lazily)."""
+    import encodings.idna  # noqa: F401
+
+
+def probe_entry(header: Mapping[str, Any], blobs: list[bytes], send: Callable[[str, bytes], None],
+                facts: Mapping[str, Any]) -> None:
+    """The probe's entry point: report what the child sees, and each attempt's outcome."""
+    send("R", json.dumps({**facts, "probe": _probe(header.get("probe") or {})}, sort_keys=True).encode())
+
+
+def _load_entry(entry: str) -> tuple[Any, Callable[..., None]]:
+    if not ENTRY_POINT.match(entry):
+        raise BadInput(f"sandbox entry point must be 'module:function', not {entry[:80]!r}")
+    module_name, function_name = entry.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise BadInput(f"sandbox entry point {entry!r}: cannot import {module_name!r} ({exc})") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise BadInput(f"sandbox entry point {entry!r}: {module_name} has no function {function_name!r}")
+    return module, function
+
+
 def main(argv: list[str]) -> int:
-    mode, guard, drop = (argv + ["train", "guard", "drop"][len(argv):])[:3]
+    entry, guard, drop = (argv + [PROBE_ENTRY, "guard", "drop"][len(argv):])[:3]
     if guard == "guard":
         sys.addaudithook(_guard)  # audit hooks cannot be removed: the guard holds for the whole process
     # Frames own the real stdout; anything else writing to fd 1 (a print, a C library) goes to stderr.
     out = _Channel(os.fdopen(os.dup(1), "wb"))
     os.dup2(2, 1)
     try:
-        if mode == "probe":
-            import encodings.idna  # noqa: F401 - host names are encoded lazily
-        if mode == "train":
-            # Everything training needs is imported before privileges drop (the interpreter's own
-            # files may be readable only by root); the data is read only after.
-            from secure_ml.training import trainer as training
-
-            training.preload()
+        # The entry's module is imported before privileges drop (the interpreter's own files may be
+        # readable only by root); the data is read only after.
+        module, function = _load_entry(entry)
+        warm = getattr(module, "preload", None)
+        if callable(warm):
+            warm()
         if drop == "drop":
             _drop_privileges()
         header, blobs = _read_job(sys.stdin.buffer)
-        facts = _facts()
-        if mode == "probe":
-            out.send_json("R", {**facts, "probe": _probe(header.get("probe") or {})})
-            return 0
-        from secure_ml.training import trainer as training
-
-        training.child_train(header, blobs, out.send, facts)
+        function(header, blobs, out.send, _facts())
         return 0
     except Error as exc:
         out.send_json("E", {"type": type(exc).__name__, "message": str(exc)})
