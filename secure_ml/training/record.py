@@ -78,8 +78,11 @@ def record_problems(record: Mapping[str, Any], weights_sha256: str) -> list[str]
     for key in ("python", "torch", "lock_sha256"):
         if not environment_.get(key):
             problems.append(f"missing environment.{key}")
-    if not (record.get("isolation") or {}).get("isolated"):
+    isolation = record.get("isolation") or {}
+    if not isolation.get("isolated"):
         problems.append("the model was not trained in the isolated process")
+    elif isolation.get("level_met") is False:
+        problems.append(f"the training sandbox did not reach its configured level ({isolation.get('configured')})")
     return problems
 
 

@@ -101,8 +101,10 @@ def fit(X: np.ndarray, y: np.ndarray, config: TrainingConfig, *, device: str = "
         blobs: list[bytes | memoryview] = [memoryview(X32).cast("B"), memoryview(y32).cast("B")]
         if resume is not None:
             blobs.append(resume[1])
-        facts = {"isolated": True, **run_isolated(header, blobs, entry=ENTRY, policy=isolation, on_frame=handle,
-                                                   threads=config.threads, on_start=on_start)}
+        applied = run_isolated(header, blobs, entry=ENTRY, policy=isolation, on_frame=handle,
+                               threads=config.threads, on_start=on_start)
+        # Isolated means: every layer of the configured level was in place, as measured.
+        facts = {"isolated": bool(applied.get("level_met")), **applied}
         child = got.get("facts") or {}
         facts.update({"uid": child.get("uid"), "interfaces": child.get("interfaces"),
                       "environment": child.get("env")})

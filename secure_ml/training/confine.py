@@ -1,0 +1,193 @@
+"""The sandbox's set-up step, run inside the fresh namespaces just before the sandboxed program.
+
+    unshare [--user --map-root-user] --net --mount --pid --ipc --fork --mount-proc --kill-child -- \
+        python -I -c BOOT CODE_ROOT PLAN_FD STATUS_FD -- program args...
+
+secure_ml.training.sandbox builds that command line; nothing else should. In the new mount
+namespace this step: puts an empty, unreadable tmpfs over every hidden directory (and
+``/dev/null`` over every hidden file), gives ``/tmp`` and ``/dev/shm`` fresh tmpfs, sets the
+resource limits, becomes ``nobody`` when it runs as real root, drops every capability (bounding,
+effective, permitted, inheritable, ambient: nothing can undo the mounts) and sets no_new_privs.
+It then reports exactly what it applied, as JSON, on ``STATUS_FD`` (close-on-exec) and
+``execvp``-s the program. If any step fails it writes ``error: <one line>`` there instead and
+exits 126 without running the program: the sandbox never runs a program half-confined.
+
+Only the standard library is imported here: this runs on every sandbox start (a budget of
+100 ms over a bare start, measured by bench/bench_training.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import resource
+import shutil
+import sys
+from typing import Any
+
+NOBODY = 65534
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 0x1, 0x2, 0x4, 0x8, 0x20
+MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 0x40000
+PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 38, 24, 47, 4
+PR_SET_PDEATHSIG = 1
+CAP_LAST = 63
+LIMITS = {"memory_bytes": resource.RLIMIT_DATA, "cpu_seconds": resource.RLIMIT_CPU,
+          "file_size_bytes": resource.RLIMIT_FSIZE, "processes": resource.RLIMIT_NPROC}
+
+
+class ConfineError(Exception):
+    """One step of the set-up failed; the program is not run."""
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        errno = ctypes.get_errno()
+        raise ConfineError(f"{what}: {os.strerror(errno)}")
+
+
+def _mount(source: str, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    _check(_libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None, ctypes.c_ulong(flags),
+                       data.encode() if data else None), f"mount {target}")
+
+
+def hide(paths: list[str], expose: list[str]) -> list[str]:
+    """Cover each existing path: a directory by an empty tmpfs nobody may list, a file by /dev/null.
+
+    A path in ``expose`` inside a hidden directory (the Python or the code the sandbox runs, in
+    the user's home) is bound back in at the same place, read-only; nothing else of it shows.
+    """
+    hidden: list[str] = []
+    for path in sorted(set(paths), key=len):
+        if not os.path.lexists(path):
+            continue
+        if not os.path.isdir(path):
+            _mount("/dev/null", path, None, MS_BIND)
+            hidden.append(path)
+            continue
+        inside = [e for e in expose if e.startswith(path.rstrip("/") + "/") and os.path.isdir(e)]
+        handles = {e: os.open(e, os.O_PATH | os.O_DIRECTORY) for e in inside}  # reachable once covered
+        try:
+            _mount("none", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                   f"size=64k,mode={'755' if inside else '000'}")
+            for kept, fd in handles.items():
+                os.makedirs(kept, mode=0o755, exist_ok=True)
+                _mount(f"/proc/self/fd/{fd}", kept, None, MS_BIND | MS_REC)
+                _mount("none", kept, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+        finally:
+            for fd in handles.values():
+                os.close(fd)
+        hidden.append(path)
+    return hidden
+
+
+def set_limits(limits: dict[str, int]) -> dict[str, int]:
+    applied: dict[str, int] = {}
+    for name, value in limits.items():
+        if value and value > 0:
+            resource.setrlimit(LIMITS[name], (int(value), int(value)))
+            applied[name] = int(value)
+    return applied
+
+
+def drop_bounding_set() -> None:
+    """No exec'd program can ever regain a capability (needs CAP_SETPCAP: done before anything else drops)."""
+    _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    for cap in range(CAP_LAST + 1):
+        if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() != 22:  # EINVAL: no such cap
+            _check(-1, "dropping the capability bounding set")
+
+
+def drop_capabilities() -> None:
+    """Empty every capability set; after this nothing in the sandbox can unmount what hides the home."""
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    header, data = Header(0x20080522, 0), (Data * 2)()
+    _check(_libc.capset(ctypes.byref(header), data), "clearing capabilities")
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "setting no_new_privs")
+
+
+def status_of(pid: str = "self") -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as handle:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in handle if ":\t" in line)
+
+
+def confine(plan: dict[str, Any]) -> dict[str, Any]:
+    """Apply the plan in this process (already in its namespaces); returns what was applied."""
+    # Nothing mounted here may propagate back to the host's mount namespace.
+    _mount("none", "/", None, MS_REC | MS_PRIVATE)
+    hidden = hide([str(p) for p in plan.get("hide", [])], [str(p) for p in plan.get("expose", [])])
+    for scratch in ("/tmp", "/dev/shm"):
+        if os.path.isdir(scratch) and scratch not in plan.get("keep", []):
+            _mount("none", scratch, "tmpfs", MS_NOSUID | MS_NODEV, "size=64m,mode=1777")
+    limits = set_limits(dict(plan.get("limits") or {}))
+    real_root = bool(plan.get("real_root"))
+    drop_bounding_set()
+    if real_root and plan.get("drop_privileges", True):
+        os.setgroups([])
+        os.setgid(NOBODY)
+        os.setuid(NOBODY)
+        # A change of uid clears the parent-death signal unshare --kill-child set: set it again, so that
+        # killing the sandbox's unshare (a timeout, a kill) still kills everything in it.
+        _check(_libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0), "setting the parent-death signal")
+    drop_capabilities()
+    status = status_of()
+    return {
+        "hidden": hidden,
+        "private_tmp": True,
+        "limits": limits,
+        "uid": os.getuid(),
+        "uid_outside": NOBODY if real_root and plan.get("drop_privileges", True) else plan.get("outer_uid"),
+        "capabilities_effective": status.get("CapEff", "?"),
+        "capabilities_bounding": status.get("CapBnd", "?"),
+        "no_new_privs": status.get("NoNewPrivs") == "1",
+        "pid_in_namespace": os.getpid(),
+        "namespaces": {kind: os.readlink(f"/proc/self/ns/{kind}") for kind in ("user", "net", "mnt", "pid", "ipc")},
+    }
+
+
+def _read_plan(fd: int) -> dict[str, Any]:
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    os.close(fd)
+    plan = json.loads(b"".join(chunks))
+    if not isinstance(plan, dict):
+        raise ConfineError("the sandbox plan is not an object")
+    return plan
+
+
+def main(argv: list[str]) -> int:
+    plan_fd, status_fd, separator, *program = argv
+    status = int(status_fd)
+    os.set_inheritable(status, False)  # closes on exec: the program never sees it
+    try:
+        # The plan (which paths to hide) arrives on a pipe, not argv: nothing names them in /proc/*/cmdline.
+        plan = _read_plan(int(plan_fd))
+        if separator != "--" or not program:
+            raise ConfineError("no program to run")
+        applied = confine(plan)
+        found = shutil.which(program[0], path=os.environ.get("PATH"))
+        if found is None:  # checked before the facts are reported: after them, only the exec itself can fail
+            raise ConfineError(f"{program[0]}: command not found, or not executable in the sandbox")
+        program[0] = found
+        os.write(status, json.dumps(applied, sort_keys=True).encode() + b"\n")
+        os.execvpe(program[0], program, os.environ)
+    except (ConfineError, OSError, ValueError) as exc:
+        message = str(exc) if isinstance(exc, ConfineError) else f"{program[0] if program else ''}: " \
+            f"{getattr(exc, 'strerror', None) or exc}"
+        os.write(status, f"error: {' '.join(message.split())}\n".encode())
+        return 126
+    return 126  # pragma: no cover - execvpe does not return
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(sys.argv[1:]))
