@@ -1,30 +1,27 @@
 """The sandbox's set-up step, run inside the fresh namespaces just before the sandboxed program.
 
     unshare [--user --map-root-user] --net --mount --pid --ipc --fork --mount-proc --kill-child -- \
-        python -I -c BOOT CODE_ROOT PLAN_FD STATUS_FD -- program args...
+        python -I -S .../secure_ml/training/confine.py PLAN_FD STATUS_FD -- program args...
 
 secure_ml.training.sandbox builds that command line; nothing else should. In the new mount
 namespace this step: puts an empty, unreadable tmpfs over every hidden directory (and
 ``/dev/null`` over every hidden file), gives ``/tmp`` and ``/dev/shm`` fresh tmpfs, sets the
 resource limits, becomes ``nobody`` when it runs as real root, drops every capability (bounding,
 effective, permitted, inheritable, ambient: nothing can undo the mounts) and sets no_new_privs.
-It then reports exactly what it applied, as JSON, on ``STATUS_FD`` (close-on-exec) and
-``execvp``-s the program. If any step fails it writes ``error: <one line>`` there instead and
+It then reports exactly what it applied (``ok`` then ``key<TAB>value`` lines, then an empty line) on ``STATUS_FD`` (close-on-exec) and
+``execve``-s the program. If any step fails it writes ``error<TAB><one line>`` there instead and
 exits 126 without running the program: the sandbox never runs a program half-confined.
 
-Only the standard library is imported here: this runs on every sandbox start (a budget of
-100 ms over a bare start, measured by bench/bench_training.py).
+It runs as a script (no package, no site: only the few standard modules below), because it runs
+on every sandbox start (a budget of 100 ms over a bare start, measured by bench/bench_training.py).
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import resource
-import shutil
 import sys
-from typing import Any
 
 NOBODY = 65534
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 0x1, 0x2, 0x4, 0x8, 0x20
@@ -120,18 +117,43 @@ def status_of(pid: str = "self") -> dict[str, str]:
         return dict(line.rstrip("\n").split(":\t", 1) for line in handle if ":\t" in line)
 
 
-def confine(plan: dict[str, Any]) -> dict[str, Any]:
-    """Apply the plan in this process (already in its namespaces); returns what was applied."""
+class Plan:
+    """What the parent asks for: lines ``key<TAB>value`` (``limit<TAB>name<TAB>value`` for limits)."""
+
+    def __init__(self, text: str) -> None:
+        self.hide: list[str] = []
+        self.expose: list[str] = []
+        self.keep: list[str] = []
+        self.limits: dict[str, int] = {}
+        self.flags: dict[str, str] = {}
+        for line in text.splitlines():
+            key, _, value = line.partition("\t")
+            if key in ("hide", "expose", "keep"):
+                getattr(self, key).append(value)
+            elif key == "limit":
+                name, _, number = value.partition("\t")
+                if name not in LIMITS:
+                    raise ConfineError(f"unknown limit {name!r}")
+                self.limits[name] = int(number)
+            elif key in ("real_root", "drop_privileges", "outer_uid"):
+                self.flags[key] = value
+            else:
+                raise ConfineError(f"unknown plan line {key!r}")
+
+
+def confine(plan: Plan) -> list[str]:
+    """Apply the plan in this process (already in its namespaces); returns what was applied, as
+    ``key<TAB>value`` lines."""
     # Nothing mounted here may propagate back to the host's mount namespace.
     _mount("none", "/", None, MS_REC | MS_PRIVATE)
-    hidden = hide([str(p) for p in plan.get("hide", [])], [str(p) for p in plan.get("expose", [])])
+    hidden = hide(plan.hide, plan.expose)
     for scratch in ("/tmp", "/dev/shm"):
-        if os.path.isdir(scratch) and scratch not in plan.get("keep", []):
+        if os.path.isdir(scratch) and scratch not in plan.keep:
             _mount("none", scratch, "tmpfs", MS_NOSUID | MS_NODEV, "size=64m,mode=1777")
-    limits = set_limits(dict(plan.get("limits") or {}))
-    real_root = bool(plan.get("real_root"))
+    limits = set_limits(plan.limits)
+    drop_uid = plan.flags.get("real_root") == "1" and plan.flags.get("drop_privileges") == "1"
     drop_bounding_set()
-    if real_root and plan.get("drop_privileges", True):
+    if drop_uid:
         os.setgroups([])
         os.setgid(NOBODY)
         os.setuid(NOBODY)
@@ -140,29 +162,28 @@ def confine(plan: dict[str, Any]) -> dict[str, Any]:
         _check(_libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0), "setting the parent-death signal")
     drop_capabilities()
     status = status_of()
-    return {
-        "hidden": hidden,
-        "private_tmp": True,
-        "limits": limits,
-        "uid": os.getuid(),
-        "uid_outside": NOBODY if real_root and plan.get("drop_privileges", True) else plan.get("outer_uid"),
-        "capabilities_effective": status.get("CapEff", "?"),
-        "capabilities_bounding": status.get("CapBnd", "?"),
-        "no_new_privs": status.get("NoNewPrivs") == "1",
-        "pid_in_namespace": os.getpid(),
-        "namespaces": {kind: os.readlink(f"/proc/self/ns/{kind}") for kind in ("user", "net", "mnt", "pid", "ipc")},
-    }
+    facts = [f"hidden\t{path}" for path in hidden]
+    facts += [f"limit\t{name}\t{value}" for name, value in limits.items()]
+    facts += [f"ns\t{kind}\t{os.readlink(f'/proc/self/ns/{kind}')}" for kind in ("user", "net", "mnt", "pid", "ipc")]
+    facts += [f"uid\t{os.getuid()}", f"uid_outside\t{NOBODY if drop_uid else plan.flags.get('outer_uid', '')}",
+              f"capabilities_effective\t{status.get('CapEff', '?')}",
+              f"capabilities_bounding\t{status.get('CapBnd', '?')}",
+              f"no_new_privs\t{status.get('NoNewPrivs', '0')}", f"pid_in_namespace\t{os.getpid()}",
+              f"private_tmp\t{'0' if plan.keep else '1'}"]
+    return facts
 
 
-def _read_plan(fd: int) -> dict[str, Any]:
+def _read_plan(fd: int) -> Plan:
     chunks = []
     while chunk := os.read(fd, 1 << 16):
         chunks.append(chunk)
     os.close(fd)
-    plan = json.loads(b"".join(chunks))
-    if not isinstance(plan, dict):
-        raise ConfineError("the sandbox plan is not an object")
-    return plan
+    return Plan(b"".join(chunks).decode())
+
+
+def _which(name: str) -> str | None:
+    candidates = [name] if "/" in name else [os.path.join(d, name) for d in os.environ.get("PATH", "").split(":") if d]
+    return next((c for c in candidates if os.path.isfile(c) and os.access(c, os.X_OK)), None)
 
 
 def main(argv: list[str]) -> int:
@@ -175,18 +196,17 @@ def main(argv: list[str]) -> int:
         if separator != "--" or not program:
             raise ConfineError("no program to run")
         applied = confine(plan)
-        found = shutil.which(program[0], path=os.environ.get("PATH"))
+        found = _which(program[0])
         if found is None:  # checked before the facts are reported: after them, only the exec itself can fail
             raise ConfineError(f"{program[0]}: command not found, or not executable in the sandbox")
-        program[0] = found
-        os.write(status, json.dumps(applied, sort_keys=True).encode() + b"\n")
-        os.execvpe(program[0], program, os.environ)
+        os.write(status, "\n".join(["ok", *applied, "", ""]).encode())
+        os.execve(found, program, os.environ)
     except (ConfineError, OSError, ValueError) as exc:
         message = str(exc) if isinstance(exc, ConfineError) else f"{program[0] if program else ''}: " \
             f"{getattr(exc, 'strerror', None) or exc}"
-        os.write(status, f"error: {' '.join(message.split())}\n".encode())
+        os.write(status, f"error\t{' '.join(message.split())}\n\n".encode())
         return 126
-    return 126  # pragma: no cover - execvpe does not return
+    return 126  # pragma: no cover - execve does not return
 
 
 if __name__ == "__main__":  # pragma: no cover

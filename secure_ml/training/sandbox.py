@@ -56,8 +56,7 @@ NAMESPACES = ("net", "mnt", "pid", "ipc")
 CODE_ROOT = Path(__file__).resolve().parents[2]
 CHILD_BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); from secure_ml.training.child import main; "
               "raise SystemExit(main(sys.argv[2:]))")
-CONFINE_BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); from secure_ml.training.confine import main; "
-                "raise SystemExit(main(sys.argv[2:]))")
+CONFINE = Path(__file__).resolve().with_name("confine.py")  # run as a script: standard library only, fast
 
 # Names that must never reach the sandboxed process, whatever the configuration says.
 SECRET_ENV = re.compile(
@@ -257,6 +256,24 @@ class Started:
     facts: dict[str, Any]
 
 
+def _parse_facts(lines: list[str]) -> dict[str, Any]:
+    facts: dict[str, Any] = {"hidden": [], "limits": {}, "namespaces": {}}
+    for line in lines:
+        key, _, value = line.partition("\t")
+        if key == "hidden":
+            facts["hidden"].append(value)
+        elif key in ("limit", "ns"):
+            name, _, number = value.partition("\t")
+            facts["limits" if key == "limit" else "namespaces"][name] = int(number) if key == "limit" else number
+        elif key in ("uid", "pid_in_namespace", "uid_outside"):
+            facts[key] = int(value) if value.lstrip("-").isdigit() else None
+        elif key in ("no_new_privs", "private_tmp"):
+            facts[key] = value == "1"
+        elif key:
+            facts[key] = value
+    return facts
+
+
 def start(argv: Sequence[str], policy: IsolationPolicy, *, env: Mapping[str, str], stdin: Any = None,
           stdout: Any = None, stderr: Any = None, socket_guard: bool = False,
           environ: Mapping[str, str] | None = None) -> Started:
@@ -281,15 +298,17 @@ def start(argv: Sequence[str], policy: IsolationPolicy, *, env: Mapping[str, str
                            "isolation.network_namespace: off to accept the Python guard alone")
     hide = hidden_paths(policy, environ)
     keep = [d for d in ("/tmp", "/dev/shm") if any(_inside(n, Path(d)) for n in (CODE_ROOT, Path(sys.prefix)))]
-    plan = {"hide": hide, "expose": [str(p) for p in exposed_paths()], "keep": keep, "limits": policy.limits.rlimits(), "real_root": real_root,
-            "drop_privileges": policy.drop_privileges, "outer_uid": os.getuid()}
+    plan = [*(f"hide\t{p}" for p in hide), *(f"expose\t{p}" for p in exposed_paths()), *(f"keep\t{p}" for p in keep),
+            *(f"limit\t{name}\t{value}" for name, value in policy.limits.rlimits().items()),
+            f"real_root\t{int(real_root)}", f"drop_privileges\t{int(policy.drop_privileges)}", f"outer_uid\t{os.getuid()}"]
+    if any("\n" in line or line.count("\t") > 2 for line in plan):
+        raise ConfigurationError("a path the sandbox hides or exposes contains a tab or a newline")
     plan_r, plan_w = os.pipe()
     status_r, status_w = os.pipe()
     try:
-        os.write(plan_w, json.dumps(plan).encode())
+        os.write(plan_w, "\n".join(plan).encode())
         os.close(plan_w)
-        command = [*prefix, "--", sys.executable, "-I", "-c", CONFINE_BOOT, str(CODE_ROOT), str(plan_r),
-                   str(status_w), "--", *argv]
+        command = [*prefix, "--", sys.executable, "-I", "-S", str(CONFINE), str(plan_r), str(status_w), "--", *argv]
         try:
             process = subprocess.Popen(command, stdin=stdin, stdout=stdout, stderr=stderr, env=dict(env), cwd="/",
                                        close_fds=True, pass_fds=(plan_r, status_w), bufsize=0)
@@ -299,14 +318,18 @@ def start(argv: Sequence[str], policy: IsolationPolicy, *, env: Mapping[str, str
         os.close(plan_r)
         os.close(status_w)
     with os.fdopen(status_r, "rb") as status:
-        # One line: the set-up's facts, or why it failed. (unshare keeps a copy of the pipe: no EOF to wait for.)
-        line = status.readline().decode("utf-8", "replace").strip()
-    if not line.startswith("{"):
+        # Lines up to an empty one: "ok" and the facts, or "error<TAB>why". (unshare keeps a copy of
+        # the pipe, so there is no EOF to wait for.)
+        lines: list[str] = []
+        while (raw := status.readline()) not in (b"", b"\n"):
+            lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+    if lines[:1] != ["ok"]:
         process.kill()
         process.wait()
-        reason = line[len("error: "):] if line.startswith("error: ") else "its set-up did not complete"
+        first = lines[0] if lines else ""
+        reason = first.partition("\t")[2] if first.startswith("error\t") else "its set-up did not complete"
         raise SandboxError(f"the sandbox could not be set up ({reason}); nothing was run")
-    applied = json.loads(line)
+    applied = _parse_facts(lines[1:])
     ours = _own_namespaces()
     theirs = applied.pop("namespaces", {})
     namespaces = {kind: bool(theirs.get(kind)) and theirs.get(kind) != ours.get(kind) for kind in ("user", *NAMESPACES)}
