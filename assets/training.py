@@ -31,12 +31,16 @@ from secure_ml.training.predictor import load_model
 from secure_ml.training.record import record_problems
 from secure_ml.training.sandbox import IsolationPolicy
 from secure_ml.training.trainer import train_model
+from secure_ml.training.watch import WatchBounds, deviations
 
 TRAINING = "training"
 TRAINED = dg.AssetKey("trained_model")
 EVALUATION = dg.AssetKey("model_evaluation")
 VALIDATED_FORMAT = "secure-ml-validated/1"
 RECORD_COMPLETE, REPRODUCIBLE = "training_record_complete", "reproducible"
+BEHAVED = "sandbox_behaviour_within_bounds"
+WATCHED = ("cpu_seconds", "peak_memory_bytes", "block_read_bytes", "block_written_bytes", "bytes_from_child",
+           "tasks_started")
 AREA_CHECKS = {"metrics": "metrics_over_thresholds", "fairness": "fairness_within_thresholds",
                "robustness": "robustness_within_thresholds"}
 RELEASE_TAG = "secure_ml/release"
@@ -58,6 +62,7 @@ def _settings(custody: CustodyResource) -> dict[str, Any]:
         "reproducible": when,
         "keep": int((config.get("checkpoints") or {}).get("keep", 2)),
         "evaluation": evaluation_core.EvaluationConfig.from_mapping(config.get("evaluation")),
+        "watch": WatchBounds.from_mapping(config.get("watch")),
     }
 
 
@@ -81,6 +86,9 @@ def _validated(validated_dataset: dict[str, Any]) -> None:
                                       "digests, code commit, environment, device, actor) and matches the weights."),
         dg.AssetCheckSpec(REPRODUCIBLE, asset=TRAINED, blocking=True,
                           description="Training again from scratch, isolated, gives bit-identical weights."),
+        dg.AssetCheckSpec(BEHAVED, asset=TRAINED, blocking=True,
+                          description="The training sandbox attempted nothing denied, and its CPU time, memory, "
+                                      "I/O and tasks stay within training.yaml's bounds of the model's recent runs."),
     ],
 )
 def trained_model(context: dg.AssetExecutionContext, validated_dataset: dict[str, Any],  # type: ignore[no-untyped-def]
@@ -100,6 +108,7 @@ def trained_model(context: dg.AssetExecutionContext, validated_dataset: dict[str
     except Error as exc:
         raise _fail(custody, context, "training.configure", subject, exc) from None
     config: TrainingConfig = chosen["training"]
+    recent = _recent_watches(context, chosen["watch"].window)  # before this run materializes
     checkpoints = CheckpointStore(settings.home / "checkpoints", settings.key_provider(),
                                   settings.audit_log(), actor=actor, keep=chosen["keep"])
     provenance = {key: validated_dataset.get(key) for key in
@@ -117,6 +126,7 @@ def trained_model(context: dg.AssetExecutionContext, validated_dataset: dict[str
         except Error as exc:
             raise _fail(custody, context, "training.run", subject, exc) from None
         record = result.record
+        watch = dict(record["isolation"].get("watch") or {})
         for stale in record["result"]["checkpoints_superseded"]:
             context.log.warning(f"checkpoints {stale['checkpoints'][:16]}… ({stale['files']} file(s)) {stale['reason']}")
         custody.record(context, "training.complete", subject=f"sha256:{result.weights_sha256}", details={
@@ -142,14 +152,42 @@ def trained_model(context: dg.AssetExecutionContext, validated_dataset: dict[str
             "network_namespace": bool((record["isolation"].get("namespaces") or {}).get("net")),
             "isolation_level": str(record["isolation"].get("level")),
             "resumed_from_epoch": record["result"]["resumed_from_epoch"] or 0,
+            **{f"sandbox_{name}": _number(watch.get(name)) for name in WATCHED},
+            "sandbox_denied": dg.MetadataValue.json({"denied": list(watch.get("denied") or [])}),
             "hyperparameters": dg.MetadataValue.json(record["hyperparameters"]),
             "loss_curve": dg.MetadataValue.md(_loss_table(record["result"]["losses"])),
         }
         output = custody.output(context, result.directory, metadata=metadata)
     yield output
     tree = output.value.sha256
+    yield _behaviour_check(custody, context, tree, watch, recent, chosen["watch"])
     yield _record_check(custody, context, tree, result.weights_sha256)
     yield _reproducible_check(custody, context, chosen, train, spec, result.weights_sha256, tree)
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) else -1.0
+
+
+def _recent_watches(context: Any, window: int) -> list[dict[str, Any]]:
+    """The sandbox measures of this model's last ``window`` materializations (newest first)."""
+    records = context.instance.fetch_materializations(TRAINED, limit=window).records
+    out = []
+    for event in records:
+        metadata = event.asset_materialization.metadata if event.asset_materialization else {}
+        values = {name: metadata[f"sandbox_{name}"].value for name in WATCHED if f"sandbox_{name}" in metadata}
+        out.append({k: v for k, v in values.items() if isinstance(v, (int, float)) and v >= 0})
+    return [w for w in out if w]
+
+
+def _behaviour_check(custody: CustodyResource, context: Any, tree: str, watch: dict[str, Any],
+                     recent: list[dict[str, Any]], bounds: WatchBounds) -> dg.AssetCheckResult:
+    problems = deviations(watch, recent, bounds) if watch else ["the training record has no sandbox measures"]
+    reason = (f"sandbox behaved: nothing denied; within {bounds.max_ratio:g}x of the last {len(recent)} run(s)"
+              if not problems else "; ".join(problems))
+    return dg.AssetCheckResult(**_as_check(BEHAVED, verdict(
+        custody, context, check=BEHAVED, subject=f"sha256:{tree}", passed=not problems, reason=reason,
+        metadata={"denied": len(watch.get("denied") or []), "compared_with_runs": len(recent)})))
 
 
 def _loss_table(losses: list[float]) -> str:

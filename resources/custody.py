@@ -36,9 +36,9 @@ class CustodyResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     env: str = "local"
 
     def settings(self) -> Settings:
-        import os
+        from secure_ml.custody.keys import process_environment
 
-        environ = dict(os.environ)
+        environ = process_environment()  # with SECURE_ML_KEK, which no longer is in os.environ
         environ["SECURE_ML_HOME"] = self.home
         environ["SECURE_ML_ENV"] = self.env
         return Settings.from_env(environ)

@@ -23,9 +23,9 @@ class ReleaseResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     config_dir: str = ""
 
     def settings(self) -> Settings:
-        import os
+        from secure_ml.custody.keys import process_environment
 
-        environ = dict(os.environ)
+        environ = process_environment()  # with SECURE_ML_KEK, which no longer is in os.environ
         environ["SECURE_ML_HOME"] = self.home
         environ["SECURE_ML_ENV"] = self.env
         if self.config_dir:

@@ -30,9 +30,9 @@ class SigningResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         return "SigningResource(<key held>)"
 
     def _settings(self) -> Settings:
-        import os
+        from secure_ml.custody.keys import process_environment
 
-        environ = dict(os.environ)
+        environ = process_environment()  # with SECURE_ML_KEK, which no longer is in os.environ
         environ["SECURE_ML_HOME"] = self.home
         if self.config_dir:
             environ["SECURE_ML_CONFIG"] = self.config_dir

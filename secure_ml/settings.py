@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from secure_ml.custody.audit import AuditLog
-from secure_ml.custody.keys import EnvKeyProvider, KeyProvider, LocalKeyring
+from secure_ml.custody.keys import KeyProvider, LocalKeyring, handed_over_provider, process_environment
 from secure_ml.custody.store import ArtifactStore
 from secure_ml.errors import ConfigurationError, KeyUnavailable
 
@@ -36,7 +36,8 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        env_vars = dict(os.environ if environ is None else environ)
+        # The process environment is read with any SECURE_ML_KEK taken out of it first (no child inherits it).
+        env_vars = dict(process_environment() if environ is None else environ)
         home = Path(env_vars.get("SECURE_ML_HOME") or ".secure_ml").absolute()
         env = env_vars.get("SECURE_ML_ENV", "local")
         if env not in ENVIRONMENTS:
@@ -90,8 +91,9 @@ class Settings:
 
     # -- components ------------------------------------------------------------------------
     def key_provider(self) -> KeyProvider:
-        if self.environ.get("SECURE_ML_KEK"):
-            return EnvKeyProvider(dict(self.environ))
+        handed = handed_over_provider(self.environ)  # SECURE_ML_KEK or SECURE_ML_KEK_FILE
+        if handed is not None:
+            return handed
         if self.env == "production":
             # A keyring file on a pod's disk is not a production key store.
             raise KeyUnavailable("production needs its key-encryption key from a secret: set SECURE_ML_KEK "

@@ -78,7 +78,7 @@ def test_the_sandbox_blocks_loopback_and_applies_every_layer(listener: socket.so
     assert facts["capabilities_effective"] == facts["capabilities_bounding"] == "0" * 16
     assert facts["no_new_privs"] and facts["non_dumpable_parent"] and facts["pid_in_namespace"] == 1
     assert facts["limits"]["processes"] == Limits().processes
-    assert facts["guard_denied"][0].startswith("socket.")  # what the guard refused is reported
+    assert facts["watch"]["denied"][0].startswith("socket.")  # what the guard refused is reported
     if os.getuid() == 0:
         assert report["uid"] == sandbox.NOBODY and facts["uid_outside"] == sandbox.NOBODY
 

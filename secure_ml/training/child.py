@@ -54,11 +54,18 @@ def read_exact(stream: BinaryIO, size: int) -> bytes:
     return b"".join(chunks)
 
 
+HIDDEN: list[str] = []  # what the sandbox hides; an attempt to open one is reported
+
+
 def _guard(event: str, args: tuple[Any, ...]) -> None:
     if event in BLOCKED_EVENTS:
         if len(DENIED) < 100:
             DENIED.append(event)
         raise PermissionError(f"blocked in the training sandbox: {event}")
+    if event == "open" and HIDDEN and args and isinstance(args[0], str) and len(DENIED) < 100:
+        path = os.path.abspath(args[0])
+        if any(path == h or path.startswith(h.rstrip("/") + "/") for h in HIDDEN):
+            DENIED.append(f"open {path}")  # hidden by the mount namespace: it fails; reported here
 
 
 class _Channel:
@@ -153,6 +160,15 @@ def load_entry(entry: str) -> tuple[Any, Callable[..., None]]:
     return module, function
 
 
+def _report() -> dict[str, Any]:
+    """What the parent cannot see from outside: denied attempts, and tasks started in this PID namespace."""
+    try:  # the last PID handed out in the sandbox's own PID namespace = processes and threads started
+        tasks: int | None = int(open("/proc/sys/kernel/ns_last_pid").read())
+    except (OSError, ValueError):
+        tasks = None
+    return {"denied": list(DENIED), "tasks_started": tasks}
+
+
 def main(argv: list[str]) -> int:
     entry, guard = (argv + [PROBE_ENTRY, "guard"][len(argv):])[:2]
     if guard == "guard":
@@ -166,14 +182,15 @@ def main(argv: list[str]) -> int:
         if callable(warm):
             warm()
         header, blobs = _read_job(sys.stdin.buffer)
+        HIDDEN.extend(str(p) for p in (header.pop("_sandbox", None) or {}).get("hidden", []))
         function(header, blobs, out.send, facts())
-        out.send_json("D", {"guard_denied": DENIED})
+        out.send_json("D", _report())
         return 0
     except Error as exc:
-        out.send_json("D", {"guard_denied": DENIED})
+        out.send_json("D", _report())
         out.send_json("E", {"type": type(exc).__name__, "message": str(exc)})
         return 1
     except Exception as exc:  # noqa: BLE001 - reported as one line to the parent
-        out.send_json("D", {"guard_denied": DENIED})
+        out.send_json("D", _report())
         out.send_json("E", {"type": "SandboxError", "message": f"{type(exc).__name__}: {exc}"})
         return 1

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO
 
 from secure_ml import errors
+from secure_ml.custody.keys import take_kek_from_environment
 from secure_ml.errors import BadInput, ConfigurationError, Error
 from secure_ml.training.child import ENTRY_POINT, FRAME, PROBE_ENTRY, read_exact
 
@@ -279,6 +280,7 @@ def start(argv: Sequence[str], policy: IsolationPolicy, *, env: Mapping[str, str
           environ: Mapping[str, str] | None = None) -> Started:
     """Start ``argv`` in the sandbox ``policy`` asks for; raises :class:`SandboxError` (and runs
     nothing) when that sandbox cannot be set up. The one way any program is sandboxed."""
+    take_kek_from_environment()  # no child may inherit a KEK, whatever env it is given
     non_dumpable = make_parent_non_dumpable()
     facts: dict[str, Any] = {"configured": policy.level, "socket_guard": socket_guard,
                              "non_dumpable_parent": non_dumpable}
@@ -366,15 +368,18 @@ def run_command(argv: Sequence[str], *, policy: IsolationPolicy, environ: Mappin
 
 
 # -- running a Python entry point on a job -------------------------------------------------------
-def _write_all(stream: BinaryIO, header: Mapping[str, Any], blobs: Iterable[bytes | memoryview]) -> None:
+def _write_all(stream: BinaryIO, header: Mapping[str, Any], blobs: Iterable[bytes | memoryview],
+               sent: list[int]) -> None:
     try:
         head = json.dumps(header, sort_keys=True).encode()
         stream.write(FRAME.pack(b"H", len(head)) + head)
+        sent[0] += FRAME.size + len(head)
         for blob in blobs:
             view = memoryview(blob).cast("B")
             stream.write(FRAME.pack(b"B", len(view)))
             for start_ in range(0, len(view), 1 << 22):
                 stream.write(view[start_:start_ + (1 << 22)])
+            sent[0] += FRAME.size + len(view)
         stream.close()
     except (BrokenPipeError, OSError, ValueError):
         pass  # the child died; its exit status says why
@@ -404,6 +409,7 @@ def run_isolated(header: Mapping[str, Any], blobs: Iterable[bytes | memoryview],
     """
     argv = child_command(policy, entry)
     env, withheld = child_environment(policy, threads=threads)
+    sent = [0]
     started = start(argv, policy, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                     socket_guard=policy.socket_guard)
     process = started.process
@@ -412,7 +418,8 @@ def run_isolated(header: Mapping[str, Any], blobs: Iterable[bytes | memoryview],
     if process.stdin is None or process.stdout is None or process.stderr is None:  # pragma: no cover
         process.kill()
         raise SandboxError("the training process has no pipes")
-    writer = threading.Thread(target=_write_all, args=(process.stdin, header, blobs), daemon=True)
+    job = {**header, "_sandbox": {"hidden": started.facts.get("hidden", [])}}
+    writer = threading.Thread(target=_write_all, args=(process.stdin, job, blobs, sent), daemon=True)
     writer.start()
     stderr: list[bytes] = []
     err_stream: IO[bytes] = process.stderr
@@ -430,6 +437,8 @@ def run_isolated(header: Mapping[str, Any], blobs: Iterable[bytes | memoryview],
     timer.start()
     failure: dict[str, Any] | None = None
     denied: list[str] = []
+    child_report: dict[str, Any] = {}
+    received = 0
     try:
         while True:
             head = read_exact(process.stdout, FRAME.size)
@@ -437,13 +446,15 @@ def run_isolated(header: Mapping[str, Any], blobs: Iterable[bytes | memoryview],
                 break
             kind_byte, length = FRAME.unpack(head)
             payload = read_exact(process.stdout, length)
+            received += FRAME.size + len(payload)
             if len(payload) < length:
                 break
             kind = kind_byte.decode("ascii", "replace")
             if kind == "E":
                 failure = json.loads(payload)
             elif kind == "D":
-                denied = list(json.loads(payload).get("guard_denied") or [])
+                child_report = json.loads(payload)
+                denied = list(child_report.get("denied") or [])
             else:
                 on_frame(kind, payload)
     except BaseException:
@@ -451,7 +462,7 @@ def run_isolated(header: Mapping[str, Any], blobs: Iterable[bytes | memoryview],
             process.kill()
         raise
     finally:
-        code = process.wait()
+        code, usage = _reap(process)
         timer.cancel()
         writer.join(timeout=5)
         drain.join(timeout=5)
@@ -467,7 +478,29 @@ def run_isolated(header: Mapping[str, Any], blobs: Iterable[bytes | memoryview],
                                "good checkpoint")
         tail = (b"".join(stderr).decode("utf-8", "replace").strip().splitlines() or ["no output"])[-1]
         raise SandboxError(f"the training process exited with status {code}: {tail[:300]}")
-    return {**started.facts, "guard_denied": denied, "environment_withheld": len(withheld)}
+    watch = {
+        # getrusage of the sandbox (unshare) and everything it waited for, i.e. the whole sandbox.
+        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3) if usage else None,
+        "peak_memory_bytes": usage.ru_maxrss * 1024 if usage else None,
+        "block_read_bytes": usage.ru_inblock * 512 if usage else None,
+        "block_written_bytes": usage.ru_oublock * 512 if usage else None,
+        "bytes_to_child": sent[0], "bytes_from_child": received,
+        "tasks_started": child_report.get("tasks_started"),
+        "denied": denied,
+    }
+    return {**started.facts, "environment_withheld": len(withheld), "watch": watch}
+
+
+def _reap(process: subprocess.Popen[bytes]) -> tuple[int, Any]:
+    """Wait for the process with wait4, keeping its resource usage (and its waited-for children's)."""
+    if process.returncode is not None:
+        return process.returncode, None
+    try:
+        _, status, usage = os.wait4(process.pid, 0)
+    except ChildProcessError:
+        return process.wait(), None
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return process.returncode, usage
 
 
 def probe_isolation(policy: IsolationPolicy, *, connect: tuple[str, int] | None = None,
