@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     rotate.add_argument("--reencrypt", action="store_true",
                         help="also replace every data key, re-encrypting the data (after a suspected leak)")
     rotate.set_defaults(handler=cmd_keys_rotate)
+    keys_sub.add_parser("rotate-pseudonym", help="replace the PII pseudonym key (every pseudonym changes from now on)"
+                        ).set_defaults(handler=cmd_keys_rotate_pseudonym)
 
     for verb, handler in (("encrypt", cmd_encrypt), ("decrypt", cmd_decrypt)):
         p = sub.add_parser(verb, help=f"{verb} a file ('-' for stdin/stdout)")
@@ -125,4 +127,12 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
     keys = Settings.from_env().key_provider()
     with _input(args.input) as src, _output(args.output, args.force) as dst:
         crypto.decrypt_stream(src, dst, keys)
+    return 0
+
+
+def cmd_keys_rotate_pseudonym(args: argparse.Namespace) -> int:
+    from secure_ml.data.pseudonym import rotate_pseudonym_key
+
+    key_id, _ = rotate_pseudonym_key(Settings.from_env())
+    print(f"new pseudonym key {key_id}: data validated from now on gets new pseudonyms; earlier ones no longer join")
     return 0
