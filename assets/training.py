@@ -128,7 +128,8 @@ def trained_model(context: dg.AssetExecutionContext, validated_dataset: dict[str
         record = result.record
         watch = dict(record["isolation"].get("watch") or {})
         for stale in record["result"]["checkpoints_superseded"]:
-            context.log.warning(f"checkpoints {stale['checkpoints'][:16]}… ({stale['files']} file(s)) {stale['reason']}")
+            context.log.warning(f"checkpoints {stale['checkpoints'][:16]}… ({stale['files']} file(s)) "
+                                f"{stale['reason']}")
         custody.record(context, "training.complete", subject=f"sha256:{result.weights_sha256}", details={
             "train_sha256": validated_dataset["train_sha256"], "device": result.device,
             "isolation": {k: v for k, v in record["isolation"].items() if k != "environment"},

@@ -108,7 +108,10 @@ def test_secrets_keys_store_and_the_parent_are_out_of_reach(settings: Settings,
     for name, value in planted.items():
         monkeypatch.setenv(name, value)
     settings.audit_log().record("tester", "test.start")
-    targets = [str(settings.keyring_path), str(settings.audit_path), str(settings.artifacts_dir),
+    signing_key = settings.keys_dir / "model-signing.pem"
+    signing_key.write_text("-----BEGIN PRIVATE KEY-----\nplanted\n")
+    signing_key.chmod(0o600)
+    targets = [str(settings.keyring_path), str(signing_key), str(settings.audit_path), str(settings.artifacts_dir),
                f"/proc/{os.getpid()}/environ", f"/proc/{os.getppid()}/environ"]
     report = probe_isolation(IsolationPolicy(), read=targets)
     seen = set(report["env"])

@@ -1,6 +1,6 @@
 """The sandbox's set-up step, run inside the fresh namespaces just before the sandboxed program.
 
-    unshare [--user --map-root-user] --net --mount --pid --ipc --fork --mount-proc --kill-child -- \
+    unshare [--user --map-root-user] --net --mount --pid --ipc --fork --mount-proc --kill-child --
         python -I -S .../secure_ml/training/confine.py PLAN_FD STATUS_FD -- program args...
 
 secure_ml.training.sandbox builds that command line; nothing else should. In the new mount
@@ -8,9 +8,10 @@ namespace this step: puts an empty, unreadable tmpfs over every hidden directory
 ``/dev/null`` over every hidden file), gives ``/tmp`` and ``/dev/shm`` fresh tmpfs, sets the
 resource limits, becomes ``nobody`` when it runs as real root, drops every capability (bounding,
 effective, permitted, inheritable, ambient: nothing can undo the mounts) and sets no_new_privs.
-It then reports exactly what it applied (``ok`` then ``key<TAB>value`` lines, then an empty line) on ``STATUS_FD`` (close-on-exec) and
-``execve``-s the program. If any step fails it writes ``error<TAB><one line>`` there instead and
-exits 126 without running the program: the sandbox never runs a program half-confined.
+It then reports exactly what it applied (``ok``, then ``key<TAB>value`` lines, then an empty
+line) on ``STATUS_FD`` (close-on-exec) and ``execve``-s the program. If any step fails it writes
+``error<TAB><one line>`` there instead and exits 126 without running the program: the sandbox
+never runs a program half-confined.
 
 It runs as a script (no package, no site: only the few standard modules below), because it runs
 on every sandbox start (a budget of 100 ms over a bare start, measured by bench/bench_training.py).

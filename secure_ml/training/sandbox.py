@@ -200,7 +200,7 @@ def hidden_paths(policy: IsolationPolicy, environ: Mapping[str, str] | None = No
             raise ConfigurationError(f"the sandbox must hide {path}, but the code or Python it runs lives there; "
                                      "keep SECURE_ML_HOME and keys outside the code and the virtual environment")
     home = Path(environ.get("HOME") or "/nonexistent")
-    if home.is_absolute() and home.resolve() != Path("/"):
+    if home.is_absolute() and home.resolve() != Path("/") and home.resolve() not in needed:
         resolved.append(str(home.resolve()))  # the Python and code inside it, if any, are bound back (exposed_paths)
     return sorted(set(resolved))
 
