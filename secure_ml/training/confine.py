@@ -7,7 +7,9 @@ secure_ml.training.sandbox builds that command line; nothing else should. In the
 namespace this step: puts an empty, unreadable tmpfs over every hidden directory (and
 ``/dev/null`` over every hidden file), gives ``/tmp`` and ``/dev/shm`` fresh tmpfs, sets the
 resource limits, becomes ``nobody`` when it runs as real root, drops every capability (bounding,
-effective, permitted, inheritable, ambient: nothing can undo the mounts) and sets no_new_privs.
+effective, permitted, inheritable, ambient: nothing can undo the mounts), sets no_new_privs and,
+where the kernel has Landlock, forbids writing outside /tmp, /dev/shm and /dev and (ABI 4+) any
+TCP bind or connect, as a further layer.
 It then reports exactly what it applied (``ok``, then ``key<TAB>value`` lines, then an empty
 line) on ``STATUS_FD`` (close-on-exec) and ``execve``-s the program. If any step fails it writes
 ``error<TAB><one line>`` there instead and exits 126 without running the program: the sandbox
@@ -113,6 +115,52 @@ def drop_capabilities() -> None:
     _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "setting no_new_privs")
 
 
+SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446  # x86-64, arm64
+LANDLOCK_RULE_PATH_BENEATH = 1
+# Write-side file system rights (reads are left to the mount namespace, which hides what must not be seen).
+FS_WRITE = sum(1 << bit for bit in (1, 4, 5, 6, 7, 8, 9, 10, 11, 12))  # write file, remove dir/file, make *
+FS_REFER, FS_TRUNCATE = 1 << 13, 1 << 14
+NET_BIND_TCP, NET_CONNECT_TCP = 1 << 0, 1 << 1
+WRITABLE = ("/tmp", "/dev/shm", "/dev")
+
+
+def landlock(writable: tuple[str, ...] = WRITABLE) -> int:
+    """A further layer where the kernel has Landlock: no file may be created, written, renamed or
+    removed outside ``writable``, and (ABI 4+) no TCP bind or connect at all. Returns the ABI
+    version applied, 0 where Landlock is not available. Needs no_new_privs (set before)."""
+    syscall = _libc.syscall
+    abi = syscall(SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+    if abi <= 0:
+        return 0
+    handled_fs = FS_WRITE | (FS_REFER if abi >= 2 else 0) | (FS_TRUNCATE if abi >= 3 else 0)
+    handled_net = NET_BIND_TCP | NET_CONNECT_TCP if abi >= 4 else 0
+    attr = (ctypes.c_uint64 * 2)(handled_fs, handled_net)
+    size = 16 if abi >= 4 else 8
+    ruleset = syscall(SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
+    if ruleset < 0:
+        _check(-1, "creating the Landlock ruleset")
+
+    class PathBeneath(ctypes.Structure):
+        _pack_ = 1
+        _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+    try:
+        for path in writable:
+            if not os.path.isdir(path):
+                continue
+            fd = os.open(path, os.O_PATH | os.O_DIRECTORY)
+            try:
+                rule = PathBeneath(handled_fs, fd)
+                _check(syscall(SYS_LANDLOCK_ADD_RULE, ruleset, LANDLOCK_RULE_PATH_BENEATH, ctypes.byref(rule),
+                               ctypes.c_uint32(0)), f"adding the Landlock rule for {path}")
+            finally:
+                os.close(fd)
+        _check(syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset, ctypes.c_uint32(0)), "applying Landlock")
+    finally:
+        os.close(ruleset)
+    return int(abi)
+
+
 def status_of(pid: str = "self") -> dict[str, str]:
     with open(f"/proc/{pid}/status") as handle:
         return dict(line.rstrip("\n").split(":\t", 1) for line in handle if ":\t" in line)
@@ -136,7 +184,7 @@ class Plan:
                 if name not in LIMITS:
                     raise ConfineError(f"unknown limit {name!r}")
                 self.limits[name] = int(number)
-            elif key in ("real_root", "drop_privileges", "outer_uid"):
+            elif key in ("real_root", "drop_privileges", "outer_uid", "landlock"):
                 self.flags[key] = value
             else:
                 raise ConfineError(f"unknown plan line {key!r}")
@@ -162,6 +210,7 @@ def confine(plan: Plan) -> list[str]:
         # killing the sandbox's unshare (a timeout, a kill) still kills everything in it.
         _check(_libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0), "setting the parent-death signal")
     drop_capabilities()
+    landlock_abi = landlock() if plan.flags.get("landlock", "1") == "1" else 0
     status = status_of()
     facts = [f"hidden\t{path}" for path in hidden]
     facts += [f"limit\t{name}\t{value}" for name, value in limits.items()]
@@ -170,7 +219,7 @@ def confine(plan: Plan) -> list[str]:
               f"capabilities_effective\t{status.get('CapEff', '?')}",
               f"capabilities_bounding\t{status.get('CapBnd', '?')}",
               f"no_new_privs\t{status.get('NoNewPrivs', '0')}", f"pid_in_namespace\t{os.getpid()}",
-              f"private_tmp\t{'0' if plan.keep else '1'}"]
+              f"private_tmp\t{'0' if plan.keep else '1'}", f"landlock_abi\t{landlock_abi}"]
     return facts
 
 

@@ -11,7 +11,9 @@ user too); secure_ml.training.confine then, inside them, hides ``SECURE_ML_HOME`
 store, the audit log, the Dagster home and the user's home behind empty tmpfs mounts, gives
 ``/tmp`` and ``/dev/shm`` fresh ones, mounts a ``/proc`` that shows only the sandbox's own
 processes, sets resource limits (memory, CPU time, file size, processes), becomes ``nobody`` when
-started as root, drops every capability and sets no_new_privs, then execs the program. The
+started as root, drops every capability, sets no_new_privs and, where the kernel has Landlock,
+forbids writes outside /tmp, /dev/shm and /dev and any TCP bind or connect; then it execs the
+program. The
 parent makes itself non-dumpable first, so no process of its uid can read its memory or
 ``/proc/<pid>/environ``. The new network namespace has only a loopback that is down: nothing, not
 even the host's loopback, is reachable.
@@ -115,6 +117,7 @@ class IsolationPolicy:
     timeout_s: float = 3600.0
     limits: Limits = field(default_factory=Limits)
     hide: tuple[str, ...] = ()
+    landlock: bool = True
 
     @property
     def level(self) -> str:
@@ -143,12 +146,13 @@ class IsolationPolicy:
         hide = tuple(str(p) for p in data.pop("hide", None) or ())
         if any(not os.path.isabs(p) for p in hide):
             raise ConfigurationError("isolation.hide lists absolute paths only")
+        landlock = bool(data.pop("landlock", True))
         unknown = sorted(set(data) - {"socket_guard", "drop_privileges"})
         if unknown:
             raise ConfigurationError(f"isolation: unknown setting {unknown[0]!r}")
         # The guard is always on in configuration; only tests switch it off (to prove the namespace alone).
         return cls(network_namespace=mode, socket_guard=True, drop_privileges=bool(data.get("drop_privileges", True)),
-                   pass_env=pass_env, timeout_s=timeout, limits=limits, hide=hide)
+                   pass_env=pass_env, timeout_s=timeout, limits=limits, hide=hide, landlock=landlock)
 
 
 # -- setting it up ------------------------------------------------------------------------------
@@ -266,7 +270,7 @@ def _parse_facts(lines: list[str]) -> dict[str, Any]:
         elif key in ("limit", "ns"):
             name, _, number = value.partition("\t")
             facts["limits" if key == "limit" else "namespaces"][name] = int(number) if key == "limit" else number
-        elif key in ("uid", "pid_in_namespace", "uid_outside"):
+        elif key in ("uid", "pid_in_namespace", "uid_outside", "landlock_abi"):
             facts[key] = int(value) if value.lstrip("-").isdigit() else None
         elif key in ("no_new_privs", "private_tmp"):
             facts[key] = value == "1"
@@ -302,7 +306,9 @@ def start(argv: Sequence[str], policy: IsolationPolicy, *, env: Mapping[str, str
     keep = [d for d in ("/tmp", "/dev/shm") if any(_inside(n, Path(d)) for n in (CODE_ROOT, Path(sys.prefix)))]
     plan = [*(f"hide\t{p}" for p in hide), *(f"expose\t{p}" for p in exposed_paths()), *(f"keep\t{p}" for p in keep),
             *(f"limit\t{name}\t{value}" for name, value in policy.limits.rlimits().items()),
-            f"real_root\t{int(real_root)}", f"drop_privileges\t{int(policy.drop_privileges)}", f"outer_uid\t{os.getuid()}"]
+            f"real_root\t{int(real_root)}", f"drop_privileges\t{int(policy.drop_privileges)}",
+            f"outer_uid\t{os.getuid()}",
+            f"landlock\t{int(policy.landlock)}"]
     if any("\n" in line or line.count("\t") > 2 for line in plan):
         raise ConfigurationError("a path the sandbox hides or exposes contains a tab or a newline")
     plan_r, plan_w = os.pipe()

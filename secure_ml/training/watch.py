@@ -38,9 +38,10 @@ class WatchBounds:
         if unknown:
             raise ConfigurationError(f"watch: unknown setting {unknown[0]!r}")
         try:
-            bounds = cls(window=int(data.get("window", cls.window)), min_history=int(data.get("min_history",
-                                                                                              cls.min_history)),
-                         max_ratio=float(data.get("max_ratio", cls.max_ratio)), floor=float(data.get("floor", cls.floor)))
+            bounds = cls(window=int(data.get("window", cls.window)),
+                         min_history=int(data.get("min_history", cls.min_history)),
+                         max_ratio=float(data.get("max_ratio", cls.max_ratio)),
+                         floor=float(data.get("floor", cls.floor)))
         except (TypeError, ValueError):
             raise ConfigurationError("watch: window and min_history are whole numbers, max_ratio a number") from None
         if bounds.window < 1 or bounds.min_history < 1 or bounds.max_ratio <= 1:
