@@ -19,7 +19,8 @@ secure_ml.training.record.
 
 The pieces, one concern each: config (settings, device), features (preprocessing), model (the
 network), loop (the training loop and sandbox entry point), checkpoints, record (model directory,
-record, model card), predictor (loading), sandbox (the isolated process); this module runs them.
+record, model card), predictor (loading), sandbox with policy, confine and child (the isolated
+process), watch (its behaviour against recent runs); this module runs them.
 """
 
 from __future__ import annotations
