@@ -76,7 +76,7 @@ def validated_dataset(context: dg.AssetExecutionContext, dataset: pd.DataFrame, 
     key_id = ""
     key = None
     if any(action == "hash" for action in plan.actions().values()):
-        key_id, key = pii.pseudonym_key(settings.key_provider())
+        key_id, key = pii.pseudonym_key(settings)
     frame = pii.apply(dataset, plan, key)
     del key
     for finding, rule in plan.handled:

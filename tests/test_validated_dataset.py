@@ -173,7 +173,7 @@ def test_injected_email_column_is_blocked_until_a_rule_hashes_it(
     train = settings.artifact_store(actor="test").get_dataframe(record["train_sha256"])
     assert "contact" in train.columns and "contact" not in record["features"]
     assert not train["contact"].str.contains("@").any() and train["contact"].str.len().eq(32).all()
-    assert record["pii"]["hmac_key_id"].startswith("kek-")
+    assert record["pii"]["hmac_key_id"].startswith("psk-")  # the pseudonym key, not the KEK
     # no address reached the event log, the record or the audit log
     events = json.dumps([str(e.event_specific_data) for e in passed.all_events])
     assert "@example.org" not in events and "@example.org" not in json.dumps(record)

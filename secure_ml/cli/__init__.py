@@ -6,6 +6,7 @@
     secure-ml decrypt IN OUT
     secure-ml audit verify | tail       the hash-chained audit log
     secure-ml pipeline run              materialise the pipeline on the Dagster instance
+    secure-ml sandbox run -- CMD ...    run CMD in the training sandbox (no network, keys or secrets)
 
 Exit codes: 0 ok; 1 verification failed or denied; 2 bad usage or bad input. Errors are one
 line on stderr; ``--debug`` shows the traceback too.
@@ -21,10 +22,10 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from secure_ml.cli import cmd_audit, cmd_keys, cmd_model, cmd_pipeline, cmd_release, cmd_schema
+from secure_ml.cli import cmd_audit, cmd_keys, cmd_model, cmd_pipeline, cmd_release, cmd_sandbox, cmd_schema
 from secure_ml.errors import Error
 
-COMMAND_GROUPS = (cmd_audit, cmd_keys, cmd_model, cmd_pipeline, cmd_release, cmd_schema)
+COMMAND_GROUPS = (cmd_audit, cmd_keys, cmd_model, cmd_pipeline, cmd_release, cmd_sandbox, cmd_schema)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -236,12 +236,32 @@ class Training(Strict):
     threshold: float = Field(0.5, gt=0, lt=1)
 
 
+class Limits(Strict):
+    """Resource limits in the sandbox (0: not limited)."""
+
+    memory_mb: int = Field(16384, ge=0)
+    cpu_s: int = Field(7200, ge=0)
+    file_size_mb: int = Field(1024, ge=0)
+    processes: int = Field(512, ge=0)
+
+
 class Isolation(Strict):
-    network_namespace: Literal["auto", "required", "off"] = "auto"
+    # 'auto' is refused: it used to fall back silently to the socket guard alone.
+    network_namespace: Literal["required", "off"] = "required"
     drop_privileges: bool = True
     socket_guard: bool = True
+    landlock: bool = True
+    limits: Limits = Limits()
     pass_env: list[str] = []
     timeout_s: float = Field(3600, gt=0)
+
+
+class Watch(Strict):
+    """Bounds of the sandbox_behaviour_within_bounds check against the model's recent runs."""
+
+    window: int = Field(10, ge=1)
+    min_history: int = Field(3, ge=1)
+    max_ratio: float = Field(3.0, gt=1)
 
 
 class Reproducible(Strict):
@@ -295,6 +315,7 @@ class TrainingFile(Strict):
     training: Training = Training()
     isolation: Isolation = Isolation()
     reproducible: Reproducible = Reproducible()
+    watch: Watch = Watch()
     checkpoints: Checkpoints = Checkpoints()
     evaluation: Evaluation = Evaluation()
 
