@@ -464,7 +464,9 @@ def _scale(rows: int) -> list[Figure]:
 def calibrate(seeds: range = range(10_000, 10_200)) -> dict[str, dict[str, float]]:
     """Worst and 99th-percentile clean score of each detector on seeds the benchmark never uses:
     bootstrap drops of the sample against the sample, and bootstrap drops of half the sample
-    against the other half (rows the reference never saw)."""
+    against the other half (rows the reference never saw). The likelihood scan's limits are computed
+    per drop, so its rows give score/limit; the "share" rows give how often the fixed-limit detectors,
+    and the whole screen, blocked a clean drop (printed in the max column)."""
     import pandas as pd
 
     from secure_ml.poisoning import bootstrap, screen
@@ -482,9 +484,16 @@ def calibrate(seeds: range = range(10_000, 10_200)) -> dict[str, dict[str, float
                 drop = bootstrap(full.iloc[order[500:]].reset_index(drop=True), seed)
             report = screen(drop, reference, label="risk", numeric=NUMERIC, categorical=CATEGORICAL)
             for detector in report.detectors:
-                scores.setdefault(detector.name, []).append(detector.score)
+                if detector.name in ("label_likelihood", "label_subgroups"):   # per-drop limits: score/limit
+                    scores.setdefault(f"{detector.name} (score/limit)", []).append(detector.ratio)
+                else:
+                    scores.setdefault(detector.name, []).append(detector.score)
+            legacy = any(d.over for d in report.detectors if d.name not in ("label_likelihood", "label_subgroups"))
+            scores.setdefault("fixed-limit detectors blocked (share)", []).append(float(legacy))
+            scores.setdefault("whole screen blocked (share)", []).append(float(report.blocked))
         for name, values in scores.items():
-            table[f"{scenario}: {name}"] = {"max": float(np.max(values)), "q99": float(np.quantile(values, 0.99))}
+            table[f"{scenario}: {name}"] = ({"max": float(np.mean(values)), "q99": float("nan")} if "share" in name
+                                            else {"max": float(np.max(values)), "q99": float(np.quantile(values, 0.99))})
     return table
 
 

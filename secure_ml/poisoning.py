@@ -88,7 +88,7 @@ class ScreeningConfig:
     # the label-likelihood scan (secure_ml.poisoning_likelihood): one false-alarm rate for all detectors
     alpha: float = 0.05
     legacy_alpha: float = 0.005
-    global_share: float = 0.9
+    global_share: float = 0.75
     likelihood_folds: int = 10
     p_min: float = 0.1
     min_group_rows: int = 20

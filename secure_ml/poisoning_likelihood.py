@@ -24,8 +24,9 @@ Subgroups (one categorical value, one quantile bin of a numeric feature, one obs
 get the same statistic restricted to their rows, centred by the reference's OOF mean within the
 group (shrunk towards the global mean). The global test and the subgroup maximum share one
 false-alarm rate: the global limit takes ``global_share`` of ``alpha``; the subgroup limit is set by
-simulating the subgroup statistics' joint normal null (their correlations are their overlaps) so
-that P(global over or any subgroup over) = alpha exactly.
+simulation (labels drawn from the model's own probabilities for the reference and the drop, every
+statistic recomputed), so that P(global over or any subgroup over) = alpha under that null,
+whatever the groups' sizes, overlaps and skew.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 #: shrinkage (in reference rows) of a subgroup's OOF centre and variance towards the global ones
 GROUP_PRIOR_ROWS = 30.0
 #: simulated draws of the subgroup null (deterministic seed)
-NULL_DRAWS = 4000
+NULL_DRAWS = 2000
 #: a limit no statistic reaches (finite, so reports stay valid JSON)
 NO_LIMIT = 1e9
 
@@ -82,6 +83,33 @@ def surprise(proba: np.ndarray, y: np.ndarray, p_min: float) -> np.ndarray:
     return observed - expected
 
 
+def _draw(proba: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """``size`` label draws per row from its class probabilities (draws x rows)."""
+    cumulative = np.cumsum(proba, axis=1)
+    u = rng.random((size, len(proba), 1))
+    return np.minimum((u > cumulative[None, :, :]).sum(axis=2), proba.shape[1] - 1)
+
+
+def _scores(proba: np.ndarray, p_min: float, bounded: bool) -> np.ndarray:
+    """s(c) for every row and class: the flip's efficient score, or (bounded) the disagreement 1 - p."""
+    if bounded:
+        return 1.0 - proba
+    k = proba.shape[1]
+    return (1.0 - np.clip(proba, p_min, 1.0)) / ((k - 1) * np.clip(proba, p_min, 1.0))
+
+
+def disagreement(proba: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Centred disagreement with the calibrated probability: (1 - p(y)) - E_p[1 - p] (bounded)."""
+    s = 1.0 - proba
+    return s[np.arange(len(y)), np.maximum(y, 0)] - (proba * s).sum(axis=1)
+
+
+def _surprise_draws(proba: np.ndarray, y: np.ndarray, p_min: float, bounded: bool = False) -> np.ndarray:
+    s = _scores(proba, p_min, bounded)
+    expected = (proba * s).sum(axis=1)
+    return np.take_along_axis(np.broadcast_to(s, (len(y), *s.shape)), y[:, :, None], axis=2)[:, :, 0] - expected
+
+
 @dataclass
 class ReferenceModel:
     """Fold models fitted on the reference, and the reference's out-of-fold surprise."""
@@ -93,6 +121,7 @@ class ReferenceModel:
     n_classes: int
     p_min: float
     classes_seen: np.ndarray
+    oof_labels: np.ndarray
 
     @classmethod
     def fit(cls, x: np.ndarray, y: np.ndarray, *, n_classes: int, folds: int = 5, seed: int = 0,
@@ -118,7 +147,7 @@ class ReferenceModel:
             fold_of[rows[test]] = f
             oof[rows[test]] = cls._expand(model, x[rows[test]], n_classes)
         oof[~keep] = 1.0 / n_classes
-        return cls(models, fold_of, oof, surprise(oof, y, p_min), n_classes, p_min, present)
+        return cls(models, fold_of, oof, surprise(oof, y, p_min), n_classes, p_min, present, y)
 
     @staticmethod
     def _expand(model: object, x: np.ndarray, n_classes: int) -> np.ndarray:
@@ -140,6 +169,40 @@ class ReferenceModel:
             proba[dup] = self.oof_proba[duplicate_of[dup]]
         return proba
 
+    def _limits(self, proba: np.ndarray, duplicate_of: np.ndarray, drop_in: np.ndarray, ref_in: np.ndarray,
+                new_in: np.ndarray, alpha: float, global_share: float, n_new: int, seed: int) -> tuple[float, float]:
+        """(global limit, subgroup limit), calibrated by simulation: labels drawn from the model's own
+        probabilities, for the reference (its OOF probabilities) and the drop alike, then every
+        statistic computed as for the real drop. Skewed scores and small groups get the limits they
+        need, not normal ones; the global limit is never below the normal one."""
+        rng = np.random.default_rng(seed)
+        n, big_n = len(proba), len(self.oof_proba)
+        cells = (n + big_n) * max(drop_in.shape[1], 1)
+        draws = int(min(NULL_DRAWS, max(200, 4e8 // cells)))
+        dup = duplicate_of >= 0
+        z_global, z_worst = [], []
+        for start in range(0, draws, 100):
+            size = min(100, draws - start)
+            y_ref = _draw(self.oof_proba, size, rng)
+            y_drop = _draw(proba, size, rng)
+            y_drop[:, dup] = y_ref[:, duplicate_of[dup]]           # a repeated row repeats its label draw
+            ref = _surprise_draws(self.oof_proba, y_ref, self.p_min)
+            c = _surprise_draws(proba, y_drop, self.p_min)
+            m_ref, v_ref = ref.mean(axis=1), np.maximum(ref.var(axis=1), 1e-12)
+            z_global.append((c.sum(axis=1) - n * m_ref) / np.sqrt(v_ref * (n + n_new ** 2 / big_n)))
+            if drop_in.shape[1]:
+                ref_d = _surprise_draws(self.oof_proba, y_ref, self.p_min, bounded=True)
+                c_d = _surprise_draws(proba, y_drop, self.p_min, bounded=True)
+                z_worst.append(_group_z(c_d, ref_d, drop_in, ref_in, new_in, 1.0).max(axis=1))
+            else:
+                z_worst.append(np.full(size, -np.inf))
+        simulated = np.concatenate(z_global)
+        limit_global = max(NormalDist().inv_cdf(1 - alpha * global_share),
+                           float(np.quantile(simulated, 1 - alpha * global_share)))
+        if not drop_in.shape[1]:
+            return limit_global, NO_LIMIT
+        return limit_global, _limit_from_draws(simulated, np.concatenate(z_worst), alpha, limit_global)
+
     def scan(self, x: np.ndarray, y: np.ndarray, *, duplicate_of: np.ndarray,
              groups: Sequence[tuple[str, np.ndarray, np.ndarray]], alpha: float, global_share: float,
              min_group_rows: int = 20, deff: float = 1.0, seed: int = 0) -> Scan:
@@ -156,53 +219,54 @@ class ReferenceModel:
         variance = v_ref * (n + n_new ** 2 / big_n) * deff
         z_global = (observed - n * m_ref) / math.sqrt(variance)
 
+        kept = [(name, mask, ref_mask) for name, mask, ref_mask in groups if int(mask.sum()) >= min_group_rows]
+        names = [name for name, _, _ in kept]
         z_groups: dict[str, float] = {}
         rows: dict[str, int] = {}
-        masks = []
-        for name, mask, ref_mask in groups:
-            n_g = int(mask.sum())
-            if n_g < min_group_rows:
-                continue
-            ref_g = ref[ref_mask]
-            big_g = len(ref_g)
-            m_g = (float(ref_g.sum()) + GROUP_PRIOR_ROWS * m_ref) / (big_g + GROUP_PRIOR_ROWS)
-            v_g = (float(((ref_g - m_g) ** 2).sum()) + GROUP_PRIOR_ROWS * v_ref) / (big_g + GROUP_PRIOR_ROWS)
-            new_g = int((mask & new).sum())
-            var_g = max(v_g, 1e-12) * (n_g + new_g ** 2 / (big_g + GROUP_PRIOR_ROWS)) * deff
-            z_groups[name] = (float(c[mask].sum()) - n_g * m_g) / math.sqrt(var_g)
-            rows[name] = n_g
-            masks.append(mask)
-        limit_global = NormalDist().inv_cdf(1 - alpha * global_share)
-        limit_groups = _group_limit(masks, n, alpha, limit_global, seed) if masks else NO_LIMIT
+        drop_in = np.zeros((n, 0), dtype=np.float32)
+        ref_in = np.zeros((big_n, 0), dtype=np.float32)
+        if kept:
+            drop_in = np.stack([m for _, m, _ in kept], axis=1).astype(np.float32)
+            ref_in = np.stack([r for _, _, r in kept], axis=1).astype(np.float32)
+        new_in = drop_in * new[:, None]
+        if kept:
+            # Subgroups use the bounded disagreement: in a small group one confidently-wrong clean row
+            # would otherwise decide, and the limit that heavy tail needs would cost all the power.
+            z = _group_z(disagreement(proba, y)[None, :], disagreement(self.oof_proba, self.oof_labels)[None, :],
+                         drop_in, ref_in, new_in, deff)[0]
+            z_groups = {name: float(v) for name, v in zip(names, z, strict=True)}
+            rows = {name: int(v) for name, v in zip(names, drop_in.sum(axis=0), strict=True)}
+        limit_global, limit_groups = self._limits(proba, duplicate_of, drop_in, ref_in, new_in, alpha,
+                                                  global_share, n_new, seed)
         label_p = proba[np.arange(n), np.maximum(y, 0)] * (y >= 0)
         return Scan(z_global, limit_global, z_groups, rows, limit_groups, 1.0 - label_p, c,
                     observed, n * m_ref, int((~new).sum()),
                     {"reference_mean": m_ref, "reference_sd": math.sqrt(v_ref)})
 
 
-def _group_limit(masks: list[np.ndarray], n: int, alpha: float, limit_global: float, seed: int) -> float:
-    """The subgroup limit that makes P(global > its limit or max subgroup > this) = alpha under the null.
+def _group_z(c: np.ndarray, ref: np.ndarray, drop_in: np.ndarray, ref_in: np.ndarray, new_in: np.ndarray,
+             deff: float) -> np.ndarray:
+    """Subgroup z statistics for each row of ``c`` (draws x drop rows) against ``ref`` (draws x
+    reference rows): each group's total against its reference OOF centre (shrunk towards the global
+    one), its variance counting the drop's noise and the centre's."""
+    m_ref = ref.mean(axis=1, keepdims=True)
+    v_ref = np.maximum(ref.var(axis=1, keepdims=True), 1e-12)
+    big_g = ref_in.sum(axis=0)[None, :]
+    weight = big_g + GROUP_PRIOR_ROWS
+    m_g = (ref @ ref_in + GROUP_PRIOR_ROWS * m_ref) / weight
+    squares = (ref ** 2) @ ref_in - 2 * m_g * (ref @ ref_in) + big_g * m_g ** 2      # sum over g of (r - m_g)^2
+    v_g = np.maximum((squares + GROUP_PRIOR_ROWS * v_ref) / weight, 1e-12)
+    n_g = drop_in.sum(axis=0)[None, :]
+    new_g = new_in.sum(axis=0)[None, :]
+    variance = v_g * (n_g + new_g ** 2 / weight) * deff
+    return np.asarray((c @ drop_in - n_g * m_g) / np.sqrt(variance))
 
-    The statistics are (approximately) jointly normal with correlations given by row overlaps:
-    corr(g, h) = |g & h| / sqrt(|g| |h|), corr(global, g) = sqrt(|g| / n).
-    """
-    indicator = np.stack(masks, axis=1).astype(np.float32)
-    overlap = (indicator.T @ indicator).astype(np.float64)
-    sizes = np.diag(overlap).copy()
-    g = len(sizes)
-    corr = np.empty((g + 1, g + 1))
-    corr[0, 0] = 1.0
-    corr[0, 1:] = corr[1:, 0] = np.sqrt(sizes / n)
-    corr[1:, 1:] = overlap / np.sqrt(np.outer(sizes, sizes))
-    values, vectors = np.linalg.eigh(corr)
-    root = vectors * np.sqrt(np.clip(values, 0, None))
-    draws = np.random.default_rng(seed).standard_normal((NULL_DRAWS, g + 1)) @ root.T
-    worst = draws[:, 1:].max(axis=1)
-    worst[draws[:, 0] > limit_global] = np.inf      # already a false alarm through the global test
-    budget = alpha - (1 - NormalDist().cdf(limit_global))
-    if budget <= 0:          # the whole budget went to the global test: subgroups never block
-        return NO_LIMIT
-    return float(np.quantile(worst, 1 - alpha, method="higher"))
+
+def _limit_from_draws(z_global: np.ndarray, z_worst: np.ndarray, alpha: float, limit_global: float) -> float:
+    """The subgroup limit that makes P(global over its limit or worst subgroup over this) = alpha."""
+    worst = np.where(z_global > limit_global, np.inf, z_worst)   # already a false alarm via the global test
+    limit = float(np.quantile(worst, 1 - alpha, method="higher"))
+    return limit if math.isfinite(limit) else NO_LIMIT
 
 
 # -- subgroups ----------------------------------------------------------------------------------------
