@@ -24,14 +24,23 @@ from resources import CustodyResource, verdict
 from secure_ml.custody.integrity import sha256_file
 from secure_ml.errors import ConfigurationError, Error
 from secure_ml.training import evaluation as evaluation_core
-from secure_ml.training import trainer as training_core
+from secure_ml.training.checkpoints import CheckpointStore
+from secure_ml.training.config import TrainingConfig
+from secure_ml.training.features import DataSpec
+from secure_ml.training.predictor import load_model
+from secure_ml.training.record import record_problems
 from secure_ml.training.sandbox import IsolationPolicy
+from secure_ml.training.trainer import train_model
+from secure_ml.training.watch import WatchBounds, deviations
 
 TRAINING = "training"
 TRAINED = dg.AssetKey("trained_model")
 EVALUATION = dg.AssetKey("model_evaluation")
 VALIDATED_FORMAT = "secure-ml-validated/1"
 RECORD_COMPLETE, REPRODUCIBLE = "training_record_complete", "reproducible"
+BEHAVED = "sandbox_behaviour_within_bounds"
+WATCHED = ("cpu_seconds", "peak_memory_bytes", "block_read_bytes", "block_written_bytes", "bytes_from_child",
+           "tasks_started")
 AREA_CHECKS = {"metrics": "metrics_over_thresholds", "fairness": "fairness_within_thresholds",
                "robustness": "robustness_within_thresholds"}
 RELEASE_TAG = "secure_ml/release"
@@ -48,11 +57,12 @@ def _settings(custody: CustodyResource) -> dict[str, Any]:
     if when not in ("every", "release"):
         raise ConfigurationError(f"training.yaml reproducible.when must be every or release, not {when!r}")
     return {
-        "training": training_core.TrainingConfig.from_mapping(config.get("training")),
+        "training": TrainingConfig.from_mapping(config.get("training")),
         "isolation": IsolationPolicy.from_mapping(config.get("isolation")),
         "reproducible": when,
         "keep": int((config.get("checkpoints") or {}).get("keep", 2)),
         "evaluation": evaluation_core.EvaluationConfig.from_mapping(config.get("evaluation")),
+        "watch": WatchBounds.from_mapping(config.get("watch")),
     }
 
 
@@ -76,6 +86,9 @@ def _validated(validated_dataset: dict[str, Any]) -> None:
                                       "digests, code commit, environment, device, actor) and matches the weights."),
         dg.AssetCheckSpec(REPRODUCIBLE, asset=TRAINED, blocking=True,
                           description="Training again from scratch, isolated, gives bit-identical weights."),
+        dg.AssetCheckSpec(BEHAVED, asset=TRAINED, blocking=True,
+                          description="The training sandbox attempted nothing denied, and its CPU time, memory, "
+                                      "I/O and tasks stay within training.yaml's bounds of the model's recent runs."),
     ],
 )
 def trained_model(context: dg.AssetExecutionContext, validated_dataset: dict[str, Any],  # type: ignore[no-untyped-def]
@@ -90,13 +103,14 @@ def trained_model(context: dg.AssetExecutionContext, validated_dataset: dict[str
     actor = custody.actor(context)
     try:
         chosen = _settings(custody)
-        spec = training_core.DataSpec.from_validated(validated_dataset)
+        spec = DataSpec.from_validated(validated_dataset)
         train = custody.store(context).get_dataframe(str(validated_dataset["train_sha256"]))
     except Error as exc:
         raise _fail(custody, context, "training.configure", subject, exc) from None
-    config: training_core.TrainingConfig = chosen["training"]
-    checkpoints = training_core.CheckpointStore(settings.home / "checkpoints", settings.key_provider(),
-                                                settings.audit_log(), actor=actor, keep=chosen["keep"])
+    config: TrainingConfig = chosen["training"]
+    recent = _recent_watches(context, chosen["watch"].window)  # before this run materializes
+    checkpoints = CheckpointStore(settings.home / "checkpoints", settings.key_provider(),
+                                  settings.audit_log(), actor=actor, keep=chosen["keep"])
     provenance = {key: validated_dataset.get(key) for key in
                   ("train_sha256", "test_sha256", "dataset_sha256", "dvc_version", "source")}
     provenance["actor"] = actor
@@ -107,11 +121,15 @@ def trained_model(context: dg.AssetExecutionContext, validated_dataset: dict[str
 
     with tempfile.TemporaryDirectory(prefix="secure-ml-train-") as tmp:
         try:
-            result = training_core.train_model(train, spec, config, Path(tmp) / "model", isolation=chosen["isolation"],
-                                               checkpoints=checkpoints, provenance=provenance, on_progress=progress)
+            result = train_model(train, spec, config, Path(tmp) / "model", isolation=chosen["isolation"],
+                                 checkpoints=checkpoints, provenance=provenance, on_progress=progress)
         except Error as exc:
             raise _fail(custody, context, "training.run", subject, exc) from None
         record = result.record
+        watch = dict(record["isolation"].get("watch") or {})
+        for stale in record["result"]["checkpoints_superseded"]:
+            context.log.warning(f"checkpoints {stale['checkpoints'][:16]}… ({stale['files']} file(s)) "
+                                f"{stale['reason']}")
         custody.record(context, "training.complete", subject=f"sha256:{result.weights_sha256}", details={
             "train_sha256": validated_dataset["train_sha256"], "device": result.device,
             "isolation": {k: v for k, v in record["isolation"].items() if k != "environment"},
@@ -132,16 +150,45 @@ def trained_model(context: dg.AssetExecutionContext, validated_dataset: dict[str
             "code_commit": str(record["code"]["commit"]),
             "code_dirty": bool(record["code"]["dirty"]),
             "code_author": str(record["code"].get("author") or ""),
-            "network_namespace": bool(record["isolation"].get("network_namespace")),
+            "network_namespace": bool((record["isolation"].get("namespaces") or {}).get("net")),
+            "isolation_level": str(record["isolation"].get("level")),
             "resumed_from_epoch": record["result"]["resumed_from_epoch"] or 0,
+            **{f"sandbox_{name}": _number(watch.get(name)) for name in WATCHED},
+            "sandbox_denied": dg.MetadataValue.json({"denied": list(watch.get("denied") or [])}),
             "hyperparameters": dg.MetadataValue.json(record["hyperparameters"]),
             "loss_curve": dg.MetadataValue.md(_loss_table(record["result"]["losses"])),
         }
         output = custody.output(context, result.directory, metadata=metadata)
     yield output
     tree = output.value.sha256
+    yield _behaviour_check(custody, context, tree, watch, recent, chosen["watch"])
     yield _record_check(custody, context, tree, result.weights_sha256)
     yield _reproducible_check(custody, context, chosen, train, spec, result.weights_sha256, tree)
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) else -1.0
+
+
+def _recent_watches(context: Any, window: int) -> list[dict[str, Any]]:
+    """The sandbox measures of this model's last ``window`` materializations (newest first)."""
+    records = context.instance.fetch_materializations(TRAINED, limit=window).records
+    out = []
+    for event in records:
+        metadata = event.asset_materialization.metadata if event.asset_materialization else {}
+        values = {name: metadata[f"sandbox_{name}"].value for name in WATCHED if f"sandbox_{name}" in metadata}
+        out.append({k: v for k, v in values.items() if isinstance(v, (int, float)) and v >= 0})
+    return [w for w in out if w]
+
+
+def _behaviour_check(custody: CustodyResource, context: Any, tree: str, watch: dict[str, Any],
+                     recent: list[dict[str, Any]], bounds: WatchBounds) -> dg.AssetCheckResult:
+    problems = deviations(watch, recent, bounds) if watch else ["the training record has no sandbox measures"]
+    reason = (f"sandbox behaved: nothing denied; within {bounds.max_ratio:g}x of the last {len(recent)} run(s)"
+              if not problems else "; ".join(problems))
+    return dg.AssetCheckResult(**_as_check(BEHAVED, verdict(
+        custody, context, check=BEHAVED, subject=f"sha256:{tree}", passed=not problems, reason=reason,
+        metadata={"denied": len(watch.get("denied") or []), "compared_with_runs": len(recent)})))
 
 
 def _loss_table(losses: list[float]) -> str:
@@ -159,7 +206,7 @@ def _record_check(custody: CustodyResource, context: Any, tree: str, weights_sha
             custody.store(context).get_tree(tree, Path(tmp) / "model")  # every file verified on the way out
             stored_weights = sha256_file(Path(tmp) / "model" / "model.safetensors")
             record = json.loads((Path(tmp) / "model" / "training_record.json").read_text())
-            problems = training_core.record_problems(record, stored_weights)
+            problems = record_problems(record, stored_weights)
         except (Error, OSError, ValueError) as exc:
             problems = [exc.explain() if isinstance(exc, Error) else f"record unreadable ({exc})"]
             record = {}
@@ -176,7 +223,7 @@ def _record_check(custody: CustodyResource, context: Any, tree: str, weights_sha
 
 
 def _reproducible_check(custody: CustodyResource, context: Any, chosen: dict[str, Any], train: Any,
-                        spec: training_core.DataSpec, weights_sha: str, tree: str) -> dg.AssetCheckResult:
+                        spec: DataSpec, weights_sha: str, tree: str) -> dg.AssetCheckResult:
     subject = f"sha256:{tree}"
     release = str(context.run.tags.get(RELEASE_TAG, "")).lower() == "true"
     if chosen["reproducible"] == "release" and not release:
@@ -188,8 +235,8 @@ def _reproducible_check(custody: CustodyResource, context: Any, chosen: dict[str
     context.log.info("reproducible: training again from scratch to compare the weights digest")
     with tempfile.TemporaryDirectory(prefix="secure-ml-retrain-") as tmp:
         try:
-            again = training_core.train_model(train, spec, chosen["training"], Path(tmp) / "model",
-                                              isolation=chosen["isolation"], checkpoints=None, provenance={})
+            again = train_model(train, spec, chosen["training"], Path(tmp) / "model",
+                                isolation=chosen["isolation"], checkpoints=None, provenance={})
             digest, error = again.weights_sha256, ""
         except Error as exc:
             digest, error = "", exc.explain()
@@ -241,7 +288,7 @@ def model_evaluation(context: dg.AssetExecutionContext, trained_model: dict[str,
         protected = [str(p) for p in validated_dataset.get("protected") or []]
         with tempfile.TemporaryDirectory(prefix="secure-ml-eval-") as tmp:
             store.get_tree(tree, Path(tmp) / "model")
-            loaded = training_core.load_model(Path(tmp) / "model")
+            loaded = load_model(Path(tmp) / "model")
             report = evaluation_core.evaluate(loaded, test, protected=protected, config=chosen["evaluation"])
     except Error as exc:
         raise _fail(custody, context, "evaluation.run", subject, exc) from None

@@ -25,7 +25,7 @@ from typing import Any
 
 from secure_ml.config import Config
 from secure_ml.custody.audit import AuditLog
-from secure_ml.custody.keys import EnvKeyProvider, KeyProvider, LocalKeyring
+from secure_ml.custody.keys import KeyProvider, LocalKeyring, handed_over_provider, process_environment
 from secure_ml.custody.store import ArtifactStore
 from secure_ml.errors import ConfigurationError, KeyUnavailable
 
@@ -45,7 +45,8 @@ class Settings:
         """Settings from ``environ`` (default ``os.environ``); ``home``, ``env`` and ``config_dir``, when
         given (a resource's own fields), win over SECURE_ML_HOME, SECURE_ML_ENV and SECURE_ML_CONFIG
         and are written into ``environ`` so anything started from these settings sees the same."""
-        env_vars = dict(os.environ if environ is None else environ)
+        # The process environment is read with any SECURE_ML_KEK taken out of it first (no child inherits it).
+        env_vars = dict(process_environment() if environ is None else environ)
         for variable, value in (("SECURE_ML_HOME", home), ("SECURE_ML_ENV", env), ("SECURE_ML_CONFIG", config_dir)):
             if value:
                 env_vars[variable] = str(value)
@@ -101,8 +102,9 @@ class Settings:
 
     # -- components ------------------------------------------------------------------------
     def key_provider(self) -> KeyProvider:
-        if self.environ.get("SECURE_ML_KEK"):
-            return EnvKeyProvider(dict(self.environ))
+        handed = handed_over_provider(self.environ)  # SECURE_ML_KEK or SECURE_ML_KEK_FILE
+        if handed is not None:
+            return handed
         if self.env == "production":
             # A keyring file on a pod's disk is not a production key store.
             raise KeyUnavailable("production needs its key-encryption key from a secret: set SECURE_ML_KEK "

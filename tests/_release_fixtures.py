@@ -45,19 +45,19 @@ def make_model_dir(path: Path, *, seed: int = 0, poison_nan: bool = False) -> Pa
     import torch
     from safetensors.torch import save_file
 
-    from secure_ml.training import trainer as training
+    from secure_ml.training import features, model
 
     torch.manual_seed(seed)
-    prep = training.Preprocessing("credit_risk", dict(NUMERIC), {k: tuple(v) for k, v in CATEGORICAL.items()})
-    net = training.build_model(prep.width, [8], 0.0)
+    prep = features.Preprocessing("credit_risk", dict(NUMERIC), {k: tuple(v) for k, v in CATEGORICAL.items()})
+    net = model.build_model(prep.width, [8], 0.0)
     tensors = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
     if poison_nan:
         last = sorted(k for k in tensors if k.endswith(".bias"))[-1]
         tensors[last] = torch.full_like(tensors[last], float("nan"))
     path.mkdir(parents=True)
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": training.MODEL_FORMAT})
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": model.MODEL_FORMAT})
     (path / "config.json").write_text(json.dumps({
-        "format": training.MODEL_FORMAT, "architecture": "tabular-mlp", "inputs": prep.width, "hidden": [8],
+        "format": model.MODEL_FORMAT, "architecture": "tabular-mlp", "inputs": prep.width, "hidden": [8],
         "dropout": 0.0, "outputs": 1, "threshold": 0.5}))
     (path / "preprocessing.json").write_text(json.dumps(prep.to_json()))
     (path / "training_record.json").write_text(json.dumps({"seed": seed, "actor": "bob"}))

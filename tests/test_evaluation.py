@@ -21,7 +21,10 @@ import yaml
 from secure_ml.data import splitting
 from secure_ml.errors import BadInput, ConfigurationError
 from secure_ml.training.evaluation import EvaluationConfig, evaluate, group_metrics, markdown, render_plots
-from secure_ml.training.trainer import DataSpec, LoadedModel, TrainingConfig, load_model, train_model
+from secure_ml.training.config import TrainingConfig
+from secure_ml.training.features import DataSpec
+from secure_ml.training.predictor import LoadedModel, load_model
+from secure_ml.training.trainer import train_model
 from tests.conftest import SAMPLE_CSV
 
 pytestmark = pytest.mark.timeout(180)

@@ -16,6 +16,7 @@ import pytest
 from secure_ml.custody.keys import LocalKeyring
 from secure_ml.data import pii
 from secure_ml.errors import ConfigurationError
+from secure_ml.settings import Settings
 from tests.conftest import SAMPLE_CSV
 
 
@@ -93,11 +94,10 @@ def test_malformed_rules_are_configuration_errors(raw: object) -> None:
         pii.parse_rules(raw.get("rules") if isinstance(raw, dict) else raw)
 
 
-def test_handling_drops_hashes_with_a_derived_key_and_redacts(tmp_path: Path) -> None:
-    keyring = LocalKeyring.create(tmp_path / "keys" / "keyring.json")
-    key_id, key = pii.pseudonym_key(keyring)
-    _, kek = keyring.active_key()
-    assert key != kek and len(key) == 32 and key_id.startswith("kek-")
+def test_handling_drops_hashes_with_the_pseudonym_key_and_redacts(settings: Settings) -> None:
+    key_id, key = pii.pseudonym_key(settings)
+    _, kek = LocalKeyring(settings.keyring_path).active_key()
+    assert key != kek and len(key) == 32 and key_id.startswith("psk-")
     frame = pd.DataFrame({"contact": ["a@x.org", "b@x.org", "a@x.org"], "ssn": ["123-45-6789"] * 3,
                           "notes": ["call Mrs Miller on +49 30 1234567", None, "ok"], "risk": [1, 0, 1]})
     rules = pii.parse_rules([{"column": "contact", "action": "hash"}, {"column": "ssn", "action": "drop"},
@@ -115,3 +115,24 @@ def test_handling_drops_hashes_with_a_derived_key_and_redacts(tmp_path: Path) ->
     assert frame["contact"][0] == "a@x.org"                                # the input is untouched
     with pytest.raises(ConfigurationError):
         pii.apply(frame, plan, None)
+
+
+def test_the_pseudonym_key_is_its_own_kek_rotation_keeps_pseudonyms_and_its_own_rotation_changes_them(
+        settings: Settings) -> None:
+    from secure_ml.custody.store import rotate_keys
+    from secure_ml.data.pseudonym import rotate_pseudonym_key
+
+    values = pd.Series(["a@x.org", "b@x.org"])
+    key_id, key = pii.pseudonym_key(settings)
+    before = pii.pseudonymise(values, key).tolist()
+    assert pii.pseudonym_key(settings) == (key_id, key)  # created once, then read back from the store
+    pointer = (settings.keys_dir / "pseudonym.json").read_text()
+    assert key.hex() not in pointer and settings.keys_dir.joinpath("pseudonym.json").stat().st_mode & 0o077 == 0
+    for reencrypt in (False, True):  # KEK rotation, plain and with new data keys: pseudonyms unchanged
+        rotate_keys(settings.artifact_store(), LocalKeyring(settings.keyring_path), reencrypt=reencrypt)
+        assert pii.pseudonymise(values, pii.pseudonym_key(settings)[1]).tolist() == before
+    new_id, new_key = rotate_pseudonym_key(settings)  # its own schedule: every pseudonym changes
+    assert new_id != key_id and pii.pseudonymise(values, new_key).tolist() != before
+    assert pii.pseudonym_key(settings) == (new_id, new_key)
+    actions = [e["action"] for e in settings.audit_log().entries()]
+    assert actions.count("pii.pseudonym_key.create") == 2

@@ -260,7 +260,7 @@ def test_training_stage_model_shapes_are_checked_against_its_config(tmp_path: Pa
     """The training stage's tabular-mlp (secure_ml.training.build_model) against its config.json."""
     from safetensors.torch import save_file
 
-    from secure_ml.training.trainer import build_model
+    from secure_ml.training.model import build_model
 
     model_dir = tmp_path / "m"
     model_dir.mkdir()

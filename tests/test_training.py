@@ -25,19 +25,13 @@ from secure_ml.data import splitting
 from secure_ml.errors import BadInput, ConfigurationError
 from secure_ml.settings import Settings
 from secure_ml.training.sandbox import IsolationPolicy, SandboxError
-from secure_ml.training.trainer import (
-    CheckpointStore,
-    DataSpec,
-    Preprocessing,
-    TrainingConfig,
-    fit,
-    fit_arrays,
-    load_model,
-    load_predictor,
-    record_problems,
-    resolve_device,
-    train_model,
-)
+from secure_ml.training.checkpoints import CheckpointStore
+from secure_ml.training.config import TrainingConfig, resolve_device
+from secure_ml.training.features import DataSpec, Preprocessing
+from secure_ml.training.loop import fit_arrays
+from secure_ml.training.predictor import load_model, load_predictor
+from secure_ml.training.record import record_problems
+from secure_ml.training.trainer import fit, train_model
 from tests.conftest import SAMPLE_CSV
 
 pytestmark = pytest.mark.timeout(240)
@@ -244,3 +238,59 @@ def test_a_model_directory_that_does_not_fit_its_config_is_refused(split: Any, t
     (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "hidden": [8]}))
     with pytest.raises(IntegrityError, match="does not fit config.json"):
         load_model(tmp_path / "m")
+
+
+def test_a_resume_across_a_fingerprint_version_change_is_reported_and_starts_fresh(
+        split: Any, settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from secure_ml.training import checkpoints as checkpoints_module
+
+    X, y = _arrays(split[0])
+    config = TrainingConfig(epochs=4, checkpoint_every=1)
+    store = CheckpointStore(settings.home / "checkpoints", settings.key_provider(), settings.audit_log())
+
+    def interrupted() -> str:
+        def stop_at_epoch_three(event: dict[str, Any]) -> None:
+            if event["epoch"] == 3:
+                raise KeyboardInterrupt
+        with pytest.raises(KeyboardInterrupt):
+            fit(X, y, config, checkpoints=store, on_progress=stop_at_epoch_three)
+        (run_dir,) = [p for p in (settings.home / "checkpoints").iterdir()]
+        assert json.loads((run_dir / "fingerprint.json").read_text())["fingerprint_version"] == \
+            checkpoints_module.FINGERPRINT_VERSION
+        return run_dir.name
+
+    old = interrupted()
+    uninterrupted = fit(X, y, config)
+    monkeypatch.setattr(checkpoints_module, "FINGERPRINT_VERSION", checkpoints_module.FINGERPRINT_VERSION + 1)
+    fresh = fit(X, y, config, checkpoints=store)
+    assert fresh.resumed_from_epoch is None  # not resumed from the old version's checkpoint
+    assert fresh.weights_sha256 == uninterrupted.weights_sha256
+    (stale,) = fresh.checkpoints_superseded  # ... and not silently ignored either
+    assert stale["checkpoints"] == old and stale["files"] == 2
+    assert stale["reason"].startswith("not resumed: fingerprint version 2, this code makes version 3")
+    assert fresh.fingerprint["fingerprint_version"] == 3 and fresh.fingerprint["digest"] != old
+    entries = [json.loads(line) for line in settings.audit_path.read_text().splitlines()]
+    assert [e["details"]["checkpoints"] for e in entries if e["action"] == "training.checkpoint.superseded"] == [old]
+    assert not (settings.home / "checkpoints" / old).exists()  # reported once, then removed
+
+    # Other training code (another code digest): reported in the record the same way.
+    interrupted()
+    monkeypatch.setattr(checkpoints_module, "code_digest", lambda: "0" * 64)
+    result = train_model(split[0], SPEC, config, tmp_path / "m", isolation=None, checkpoints=store)
+    (stale,) = result.record["result"]["checkpoints_superseded"]
+    assert "other training code" in stale["reason"] and result.record["result"]["resumed_from_epoch"] is None
+
+
+def test_the_code_digest_covers_every_module_of_the_training_package(tmp_path: Path) -> None:
+    import shutil
+
+    from secure_ml.training import checkpoints as checkpoints_module
+
+    copy = tmp_path / "training"
+    shutil.copytree(checkpoints_module.PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert checkpoints_module.code_digest(copy) == checkpoints_module.code_digest()
+    (copy / "zz_new_module.py").write_text("X = 1\n")  # a module nobody listed by name
+    assert checkpoints_module.code_digest(copy) != checkpoints_module.code_digest()
+    (copy / "zz_new_module.py").unlink()
+    (copy / "features.py").rename(copy / "features_moved.py")  # moved code changes it too
+    assert checkpoints_module.code_digest(copy) != checkpoints_module.code_digest()

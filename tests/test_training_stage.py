@@ -64,7 +64,7 @@ def test_the_sample_goes_through_training_and_evaluation(fast_config: Path, home
     result = _materialize(settings, drop)
     assert result.success, [e.step_failure_data.error for e in result.get_step_failure_events()]
     checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
-    for name in ("training_record_complete", "reproducible", "metrics_over_thresholds",
+    for name in ("training_record_complete", "reproducible", "sandbox_behaviour_within_bounds", "metrics_over_thresholds",
                  "fairness_within_thresholds", "robustness_within_thresholds"):
         assert checks[name].passed, (name, checks[name].metadata["reason"])
     assert "identical weights" in checks["reproducible"].metadata["reason"].value
@@ -73,6 +73,8 @@ def test_the_sample_goes_through_training_and_evaluation(fast_config: Path, home
     trained = events["trained_model"]
     assert trained["device"].value == "cpu" and trained["epochs"].value == 6
     assert trained["train_rows"].value == 800 and trained["network_namespace"].value is True
+    assert trained["isolation_level"].value == "namespaces" and trained["sandbox_cpu_seconds"].value > 0
+    assert trained["sandbox_peak_memory_bytes"].value > 0 and trained["sandbox_denied"].value == {"denied": []}
     validated = events["validated_dataset"]
     assert trained["train_sha256"].value == validated["train_sha256"].value
 

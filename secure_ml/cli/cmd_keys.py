@@ -1,4 +1,4 @@
-"""secure-ml init | keys init | keys rotate | encrypt | decrypt."""
+"""secure-ml init | keys init | keys rotate [--reencrypt] | encrypt | decrypt."""
 
 from __future__ import annotations
 
@@ -26,7 +26,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     keys = sub.add_parser("keys", help="key-encryption keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     keys_sub.add_parser("init", help="create the local keyring (0600)").set_defaults(handler=cmd_keys_init)
-    keys_sub.add_parser("rotate", help="re-wrap every artifact under a new key").set_defaults(handler=cmd_keys_rotate)
+    rotate = keys_sub.add_parser("rotate", help="re-wrap every artifact under a new key")
+    rotate.add_argument("--reencrypt", action="store_true",
+                        help="also replace every data key, re-encrypting the data (after a suspected leak)")
+    rotate.set_defaults(handler=cmd_keys_rotate)
+    keys_sub.add_parser("rotate-pseudonym", help="replace the PII pseudonym key (every pseudonym changes from now on)"
+                        ).set_defaults(handler=cmd_keys_rotate_pseudonym)
 
     for verb, handler in (("encrypt", cmd_encrypt), ("decrypt", cmd_decrypt)):
         p = sub.add_parser(verb, help=f"{verb} a file ('-' for stdin/stdout)")
@@ -60,9 +65,13 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
         raise ConfigurationError("keys come from SECURE_ML_KEK: rotate them in your secret store, "
                                  "keeping the old key in SECURE_ML_KEK_RETIRED until `keys rotate` has run")
     store = settings.artifact_store()
-    counts = rotate_keys(store, LocalKeyring(settings.keyring_path))
-    print(f"re-wrapped {counts['rewrapped']} artifacts ({counts['already_current']} already current, "
-          f"{counts['retired']} old keys retired)")
+    counts = rotate_keys(store, LocalKeyring(settings.keyring_path), reencrypt=args.reencrypt)
+    if args.reencrypt:
+        print(f"re-encrypted {counts['reencrypted']} artifacts under new data keys ({counts['already_current']} "
+              f"done before an interruption, {counts['retired']} old keys retired)")
+    else:
+        print(f"re-wrapped {counts['rewrapped']} artifacts ({counts['already_current']} already current, "
+              f"{counts['retired']} old keys retired)")
     if counts["unreadable"]:
         print(f"{counts['unreadable']} artifacts could not be re-wrapped; see `secure-ml audit tail`", file=sys.stderr)
         return 1
@@ -118,4 +127,12 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
     keys = Settings.from_env().key_provider()
     with _input(args.input) as src, _output(args.output, args.force) as dst:
         crypto.decrypt_stream(src, dst, keys)
+    return 0
+
+
+def cmd_keys_rotate_pseudonym(args: argparse.Namespace) -> int:
+    from secure_ml.data.pseudonym import rotate_pseudonym_key
+
+    key_id, _ = rotate_pseudonym_key(Settings.from_env())
+    print(f"new pseudonym key {key_id}: data validated from now on gets new pseudonyms; earlier ones no longer join")
     return 0

@@ -236,12 +236,32 @@ class Training(Strict):
     threshold: float = Field(0.5, gt=0, lt=1)
 
 
+class Limits(Strict):
+    """Resource limits in the sandbox (0: not limited)."""
+
+    memory_mb: int = Field(16384, ge=0)
+    cpu_s: int = Field(7200, ge=0)
+    file_size_mb: int = Field(1024, ge=0)
+    processes: int = Field(512, ge=0)
+
+
 class Isolation(Strict):
-    network_namespace: Literal["auto", "required", "off"] = "auto"
+    # 'auto' is refused: it used to fall back silently to the socket guard alone.
+    network_namespace: Literal["required", "off"] = "required"
     drop_privileges: bool = True
     socket_guard: bool = True
+    landlock: bool = True
+    limits: Limits = Limits()
     pass_env: list[str] = []
     timeout_s: float = Field(3600, gt=0)
+
+
+class Watch(Strict):
+    """Bounds of the sandbox_behaviour_within_bounds check against the model's recent runs."""
+
+    window: int = Field(10, ge=1)
+    min_history: int = Field(3, ge=1)
+    max_ratio: float = Field(3.0, gt=1)
 
 
 class Reproducible(Strict):
@@ -295,6 +315,7 @@ class TrainingFile(Strict):
     training: Training = Training()
     isolation: Isolation = Isolation()
     reproducible: Reproducible = Reproducible()
+    watch: Watch = Watch()
     checkpoints: Checkpoints = Checkpoints()
     evaluation: Evaluation = Evaluation()
 
@@ -325,14 +346,29 @@ class Shift(Strict):
     limit: float = Field(0.25, gt=0)
 
 
+class LabelLikelihood(Strict):
+    folds: int = Field(10, ge=2)
+    p_min: float = Field(0.1, gt=0, lt=0.5)
+    global_share: float = Field(0.75, gt=0, le=1)
+
+
+class LabelSubgroups(Strict):
+    min_rows: int = Field(20, ge=5)
+
+
 class Detectors(Strict):
     outliers: Outliers = Outliers()
     label_neighbours: LabelNeighbours = LabelNeighbours()
     label_cross_validated: LabelCrossValidated = LabelCrossValidated()
     shift: Shift = Shift()
+    label_likelihood: LabelLikelihood = LabelLikelihood()
+    label_subgroups: LabelSubgroups = LabelSubgroups()
 
 
 class Poisoning(Strict):
+    # One false-alarm rate for the whole screen; legacy_alpha of it goes to the fixed-limit detectors.
+    alpha: float = Field(0.05, gt=0, lt=0.5)
+    legacy_alpha: float = Field(0.005, ge=0)
     threshold: float = Field(1.0, gt=0)
     max_model_rows: int = Field(20_000, ge=100)
     seed: int = 0
@@ -357,6 +393,9 @@ class Split(Strict):
 
 class Reference(Strict):
     lookback: int = Field(50, ge=1)
+    # How far the last accepted version may drift from the pinned sample and still be the reference.
+    max_psi: float = Field(0.25, gt=0)
+    max_label_shift: float = Field(0.10, gt=0, le=1)
 
 
 class ValidationFile(Strict):

@@ -9,7 +9,10 @@ stand behind it later:
 
 - :class:`LocalKeyring`: a JSON keyring file that must be owned by this user and readable by
   nobody else (mode 0600); the default for local development.
-- :class:`EnvKeyProvider`: base64 keys from environment variables, for CI secrets.
+- :class:`EnvKeyProvider`: base64 keys from environment variables, for CI secrets. The variable
+  is taken out of the process environment on first use (:func:`take_kek_from_environment`), so
+  no child inherits it; ``SECURE_ML_KEK_FILE`` (a 0600 file, or ``-`` for stdin) hands it over
+  without an environment variable at all.
 
 Key material never appears in a repr, a log line or an exception message: only key ids, which
 are derived from the key by a one-way hash.
@@ -25,6 +28,7 @@ import os
 import stat
 from datetime import UTC, datetime
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from secure_ml.custody.integrity import atomic_write_bytes
@@ -201,3 +205,100 @@ class EnvKeyProvider:
             raise KeyUnavailable(
                 f"key '{key_id}' is not provided by {self._variable} (missing key, or the wrong key)"
             ) from None
+
+
+# -- handing a KEK over to this process ----------------------------------------------------------
+KEK_VARIABLES = ("SECURE_ML_KEK", "SECURE_ML_KEK_RETIRED")
+_handed_over: dict[str, str] = {}  # variable -> value, taken out of the environment (never logged)
+
+
+def take_kek_from_environment() -> bool:
+    """Move ``SECURE_ML_KEK`` (and ``_RETIRED``) out of this process's environment into memory.
+
+    After this no child can inherit it, and the process's original environment block (what
+    ``/proc/<pid>/environ`` shows) has the values overwritten. Idempotent; True if a KEK was taken.
+    Called before any child is started (the sandbox does) and whenever a key provider is built.
+    """
+    taken = False
+    for variable in KEK_VARIABLES:
+        value = os.environ.pop(variable, None)  # also unsetenv(3): children inherit nothing
+        if value is not None:
+            _handed_over[variable] = value
+            taken = True
+    if taken:
+        _wipe_initial_environment(KEK_VARIABLES)
+    return taken or bool(_handed_over)
+
+
+def _wipe_initial_environment(variables: tuple[str, ...]) -> None:
+    """Overwrite ``NAME=value`` in the environment block the kernel set up at exec (it is not
+    changed by unsetenv, and /proc/<pid>/environ reads it)."""
+    import ctypes
+
+    try:
+        fields = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
+        start, end = int(fields[47]), int(fields[48])  # env_start, env_end (fields 50 and 51 of stat)
+        block = open("/proc/self/environ", "rb").read()
+    except (OSError, IndexError, ValueError):
+        return
+    if not start or end - start < len(block):
+        return
+    offset = 0
+    for entry in block.split(b"\0"):
+        name, _, value = entry.partition(b"=")
+        if name.decode("ascii", "replace") in variables and value:
+            ctypes.memset(start + offset + len(name) + 1, ord("x"), len(value))
+        offset += len(entry) + 1
+
+
+def process_environment() -> dict[str, str]:
+    """This process's environment with the handed-over KEK put back in (in memory only): what
+    Settings.from_env() reads. Takes the KEK out of the real environment first."""
+    take_kek_from_environment()
+    return {**os.environ, **_handed_over}
+
+
+def handed_over_provider(environ: Mapping[str, str]) -> EnvKeyProvider | None:
+    """The KEK handed over in ``environ``: ``SECURE_ML_KEK`` (base64), else ``SECURE_ML_KEK_FILE``
+    (a file of this user, mode 0600 or 0400, or ``-`` for one line on stdin), else None."""
+    if environ.get("SECURE_ML_KEK"):
+        return EnvKeyProvider(dict(environ))
+    path = environ.get("SECURE_ML_KEK_FILE")
+    if path:
+        return EnvKeyProvider({"SECURE_ML_KEK": read_kek_file(path)})
+    return None
+
+
+_stdin_kek: list[str] = []
+
+
+def read_kek_file(path: str) -> str:
+    """The base64 KEK in ``path`` (``-``: one line on stdin, read once); refuses a file anyone else
+    could read or that another user owns."""
+    if path == "-":
+        if not _stdin_kek:
+            import sys
+
+            line = sys.stdin.readline().strip()
+            if not line:
+                raise KeyUnavailable("SECURE_ML_KEK_FILE is '-' but stdin gave no key")
+            _stdin_kek.append(line)
+        return _stdin_kek[0]
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise KeyUnavailable(f"SECURE_ML_KEK_FILE {path} does not exist") from None
+    except OSError as exc:
+        raise KeyUnavailable(f"SECURE_ML_KEK_FILE {path} cannot be opened ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        # A key file others can read is a leaked key: refuse it rather than use it.
+        if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise KeyUnavailable(f"SECURE_ML_KEK_FILE {path} is accessible to group or others "
+                                 f"(mode {stat.S_IMODE(info.st_mode):04o}); run: chmod 600 {path}")
+        if info.st_uid != os.geteuid():
+            raise KeyUnavailable(f"SECURE_ML_KEK_FILE {path} is not owned by the current user")
+        text = handle.read(4096).decode("ascii", "replace").strip()
+    if not text:
+        raise KeyUnavailable(f"SECURE_ML_KEK_FILE {path} is empty")
+    return text

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
@@ -29,7 +30,14 @@ from typing import Any, BinaryIO
 
 from secure_ml.custody import crypto
 from secure_ml.custody.audit import AuditLog
-from secure_ml.custody.integrity import SHA256_HEX, atomic_write, is_plain_relative_path, list_tree, streaming_writer
+from secure_ml.custody.integrity import (
+    SHA256_HEX,
+    atomic_write,
+    atomic_write_bytes,
+    is_plain_relative_path,
+    list_tree,
+    streaming_writer,
+)
 from secure_ml.custody.keys import KeyProvider
 from secure_ml.errors import BadInput, ConfigurationError, Error, IntegrityError
 
@@ -304,37 +312,107 @@ def _manifest_files(manifest: dict[str, Any], digest: str) -> dict[str, str]:
     return dict(files)
 
 
-def rotate_keys(store: ArtifactStore, keyring: Any) -> dict[str, int]:
-    """Re-wrap every artifact's data key under a new key-encryption key (no data re-encrypted).
+def rotate_keys(store: ArtifactStore, keyring: Any, *, reencrypt: bool = False) -> dict[str, int]:
+    """Re-wrap every artifact's data key under a new key-encryption key (no data re-encrypted);
+    with ``reencrypt``, replace every data key too, re-encrypting the data (after a suspected leak:
+    a data key or wrapped key captured earlier then opens nothing).
 
     Safe to interrupt: the new key is saved before any artifact changes, each artifact is
     replaced atomically, and old keys are dropped only once no artifact needs them. Running it
-    again after an interruption finishes the same rotation. Writers keep working meanwhile: a
-    second sweep, with writers paused, catches artifacts sealed under the old key during the
-    first, so none lands after the old key is gone. Two rotations at once are refused.
+    again after an interruption finishes the same rotation (a re-encryption keeps a journal of
+    the artifacts it finished, so none is left with an old data key; a plain rotation refuses to
+    take over an unfinished re-encryption). Writers keep working meanwhile: a second sweep, with
+    writers paused, catches artifacts sealed under the old key during the first, so none lands
+    after the old key is gone. Two rotations at once are refused.
     """
     with _flock(store.root / ".rotate.lock", fcntl.LOCK_EX | fcntl.LOCK_NB,
                 busy="another key rotation is running on this store"):
+        journal = store.root / REENCRYPT_JOURNAL
+        if journal.exists() and not reencrypt:
+            raise ConfigurationError("a `keys rotate --reencrypt` was interrupted on this store: run "
+                                     "`secure-ml keys rotate --reencrypt` to finish it")
         new_id, resumed = keyring.begin_rotation()
-        store.audit.record(store.actor, "keys.rotate.begin", subject=new_id, details={"resumed": resumed})
-        counts = {"rewrapped": 0, "already_current": 0, "unreadable": 0}
+        done = _journal_open(journal, new_id) if reencrypt else None
+        store.audit.record(store.actor, "keys.rotate.begin", subject=new_id,
+                           details={"resumed": resumed, "reencrypt": reencrypt})
+        counts = {"rewrapped": 0, "already_current": 0, "unreadable": 0, "reencrypted": 0}
         still_in_use: set[str] = set()
-        _rewrap_all(store, new_id, counts, still_in_use)
+        _rewrap_all(store, new_id, counts, still_in_use, done)
         with store.writers_lock(exclusive=True):
             still_in_use.clear()
-            final = {"rewrapped": 0, "already_current": 0, "unreadable": 0}
-            _rewrap_all(store, new_id, final, still_in_use)
+            final = {"rewrapped": 0, "already_current": 0, "unreadable": 0, "reencrypted": 0}
+            _rewrap_all(store, new_id, final, still_in_use, done)
             counts["rewrapped"] += final["rewrapped"]
+            counts["reencrypted"] += final["reencrypted"]
             counts["unreadable"] = final["unreadable"]
             dropped = keyring.finish_rotation(still_in_use)
+            if done is not None and not counts["unreadable"]:
+                journal.unlink(missing_ok=True)  # finished: every artifact has a data key made by this rotation
     store.audit.record(store.actor, "keys.rotate.finish", subject=new_id,
                        outcome="ok" if not counts["unreadable"] else "fail",
                        details={**counts, "retired": dropped})
     return {**counts, "retired": len(dropped)}
 
 
-def _rewrap_all(store: ArtifactStore, new_id: str, counts: dict[str, int], still_in_use: set[str]) -> None:
+REENCRYPT_JOURNAL = ".reencrypt.journal"
+
+
+def _journal_open(journal: Path, new_id: str) -> dict[str, Any]:
+    """The re-encryption journal of the rotation to ``new_id``: names of artifacts done. A journal
+    of another rotation is started over (its key is no longer the one being rotated to)."""
+    names: set[str] = set()
+    try:
+        lines = journal.read_text().splitlines()
+    except FileNotFoundError:
+        lines = []
+    if lines[:1] == [f"kek {new_id}"]:
+        names = set(lines[1:])
+    else:
+        atomic_write_bytes(journal, f"kek {new_id}\n".encode(), mode=0o600)
+    return {"path": journal, "names": names}
+
+
+def _journal_add(done: dict[str, Any], name: str) -> None:
+    fd = os.open(done["path"], os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, f"{name}\n".encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    done["names"].add(name)
+
+
+def _reencrypt(path: Path, dst: Any, keys: Any) -> None:
+    """Decrypt ``path`` and encrypt it again under a fresh data key, streaming through a pipe:
+    no plaintext touches the disk, memory stays bounded. Raises if any chunk fails to authenticate
+    (the caller's atomic write then leaves the artifact as it was)."""
+    read_end, write_end = os.pipe()
+    failed: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            with path.open("rb") as src, os.fdopen(write_end, "wb") as plain:
+                crypto.decrypt_stream(src, plain, keys)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below in the caller's thread
+            failed.append(exc)
+
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
+    try:
+        with os.fdopen(read_end, "rb") as plain:
+            crypto.encrypt_stream(plain, dst, keys)
+    finally:
+        producer.join()
+    if failed:
+        raise failed[0]
+
+
+def _rewrap_all(store: ArtifactStore, new_id: str, counts: dict[str, int], still_in_use: set[str],
+                done: dict[str, Any] | None = None) -> None:
     for path in store.objects():
+        if done is not None and path.name in done["names"]:
+            counts["already_current"] += 1
+            continue
         try:
             with path.open("rb") as src:
                 old_id = crypto.peek_key_id(src)
@@ -343,16 +421,24 @@ def _rewrap_all(store: ArtifactStore, new_id: str, counts: dict[str, int], still
             store.audit.record(store.actor, "keys.rotate.artifact", subject=path.name, outcome="fail",
                                details={"reason": exc.explain()})
             continue
-        if old_id == new_id:
+        if old_id == new_id and done is None:
             counts["already_current"] += 1
             continue
         try:
-            with path.open("rb") as src, atomic_write(path) as dst:
-                crypto.rewrap(src, dst, store.keys)
+            with atomic_write(path) as dst:
+                if done is not None:
+                    _reencrypt(path, dst, store.keys)
+                else:
+                    with path.open("rb") as src:
+                        crypto.rewrap(src, dst, store.keys)
         except Error as exc:
             still_in_use.add(old_id)  # keep the key it needs; a later rotation retries
             counts["unreadable"] += 1
             store.audit.record(store.actor, "keys.rotate.artifact", subject=path.name, outcome="fail",
                                details={"reason": exc.explain()})
+            continue
+        if done is not None:
+            _journal_add(done, path.name)  # after the atomic replace: a kill in between only redoes this one
+            counts["reencrypted"] += 1
             continue
         counts["rewrapped"] += 1

@@ -3,7 +3,7 @@
     findings = detect(frame)                                  # [Finding(column="email", kind="email", ...)]
     rules = parse_rules(config["pii"]["rules"])               # from validation.yaml
     plan = plan_handling(findings, rules)                     # plan.unhandled: PII no rule covers
-    key_id, key = pseudonym_key(settings.key_provider())      # HKDF of the KEK; never logged
+    key_id, key = pseudonym_key(settings)                    # its own key (data.pseudonym); never logged
     clean = apply(frame, plan, key)                           # handled columns dropped / hashed / redacted
 
 Kinds found: ``email``, ``phone``, ``ssn`` (US social security numbers), ``iban`` (mod-97 checked),
@@ -16,9 +16,9 @@ someone's e-mail column.
 Low-cardinality text columns are scanned completely (every distinct value); high-cardinality ones
 on a deterministic sample of ``max_values`` distinct values. Rules (``column`` glob, optional
 ``kind``, ``action``: drop | hash | redact) say how a finding is handled; a finding no rule covers
-is *unhandled* and blocks the drop. Hashes are HMAC-SHA256 under a key derived from the
-key-encryption key, so they are stable join keys that cannot be reversed by hashing guesses
-without the key.
+is *unhandled* and blocks the drop. Hashes are HMAC-SHA256 under the pseudonym key, a key of
+its own (secure_ml.data.pseudonym: KEK rotation leaves pseudonyms unchanged), so they are stable
+join keys that cannot be reversed by hashing guesses without the key.
 """
 
 from __future__ import annotations
@@ -292,14 +292,11 @@ def plan_handling(findings: Sequence[Finding], rules: Sequence[Rule]) -> Plan:
     return plan
 
 
-def pseudonym_key(provider: Any) -> tuple[str, bytes]:
-    """(key id, HMAC key) derived from the active key-encryption key; the KEK itself is never used raw."""
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+def pseudonym_key(settings: Any) -> tuple[str, bytes]:
+    """(key id, HMAC key): the pseudonym key, a key of its own (secure_ml.data.pseudonym), not the KEK's."""
+    from secure_ml.data.pseudonym import pseudonym_key as active
 
-    key_id, kek = provider.active_key()
-    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"secure-ml pii pseudonym v1").derive(kek)
-    return key_id, key
+    return active(settings)
 
 
 def pseudonymise(values: pd.Series, key: bytes) -> pd.Series:

@@ -39,7 +39,7 @@ from secure_ml.errors import BadInput, ConfigurationError, IntegrityError, Verif
 from secure_ml.release.deployed import ATTESTATION_FILE, RECEIPT_FILE, SIGNATURE_FILE, HealthResult
 from secure_ml.security import verification
 from secure_ml.security.verification import TrustPolicy
-from secure_ml.training.trainer import load_predictor
+from secure_ml.training.predictor import load_predictor
 
 ALLOWED_FILES = re.compile(r"^(model\.safetensors|config\.json|preprocessing\.json|training_record\.json|MODEL_CARD\.md)$")
 _TOKEN_NAME = re.compile(r"^[A-Za-z0-9_.@:-]{1,64}$")

@@ -1,195 +1,295 @@
-"""The isolated training process: no network, no secrets, no keys; only the data it trains on.
+"""The sandbox: runs a program, or a named Python entry point, with no network, no secrets and no keys.
 
     policy = IsolationPolicy.from_mapping(config["isolation"])      # training.yaml
-    frames = run_isolated(job, blobs, policy=policy, on_frame=handle)   # handle(kind, payload)
-    report = probe_isolation(policy, connect=("127.0.0.1", port))    # what the child can reach
+    facts = run_isolated(job, blobs, entry="pkg.module:function", policy=policy, on_frame=handle)
+    code = run_command(["python", "my_train.py"], policy=policy)    # `secure-ml sandbox run -- ...`
+    report = probe_isolation(policy, connect=("127.0.0.1", port), read=[keyring])
 
-The child is ``python -I -m secure_ml.sandbox`` (isolated mode: no PYTHON* variables, no user
-site), started:
+Both go through :func:`start`, one code path: ``unshare`` puts the program in new network, mount,
+PID and IPC namespaces, plus a user namespace when not run as root (so it works as an ordinary
+user too); secure_ml.training.confine then, inside them, hides ``SECURE_ML_HOME``, the keys, the
+store, the audit log, the Dagster home and the user's home behind empty tmpfs mounts, gives
+``/tmp`` and ``/dev/shm`` fresh ones, mounts a ``/proc`` that shows only the sandbox's own
+processes, sets resource limits (memory, CPU time, file size, processes), becomes ``nobody`` when
+started as root, drops every capability, sets no_new_privs and, where the kernel has Landlock,
+forbids writes outside /tmp, /dev/shm and /dev and any TCP bind or connect; then it execs the
+program. The
+parent makes itself non-dumpable first, so no process of its uid can read its memory or
+``/proc/<pid>/environ``. The new network namespace has only a loopback that is down: nothing, not
+even the host's loopback, is reachable.
 
-- in a fresh **network namespace** (``unshare --net``; ``--map-root-user`` where only user
-  namespaces are allowed) whenever the OS offers one: the child sees only a loopback interface
-  that is down, so nothing, not even localhost, is reachable. ``network_namespace: required``
-  refuses to train where there is none; ``auto`` (default) falls back to the guard alone;
-- with a **socket guard** in every case: a Python audit hook that refuses connect, bind, send,
-  name resolution and starting other programs (defence in depth, and the only layer where no
-  namespace is available);
-- with a **scrubbed environment** built from an allow-list (PATH, locale, thread counts, the GPU
-  selection); anything that looks like a key, token, password or cloud credential is never
-  passed, even if configured;
-- as **nobody** when started as root (after its imports, before it reads a byte of data), so the
-  keyring and the artifact store are unreadable even to code that guesses their paths;
-- with **no key, path or store** handed to it: the job (a JSON header) and the data arrive on its
-  stdin, results (progress, checkpoints, weights) leave on its stdout as frames. Nothing is
-  written to disk by either side, so there is nothing to clean up.
+``network_namespace: required`` (the default) refuses with :class:`SandboxError` where this
+cannot be set up (no ``unshare``, no user namespaces for an ordinary user): nothing ever runs
+bare. ``off`` runs only the Python socket guard (secure_ml.training.child); the record then says
+so and the level is ``guard``. The environment is built from an allow-list; anything that looks
+like a key, token, password or credential is never passed, even if configured.
 
-Frames on stdout: 1 byte kind + 8 bytes big-endian length + payload. Kinds: ``P`` progress
-(JSON), ``C`` checkpoint (bytes; the parent encrypts it), ``W`` weights (bytes), ``R`` result
-(JSON), ``E`` error (JSON: type, message).
+What was applied is measured, not assumed: the set-up step reports its mounts, limits, uid and
+capability sets, and the namespaces are compared with the parent's. The facts returned say
+``level_met`` only when every layer of the configured level is in place.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import json
 import os
-import re
 import shutil
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, BinaryIO
 
 from secure_ml import errors
+from secure_ml.custody.keys import take_kek_from_environment
 from secure_ml.errors import BadInput, ConfigurationError, Error
+from secure_ml.training.child import ENTRY_POINT, FRAME, PROBE_ENTRY, read_exact
+from secure_ml.training.policy import (  # noqa: F401 - part of this module's interface
+    GPU_ENV,
+    NAMESPACE_MODES,
+    SAFE_ENV,
+    SECRET_ENV,
+    IsolationPolicy,
+    Limits,
+    child_environment,
+)
 
-FRAME = struct.Struct(">cQ")
 NOBODY = 65534
-NAMESPACE_MODES = ("auto", "required", "off")
-
-# Names that must never reach the training process, whatever the configuration says.
-SECRET_ENV = re.compile(
-    r"(^(SECURE_ML_|DAGSTER_|AWS_|GOOGLE_|GCP_|GCLOUD_|AZURE_|ARM_|VAULT_|KUBE|K8S_|GITHUB_|GITLAB_|CI_|"
-    r"ACTIONS_|DOCKER_|NPM_|PIP_|SSH_|GPG_|OPENAI_|HF_|HUGGING)|KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH|"
-    r"SESSION|COOKIE|PRIVATE|CERT|_PASS$|_PWD$)", re.IGNORECASE)
-SAFE_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
-GPU_ENV = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES")
-
-# Audit events the guard refuses: the network, name resolution, and starting other programs
-# (which could reach the network some other way).
-BLOCKED_EVENTS = frozenset({
-    "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg", "socket.getaddrinfo",
-    "socket.gethostbyname", "socket.gethostbyaddr", "socket.getnameinfo",
-    "subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
-    "pty.spawn",
-})
-
+NAMESPACES = ("net", "mnt", "pid", "ipc")
+# The child imports secure_ml from where the parent did (-I ignores PYTHONPATH): the same code runs on both sides.
+CODE_ROOT = Path(__file__).resolve().parents[2]
+CHILD_BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); from secure_ml.training.child import main; "
+              "raise SystemExit(main(sys.argv[2:]))")
+CONFINE = Path(__file__).resolve().with_name("confine.py")  # run as a script: standard library only, fast
 
 class SandboxError(Error):
-    """The isolated process could not run, died, or was killed."""
+    """The sandbox could not be set up, or the process in it died or was killed."""
 
     exit_code = 1
-    label = "training failed"
+    label = "sandbox"
 
 
-@dataclass(frozen=True)
-class IsolationPolicy:
-    """How the training process is isolated (``isolation:`` in training.yaml)."""
-
-    network_namespace: str = "auto"
-    socket_guard: bool = True
-    drop_privileges: bool = True
-    pass_env: tuple[str, ...] = ()
-    timeout_s: float = 3600.0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any] | None) -> IsolationPolicy:
-        data = dict(data or {})
-        mode = str(data.pop("network_namespace", "auto"))
-        if mode not in NAMESPACE_MODES:
-            raise ConfigurationError(f"isolation.network_namespace must be one of {', '.join(NAMESPACE_MODES)}, "
-                                     f"not {mode!r}")
-        pass_env = tuple(str(n) for n in data.pop("pass_env", None) or ())
-        secret = [n for n in pass_env if SECRET_ENV.search(n)]
-        if secret:
-            raise ConfigurationError(f"isolation.pass_env names {secret[0]!r}, which looks like a secret: "
-                                     "the training process never receives keys, tokens or credentials")
-        try:
-            timeout = float(data.pop("timeout_s", 3600))
-        except (TypeError, ValueError):
-            raise ConfigurationError("isolation.timeout_s must be a number of seconds") from None
-        unknown = sorted(set(data) - {"socket_guard", "drop_privileges"})
-        if unknown:
-            raise ConfigurationError(f"isolation: unknown setting {unknown[0]!r}")
-        # The guard is always on in configuration; only tests switch it off (to prove the namespace alone).
-        return cls(network_namespace=mode, socket_guard=True,
-                   drop_privileges=bool(data.get("drop_privileges", True)), pass_env=pass_env, timeout_s=timeout)
-
-
-# -- the parent side ---------------------------------------------------------------------------
-@functools.lru_cache(maxsize=1)
-def namespace_prefix() -> tuple[str, ...] | None:
-    """The command prefix that starts a program in a new network namespace here, or None."""
-    unshare, true = shutil.which("unshare"), shutil.which("true")
+# -- setting it up ------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=4)
+def _namespace_prefix(real_root: bool, unshare: str | None) -> tuple[tuple[str, ...] | None, str]:
+    true = shutil.which("true")
     if not unshare or not true:
-        return None
-    for prefix in ((unshare, "--net", "--"), (unshare, "--net", "--map-root-user", "--")):
+        return None, "unshare(1) is not installed"
+    user = () if real_root else ("--user", "--map-root-user")
+    prefix = (unshare, *user, "--net", "--mount", "--pid", "--ipc", "--fork", "--mount-proc", "--kill-child")
+    try:
+        done = subprocess.run([*prefix, "--", true], capture_output=True, timeout=15, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"unshare did not run ({exc})"
+    if done.returncode != 0:
+        why = (done.stderr.decode("utf-8", "replace").strip().splitlines() or ["no reason given"])[-1]
+        kind = "network, mount, PID and IPC namespaces" if real_root else "a user namespace (as an ordinary user)"
+        return None, f"this host cannot create {kind}: {why[:200]}"
+    return prefix, ""
+
+
+def namespace_prefix() -> tuple[str, ...] | None:
+    """The command prefix that starts a program in its new namespaces here, or None."""
+    return _namespace_prefix(os.getuid() == 0, shutil.which("unshare"))[0]
+
+
+namespace_prefix.cache_clear = _namespace_prefix.cache_clear  # type: ignore[attr-defined]
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def hidden_paths(policy: IsolationPolicy, environ: Mapping[str, str] | None = None) -> list[str]:
+    """What the sandbox hides: SECURE_ML_HOME and where its keys, store, audit log and Dagster home
+    live, a KEK file, the user's home, and ``isolation.hide``. Refuses to hide the code it runs."""
+    from secure_ml.settings import Settings
+
+    environ = dict(os.environ if environ is None else environ)
+    settings = Settings.from_env(environ)
+    paths = [settings.home, settings.keys_dir, settings.keyring_path, settings.artifacts_dir,
+             settings.audit_path.parent, settings.dagster_home]
+    if environ.get("SECURE_ML_KEK_FILE"):
+        paths.append(Path(environ["SECURE_ML_KEK_FILE"]))
+    needed = exposed_paths()
+    resolved = sorted({str(Path(p).resolve()) for p in paths + [Path(p) for p in policy.hide]})
+    for path in resolved:
+        if any(_inside(n, Path(path)) for n in needed):
+            raise ConfigurationError(f"the sandbox must hide {path}, but the code or Python it runs lives there; "
+                                     "keep SECURE_ML_HOME and keys outside the code and the virtual environment")
+    home = Path(environ.get("HOME") or "/nonexistent")
+    if home.is_absolute() and home.resolve() != Path("/") and home.resolve() not in needed:
+        resolved.append(str(home.resolve()))  # the Python and code inside it, if any, are bound back (exposed_paths)
+    return sorted(set(resolved))
+
+
+def exposed_paths() -> list[Path]:
+    """What the sandboxed Python needs even inside a hidden home: the code root, the virtual
+    environment and the base interpreter."""
+    return sorted({CODE_ROOT, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(),
+                   Path(sys.executable).resolve().parent})
+
+
+def make_parent_non_dumpable() -> bool:
+    """No process of this uid may ptrace this one or read its /proc/<pid>/environ or mem (PR_SET_DUMPABLE 0)."""
+    try:
+        return bool(ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def _own_namespaces() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for kind in ("user", *NAMESPACES):
         try:
-            done = subprocess.run([*prefix, true], capture_output=True, timeout=15, check=False)
-        except (OSError, subprocess.SubprocessError):
-            continue
-        if done.returncode == 0:
-            return prefix
-    return None
+            out[kind] = os.readlink(f"/proc/self/ns/{kind}")
+        except OSError:
+            out[kind] = None
+    return out
 
 
-def child_environment(policy: IsolationPolicy, *, threads: int = 1,
-                      environ: Mapping[str, str] | None = None) -> tuple[dict[str, str], list[str]]:
-    """(environment for the child, names withheld from it). Built from an allow-list."""
-    source = dict(os.environ if environ is None else environ)
-    env = {name: source[name] for name in (*SAFE_ENV, *GPU_ENV, *policy.pass_env) if name in source}
-    env = {name: value for name, value in env.items() if not SECRET_ENV.search(name)}
-    env.update({
-        "HOME": "/nonexistent",
-        "PYTHONHASHSEED": "0",
-        "OMP_NUM_THREADS": str(threads),
-        "MKL_NUM_THREADS": str(threads),
-        "OPENBLAS_NUM_THREADS": str(threads),
-        # cuBLAS is only deterministic with a fixed workspace (torch.use_deterministic_algorithms).
-        "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
-    })
-    withheld = sorted(set(source) - set(env))
-    return env, withheld
+@dataclass
+class Started:
+    """A process started in the sandbox, and what was applied to it."""
+
+    process: subprocess.Popen[bytes]
+    facts: dict[str, Any]
 
 
-def child_command(policy: IsolationPolicy, mode: str) -> tuple[list[str], bool]:
-    """(argv, whether a network namespace is used); raises if one is required and unavailable."""
-    argv = [sys.executable, "-I", "-m", "secure_ml.training.sandbox", mode,
-            "guard" if policy.socket_guard else "no-guard",
-            "drop" if policy.drop_privileges else "keep"]
-    if policy.network_namespace == "off":
-        return argv, False
-    prefix = namespace_prefix()
+def _parse_facts(lines: list[str]) -> dict[str, Any]:
+    facts: dict[str, Any] = {"hidden": [], "limits": {}, "namespaces": {}}
+    for line in lines:
+        key, _, value = line.partition("\t")
+        if key == "hidden":
+            facts["hidden"].append(value)
+        elif key in ("limit", "ns"):
+            name, _, number = value.partition("\t")
+            facts["limits" if key == "limit" else "namespaces"][name] = int(number) if key == "limit" else number
+        elif key in ("uid", "pid_in_namespace", "uid_outside", "landlock_abi"):
+            facts[key] = int(value) if value.lstrip("-").isdigit() else None
+        elif key in ("no_new_privs", "private_tmp"):
+            facts[key] = value == "1"
+        elif key:
+            facts[key] = value
+    return facts
+
+
+def start(argv: Sequence[str], policy: IsolationPolicy, *, env: Mapping[str, str], stdin: Any = None,
+          stdout: Any = None, stderr: Any = None, socket_guard: bool = False,
+          environ: Mapping[str, str] | None = None) -> Started:
+    """Start ``argv`` in the sandbox ``policy`` asks for; raises :class:`SandboxError` (and runs
+    nothing) when that sandbox cannot be set up. The one way any program is sandboxed."""
+    take_kek_from_environment()  # no child may inherit a KEK, whatever env it is given
+    non_dumpable = make_parent_non_dumpable()
+    facts: dict[str, Any] = {"configured": policy.level, "socket_guard": socket_guard,
+                             "non_dumpable_parent": non_dumpable}
+    if policy.level == "guard":
+        try:
+            process = subprocess.Popen(list(argv), stdin=stdin, stdout=stdout, stderr=stderr, env=dict(env),
+                                       cwd="/", close_fds=True, bufsize=0)
+        except OSError as exc:
+            raise SandboxError(f"could not start {argv[0]}: {exc.strerror or exc}") from None
+        facts.update({"level": "guard", "namespaces": {}, "level_met": socket_guard})
+        return Started(process, facts)
+    real_root = os.getuid() == 0
+    prefix, why = _namespace_prefix(real_root, shutil.which("unshare"))
     if prefix is None:
-        if policy.network_namespace == "required":
-            raise ConfigurationError("isolation.network_namespace is 'required' but this host cannot create a "
-                                     "network namespace (unshare --net failed); run as root or allow user "
-                                     "namespaces, or set it to 'auto' to rely on the socket guard alone")
-        return argv, False
-    return [*prefix, *argv], True
+        raise SandboxError(f"cannot set up the sandbox ({why}); nothing was run. Allow user namespaces "
+                           "(kernel.unprivileged_userns_clone, or a container with them), run as root, or set "
+                           "isolation.network_namespace: off to accept the Python guard alone")
+    hide = hidden_paths(policy, environ)
+    keep = [d for d in ("/tmp", "/dev/shm") if any(_inside(n, Path(d)) for n in (CODE_ROOT, Path(sys.prefix)))]
+    plan = [*(f"hide\t{p}" for p in hide), *(f"expose\t{p}" for p in exposed_paths()), *(f"keep\t{p}" for p in keep),
+            *(f"limit\t{name}\t{value}" for name, value in policy.limits.rlimits().items()),
+            f"real_root\t{int(real_root)}", f"drop_privileges\t{int(policy.drop_privileges)}",
+            f"outer_uid\t{os.getuid()}",
+            f"landlock\t{int(policy.landlock)}"]
+    if any("\n" in line or line.count("\t") > 2 for line in plan):
+        raise ConfigurationError("a path the sandbox hides or exposes contains a tab or a newline")
+    plan_r, plan_w = os.pipe()
+    status_r, status_w = os.pipe()
+    try:
+        os.write(plan_w, "\n".join(plan).encode())
+        os.close(plan_w)
+        command = [*prefix, "--", sys.executable, "-I", "-S", str(CONFINE), str(plan_r), str(status_w), "--", *argv]
+        try:
+            process = subprocess.Popen(command, stdin=stdin, stdout=stdout, stderr=stderr, env=dict(env), cwd="/",
+                                       close_fds=True, pass_fds=(plan_r, status_w), bufsize=0)
+        except OSError as exc:
+            raise SandboxError(f"could not start the sandbox: {exc.strerror or exc}") from None
+    finally:
+        os.close(plan_r)
+        os.close(status_w)
+    with os.fdopen(status_r, "rb") as status:
+        # Lines up to an empty one: "ok" and the facts, or "error<TAB>why". (unshare keeps a copy of
+        # the pipe, so there is no EOF to wait for.)
+        lines: list[str] = []
+        while (raw := status.readline()) not in (b"", b"\n"):
+            lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+    if lines[:1] != ["ok"]:
+        process.kill()
+        process.wait()
+        first = lines[0] if lines else ""
+        reason = first.partition("\t")[2] if first.startswith("error\t") else "its set-up did not complete"
+        raise SandboxError(f"the sandbox could not be set up ({reason}); nothing was run")
+    applied = _parse_facts(lines[1:])
+    ours = _own_namespaces()
+    theirs = applied.pop("namespaces", {})
+    namespaces = {kind: bool(theirs.get(kind)) and theirs.get(kind) != ours.get(kind) for kind in ("user", *NAMESPACES)}
+    caps_clear = set(str(applied.get("capabilities_effective", "?"))) == {"0"} and \
+        set(str(applied.get("capabilities_bounding", "?"))) == {"0"}
+    met = (all(namespaces[k] for k in NAMESPACES) and (real_root or namespaces["user"]) and caps_clear
+           and bool(applied.get("no_new_privs")) and non_dumpable
+           and (not real_root or not policy.drop_privileges or applied.get("uid") == NOBODY))
+    facts.update({"level": "namespaces" if met else "incomplete", "level_met": met, "namespaces": namespaces,
+                  "user_namespace": namespaces["user"], "as_root": real_root, **applied})
+    return Started(process, facts)
 
 
-def _write_all(stream: BinaryIO, header: Mapping[str, Any], blobs: Iterable[bytes | memoryview]) -> None:
+# -- running a command -------------------------------------------------------------------------
+def run_command(argv: Sequence[str], *, policy: IsolationPolicy, environ: Mapping[str, str] | None = None,
+                on_facts: Callable[[dict[str, Any]], None] | None = None) -> int:
+    """Run ``argv`` in the sandbox with this process's stdin, stdout and stderr; its exit status
+    (128 + N when killed by signal N). A sandbox that cannot be set up raises; nothing runs bare."""
+    if not argv:
+        raise BadInput("sandbox run needs a command")
+    if policy.level != "namespaces":
+        raise SandboxError("sandbox run needs isolation.network_namespace: required; it never runs a command "
+                           "without its namespaces")
+    env, _ = child_environment(policy, environ=environ)
+    started = start(argv, policy, env=env, environ=environ)
+    if on_facts is not None:
+        on_facts(started.facts)
+    if not started.facts["level_met"]:
+        started.process.kill()
+        started.process.wait()
+        raise SandboxError(f"the sandbox was set up only in part ({started.facts}); the command was stopped")
+    code = started.process.wait()
+    return 128 - code if code < 0 else code
+
+
+# -- running a Python entry point on a job -------------------------------------------------------
+def _write_all(stream: BinaryIO, header: Mapping[str, Any], blobs: Iterable[bytes | memoryview],
+               sent: list[int]) -> None:
     try:
         head = json.dumps(header, sort_keys=True).encode()
         stream.write(FRAME.pack(b"H", len(head)) + head)
+        sent[0] += FRAME.size + len(head)
         for blob in blobs:
             view = memoryview(blob).cast("B")
             stream.write(FRAME.pack(b"B", len(view)))
-            for start in range(0, len(view), 1 << 22):
-                stream.write(view[start:start + (1 << 22)])
+            for start_ in range(0, len(view), 1 << 22):
+                stream.write(view[start_:start_ + (1 << 22)])
+            sent[0] += FRAME.size + len(view)
         stream.close()
     except (BrokenPipeError, OSError, ValueError):
         pass  # the child died; its exit status says why
-
-
-def _read_exact(stream: BinaryIO, size: int) -> bytes:
-    chunks: list[bytes] = []
-    left = size
-    while left:
-        chunk = stream.read(min(left, 1 << 22))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
 
 
 _ERRORS: dict[str, type[Error]] = {
@@ -197,32 +297,40 @@ _ERRORS: dict[str, type[Error]] = {
 }
 
 
-def run_isolated(header: Mapping[str, Any], blobs: Iterable[bytes | memoryview], *, policy: IsolationPolicy,
-                 on_frame: Callable[[str, bytes], None], mode: str = "train", threads: int = 1,
-                 on_start: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Run one job in the isolated child; frames go to ``on_frame(kind, payload)`` as they arrive.
+def child_command(policy: IsolationPolicy, entry: str) -> list[str]:
+    if not ENTRY_POINT.match(entry):
+        raise BadInput(f"sandbox entry point must be 'module:function', not {entry[:80]!r}")
+    return [sys.executable, "-I", "-c", CHILD_BOOT, str(CODE_ROOT), entry,
+            "guard" if policy.socket_guard else "no-guard"]
 
-    Returns the isolation facts (namespace used, environment withheld). A child that fails
+
+def run_isolated(header: Mapping[str, Any], blobs: Iterable[bytes | memoryview], *, policy: IsolationPolicy,
+                 entry: str, on_frame: Callable[[str, bytes], None], threads: int = 1,
+                 on_start: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Run ``entry`` (``module:function``) on one job in the sandbox; frames go to
+    ``on_frame(kind, payload)`` as they arrive.
+
+    Returns the isolation facts (what was applied, measured; ``level_met``). A child that fails
     raises its own error class (BadInput, IntegrityError, ...) with its one-line message; a
-    child that dies or is killed raises :class:`SandboxError`.
+    sandbox that cannot be set up, or a child that dies or is killed, raises :class:`SandboxError`.
     """
-    argv, namespaced = child_command(policy, mode)
+    argv = child_command(policy, entry)
     env, withheld = child_environment(policy, threads=threads)
-    try:
-        process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   env=env, cwd="/", close_fds=True, bufsize=0)
-    except OSError as exc:
-        raise SandboxError(f"could not start the training process: {exc.strerror or exc}") from None
+    sent = [0]
+    started = start(argv, policy, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    socket_guard=policy.socket_guard)
+    process = started.process
     if on_start is not None:
         on_start(process.pid)
     if process.stdin is None or process.stdout is None or process.stderr is None:  # pragma: no cover
         process.kill()
         raise SandboxError("the training process has no pipes")
-    writer = threading.Thread(target=_write_all, args=(process.stdin, header, blobs), daemon=True)
+    job = {**header, "_sandbox": {"hidden": started.facts.get("hidden", [])}}
+    writer = threading.Thread(target=_write_all, args=(process.stdin, job, blobs, sent), daemon=True)
     writer.start()
     stderr: list[bytes] = []
-    drain = threading.Thread(target=lambda: stderr.append(process.stderr.read() if process.stderr else b""),
-                             daemon=True)
+    err_stream: IO[bytes] = process.stderr
+    drain = threading.Thread(target=lambda: stderr.append(err_stream.read()), daemon=True)
     drain.start()
     timed_out = threading.Event()
 
@@ -235,18 +343,25 @@ def run_isolated(header: Mapping[str, Any], blobs: Iterable[bytes | memoryview],
     timer.daemon = True
     timer.start()
     failure: dict[str, Any] | None = None
+    denied: list[str] = []
+    child_report: dict[str, Any] = {}
+    received = 0
     try:
         while True:
-            head = _read_exact(process.stdout, FRAME.size)
+            head = read_exact(process.stdout, FRAME.size)
             if len(head) < FRAME.size:
                 break
             kind_byte, length = FRAME.unpack(head)
-            payload = _read_exact(process.stdout, length)
+            payload = read_exact(process.stdout, length)
+            received += FRAME.size + len(payload)
             if len(payload) < length:
                 break
             kind = kind_byte.decode("ascii", "replace")
             if kind == "E":
                 failure = json.loads(payload)
+            elif kind == "D":
+                child_report = json.loads(payload)
+                denied = list(child_report.get("denied") or [])
             else:
                 on_frame(kind, payload)
     except BaseException:
@@ -254,7 +369,7 @@ def run_isolated(header: Mapping[str, Any], blobs: Iterable[bytes | memoryview],
             process.kill()
         raise
     finally:
-        code = process.wait()
+        code, usage = _reap(process)
         timer.cancel()
         writer.join(timeout=5)
         drain.join(timeout=5)
@@ -270,15 +385,36 @@ def run_isolated(header: Mapping[str, Any], blobs: Iterable[bytes | memoryview],
                                "good checkpoint")
         tail = (b"".join(stderr).decode("utf-8", "replace").strip().splitlines() or ["no output"])[-1]
         raise SandboxError(f"the training process exited with status {code}: {tail[:300]}")
-    return {"network_namespace": namespaced, "socket_guard": policy.socket_guard,
-            "drop_privileges": policy.drop_privileges, "environment_withheld": len(withheld)}
+    watch = {
+        # getrusage of the sandbox (unshare) and everything it waited for, i.e. the whole sandbox.
+        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3) if usage else None,
+        "peak_memory_bytes": usage.ru_maxrss * 1024 if usage else None,
+        "block_read_bytes": usage.ru_inblock * 512 if usage else None,
+        "block_written_bytes": usage.ru_oublock * 512 if usage else None,
+        "bytes_to_child": sent[0], "bytes_from_child": received,
+        "tasks_started": child_report.get("tasks_started"),
+        "denied": denied,
+    }
+    return {**started.facts, "environment_withheld": len(withheld), "watch": watch}
+
+
+def _reap(process: subprocess.Popen[bytes]) -> tuple[int, Any]:
+    """Wait for the process with wait4, keeping its resource usage (and its waited-for children's)."""
+    if process.returncode is not None:
+        return process.returncode, None
+    try:
+        _, status, usage = os.wait4(process.pid, 0)
+    except ChildProcessError:
+        return process.wait(), None
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return process.returncode, usage
 
 
 def probe_isolation(policy: IsolationPolicy, *, connect: tuple[str, int] | None = None,
-                    read: str | None = None) -> dict[str, Any]:
+                    read: str | Sequence[str] | None = None) -> dict[str, Any]:
     """Start the child as training would (without torch) and report what it can see and reach.
 
-    ``connect``: an address it tries to connect to; ``read``: a file it tries to open. The
+    ``connect``: an address it tries to connect to; ``read``: files it tries to open. The
     report holds its uid, environment names, network interfaces and each attempt's outcome.
     """
     report: dict[str, Any] = {}
@@ -287,123 +423,10 @@ def probe_isolation(policy: IsolationPolicy, *, connect: tuple[str, int] | None 
         if kind == "R":
             report.update(json.loads(payload))
 
-    facts = run_isolated({"probe": {"connect": list(connect) if connect else None, "read": read}}, [],
-                         policy=policy, on_frame=keep, mode="probe")
+    reads = [read] if isinstance(read, str) else list(read or [])
+    facts = run_isolated({"probe": {"connect": list(connect) if connect else None, "read": reads}}, [],
+                         policy=policy, entry=PROBE_ENTRY, on_frame=keep)
+    outcome = report.get("probe") or {}
+    if isinstance(read, str) and isinstance(outcome.get("read"), dict):
+        outcome["read"] = outcome["read"].get(read)
     return {**report, "policy": facts}
-
-
-# -- the child side ----------------------------------------------------------------------------
-def _guard(event: str, args: tuple[Any, ...]) -> None:
-    if event in BLOCKED_EVENTS:
-        raise PermissionError(f"blocked in the training sandbox: {event}")
-
-
-def _drop_privileges() -> None:
-    if os.getuid() != 0:
-        return
-    import ctypes  # imported while the standard library is still readable
-    os.setgroups([])
-    os.setgid(NOBODY)
-    os.setuid(NOBODY)
-    try:  # no_new_privs: nothing exec'd later can regain privileges (setuid binaries)
-        ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-
-
-class _Channel:
-    def __init__(self, out: BinaryIO) -> None:
-        self._out = out
-
-    def send(self, kind: str, payload: bytes) -> None:
-        self._out.write(FRAME.pack(kind.encode("ascii"), len(payload)))
-        view = memoryview(payload)
-        for start in range(0, len(view), 1 << 22):
-            self._out.write(view[start:start + (1 << 22)])
-        self._out.flush()
-
-    def send_json(self, kind: str, obj: Any) -> None:
-        self.send(kind, json.dumps(obj, sort_keys=True).encode())
-
-
-def _read_job(src: BinaryIO) -> tuple[dict[str, Any], list[bytes]]:
-    head = _read_exact(src, FRAME.size)
-    if len(head) < FRAME.size or FRAME.unpack(head)[0] != b"H":
-        raise BadInput("the training process received no job")
-    header = json.loads(_read_exact(src, FRAME.unpack(head)[1]))
-    blobs: list[bytes] = []
-    while True:
-        head = _read_exact(src, FRAME.size)
-        if len(head) < FRAME.size:
-            return header, blobs
-        kind, length = FRAME.unpack(head)
-        data = _read_exact(src, length)
-        if kind != b"B" or len(data) < length:
-            raise BadInput("the training process received a truncated job")
-        blobs.append(data)
-
-
-def _facts() -> dict[str, Any]:
-    try:  # the interfaces of this process's network namespace (sysfs would show the host's)
-        interfaces = sorted(name for _, name in socket.if_nameindex())
-    except OSError:
-        interfaces = []
-    return {"uid": os.getuid(), "env": sorted(os.environ), "interfaces": interfaces, "argv": sys.argv[1:]}
-
-
-def _probe(probe: Mapping[str, Any]) -> dict[str, str]:
-    outcome: dict[str, str] = {}
-    if probe.get("connect"):
-        host, port = probe["connect"]
-        try:
-            with socket.create_connection((str(host), int(port)), timeout=3):
-                outcome["connect"] = "connected"
-        except OSError as exc:
-            outcome["connect"] = f"blocked: {type(exc).__name__}: {exc}"
-    if probe.get("read"):
-        try:
-            with open(str(probe["read"]), "rb") as handle:
-                handle.read(1)
-            outcome["read"] = "read"
-        except OSError as exc:
-            outcome["read"] = f"blocked: {type(exc).__name__}"
-    return outcome
-
-
-def main(argv: list[str]) -> int:
-    mode, guard, drop = (argv + ["train", "guard", "drop"][len(argv):])[:3]
-    if guard == "guard":
-        sys.addaudithook(_guard)  # audit hooks cannot be removed: the guard holds for the whole process
-    # Frames own the real stdout; anything else writing to fd 1 (a print, a C library) goes to stderr.
-    out = _Channel(os.fdopen(os.dup(1), "wb"))
-    os.dup2(2, 1)
-    try:
-        if mode == "probe":
-            import encodings.idna  # noqa: F401 - host names are encoded lazily
-        if mode == "train":
-            # Everything training needs is imported before privileges drop (the interpreter's own
-            # files may be readable only by root); the data is read only after.
-            from secure_ml.training import trainer as training
-
-            training.preload()
-        if drop == "drop":
-            _drop_privileges()
-        header, blobs = _read_job(sys.stdin.buffer)
-        facts = _facts()
-        if mode == "probe":
-            out.send_json("R", {**facts, "probe": _probe(header.get("probe") or {})})
-            return 0
-        from secure_ml.training import trainer as training
-
-        training.child_train(header, blobs, out.send, facts)
-        return 0
-    except Error as exc:
-        out.send_json("E", {"type": type(exc).__name__, "message": str(exc)})
-        return 1
-    except Exception as exc:  # noqa: BLE001 - reported as one line to the parent
-        out.send_json("E", {"type": "SandboxError", "message": f"{type(exc).__name__}: {exc}"})
-        return 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
