@@ -121,7 +121,7 @@ LANDLOCK_RULE_PATH_BENEATH = 1
 FS_WRITE = sum(1 << bit for bit in (1, 4, 5, 6, 7, 8, 9, 10, 11, 12))  # write file, remove dir/file, make *
 FS_REFER, FS_TRUNCATE = 1 << 13, 1 << 14
 NET_BIND_TCP, NET_CONNECT_TCP = 1 << 0, 1 << 1
-WRITABLE = ("/tmp", "/dev/shm", "/dev")
+WRITABLE = ("/tmp", "/dev/shm", "/dev")  # nosec B108: inside the sandbox these are its own private tmpfs mounts
 
 
 def landlock(writable: tuple[str, ...] = WRITABLE) -> int:
@@ -196,7 +196,7 @@ def confine(plan: Plan) -> list[str]:
     # Nothing mounted here may propagate back to the host's mount namespace.
     _mount("none", "/", None, MS_REC | MS_PRIVATE)
     hidden = hide(plan.hide, plan.expose)
-    for scratch in ("/tmp", "/dev/shm"):
+    for scratch in ("/tmp", "/dev/shm"):  # nosec B108: replaced by a private tmpfs just below
         if os.path.isdir(scratch) and scratch not in plan.keep:
             _mount("none", scratch, "tmpfs", MS_NOSUID | MS_NODEV, "size=64m,mode=1777")
     limits = set_limits(plan.limits)

@@ -204,7 +204,8 @@ def start(argv: Sequence[str], policy: IsolationPolicy, *, env: Mapping[str, str
                            "(kernel.unprivileged_userns_clone, or a container with them), run as root, or set "
                            "isolation.network_namespace: off to accept the Python guard alone")
     hide = hidden_paths(policy, environ)
-    keep = [d for d in ("/tmp", "/dev/shm") if any(_inside(n, Path(d)) for n in (CODE_ROOT, Path(sys.prefix)))]
+    scratch = ("/tmp", "/dev/shm")  # nosec B108: names compared with the code's location, never written to
+    keep = [d for d in scratch if any(_inside(n, Path(d)) for n in (CODE_ROOT, Path(sys.prefix)))]
     plan = [*(f"hide\t{p}" for p in hide), *(f"expose\t{p}" for p in exposed_paths()), *(f"keep\t{p}" for p in keep),
             *(f"limit\t{name}\t{value}" for name, value in policy.limits.rlimits().items()),
             f"real_root\t{int(real_root)}", f"drop_privileges\t{int(policy.drop_privileges)}",
