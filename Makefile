@@ -12,11 +12,12 @@ export DVC_NO_ANALYTICS := 1
 export DAGSTER_DISABLE_TELEMETRY := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help install init demo test fuzz ui bench lock system-deps clean
+.PHONY: help install init demo test test-fast lint fuzz ui bench lock system-deps clean
 
 help:
 	@echo "make demo    set up and run the whole pipeline on the bundled sample data"
 	@echo "make test    set up and run every test"
+	@echo "make test-fast  the unit lane (no browser, daemon or end-to-end pipeline; about a minute)"
 	@echo "make fuzz    long property-based fuzzing of the parsers we own (scanners)"
 	@echo "make ui      the Dagster UI on http://127.0.0.1:3000 (sensors and schedules on)"
 	@echo "make bench   the benchmarks (figures as ratios to same-run baselines)"
@@ -50,8 +51,16 @@ system-deps:
 # Two workers (the machine has two cores); a module's tests stay on one worker, so module-scoped
 # servers (PostgreSQL, the Dagster webserver) start once.
 PYTEST_ARGS ?= -n 2 --dist loadfile
-test: install system-deps
+test: install system-deps lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# The unit lane: tests marked slow (end-to-end, daemon, Dagster stage proofs) or browser are left out.
+test-fast: install lint
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 -m "not slow and not browser"
+
+# The architecture's contracts (pyproject.toml [tool.importlinter]): layers, no Dagster in the core, no cycles.
+lint: install
+	$(BIN)/lint-imports --no-cache
 
 # The normal tests run the fuzzers briefly (hypothesis profile "quick"); this runs them long.
 FUZZ_PROFILE ?= long

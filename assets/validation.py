@@ -9,8 +9,11 @@ UI shows which control failed and why, and nothing downstream runs on a rejected
 - ``no_unhandled_pii``: every personal identifier found is dropped, hashed or redacted by a rule.
 
 A drop that passes all three becomes the reference the next drop is screened against
-(``accepted: true`` in the materialization metadata); before any drop was accepted, the schema's
-bundled trusted sample is the reference.
+(``accepted: true`` in the materialization metadata) while it stays within the drift bounds of the
+schema's pinned trusted sample (``reference`` in validation.yaml); before any drop was accepted, and
+whenever the last accepted one drifted too far, the pinned sample is the reference. A data set with
+neither has no yardstick: its first version is rejected unless a data steward signed that drop off
+(``secure-ml data sign-off``; secure_ml/data/poisoning_reference.py).
 """
 
 
@@ -20,11 +23,14 @@ import dagster as dg
 import pandas as pd
 
 from resources import CustodyResource, verdict
-from secure_ml.data import pii, splitting
+from secure_ml.data import pii
+from secure_ml.data import splitting
 from secure_ml.data import validation as gx_validation
-from secure_ml.data.poisoning import PoisoningReport, ScreeningConfig, screen
-from secure_ml.data.schema import Schema, load_reference, load_schema, select_schema
+from secure_ml.governance.access import AccessPolicy
 from secure_ml.errors import Error
+from secure_ml.data.poisoning import PoisoningReport, ScreeningConfig, screen
+from secure_ml.data.poisoning_reference import find_sign_off, reference_drift
+from secure_ml.data.schema import Schema, load_reference, load_schema, select_schema
 
 DATA = "data"
 FORMAT = "secure-ml-validated/1"
@@ -65,7 +71,7 @@ def validated_dataset(context: dg.AssetExecutionContext, dataset: pd.DataFrame, 
         split_config = dict(config.get("split") or {})
         test_fraction = float(split_config.get("test_fraction", 0.2))
         seed = int(split_config.get("seed", 0))
-        lookback = int((config.get("reference") or {}).get("lookback", 50))
+        bounds = _ReferenceBounds.from_config(config.get("reference"))
     except (Error, TypeError, ValueError) as exc:
         reason = exc.explain() if isinstance(exc, Error) else f"validation.yaml: {exc}"
         custody.record(context, "validation.configure", subject=subject, outcome="fail", details={"reason": reason})
@@ -91,7 +97,7 @@ def validated_dataset(context: dg.AssetExecutionContext, dataset: pd.DataFrame, 
                    outcome="pass" if result.success else "fail",
                    details={"schema": schema.dataset, **{k: v for k, v in result.summary().items() if k != "success"}})
 
-    reference_note, report, screen_error = _screen(context, custody, frame, schema, screening, lookback)
+    reference_note, report, screen_error = _screen(context, custody, frame, schema, screening, bounds, dataset_sha)
 
     kept = [c for c in [*schema.columns, *pii.handled_columns(plan)] if c in frame.columns]
     train_sha = test_sha = None
@@ -162,8 +168,30 @@ def validated_dataset(context: dg.AssetExecutionContext, dataset: pd.DataFrame, 
 
 
 # -- the reference and the screen ----------------------------------------------------------------------
+class _ReferenceBounds:
+    """validation.yaml ``reference``: where the last accepted version is looked for, and how far it may drift."""
+
+    KEYS = {"lookback", "max_psi", "max_label_shift"}
+
+    def __init__(self, lookback: int = 50, max_psi: float = 0.25, max_label_shift: float = 0.10) -> None:
+        self.lookback, self.max_psi, self.max_label_shift = lookback, max_psi, max_label_shift
+
+    @classmethod
+    def from_config(cls, raw: Any) -> "_ReferenceBounds":
+        raw = dict(raw or {})
+        unknown = set(raw) - cls.KEYS
+        if unknown:
+            raise ValueError(f"reference: unknown keys {sorted(unknown)}")
+        bounds = cls(int(raw.get("lookback", 50)), float(raw.get("max_psi", 0.25)),
+                     float(raw.get("max_label_shift", 0.10)))
+        if bounds.max_psi <= 0 or not 0 < bounds.max_label_shift <= 1:
+            raise ValueError("reference: max_psi > 0 and 0 < max_label_shift <= 1 are required")
+        return bounds
+
+
 def _screen(context: Any, custody: CustodyResource, frame: pd.DataFrame, schema: Schema,
-            config: ScreeningConfig, lookback: int) -> tuple[str, PoisoningReport | None, str]:
+            config: ScreeningConfig, bounds: _ReferenceBounds,
+            dataset_sha: str) -> tuple[str, PoisoningReport | None, str]:
     """(reference description, report or None, why it could not screen)."""
     needed = [schema.label, *schema.features]
     missing = [c for c in needed if c not in frame.columns]
@@ -173,9 +201,21 @@ def _screen(context: Any, custody: CustodyResource, frame: pd.DataFrame, schema:
               (f"{'; ' if missing else ''}non-numeric numeric features {not_numeric}" if not_numeric else "")
         return "not used", None, f"not screened: the drop does not match its schema ({why})"
     try:
-        reference, note = _reference(context, custody, schema, lookback)
-        report = screen(frame, reference, label=schema.label,
-                        numeric=schema.numeric, categorical=schema.categorical, config=config)
+        reference, note = _reference(context, custody, schema, bounds)
+        found = None
+        if reference is None:
+            settings = custody.settings()
+            found = find_sign_off(settings.home, dataset=schema.dataset, drop_sha256=dataset_sha,
+                                  policy=AccessPolicy.from_settings(settings), audit=settings.audit_log())
+            if found.valid:
+                note = (f"none: first version of this dataset, accepted on the sign-off of "
+                        f"{found.record['actor']} (audit entry {found.record['audit_seq']})")  # type: ignore[index]
+        report = screen(frame, reference, label=schema.label, numeric=schema.numeric,
+                        categorical=schema.categorical, config=config,
+                        sign_off=found.record if found is not None else None)
+        if found is not None and not found.valid:
+            report.unguarded += (f" ({found.why}; after checking it: secure-ml data sign-off {schema.dataset} "
+                                 f"--drop {dataset_sha} --reason '...')")
     except Error as exc:
         return "unusable", None, f"not screened: {exc.explain()}"
     except KeyError as exc:
@@ -183,10 +223,13 @@ def _screen(context: Any, custody: CustodyResource, frame: pd.DataFrame, schema:
     return note, report, ""
 
 
-def _reference(context: Any, custody: CustodyResource, schema: Schema, lookback: int) -> tuple[pd.DataFrame | None, str]:
-    """The last accepted version of this dataset (decrypted, digest-checked), else the bundled sample."""
+def _reference(context: Any, custody: CustodyResource, schema: Schema,
+               bounds: _ReferenceBounds) -> tuple[pd.DataFrame | None, str]:
+    """The last accepted version of this dataset (decrypted, digest-checked) while it stays within the
+    drift bounds of the pinned sample, else the pinned sample (digest-checked; a tampered one raises)."""
+    pinned = load_reference(schema)
     records = context.instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=VALIDATED),
-                                                      limit=max(lookback, 1)).records
+                                                      limit=max(bounds.lookback, 1)).records
     for record in records:
         materialization = record.asset_materialization
         if materialization is None:
@@ -196,12 +239,21 @@ def _reference(context: Any, custody: CustodyResource, schema: Schema, lookback:
             store = custody.store(context)
             reference = pd.concat([store.get_dataframe(str(meta["train_sha256"])),
                                    store.get_dataframe(str(meta["test_sha256"]))], ignore_index=True)
-            return reference, (f"last accepted version: dataset sha256:{str(meta.get('dataset_sha256'))[:16]}… "
-                               f"(run {record.run_id[:8]})")
-    bundled = load_reference(schema)
-    if bundled is not None and schema.reference_file is not None:
-        return bundled, f"bundled trusted sample {schema.reference_file.name} (no accepted version yet)"
-    return None, "none: first version of this dataset, screened on its own"
+            version = f"last accepted version: dataset sha256:{str(meta.get('dataset_sha256'))[:16]}… " \
+                      f"(run {record.run_id[:8]})"
+            if pinned is None or schema.reference_file is None:
+                return reference, f"{version}; no pinned sample to bound its drift"
+            drift = reference_drift(pinned, reference, label=schema.label, numeric=schema.numeric,
+                                    categorical=schema.categorical, max_psi=bounds.max_psi,
+                                    max_label_shift=bounds.max_label_shift)
+            if drift.within:
+                return reference, f"{version}, {drift.describe()}"
+            # Accepted versions must not walk the yardstick away from the trusted sample step by step.
+            return pinned, (f"bundled trusted sample {schema.reference_file.name}: the {version} "
+                            f"{drift.describe()}")
+    if pinned is not None and schema.reference_file is not None:
+        return pinned, f"bundled trusted sample {schema.reference_file.name} (no accepted version yet)"
+    return None, "none: first version of this dataset, no trusted reference"
 
 
 # -- the three checks -----------------------------------------------------------------------------------
@@ -232,7 +284,9 @@ def _poisoning_check(custody: CustodyResource, context: Any, subject: str, repor
         return _named(POISONING, verdict(custody, context, check=POISONING, subject=subject, passed=False,
                                          reason=error, metadata={"reference": reference}))
     worst = max(report.detectors, key=lambda d: d.ratio)
-    if report.blocked:
+    if report.blocked and report.drop_score <= report.threshold:   # unguarded first version, no sign-off
+        reason = "; ".join(report.reasons())
+    elif report.blocked:
         reason = (f"drop score {report.drop_score:.3g} is over the threshold {report.threshold:g}: "
                   + "; ".join(report.reasons()))
     else:
@@ -247,6 +301,11 @@ def _poisoning_check(custody: CustodyResource, context: Any, subject: str, repor
     }
     if report.subsampled:
         metadata["subsampled"] = report.subsampled
+    subgroups = report.summary()["detectors"].get("label_subgroups", {})
+    if subgroups.get("worst_subgroup"):
+        metadata["worst_subgroup"] = str(subgroups["worst_subgroup"])
+    if report.sign_off:
+        metadata["sign_off"] = dg.MetadataValue.json(report.sign_off)
     return _named(POISONING, verdict(custody, context, check=POISONING, subject=subject,
                                      passed=not report.blocked, reason=reason, metadata=metadata))
 

@@ -1,8 +1,10 @@
 """Poisoning screening (secure_ml.poisoning) on the real German Credit sample.
 
-Touches: real scikit-learn (nearest neighbours, cross-validated logistic regression), drops derived
-from data/sample/german_credit.csv by bootstrap resampling, label flips, injected outliers and
-shifted distributions. Does not touch Dagster or the store (tests/test_validated_dataset.py does);
+Touches: real scikit-learn (nearest neighbours, cross-validated logistic regression, the reference
+model of the likelihood scan), drops derived from data/sample/german_credit.csv and scikit-learn's
+bundled breast-cancer table by bootstrap resampling or by splitting into halves (rows the reference
+never saw), uniform, subgroup and class-conditional label flips, a trigger backdoor, injected
+outliers and shifted distributions. Does not touch Dagster or the store (tests/test_validated_dataset.py does);
 the benchmark (bench/bench_data.py) measures the detection rates over many seeds.
 """
 
@@ -15,6 +17,8 @@ from sklearn.metrics import roc_auc_score
 
 from secure_ml.data.poisoning import ScreeningConfig, bootstrap, confident_learning_issues, flip_labels, screen
 from secure_ml.errors import BadInput, ConfigurationError
+from secure_ml.data.poisoning import ScreeningConfig, bootstrap, confident_learning_issues, flip_labels, screen
+from secure_ml.data.poisoning_attacks import flip_class, flip_subgroup, rare_trigger, trigger_backdoor
 from tests.conftest import SAMPLE_CSV
 
 NUMERIC = ["job", "credit_amount", "duration", "age"]
@@ -35,7 +39,8 @@ def test_clean_resamples_pass(reference: pd.DataFrame) -> None:
     for seed in (101, 202, 303):
         report = _screen(bootstrap(reference, seed), reference)
         assert not report.blocked, report.reasons()
-        assert report.drop_score < 0.5
+        assert report.drop_score < 1.0
+        assert report.detector("label_likelihood").detail["scored_out_of_fold"] == 1000
 
 
 def test_five_percent_flips_are_blocked_and_the_flipped_rows_named(reference: pd.DataFrame) -> None:
@@ -90,11 +95,16 @@ def test_label_balance_shift_is_reported(reference: pd.DataFrame) -> None:
     assert shift.detail["psi"]["risk"] > 0.25 and shift.detail["label_share"]["0"] > 0.5
 
 
-def test_first_version_without_reference_is_screened_on_its_own(reference: pd.DataFrame) -> None:
+def test_first_version_without_reference_is_blocked_unless_signed_off(reference: pd.DataFrame) -> None:
     report = _screen(reference, None)
-    assert not report.blocked
+    assert report.blocked and report.drop_score <= 1.0      # blocked for having no yardstick, not a score
+    assert "no trusted reference" in report.reasons()[0]
     assert "no reference" in report.detector("label_neighbours").detail["note"]
     assert report.reference_rows == 0
+    assert report.summary()["first_version"]["unguarded"]
+    signed = screen(reference, None, label="risk", numeric=NUMERIC, categorical=CATEGORICAL,
+                    sign_off={"actor": "alice", "audit_seq": 3})
+    assert not signed.blocked and signed.summary()["first_version"]["sign_off"]["actor"] == "alice"
 
 
 def test_large_drops_are_subsampled_deterministically_and_say_so(reference: pd.DataFrame) -> None:
@@ -145,3 +155,95 @@ def test_nulls_and_float_read_labels_are_not_mistaken_for_poisoning(reference: p
     report = _screen(drop, reference)
     assert not report.blocked, report.reasons()
     assert report.detector("label_neighbours").count == 1   # only the row without a label
+
+
+# -- rows the reference never saw ----------------------------------------------------------------------
+def _halves(frame: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    order = np.random.default_rng(seed).permutation(len(frame))
+    half = len(frame) // 2
+    return (frame.iloc[order[:half]].reset_index(drop=True), frame.iloc[order[half:]].reset_index(drop=True))
+
+
+@pytest.fixture(scope="module")
+def breast_cancer() -> pd.DataFrame:
+    from sklearn.datasets import load_breast_cancer
+
+    return load_breast_cancer(as_frame=True).frame
+
+
+def test_clean_unseen_drops_pass(reference: pd.DataFrame, breast_cancer: pd.DataFrame) -> None:
+    for seed in (0, 1, 2):
+        known, new = _halves(reference, seed)
+        report = _screen(new, known)
+        assert not report.blocked, report.reasons()
+        assert report.detector("label_likelihood").detail["scored_out_of_fold"] == 0
+    numeric = [c for c in breast_cancer.columns if c != "target"]
+    for seed in (0, 1):
+        known, new = _halves(breast_cancer, seed)
+        report = screen(new, known, label="target", numeric=numeric, categorical=[])
+        assert not report.blocked, report.reasons()
+
+
+def test_ten_percent_flips_in_unseen_german_credit_rows_are_blocked(reference: pd.DataFrame) -> None:
+    for seed in (0, 1):   # the bench measures the rate over many seeds (about 0.85); these two are caught
+        known, new = _halves(reference, seed)
+        poisoned, _ = flip_labels(new, "risk", 0.10, seed=1000 + seed)
+        report = _screen(poisoned, known)
+        assert report.blocked, seed
+        assert report.detector("label_likelihood").score > _screen(new, known).detector("label_likelihood").score + 1
+
+
+def test_five_percent_flips_in_unseen_breast_cancer_rows_are_blocked(breast_cancer: pd.DataFrame) -> None:
+    numeric = [c for c in breast_cancer.columns if c != "target"]
+    for seed in (0, 1, 2):
+        known, new = _halves(breast_cancer, seed)
+        poisoned, mask = flip_labels(new, "target", 0.05, seed=seed)
+        report = screen(poisoned, known, label="target", numeric=numeric, categorical=[])
+        assert report.detector("label_likelihood").over, seed
+        assert roc_auc_score(mask, report.row_scores) > 0.9
+
+
+def test_targeted_subgroup_flips_are_blocked_and_the_subgroup_named(reference: pd.DataFrame) -> None:
+    for seed in (0, 1, 3):
+        known, new = _halves(reference, seed)
+        poisoned, _ = flip_subgroup(new, "risk", new["purpose"] == "radio/TV", fraction=0.2, seed=seed)
+        report = _screen(poisoned, known)
+        subgroups = report.detector("label_subgroups")
+        assert report.blocked and subgroups.over, seed
+        assert subgroups.detail["worst_subgroup"] == "purpose=radio/TV"
+        assert any("in subgroup purpose=radio/TV" in reason for reason in report.reasons())
+
+
+def test_class_conditional_flips_are_blocked(reference: pd.DataFrame) -> None:
+    for seed in (0, 1, 3):
+        known, new = _halves(reference, seed)
+        poisoned, _ = flip_class(new, "risk", source=1, target=0, fraction=0.1, seed=seed)
+        assert _screen(poisoned, known).blocked, seed
+
+
+def test_a_trigger_backdoor_is_blocked_and_its_value_named(reference: pd.DataFrame) -> None:
+    for seed in (3, 5):   # caught about half the time at 5% on German credit (the bench's table)
+        known, new = _halves(reference, seed)
+        trigger = rare_trigger(known, NUMERIC, CATEGORICAL)
+        poisoned, _ = trigger_backdoor(new, "risk", trigger, target=0, fraction=0.05, seed=seed)
+        report = _screen(poisoned, known)
+        assert report.blocked, seed
+        assert report.detector("label_subgroups").detail["worst_subgroup"] == f"purpose={trigger['purpose']}"
+
+
+def test_alpha_is_configurable_and_checked() -> None:
+    config = ScreeningConfig.from_mapping({"alpha": 0.01, "legacy_alpha": 0.001,
+                                           "detectors": {"label_likelihood": {"folds": 5, "p_min": 0.05},
+                                                         "label_subgroups": {"min_rows": 30}}})
+    assert (config.alpha, config.likelihood_folds, config.p_min, config.min_group_rows) == (0.01, 5, 0.05, 30)
+    for bad in ({"alpha": 0.7}, {"alpha": 0.05, "legacy_alpha": 0.05},
+                {"detectors": {"label_likelihood": {"global_share": 0}}}):
+        with pytest.raises(ConfigurationError, match="alpha"):
+            ScreeningConfig.from_mapping(bad)
+
+
+def test_a_stricter_alpha_raises_the_limits(reference: pd.DataFrame) -> None:
+    known, new = _halves(reference, 0)
+    loose = _screen(new, known).detector("label_likelihood").limit
+    strict = _screen(new, known, alpha=0.01, legacy_alpha=0.001).detector("label_likelihood").limit
+    assert strict > loose > 1.6

@@ -191,3 +191,107 @@ def test_broken_validation_config_fails_the_asset_with_one_reason(
     assert "validated_dataset" not in _materialized(result)
     failure = next(e for e in result.get_step_failure_events() if e.step_key == "validated_dataset")
     assert "schema file not found" in str(failure.step_failure_data.error.message)
+
+
+# -- the trusted reference: no unguarded first version, bounded drift (issue 20) -----------------------
+def _config_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, reference: bool = True,
+                 bounds: dict[str, Any] | None = None) -> Path:
+    config = tmp_path / "config"
+    shutil.copytree(Path(validation_stage.__file__).parents[1] / "secure_ml" / "config", config)
+    schema_path = config / "schemas" / "german_credit.yaml"
+    if not reference:
+        schema = yaml.safe_load(schema_path.read_text())
+        del schema["reference"]
+        schema_path.write_text(yaml.safe_dump(schema, sort_keys=False))
+    if bounds:
+        validation = yaml.safe_load((config / "validation.yaml").read_text())
+        validation["reference"].update(bounds)
+        (config / "validation.yaml").write_text(yaml.safe_dump(validation, sort_keys=False))
+    monkeypatch.setenv("SECURE_ML_CONFIG", str(config))
+    return config
+
+
+def test_first_version_without_a_reference_needs_a_data_stewards_audited_sign_off(
+        home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from secure_ml.cli import main
+
+    _config_copy(tmp_path, monkeypatch, reference=False)
+    settings = Settings.from_env()
+    first = _materialize(settings, land_file(settings, SAMPLE_CSV, "german_credit-v1.csv"))
+    poisoning = _checks(first)["poisoning_score_under_threshold"]
+    assert not poisoning.passed
+    record = _record(settings, first)
+    digest = record["dataset_sha256"]
+    reason = _reason(poisoning)
+    assert "no trusted reference" in reason and f"secure-ml data sign-off german_credit --drop {digest}" in reason
+    assert record["accepted"] is False and "training_stand_in" not in _materialized(first)
+
+    # an ML engineer may not sign data off; the denial is audited
+    monkeypatch.setenv("SECURE_ML_ACTOR", "bob")
+    assert main(["data", "sign-off", "german_credit", "--drop", digest, "--reason", "looked fine"]) == 1
+    assert not (home / "signoffs").exists()
+    monkeypatch.setenv("SECURE_ML_ACTOR", "alice")
+    assert main(["data", "sign-off", "german_credit", "--drop", f"sha256:{digest}",
+                 "--reason", "first export, row counts and labels checked against the source system"]) == 0
+    entries = list(settings.audit_log().entries())
+    assert any(e["action"] == "access.deny" and e["actor"] == "bob" and e["details"]["permission"] == "data.sign_off"
+               for e in entries)
+    signed = [e for e in entries if e["action"] == "data.sign_off"]
+    assert len(signed) == 1 and signed[0]["actor"] == "alice" and signed[0]["subject"] == f"sha256:{digest}"
+
+    # the same bytes again (a re-run): accepted on the sign-off, which the check names
+    again = _materialize(settings, land_file(settings, SAMPLE_CSV, "german_credit-v1-again.csv"))
+    checks = _checks(again)
+    assert all(c.passed for c in checks.values()), {k: _reason(c) for k, c in checks.items()}
+    assert "sign-off of alice" in str(checks["poisoning_score_under_threshold"].metadata["reference"].value)
+    assert "training_stand_in" in _materialized(again)
+
+    # the sign-off is for that drop only: another first drop is still refused
+    other = _land_frame(settings, bootstrap(pd.read_csv(SAMPLE_CSV), 9), "german_credit-other.csv", tmp_path)
+    # (now a version is accepted, so this one is screened against it, not unguarded)
+    assert "last accepted version" in str(
+        _checks(_materialize(settings, other))["poisoning_score_under_threshold"].metadata["reference"].value)
+
+
+def test_a_sign_off_record_without_its_audit_entry_does_not_count(settings: Settings) -> None:
+    from secure_ml.governance.access import AccessPolicy
+    from secure_ml.data.poisoning_reference import find_sign_off, sign_off, sign_off_path
+
+    policy = AccessPolicy.from_settings(settings)
+    log = settings.audit_log()
+    record = sign_off(settings.home, dataset="loans", drop_sha256="a" * 64, actor="alice", policy=policy,
+                      audit=log, reason="checked")
+    assert find_sign_off(settings.home, dataset="loans", drop_sha256="a" * 64, policy=policy, audit=log).valid
+    forged = sign_off_path(settings.home, "loans", "b" * 64)
+    forged.write_text(json.dumps({**record, "drop_sha256": "b" * 64}))
+    found = find_sign_off(settings.home, dataset="loans", drop_sha256="b" * 64, policy=policy, audit=log)
+    assert not found.valid and "no matching data.sign_off entry" in found.why
+    assert not find_sign_off(settings.home, dataset="loans", drop_sha256="c" * 64, policy=policy, audit=log).valid
+
+
+def test_a_tampered_pinned_reference_is_refused(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = _config_copy(tmp_path, monkeypatch)
+    reference = config / "schemas" / "german_credit.reference.csv"
+    sample = pd.read_csv(reference)
+    flip_labels(sample, "risk", 0.2, seed=1)[0].to_csv(reference, index=False)   # poisoned yardstick
+    settings = Settings.from_env()
+    result = _materialize(settings, land_file(settings, SAMPLE_CSV, "german_credit-v1.csv"))
+    poisoning = _checks(result)["poisoning_score_under_threshold"]
+    assert not poisoning.passed
+    assert "not screened" in _reason(poisoning) and "german_credit.reference.csv hashes to" in _reason(poisoning)
+
+
+def test_an_accepted_version_that_drifted_from_the_pinned_sample_is_not_the_reference(
+        home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _config_copy(tmp_path, monkeypatch, bounds={"max_label_shift": 0.02})
+    settings = Settings.from_env()
+    sample = pd.read_csv(SAMPLE_CSV)
+    fewer_bad = sample.drop(index=sample.index[sample["risk"] == 0][:60]).reset_index(drop=True)  # 70% -> 74.5% good
+    first = _materialize(settings, _land_frame(settings, fewer_bad, "german_credit-v1.csv", tmp_path))
+    assert all(c.passed for c in _checks(first).values())
+    second = _materialize(settings, land_file(settings, SAMPLE_CSV, "german_credit-v2.csv"))
+    checks = _checks(second)
+    note = str(checks["poisoning_score_under_threshold"].metadata["reference"].value)
+    assert note.startswith("bundled trusted sample german_credit.reference.csv")
+    assert "drifted from the pinned sample" in note and "label share of risk moved" in note
+    assert all(c.passed for c in checks.values())

@@ -181,6 +181,32 @@ def test_schema_init_cli_writes_a_reviewable_draft(tmp_path: Path, capsys: pytes
     assert "format: secure-ml-schema/1" in capsys.readouterr().out
 
 
+def test_schema_init_pins_its_sample_as_the_trusted_reference(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "schemas" / "loans.yaml"
+    out.parent.mkdir()
+    assert main(["schema", "init", str(SAMPLE_CSV), "--out", str(out), "--label", "risk", "--name", "loans"]) == 0
+    assert "trusted reference loans.reference.csv pinned" in capsys.readouterr().err
+    pinned = out.parent / "loans.reference.csv"
+    assert pinned.read_bytes() == SAMPLE_CSV.read_bytes()
+    schema = load_schema(out)
+    assert schema.reference_file == pinned and len(load_reference(schema)) == 1000   # type: ignore[arg-type]
+    # a swapped sample (here: flipped labels) is refused with one line naming it
+    frame = pd.read_csv(pinned)
+    frame.loc[:99, "risk"] = 1 - frame.loc[:99, "risk"]
+    frame.to_csv(pinned, index=False)
+    with pytest.raises(IntegrityError, match="loans.reference.csv hashes to") as raised:
+        load_reference(schema)
+    assert "\n" not in raised.value.explain()
+
+
+def test_schema_init_no_reference_opts_out_with_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "loans.yaml"
+    assert main(["schema", "init", str(SAMPLE_CSV), "--out", str(out), "--label", "risk", "--no-reference"]) == 0
+    assert "warning: --no-reference" in capsys.readouterr().err
+    assert load_schema(out).reference_file is None and not list(tmp_path.glob("*.reference.*"))
+
+
 @pytest.mark.parametrize(("content", "message"), [
     (b"", "is empty"), (b"\xef\xbb\xbfrisk,sex\n1,male\n", "byte-order mark"),
     (b"risk,sex\n1,male,extra\n", "ragged"), (b"risk,risk\n1,2\n", "duplicate column"),

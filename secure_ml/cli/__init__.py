@@ -22,10 +22,10 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from secure_ml.cli import cmd_audit, cmd_keys, cmd_model, cmd_pipeline, cmd_release, cmd_sandbox, cmd_schema
+from secure_ml.cli import cmd_audit, cmd_data, cmd_keys, cmd_model, cmd_pipeline, cmd_release, cmd_sandbox, cmd_schema
 from secure_ml.errors import Error
 
-COMMAND_GROUPS = (cmd_audit, cmd_keys, cmd_model, cmd_pipeline, cmd_release, cmd_sandbox, cmd_schema)
+COMMAND_GROUPS = (cmd_audit, cmd_data, cmd_keys, cmd_model, cmd_pipeline, cmd_release, cmd_sandbox, cmd_schema)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -346,14 +346,29 @@ class Shift(Strict):
     limit: float = Field(0.25, gt=0)
 
 
+class LabelLikelihood(Strict):
+    folds: int = Field(10, ge=2)
+    p_min: float = Field(0.1, gt=0, lt=0.5)
+    global_share: float = Field(0.75, gt=0, le=1)
+
+
+class LabelSubgroups(Strict):
+    min_rows: int = Field(20, ge=5)
+
+
 class Detectors(Strict):
     outliers: Outliers = Outliers()
     label_neighbours: LabelNeighbours = LabelNeighbours()
     label_cross_validated: LabelCrossValidated = LabelCrossValidated()
     shift: Shift = Shift()
+    label_likelihood: LabelLikelihood = LabelLikelihood()
+    label_subgroups: LabelSubgroups = LabelSubgroups()
 
 
 class Poisoning(Strict):
+    # One false-alarm rate for the whole screen; legacy_alpha of it goes to the fixed-limit detectors.
+    alpha: float = Field(0.05, gt=0, lt=0.5)
+    legacy_alpha: float = Field(0.005, ge=0)
     threshold: float = Field(1.0, gt=0)
     max_model_rows: int = Field(20_000, ge=100)
     seed: int = 0
@@ -378,6 +393,9 @@ class Split(Strict):
 
 class Reference(Strict):
     lookback: int = Field(50, ge=1)
+    # How far the last accepted version may drift from the pinned sample and still be the reference.
+    max_psi: float = Field(0.25, gt=0)
+    max_label_shift: float = Field(0.10, gt=0, le=1)
 
 
 class ValidationFile(Strict):

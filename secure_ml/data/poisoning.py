@@ -8,8 +8,8 @@
     config = ScreeningConfig.from_mapping(settings.load_config("validation")["poisoning"])
     report = screen(drop, reference, label=..., numeric=..., categorical=..., config=config)
 
-Four detectors, each reporting a score, its configured limit, a count and the first 50 row
-positions (0-based data rows of the drop, most suspicious first):
+Six detectors, each reporting a score, its limit, a count and the first 50 row positions (0-based
+data rows of the drop, most suspicious first):
 
 ``outliers``
     per-feature statistical outliers: numeric values far outside the reference's spread (robust z
@@ -25,14 +25,27 @@ positions (0-based data rows of the drop, most suspicious first):
     confident learning (Northcutt et al.): out-of-fold predicted probabilities from a
     cross-validated logistic regression on the drop, per-class confidence thresholds, and the share
     of rows whose confident class is not their label, compared with the same share on the reference.
+``label_likelihood``
+    the test near the statistical limit for new rows (secure_ml/data/poisoning_likelihood.py): each row's
+    label scored by the efficient score of a label flip under a logistic model fitted on the
+    reference, out of fold where the row repeats a reference row, and the drop's total compared with
+    what clean drops of the same size give by the reference's own out-of-fold scores. Score: z.
+``label_subgroups``
+    the same statistic in every subgroup (categorical value, numeric quantile bin, observed label
+    class), for flips aimed at one region, backdoor triggers and class-conditional flips. Score: the
+    largest z; ``worst_subgroup`` names the group.
 ``shift``
     population stability index (PSI) of every feature and of the label balance against the
-    reference. Score: the largest PSI.
+    reference, above the PSI two samples of one population show anyway ((bins - 1)(1/n + 1/N)).
+    Score: the largest such excess.
 
 The drop score is the largest ``score / limit`` over detectors; the drop is blocked when it passes
-``threshold`` (1.0 by default: any detector over its limit). Limits were calibrated on clean
-bootstrap resamples of the trusted sample (seeds 10000+, distinct from the benchmark's); see
-``secure_ml/config/validation.yaml``.
+``threshold`` (1.0 by default: any detector over its limit). One false-alarm rate, ``alpha`` (5%),
+covers all of them: the likelihood scan's limits are computed for each drop at ``alpha -
+legacy_alpha``; the other four have fixed limits calibrated on clean bootstrap resamples of the
+trusted sample (seeds 10000+, distinct from the benchmark's) to stay within ``legacy_alpha``; see
+``secure_ml/config/validation.yaml``. With no reference at all (a first version whose schema pins
+no sample) the drop is blocked unless a data steward's sign-off is passed in.
 
 At scale, the model-based parts (nearest neighbours, cross-validated predictions) run on a
 deterministic subsample of at most ``max_model_rows`` rows of the drop and of the reference; the
@@ -72,6 +85,13 @@ class ScreeningConfig:
     shift_limit: float = 0.25
     max_model_rows: int = 20_000
     seed: int = 0
+    # the label-likelihood scan (secure_ml.poisoning_likelihood): one false-alarm rate for all detectors
+    alpha: float = 0.05
+    legacy_alpha: float = 0.005
+    global_share: float = 0.75
+    likelihood_folds: int = 10
+    p_min: float = 0.1
+    min_group_rows: int = 20
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any] | None) -> ScreeningConfig:
@@ -79,7 +99,7 @@ class ScreeningConfig:
         raw = dict(raw or {})
         detectors = dict(raw.pop("detectors", {}) or {})
         flat: dict[str, Any] = {}
-        for key in ("threshold", "max_model_rows", "seed"):
+        for key in ("threshold", "max_model_rows", "seed", "alpha", "legacy_alpha"):
             if key in raw:
                 flat[key] = raw.pop(key)
         if raw:
@@ -90,6 +110,8 @@ class ScreeningConfig:
                                  "duplicate_mismatch_rate": "duplicate_mismatch_rate"},
             "label_cross_validated": {"limit": "cross_validated_limit", "folds": "cv_folds"},
             "shift": {"limit": "shift_limit"},
+            "label_likelihood": {"folds": "likelihood_folds", "p_min": "p_min", "global_share": "global_share"},
+            "label_subgroups": {"min_rows": "min_group_rows"},
         }
         for detector, values in detectors.items():
             if detector not in names:
@@ -105,6 +127,11 @@ class ScreeningConfig:
         if config.threshold <= 0 or config.neighbours_k < 1 or config.cv_folds < 2 or config.max_model_rows < 100:
             raise ConfigurationError("validation.yaml poisoning: threshold > 0, k >= 1, folds >= 2, "
                                      "max_model_rows >= 100 are required")
+        if not (0 < config.alpha < 0.5 and 0 <= config.legacy_alpha < config.alpha and 0 < config.global_share <= 1
+                and config.likelihood_folds >= 2 and 0 < config.p_min < 0.5 and config.min_group_rows >= 5):
+            raise ConfigurationError("validation.yaml poisoning: 0 < alpha < 0.5, 0 <= legacy_alpha < alpha, "
+                                     "0 < global_share <= 1, label_likelihood folds >= 2, 0 < p_min < 0.5 and "
+                                     "label_subgroups min_rows >= 5 are required")
         return config
 
 
@@ -139,6 +166,10 @@ class PoisoningReport:
     reference_rows: int
     subsampled: str = ""
     design_effect: float = 1.0
+    #: why the drop has no trusted yardstick (a first version without a reference); "" when it has one
+    unguarded: str = ""
+    #: the data steward's sign-off that accepts an unguarded first version (who, when, audit entry)
+    sign_off: dict[str, Any] | None = None
 
     @property
     def drop_score(self) -> float:
@@ -146,15 +177,25 @@ class PoisoningReport:
 
     @property
     def blocked(self) -> bool:
-        return self.drop_score > self.threshold
+        # A first version judged only against itself would become every later drop's yardstick.
+        return self.drop_score > self.threshold or bool(self.unguarded and not self.sign_off)
 
     def detector(self, name: str) -> DetectorResult:
         return next(d for d in self.detectors if d.name == name)
 
     def reasons(self) -> list[str]:
         """One sentence per detector over its limit."""
-        return [f"{d.name} score {d.score:.3g} is over its limit {d.limit:g} "
-                f"({d.count} rows flagged; first: {d.indices[:10]})" for d in self.detectors if d.over]
+        reasons = []
+        if self.unguarded and not self.sign_off:
+            reasons.append(self.unguarded)
+        for d in self.detectors:
+            if not d.over:
+                continue
+            where = f" in subgroup {d.detail['worst_subgroup']}" if d.detail.get("worst_subgroup") else ""
+            reasons.append(f"{d.name} score {d.score:.3g} is over its limit {d.limit:.3g}{where} "
+                           f"({d.count} {'subgroups' if d.name == 'label_subgroups' else 'rows'} flagged; "
+                           f"first rows: {d.indices[:10]})")
+        return reasons
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -166,6 +207,7 @@ class PoisoningReport:
             "subsampled": self.subsampled,
             "duplicate_design_effect": _round(self.design_effect),
             "detectors": {d.name: d.summary() for d in self.detectors},
+            "first_version": {"unguarded": self.unguarded, "sign_off": self.sign_off},
         }
 
 
@@ -219,14 +261,25 @@ def screen(
     numeric: Sequence[str],
     categorical: Sequence[str],
     config: ScreeningConfig | None = None,
+    sign_off: Mapping[str, Any] | None = None,
 ) -> PoisoningReport:
-    """Screen ``drop`` against ``reference`` (the last accepted version; None on a first version)."""
+    """Screen ``drop`` against ``reference`` (the last accepted version or the pinned sample).
+
+    With no reference the drop is blocked unless ``sign_off`` (a data steward's recorded sign-off for
+    this very drop) is given: a first version screened only against itself is no evidence.
+    """
     from threadpoolctl import threadpool_limits
 
     # Small dense problems: BLAS threads only contend (10x slower on a busy 2-core machine).
     with threadpool_limits(limits=1):
-        return _screen(drop, reference, label=label, numeric=numeric, categorical=categorical,
-                       config=config or ScreeningConfig())
+        report = _screen(drop, reference, label=label, numeric=numeric, categorical=categorical,
+                         config=config or ScreeningConfig())
+    if report.reference_rows == 0:
+        report.unguarded = ("no trusted reference: a first version cannot be accepted on its own screening; "
+                            "pin a reference sample in the schema (secure-ml schema init) or have a data "
+                            "steward sign the drop off (secure-ml data sign-off)")
+        report.sign_off = dict(sign_off) if sign_off else None
+    return report
 
 
 def _screen(drop: pd.DataFrame, reference: pd.DataFrame | None, *, label: str, numeric: Sequence[str],
@@ -269,14 +322,16 @@ def _screen(drop: pd.DataFrame, reference: pd.DataFrame | None, *, label: str, n
         neighbours, ref_score = _label_neighbours(drop, reference, y_drop, classes, space, label, features,
                                                   model_rows, ref_rows, config, deff)
         detectors.append(neighbours)
-        row_scores += 0.7 * ref_score
+        row_scores += 0.4 * ref_score
     else:
         detectors.append(DetectorResult("label_neighbours", 0.0, config.neighbours_limit, 0, [],
                                         {"note": "no reference version yet: nothing to compare labels with"}))
     cv, cv_score = _label_cross_validated(drop, reference, y_drop, classes, space, label, model_rows, ref_rows,
                                           config, deff)
     detectors.append(cv)
-    row_scores += (0.3 if reference is not None else 1.0) * cv_score
+    row_scores += (0.15 if reference is not None else 1.0) * cv_score
+    detectors.extend(_likelihood(drop, reference, y_drop, classes, space, label, numeric, categorical,
+                                 model_rows, ref_rows, config, deff, row_scores))
     detectors.append(_shift(drop, reference, label, numeric, categorical, config))
     report = PoisoningReport(detectors, config.threshold, row_scores, len(drop),
                              0 if reference is None else len(reference), "; ".join(notes))
@@ -496,6 +551,67 @@ def _label_cross_validated(drop: pd.DataFrame, reference: pd.DataFrame | None, y
                            "rows_scored": n}), row
 
 
+# -- (2c) label likelihood under a model of the reference, whole drop and subgroups -----------------
+def _likelihood(drop: pd.DataFrame, reference: pd.DataFrame | None, y_drop: np.ndarray, classes: list[str],
+                space: FeatureSpace, label: str, numeric: Sequence[str], categorical: Sequence[str],
+                model_rows: np.ndarray, ref_rows: np.ndarray, config: ScreeningConfig, deff: float,
+                row_scores: np.ndarray) -> list[DetectorResult]:
+    from secure_ml.data.poisoning_likelihood import ReferenceModel, subgroups
+
+    from statistics import NormalDist
+
+    alpha = config.alpha - config.legacy_alpha
+    limit = NormalDist().inv_cdf(1 - alpha * config.global_share)
+    limits = (limit, limit)
+    if reference is None:
+        note = {"note": "no reference version yet: nothing to compare labels with"}
+        return [DetectorResult("label_likelihood", 0.0, limits[0], 0, [], dict(note)),
+                DetectorResult("label_subgroups", 0.0, limits[1], 0, [], dict(note))]
+    ref = reference.iloc[ref_rows]
+    y_ref = _codes(ref[label], classes).astype(np.int64)
+    model = ReferenceModel.fit(space.transform(ref), y_ref, n_classes=len(classes), folds=config.likelihood_folds,
+                               seed=config.seed, p_min=config.p_min)
+    if model is None:
+        note = {"note": f"too few reference rows per class for {config.likelihood_folds}-fold scoring"}
+        return [DetectorResult("label_likelihood", 0.0, limits[0], 0, [], dict(note)),
+                DetectorResult("label_subgroups", 0.0, limits[1], 0, [], dict(note))]
+    scored = drop.iloc[model_rows]
+    y = y_drop[model_rows].astype(np.int64)
+    # A drop row that repeats a reference row is scored by the fold model that never saw it.
+    features = [*numeric, *categorical]
+    first_of = pd.Series(np.arange(len(ref)), index=_row_keys(ref, features))
+    first_of = first_of[~first_of.index.duplicated()]
+    duplicate_of = first_of.reindex(_row_keys(scored, features)).fillna(-1).to_numpy(dtype=np.int64)
+    groups = subgroups(scored, ref, label=label, numeric=numeric, categorical=categorical, drop_labels=y,
+                       reference_labels=y_ref, classes=classes)
+    scan = model.scan(space.transform(scored), y, duplicate_of=duplicate_of, groups=groups, alpha=alpha,
+                      global_share=config.global_share, min_group_rows=config.min_group_rows, deff=deff,
+                      seed=config.seed)
+    row = np.zeros(len(drop))
+    row[model_rows] = scan.row_suspicion
+    row_scores += 0.45 * row
+    suspicious = np.zeros(len(drop), dtype=bool)
+    suspicious[model_rows[scan.row_suspicion > 0.8]] = True
+    likelihood = DetectorResult(
+        "label_likelihood", scan.z_global, scan.limit_global, int(suspicious.sum()), _top(row, suspicious),
+        {"alpha": _round(alpha * config.global_share), "observed_surprise": _round(scan.observed),
+         "expected_surprise": _round(scan.expected), "rows_scored": len(model_rows),
+         "scored_out_of_fold": scan.duplicates, "folds": config.likelihood_folds})
+    over = sorted((g for g, z in scan.z_groups.items() if z > scan.limit_groups), key=lambda g: -scan.z_groups[g])
+    worst = scan.worst_group
+    in_worst = np.zeros(len(drop), dtype=bool)
+    if worst:
+        mask = next(m for name, m, _ in groups if name == worst)
+        in_worst[model_rows[mask & (scan.row_suspicion > 0.5)]] = True
+    top = sorted(scan.z_groups, key=lambda g: -scan.z_groups[g])[:5]
+    subgroup = DetectorResult(
+        "label_subgroups", scan.z_worst_group, scan.limit_groups, len(over), _top(row, in_worst),
+        {"worst_subgroup": worst, "worst_subgroup_rows": scan.group_rows.get(worst, 0),
+         "subgroups_over_limit": over[:20], "most_surprising": {g: _round(scan.z_groups[g]) for g in top},
+         "subgroups_tested": len(scan.z_groups), "min_rows": config.min_group_rows})
+    return [likelihood, subgroup]
+
+
 # -- (3) shift against the reference --------------------------------------------------------------
 def psi(expected: np.ndarray, actual: np.ndarray) -> float:
     """Population stability index of two histograms over the same bins."""
@@ -510,6 +626,8 @@ def _shift(drop: pd.DataFrame, reference: pd.DataFrame | None, label: str, numer
         return DetectorResult("shift", 0.0, config.shift_limit, 0, [],
                               {"note": "no reference version yet: nothing to compare distributions with"})
     per_feature: dict[str, float] = {}
+    floor: dict[str, float] = {}     # the PSI two samples of one population show anyway: (bins - 1)(1/n + 1/N)
+    sizes = 1 / max(len(drop), 1) + 1 / max(len(reference), 1)
     for column in numeric:
         ref = reference[column].to_numpy(dtype=np.float64, na_value=np.nan)
         ref = ref[np.isfinite(ref)]
@@ -519,17 +637,20 @@ def _shift(drop: pd.DataFrame, reference: pd.DataFrame | None, label: str, numer
         bins = len(edges) + 1
         per_feature[column] = psi(np.bincount(np.searchsorted(edges, ref, side="right"), minlength=bins),
                                   np.bincount(np.searchsorted(edges, values, side="right"), minlength=bins))
+        floor[column] = (bins - 1) * sizes
     for column in [*categorical, label]:
         ref_counts = _label_text(reference[column]).value_counts()
         drop_counts = _label_text(drop[column]).value_counts()
         cats = sorted(set(ref_counts.index) | set(drop_counts.index))
         per_feature[column] = psi(ref_counts.reindex(cats, fill_value=0).to_numpy(),
                                   drop_counts.reindex(cats, fill_value=0).to_numpy())
-    worst = max(per_feature, key=lambda c: per_feature[c])
+        floor[column] = (len(cats) - 1) * sizes
+    excess = {c: v - floor[c] for c, v in per_feature.items()}
+    worst = max(excess, key=lambda c: excess[c])
     ref_share = _label_text(reference[label]).value_counts(normalize=True).sort_index()
     drop_share = _label_text(drop[label]).value_counts(normalize=True).sort_index()
-    over = [c for c, v in per_feature.items() if v > config.shift_limit]
-    return DetectorResult("shift", per_feature[worst], config.shift_limit, len(over), [],
+    over = [c for c, v in excess.items() if v > config.shift_limit]
+    return DetectorResult("shift", excess[worst], config.shift_limit, len(over), [],
                           {"psi": {c: _round(v) for c, v in per_feature.items()}, "most_shifted": worst,
                            "features_over_limit": over,
                            "label_share": {str(k): _round(float(v)) for k, v in drop_share.items()},
