@@ -160,5 +160,5 @@ def test_one_check_style_every_check_is_separate_blocking_described_and_runs_alo
     for job_def, key in zip(jobs, by_key, strict=True):
         job = alone.resolve_job_def(job_def.name)
         assert len(job.nodes) == 1, (key, [n.name for n in job.nodes])
-        assert set(job.asset_layer.get_selected_entity_keys_for_node(job.nodes[0].name)) == {key}
+        assert set(job.asset_layer.asset_graph.asset_check_keys) == {key}
         assert not job.asset_layer.selected_asset_keys, key
