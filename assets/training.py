@@ -19,8 +19,6 @@ runs), and one per evaluation area (``metrics_over_thresholds``, ``fairness_with
 
 import json
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -218,10 +216,9 @@ def model_evaluation(context: dg.AssetExecutionContext, trained_model: dict[str,
 
 
 # -- the checks: each runs alone, judging what the asset stored (read back by its recorded digest) ----------
-@contextmanager
-def _stored_model(context: Any, custody: CustodyResource) -> Iterator[tuple[str, Path, dict[str, Any], str]]:
-    """(tree digest, model directory, training record, weights sha256) of the latest trained_model,
-    each file decrypted and verified from the store by the digest its materialization recorded."""
+def _stored_model(context: Any, custody: CustodyResource) -> tuple[str, dict[str, Any], str]:
+    """(tree digest, training record, weights sha256) of the latest trained_model, its files decrypted
+    and verified from the store by the digest its materialization recorded."""
     tree = str(custody.recorded(context.instance, TRAINED)["sha256"])
     with tempfile.TemporaryDirectory(prefix="secure-ml-check-") as tmp:
         model_dir = Path(tmp) / "model"
@@ -232,7 +229,7 @@ def _stored_model(context: Any, custody: CustodyResource) -> Iterator[tuple[str,
             raise BadInput(f"training_record.json of model {tree[:16]}… is unreadable ({exc})") from None
         if not isinstance(record, dict):
             raise BadInput(f"training_record.json of model {tree[:16]}… is not a JSON object")
-        yield tree, model_dir, record, sha256_file(model_dir / "model.safetensors")
+        return tree, record, sha256_file(model_dir / "model.safetensors")
 
 
 def _unreadable(custody: CustodyResource, context: Any, check: str, exc: Error) -> dg.AssetCheckResult:
@@ -248,8 +245,8 @@ def _unreadable(custody: CustodyResource, context: Any, check: str, exc: Error) 
 def training_record_complete(context: dg.AssetCheckExecutionContext,
                              custody: CustodyResource) -> dg.AssetCheckResult:
     try:
-        with _stored_model(context, custody) as (tree, _, record, weights):
-            problems = record_problems(record, weights)
+        tree, record, weights = _stored_model(context, custody)
+        problems = record_problems(record, weights)
     except Error as exc:
         return _unreadable(custody, context, RECORD_COMPLETE, exc)
     reason = ("training record complete: seeds, hyper-parameters, data digests, code "
@@ -267,8 +264,7 @@ def reproducible(context: dg.AssetCheckExecutionContext, custody: CustodyResourc
     release = str(context.run.tags.get(RELEASE_TAG, "")).lower() == "true"
     try:
         chosen = _settings(custody)
-        with _stored_model(context, custody) as (tree, _, record, weights):
-            pass
+        tree, record, weights = _stored_model(context, custody)
         data = record.get("data") or {}
         spec = DataSpec.from_validated(data)
         if not SHA256_HEX.fullmatch(str(data.get("train_sha256") or "")):
@@ -310,8 +306,8 @@ def sandbox_behaviour_within_bounds(context: dg.AssetCheckExecutionContext,
                                     custody: CustodyResource) -> dg.AssetCheckResult:
     try:
         bounds: WatchBounds = _settings(custody)["watch"]
-        with _stored_model(context, custody) as (tree, _, record, _weights):
-            watch = dict((record.get("isolation") or {}).get("watch") or {})
+        tree, record, _ = _stored_model(context, custody)
+        watch = dict((record.get("isolation") or {}).get("watch") or {})
     except Error as exc:
         return _unreadable(custody, context, BEHAVED, exc)
     recent = _recent_watches(context, bounds.window)
