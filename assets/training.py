@@ -2,18 +2,22 @@
 
 ``trained_model`` trains on the validated training split in an isolated process (no network,
 scrubbed environment, no keys; secure_ml.sandbox) with encrypted checkpoints, and seals the model
-directory into the store. Blocking checks: ``training_record_complete`` (the record read back from
-the store names seeds, data digests, code version, environment, device, actor and matches the
-weights) and ``reproducible`` (a second training from scratch gives the same weights digest).
+directory into the store. ``model_evaluation`` measures the model on the held-out split: metrics,
+bias on the protected attributes, robustness under FGSM/PGD/noise, with plots shown in the UI and
+stored with the asset (the report holds each threshold's verdict).
 
-``model_evaluation`` measures the model on the held-out split: metrics, bias on the protected
-attributes, robustness under FGSM/PGD/noise, with plots shown in the UI and stored with the
-asset. One check per area (``metrics_over_thresholds``, ``fairness_within_thresholds``,
+Every check is a separate ``@dg.asset_check(blocking=True)`` that reads back what the asset
+stored (by the digest of its latest materialization) and judges it, so each can run alone:
+``training_record_complete`` (the stored record is complete and matches the stored weights),
+``reproducible`` (a second training from scratch, on the train split the record names, gives the
+stored weights), ``sandbox_behaviour_within_bounds`` (the record's sandbox measures against recent
+runs), and one per evaluation area (``metrics_over_thresholds``, ``fairness_within_thresholds``,
 ``robustness_within_thresholds``): blocking on a breach of a ``block`` threshold, a warning for
 ``warn`` ones (training.yaml).
 """
 
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,8 +25,8 @@ from typing import Any
 import dagster as dg
 
 from resources import CustodyResource, verdict
-from secure_ml.custody.integrity import sha256_file
-from secure_ml.errors import ConfigurationError, Error
+from secure_ml.custody.integrity import SHA256_HEX, sha256_file
+from secure_ml.errors import BadInput, ConfigurationError, Error
 from secure_ml.training import evaluation as evaluation_core
 from secure_ml.training.checkpoints import CheckpointStore
 from secure_ml.training.config import TrainingConfig
@@ -80,19 +84,9 @@ def _validated(validated_dataset: dict[str, Any]) -> None:
     kinds={"pytorch", "safetensors"},
     owners=["team:ml-engineers"],
     code_version="1",
-    check_specs=[
-        dg.AssetCheckSpec(RECORD_COMPLETE, asset=TRAINED, blocking=True,
-                          description="The training record, read back from the store, is complete (seeds, data "
-                                      "digests, code commit, environment, device, actor) and matches the weights."),
-        dg.AssetCheckSpec(REPRODUCIBLE, asset=TRAINED, blocking=True,
-                          description="Training again from scratch, isolated, gives bit-identical weights."),
-        dg.AssetCheckSpec(BEHAVED, asset=TRAINED, blocking=True,
-                          description="The training sandbox attempted nothing denied, and its CPU time, memory, "
-                                      "I/O and tasks stay within training.yaml's bounds of the model's recent runs."),
-    ],
 )
-def trained_model(context: dg.AssetExecutionContext, validated_dataset: dict[str, Any],  # type: ignore[no-untyped-def]
-                  custody: CustodyResource):
+def trained_model(context: dg.AssetExecutionContext, validated_dataset: dict[str, Any],
+                  custody: CustodyResource) -> dg.Output[Any]:
     """An MLP for the tabular data (safetensors weights, JSON config and preprocessing, training record,
     model card), trained deterministically in an isolated process without network, secrets or keys, on
     the validated training split. Guarded by: training record complete, reproducible (retrain gives
@@ -108,7 +102,6 @@ def trained_model(context: dg.AssetExecutionContext, validated_dataset: dict[str
     except Error as exc:
         raise _fail(custody, context, "training.configure", subject, exc) from None
     config: TrainingConfig = chosen["training"]
-    recent = _recent_watches(context, chosen["watch"].window)  # before this run materializes
     checkpoints = CheckpointStore(settings.home / "checkpoints", settings.key_provider(),
                                   settings.audit_log(), actor=actor, keep=chosen["keep"])
     provenance = {key: validated_dataset.get(key) for key in
@@ -158,37 +151,11 @@ def trained_model(context: dg.AssetExecutionContext, validated_dataset: dict[str
             "hyperparameters": dg.MetadataValue.json(record["hyperparameters"]),
             "loss_curve": dg.MetadataValue.md(_loss_table(record["result"]["losses"])),
         }
-        output = custody.output(context, result.directory, metadata=metadata)
-    yield output
-    tree = output.value.sha256
-    yield _behaviour_check(custody, context, tree, watch, recent, chosen["watch"])
-    yield _record_check(custody, context, tree, result.weights_sha256)
-    yield _reproducible_check(custody, context, chosen, train, spec, result.weights_sha256, tree)
+        return custody.output(context, result.directory, metadata=metadata)
 
 
 def _number(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) else -1.0
-
-
-def _recent_watches(context: Any, window: int) -> list[dict[str, Any]]:
-    """The sandbox measures of this model's last ``window`` materializations (newest first)."""
-    records = context.instance.fetch_materializations(TRAINED, limit=window).records
-    out = []
-    for event in records:
-        metadata = event.asset_materialization.metadata if event.asset_materialization else {}
-        values = {name: metadata[f"sandbox_{name}"].value for name in WATCHED if f"sandbox_{name}" in metadata}
-        out.append({k: v for k, v in values.items() if isinstance(v, (int, float)) and v >= 0})
-    return [w for w in out if w]
-
-
-def _behaviour_check(custody: CustodyResource, context: Any, tree: str, watch: dict[str, Any],
-                     recent: list[dict[str, Any]], bounds: WatchBounds) -> dg.AssetCheckResult:
-    problems = deviations(watch, recent, bounds) if watch else ["the training record has no sandbox measures"]
-    reason = (f"sandbox behaved: nothing denied; within {bounds.max_ratio:g}x of the last {len(recent)} run(s)"
-              if not problems else "; ".join(problems))
-    return dg.AssetCheckResult(**_as_check(BEHAVED, verdict(
-        custody, context, check=BEHAVED, subject=f"sha256:{tree}", passed=not problems, reason=reason,
-        metadata={"denied": len(watch.get("denied") or []), "compared_with_runs": len(recent)})))
 
 
 def _loss_table(losses: list[float]) -> str:
@@ -197,85 +164,15 @@ def _loss_table(losses: list[float]) -> str:
     return "\n".join(["| epoch | training loss |", "| ---: | ---: |", *rows])
 
 
-def _record_check(custody: CustodyResource, context: Any, tree: str, weights_sha: str) -> dg.AssetCheckResult:
-    import json
-
-    subject = f"sha256:{tree}"
-    with tempfile.TemporaryDirectory(prefix="secure-ml-check-") as tmp:
-        try:
-            custody.store(context).get_tree(tree, Path(tmp) / "model")  # every file verified on the way out
-            stored_weights = sha256_file(Path(tmp) / "model" / "model.safetensors")
-            record = json.loads((Path(tmp) / "model" / "training_record.json").read_text())
-            problems = record_problems(record, stored_weights)
-        except (Error, OSError, ValueError) as exc:
-            problems = [exc.explain() if isinstance(exc, Error) else f"record unreadable ({exc})"]
-            record = {}
-            stored_weights = ""
-    if stored_weights and stored_weights != weights_sha:
-        problems.append("stored weights differ from the weights training returned")
-    reason = ("training record complete: seeds, hyper-parameters, data digests, code "
-              f"{str((record.get('code') or {}).get('commit'))[:12]}, environment, device "
-              f"{record.get('device')}, isolated, actor {record.get('actor')}"
-              if not problems else "training record incomplete: " + "; ".join(problems))
-    return dg.AssetCheckResult(**_as_check(RECORD_COMPLETE, verdict(
-        custody, context, check=RECORD_COMPLETE, subject=subject, passed=not problems, reason=reason,
-        metadata={"weights_sha256": stored_weights})))
-
-
-def _reproducible_check(custody: CustodyResource, context: Any, chosen: dict[str, Any], train: Any,
-                        spec: DataSpec, weights_sha: str, tree: str) -> dg.AssetCheckResult:
-    subject = f"sha256:{tree}"
-    release = str(context.run.tags.get(RELEASE_TAG, "")).lower() == "true"
-    if chosen["reproducible"] == "release" and not release:
-        reason = (f"not retrained: reproducible.when is 'release' and this run is not tagged {RELEASE_TAG}=true "
-                  "(release runs retrain and compare)")
-        return dg.AssetCheckResult(**_as_check(REPRODUCIBLE, verdict(
-            custody, context, check=REPRODUCIBLE, subject=subject, passed=True, reason=reason,
-            metadata={"retrained": False})))
-    context.log.info("reproducible: training again from scratch to compare the weights digest")
-    with tempfile.TemporaryDirectory(prefix="secure-ml-retrain-") as tmp:
-        try:
-            again = train_model(train, spec, chosen["training"], Path(tmp) / "model",
-                                isolation=chosen["isolation"], checkpoints=None, provenance={})
-            digest, error = again.weights_sha256, ""
-        except Error as exc:
-            digest, error = "", exc.explain()
-    same = digest == weights_sha
-    if error:
-        reason = f"could not retrain to compare: {error}"
-    elif same:
-        reason = f"retrained from scratch: identical weights sha256 {digest[:16]}…"
-    else:
-        reason = (f"retrained from scratch: weights sha256 {digest[:16]}… differ from the model's "
-                  f"{weights_sha[:16]}… (non-deterministic training, or the data or code changed meanwhile)")
-    return dg.AssetCheckResult(**_as_check(REPRODUCIBLE, verdict(
-        custody, context, check=REPRODUCIBLE, subject=subject, passed=same and not error, reason=reason,
-        metadata={"retrained": True, "weights_sha256": weights_sha, "retrained_sha256": digest})))
-
-
-def _as_check(name: str, result: dg.AssetCheckResult, asset: dg.AssetKey = TRAINED) -> dict[str, Any]:
-    return {"check_name": name, "asset_key": asset, "passed": result.passed, "severity": result.severity,
-            "metadata": result.metadata}
-
-
 @dg.asset(
     ins={"trained_model": dg.AssetIn(), "validated_dataset": dg.AssetIn()},
     group_name=TRAINING,
     kinds={"json", "pytorch", "matplotlib"},
     owners=["team:ml-engineers"],
     code_version="1",
-    check_specs=[
-        dg.AssetCheckSpec(AREA_CHECKS["metrics"], asset=EVALUATION, blocking=True,
-                          description="Accuracy, ROC AUC, F1 (and calibration) on held-out data meet training.yaml."),
-        dg.AssetCheckSpec(AREA_CHECKS["fairness"], asset=EVALUATION, blocking=True,
-                          description="Demographic-parity and equalized-odds gaps on the protected attributes "
-                                      "are within training.yaml's limits."),
-        dg.AssetCheckSpec(AREA_CHECKS["robustness"], asset=EVALUATION, blocking=True,
-                          description="Accuracy drops under FGSM, PGD and random noise are within training.yaml."),
-    ],
 )
-def model_evaluation(context: dg.AssetExecutionContext, trained_model: dict[str, Any],  # type: ignore[no-untyped-def]
-                     validated_dataset: dict[str, Any], custody: CustodyResource):
+def model_evaluation(context: dg.AssetExecutionContext, trained_model: dict[str, Any],
+                     validated_dataset: dict[str, Any], custody: CustodyResource) -> dg.Output[Any]:
     """The trained model on the held-out split: accuracy, ROC AUC, F1, confusion matrix, calibration; bias
     per protected group (selection rate, TPR, FPR, demographic-parity and equalized-odds gaps); accuracy
     under FGSM, PGD and noise; plots. Guarded by: metrics, fairness and robustness within thresholds."""
@@ -315,16 +212,156 @@ def model_evaluation(context: dg.AssetExecutionContext, trained_model: dict[str,
         "fairness": dg.MetadataValue.json(report["fairness"]),
         "plots": dg.MetadataValue.json(refs),
     }
-    yield custody.output(context, report, metadata=metadata)
-    for area, check_name in AREA_CHECKS.items():
-        checks = [c for c in report["checks"] if c["area"] == area]
-        status = report["status"][area]
-        breaches = [evaluation_core.describe(c) for c in checks if c["breached"]]
+    return custody.output(context, report, metadata=metadata)
+
+
+# -- the checks: each runs alone, judging what the asset stored (read back by its recorded digest) ----------
+def _stored_model(context: Any, custody: CustodyResource) -> tuple[str, dict[str, Any], str]:
+    """(tree digest, training record, weights sha256) of the latest trained_model, its files decrypted
+    and verified from the store by the digest its materialization recorded."""
+    tree = str(custody.recorded(context.instance, TRAINED)["sha256"])
+    with tempfile.TemporaryDirectory(prefix="secure-ml-check-") as tmp:
+        model_dir = Path(tmp) / "model"
+        custody.store(context).get_tree(tree, model_dir)
+        try:
+            record = json.loads((model_dir / "training_record.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise BadInput(f"training_record.json of model {tree[:16]}… is unreadable ({exc})") from None
+        if not isinstance(record, dict):
+            raise BadInput(f"training_record.json of model {tree[:16]}… is not a JSON object")
+        return tree, record, sha256_file(model_dir / "model.safetensors")
+
+
+def _unreadable(custody: CustodyResource, context: Any, check: str, exc: Error) -> dg.AssetCheckResult:
+    """Fail closed: a check that cannot read what it judges does not pass."""
+    tree = str(custody.recorded(context.instance, TRAINED).get("sha256") or "")
+    return verdict(custody, context, check=check, subject=f"sha256:{tree}", passed=False,
+                   reason=f"cannot judge the stored model: {exc.explain()}")
+
+
+@dg.asset_check(asset=trained_model, blocking=True,
+                description="The training record, read back from the store, is complete (seeds, data digests, "
+                            "code commit, environment, device, actor) and matches the stored weights.")
+def training_record_complete(context: dg.AssetCheckExecutionContext,
+                             custody: CustodyResource) -> dg.AssetCheckResult:
+    try:
+        tree, record, weights = _stored_model(context, custody)
+        problems = record_problems(record, weights)
+    except Error as exc:
+        return _unreadable(custody, context, RECORD_COMPLETE, exc)
+    reason = ("training record complete: seeds, hyper-parameters, data digests, code "
+              f"{str((record.get('code') or {}).get('commit'))[:12]}, environment, device "
+              f"{record.get('device')}, isolated, actor {record.get('actor')}"
+              if not problems else "training record incomplete: " + "; ".join(problems))
+    return verdict(custody, context, check=RECORD_COMPLETE, subject=f"sha256:{tree}", passed=not problems,
+                   reason=reason, metadata={"weights_sha256": weights})
+
+
+@dg.asset_check(asset=trained_model, blocking=True,
+                description="Training again from scratch, isolated, on the train split named by the stored "
+                            "record, gives bit-identical weights to the stored model.safetensors.")
+def reproducible(context: dg.AssetCheckExecutionContext, custody: CustodyResource) -> dg.AssetCheckResult:
+    release = str(context.run.tags.get(RELEASE_TAG, "")).lower() == "true"
+    try:
+        chosen = _settings(custody)
+        tree, record, weights = _stored_model(context, custody)
+        data = record.get("data") or {}
+        spec = DataSpec.from_validated(data)
+        if not SHA256_HEX.fullmatch(str(data.get("train_sha256") or "")):
+            raise BadInput("the training record names no train split digest (data.train_sha256)")
+    except Error as exc:
+        return _unreadable(custody, context, REPRODUCIBLE, exc)
+    subject = f"sha256:{tree}"
+    if chosen["reproducible"] == "release" and not release:
+        reason = (f"not retrained: reproducible.when is 'release' and this run is not tagged {RELEASE_TAG}=true "
+                  "(release runs retrain and compare)")
+        return verdict(custody, context, check=REPRODUCIBLE, subject=subject, passed=True, reason=reason,
+                       metadata={"retrained": False})
+    context.log.info("reproducible: training again from scratch to compare the weights digest")
+    with tempfile.TemporaryDirectory(prefix="secure-ml-retrain-") as tmp:
+        try:
+            train = custody.store(context).get_dataframe(str(data["train_sha256"]))
+            again = train_model(train, spec, chosen["training"], Path(tmp) / "model",
+                                isolation=chosen["isolation"], checkpoints=None, provenance={})
+            digest, error = again.weights_sha256, ""
+        except Error as exc:
+            digest, error = "", exc.explain()
+    same = digest == weights
+    if error:
+        reason = f"could not retrain to compare: {error}"
+    elif same:
+        reason = f"retrained from scratch: identical weights sha256 {digest[:16]}…"
+    else:
+        reason = (f"retrained from scratch: weights sha256 {digest[:16]}… differ from the stored model's "
+                  f"{weights[:16]}… (non-deterministic training, or the data or code changed meanwhile)")
+    return verdict(custody, context, check=REPRODUCIBLE, subject=subject, passed=same and not error, reason=reason,
+                   metadata={"retrained": True, "weights_sha256": weights, "retrained_sha256": digest})
+
+
+@dg.asset_check(asset=trained_model, blocking=True,
+                description="The training sandbox attempted nothing denied, and its CPU time, memory, I/O and "
+                            "tasks (from the stored record) stay within training.yaml's bounds of the model's "
+                            "recent runs.")
+def sandbox_behaviour_within_bounds(context: dg.AssetCheckExecutionContext,
+                                    custody: CustodyResource) -> dg.AssetCheckResult:
+    try:
+        bounds: WatchBounds = _settings(custody)["watch"]
+        tree, record, _ = _stored_model(context, custody)
+        watch = dict((record.get("isolation") or {}).get("watch") or {})
+    except Error as exc:
+        return _unreadable(custody, context, BEHAVED, exc)
+    recent = _recent_watches(context, bounds.window)
+    problems = deviations(watch, recent, bounds) if watch else ["the training record has no sandbox measures"]
+    reason = (f"sandbox behaved: nothing denied; within {bounds.max_ratio:g}x of the last {len(recent)} run(s)"
+              if not problems else "; ".join(problems))
+    return verdict(custody, context, check=BEHAVED, subject=f"sha256:{tree}", passed=not problems, reason=reason,
+                   metadata={"denied": len(watch.get("denied") or []), "compared_with_runs": len(recent)})
+
+
+def _recent_watches(context: Any, window: int) -> list[dict[str, Any]]:
+    """The sandbox measures of the ``window`` materializations before the latest one (newest first)."""
+    records = context.instance.fetch_materializations(TRAINED, limit=window + 1).records[1:]
+    out = []
+    for event in records:
+        metadata = event.asset_materialization.metadata if event.asset_materialization else {}
+        values = {name: metadata[f"sandbox_{name}"].value for name in WATCHED if f"sandbox_{name}" in metadata}
+        out.append({k: v for k, v in values.items() if isinstance(v, (int, float)) and v >= 0})
+    return [w for w in out if w]
+
+
+def _area_check(area: str, description: str) -> dg.AssetChecksDefinition:
+    """The check for one evaluation area: it judges the stored report's thresholds for that area."""
+    name = AREA_CHECKS[area]
+
+    @dg.asset_check(asset=model_evaluation, name=name, blocking=True, description=description)
+    def _check(context: dg.AssetCheckExecutionContext, custody: CustodyResource) -> dg.AssetCheckResult:
+        recorded = custody.recorded(context.instance, EVALUATION)
+        try:
+            report = custody.store(context).get_json(str(recorded["sha256"]))
+            checks = [c for c in report["checks"] if c["area"] == area]
+            status = str(report["status"][area])
+            subject = f"sha256:{report['model_sha256']}"
+        except Error as exc:
+            return verdict(custody, context, check=name, subject=f"sha256:{recorded.get('model_sha256', '')}",
+                           passed=False, reason=f"cannot judge the stored evaluation: {exc.explain()}")
+        except (KeyError, TypeError):
+            return verdict(custody, context, check=name, subject=f"sha256:{recorded.get('model_sha256', '')}",
+                           passed=False, reason=f"the stored evaluation report lacks its {area} verdicts")
         if status == "pass":
             reason = f"all {len(checks)} {area} thresholds met" if checks else f"no {area} thresholds configured"
         else:
-            reason = "; ".join(breaches)
+            reason = "; ".join(evaluation_core.describe(c) for c in checks if c["breached"])
         severity = dg.AssetCheckSeverity.WARN if status == "warn" else dg.AssetCheckSeverity.ERROR
-        yield dg.AssetCheckResult(**_as_check(check_name, verdict(
-            custody, context, check=check_name, subject=subject, passed=status == "pass", reason=reason,
-            severity=severity, metadata={"status": status, "checks": dg.MetadataValue.json(checks)}), EVALUATION))
+        return verdict(custody, context, check=name, subject=subject, passed=status == "pass", reason=reason,
+                       severity=severity, metadata={"status": status, "checks": dg.MetadataValue.json(checks)})
+
+    return _check
+
+
+metrics_over_thresholds = _area_check(
+    "metrics", "Accuracy, ROC AUC, F1 (and calibration) on held-out data, from the stored report, meet training.yaml.")
+fairness_within_thresholds = _area_check(
+    "fairness", "Demographic-parity and equalized-odds gaps on the protected attributes, from the stored report, "
+                "are within training.yaml's limits.")
+robustness_within_thresholds = _area_check(
+    "robustness", "Accuracy drops under FGSM, PGD and random noise, from the stored report, are within training.yaml.")

@@ -1,7 +1,10 @@
 """The validation stage: a drop becomes a validated, screened, PII-handled, split dataset.
 
-``validated_dataset`` runs every control once and reports each as its own blocking check, so the
-UI shows which control failed and why, and nothing downstream runs on a rejected drop:
+``validated_dataset`` runs every control once and stores what each found in the sealed record
+(``validation``, ``poisoning``, ``pii``); each control is its own blocking ``@dg.asset_check`` that
+reads that record back from the store by the digest of the latest materialization and judges it, so
+it can run alone, the UI shows which control failed and why, and nothing downstream runs on a
+rejected drop:
 
 - ``expectations_pass``: the Great Expectations suite built from the dataset's schema file;
 - ``poisoning_score_under_threshold``: outliers, label consistency (reference neighbourhood and
@@ -27,7 +30,7 @@ from secure_ml.data import pii
 from secure_ml.data import splitting
 from secure_ml.data import validation as gx_validation
 from secure_ml.governance.access import AccessPolicy
-from secure_ml.errors import Error
+from secure_ml.errors import BadInput, Error
 from secure_ml.data.poisoning import PoisoningReport, ScreeningConfig, screen
 from secure_ml.data.poisoning_reference import find_sign_off, reference_drift
 from secure_ml.data.schema import Schema, load_reference, load_schema, select_schema
@@ -45,16 +48,9 @@ EXPECTATIONS, POISONING, PII = "expectations_pass", "poisoning_score_under_thres
     kinds={"great_expectations", "pandas", "json"},
     owners=["team:data-stewards"],
     code_version="1",
-    check_specs=[
-        dg.AssetCheckSpec(EXPECTATIONS, asset=VALIDATED, blocking=True,
-                          description="Every expectation of the dataset's schema (Great Expectations) holds."),
-        dg.AssetCheckSpec(POISONING, asset=VALIDATED, blocking=True,
-                          description="The poisoning screen's drop score is under the configured threshold."),
-        dg.AssetCheckSpec(PII, asset=VALIDATED, blocking=True,
-                          description="Every personal identifier found is dropped, hashed or redacted by a rule."),
-    ],
 )
-def validated_dataset(context: dg.AssetExecutionContext, dataset: pd.DataFrame, custody: CustodyResource):  # type: ignore[no-untyped-def]
+def validated_dataset(context: dg.AssetExecutionContext, dataset: pd.DataFrame,
+                      custody: CustodyResource) -> dg.Output[Any]:
     """The accepted drop after schema validation (Great Expectations), poisoning screening against the
     last accepted version, and PII handling, split into seeded stratified train/test Parquet sets
     (encrypted). Guarded by: expectations pass, poisoning score under threshold, no unhandled PII."""
@@ -117,8 +113,10 @@ def validated_dataset(context: dg.AssetExecutionContext, dataset: pd.DataFrame, 
         PII: not plan.unhandled,
     }
     accepted = all(passed.values()) and train_sha is not None
+    # What each check judges, stored with the record (the checks read it back by digest).
     poisoning_summary: dict[str, Any] = report.summary() if report else {"error": screen_error}
-    poisoning_summary["reference"] = reference_note
+    poisoning_summary.update(reference=reference_note, reasons=report.reasons() if report else [],
+                             table=_poisoning_table(report, reference_note, screen_error))
     record = {
         "format": FORMAT,
         "accepted": accepted,
@@ -135,7 +133,8 @@ def validated_dataset(context: dg.AssetExecutionContext, dataset: pd.DataFrame, 
         "schema": {"dataset": schema.dataset, "sha256": schema.digest()},
         "pii": {**plan.summary(), "hmac_key_id": key_id},
         "poisoning": poisoning_summary,
-        "validation": result.summary(),
+        "validation": {**result.summary(), "schema": schema.dataset, "rows": result.rows,
+                       "table": result.markdown()},
         "split": {"test_fraction": test_fraction, "seed": seed, "train_rows": train_rows, "test_rows": test_rows,
                   "stratified_by": schema.label, "method": "keyed hash of row content, per class"},
     }
@@ -161,10 +160,7 @@ def validated_dataset(context: dg.AssetExecutionContext, dataset: pd.DataFrame, 
     custody.record(context, "validation.accept" if accepted else "validation.reject", subject=subject,
                    outcome="ok" if accepted else "fail",
                    details={"train_sha256": train_sha, "test_sha256": test_sha, "checks": passed})
-    yield custody.output(context, record, metadata=metadata)
-    yield _expectations_check(custody, context, subject, result, schema)
-    yield _poisoning_check(custody, context, subject, report, screen_error, reference_note)
-    yield _pii_check(custody, context, subject, plan)
+    return custody.output(context, record, metadata=metadata)
 
 
 # -- the reference and the screen ----------------------------------------------------------------------
@@ -256,70 +252,108 @@ def _reference(context: Any, custody: CustodyResource, schema: Schema,
     return None, "none: first version of this dataset, no trusted reference"
 
 
-# -- the three checks -----------------------------------------------------------------------------------
-def _named(name: str, result: dg.AssetCheckResult) -> dg.AssetCheckResult:
-    return dg.AssetCheckResult(check_name=name, asset_key=VALIDATED, passed=result.passed,
-                               severity=result.severity, metadata=result.metadata)
+# -- the three checks: each reads the stored record back by digest and judges it -------------------------
+def _stored(context: Any, custody: CustodyResource, part: str) -> tuple[str, dict[str, Any]]:
+    """(subject, the record's ``part``) of the latest validated_dataset, decrypted and digest-checked."""
+    recorded = custody.recorded(context.instance, VALIDATED)
+    record = custody.store(context).get_json(str(recorded["sha256"]))
+    if not isinstance(record, dict) or record.get("format") != FORMAT or not isinstance(record.get(part), dict):
+        raise BadInput(f"the stored validated_dataset record has no {part!r} section (format {FORMAT} expected)")
+    return f"sha256:{record.get('dataset_sha256', '')}", record[part]
 
 
-def _expectations_check(custody: CustodyResource, context: Any, subject: str,
-                        result: gx_validation.ValidationResult, schema: Schema) -> dg.AssetCheckResult:
-    summary = result.summary()
-    if result.success:
-        reason = f"all {summary['expectations']} expectations of schema {schema.dataset} passed on {result.rows} rows"
+def _unjudged(custody: CustodyResource, context: Any, check: str, exc: Error) -> dg.AssetCheckResult:
+    """Fail closed: a check that cannot read what it judges does not pass."""
+    dataset = custody.recorded(context.instance, VALIDATED).get("dataset_sha256", "")
+    return verdict(custody, context, check=check, subject=f"sha256:{dataset}", passed=False,
+                   reason=f"cannot judge the stored validated_dataset: {exc.explain()}")
+
+
+@dg.asset_check(asset=validated_dataset, blocking=True,
+                description="Every expectation of the dataset's schema (Great Expectations) holds, as stored with "
+                            "the validated record.")
+def expectations_pass(context: dg.AssetCheckExecutionContext, custody: CustodyResource) -> dg.AssetCheckResult:
+    try:
+        subject, summary = _stored(context, custody, "validation")
+    except Error as exc:
+        return _unjudged(custody, context, EXPECTATIONS, exc)
+    total, failed = int(summary.get("expectations") or 0), int(summary.get("failed") or 0)
+    passed = summary.get("success") is True and failed == 0 and total > 0
+    if passed:
+        reason = f"all {total} expectations of schema {summary.get('schema')} passed on {summary.get('rows')} rows"
     else:
-        shown = "; ".join(o.describe() for o in result.failures[:3])
-        more = f" (and {len(result.failures) - 3} more)" if len(result.failures) > 3 else ""
-        reason = (f"{summary['failed']} of {summary['expectations']} expectations of schema {schema.dataset} "
-                  f"failed: {shown}{more}")
-    return _named(EXPECTATIONS, verdict(custody, context, check=EXPECTATIONS, subject=subject,
-                                        passed=result.success, reason=reason, metadata={
-                                            "failed": summary["failed"], "expectations": summary["expectations"],
-                                            "table": dg.MetadataValue.md(result.markdown())}))
+        failures = list(summary.get("failures") or [])
+        more = f" (and {failed - 3} more)" if failed > 3 else ""
+        reason = (f"{failed} of {total} expectations of schema {summary.get('schema')} failed: "
+                  f"{'; '.join(failures[:3])}{more}")
+    return verdict(custody, context, check=EXPECTATIONS, subject=subject, passed=passed, reason=reason,
+                   metadata={"failed": failed, "expectations": total,
+                             "table": dg.MetadataValue.md(str(summary.get("table") or ""))})
 
 
-def _poisoning_check(custody: CustodyResource, context: Any, subject: str, report: PoisoningReport | None,
-                     error: str, reference: str) -> dg.AssetCheckResult:
-    if report is None:
-        return _named(POISONING, verdict(custody, context, check=POISONING, subject=subject, passed=False,
-                                         reason=error, metadata={"reference": reference}))
-    worst = max(report.detectors, key=lambda d: d.ratio)
-    if report.blocked and report.drop_score <= report.threshold:   # unguarded first version, no sign-off
-        reason = "; ".join(report.reasons())
-    elif report.blocked:
-        reason = (f"drop score {report.drop_score:.3g} is over the threshold {report.threshold:g}: "
-                  + "; ".join(report.reasons()))
+@dg.asset_check(asset=validated_dataset, blocking=True,
+                description="The poisoning screen's drop score, as stored with the validated record, is under the "
+                            "configured threshold (and a first version without a reference was signed off).")
+def poisoning_score_under_threshold(context: dg.AssetCheckExecutionContext,
+                                    custody: CustodyResource) -> dg.AssetCheckResult:
+    try:
+        subject, screened = _stored(context, custody, "poisoning")
+    except Error as exc:
+        return _unjudged(custody, context, POISONING, exc)
+    reference = str(screened.get("reference") or "")
+    if screened.get("error") or not isinstance(screened.get("blocked"), bool):
+        return verdict(custody, context, check=POISONING, subject=subject, passed=False,
+                       reason=str(screened.get("error") or "the stored record has no poisoning verdict"),
+                       metadata={"reference": reference})
+    score, threshold = float(screened["drop_score"]), float(screened["threshold"])
+    detectors: dict[str, Any] = dict(screened.get("detectors") or {})
+    reasons = "; ".join(screened.get("reasons") or [])
+    blocked = screened["blocked"] or score > threshold
+    if blocked and score <= threshold:   # unguarded first version, no sign-off
+        reason = reasons
+    elif blocked:
+        reason = f"drop score {score:.3g} is over the threshold {threshold:g}: {reasons}"
     else:
-        reason = (f"drop score {report.drop_score:.3g} is under the threshold {report.threshold:g} "
-                  f"(highest: {worst.name} {worst.score:.3g} of limit {worst.limit:g})")
-    metadata = {
-        "drop_score": float(report.drop_score),
-        "threshold": float(report.threshold),
-        "reference": reference,
-        "table": dg.MetadataValue.md(_poisoning_table(report, reference, "")),
-        "detectors": dg.MetadataValue.json(report.summary()["detectors"]),
-    }
-    if report.subsampled:
-        metadata["subsampled"] = report.subsampled
-    subgroups = report.summary()["detectors"].get("label_subgroups", {})
-    if subgroups.get("worst_subgroup"):
-        metadata["worst_subgroup"] = str(subgroups["worst_subgroup"])
-    if report.sign_off:
-        metadata["sign_off"] = dg.MetadataValue.json(report.sign_off)
-    return _named(POISONING, verdict(custody, context, check=POISONING, subject=subject,
-                                     passed=not report.blocked, reason=reason, metadata=metadata))
+        name, worst = max(detectors.items(), key=lambda item: float(item[1].get("ratio") or 0),
+                          default=("none", {"score": 0.0, "limit": 0.0}))
+        reason = (f"drop score {score:.3g} is under the threshold {threshold:g} "
+                  f"(highest: {name} {float(worst['score']):.3g} of limit {float(worst['limit']):g})")
+    metadata: dict[str, Any] = {"drop_score": score, "threshold": threshold, "reference": reference,
+                                "table": dg.MetadataValue.md(str(screened.get("table") or "")),
+                                "detectors": dg.MetadataValue.json(detectors)}
+    if screened.get("subsampled"):
+        metadata["subsampled"] = str(screened["subsampled"])
+    if (detectors.get("label_subgroups") or {}).get("worst_subgroup"):
+        metadata["worst_subgroup"] = str(detectors["label_subgroups"]["worst_subgroup"])
+    sign_off = (screened.get("first_version") or {}).get("sign_off")
+    if sign_off:
+        metadata["sign_off"] = dg.MetadataValue.json(sign_off)
+    return verdict(custody, context, check=POISONING, subject=subject, passed=not blocked, reason=reason,
+                   metadata=metadata)
 
 
-def _pii_check(custody: CustodyResource, context: Any, subject: str, plan: pii.Plan) -> dg.AssetCheckResult:
-    if plan.unhandled:
-        reason = ("unhandled PII: " + "; ".join(f.describe() for f in plan.unhandled)
+@dg.asset_check(asset=validated_dataset, blocking=True,
+                description="Every personal identifier found (as stored with the validated record) is dropped, "
+                            "hashed or redacted by a rule.")
+def no_unhandled_pii(context: dg.AssetCheckExecutionContext, custody: CustodyResource) -> dg.AssetCheckResult:
+    try:
+        subject, summary = _stored(context, custody, "pii")
+        found = {(f["column"], f["kind"]): pii.Finding(**f) for f in summary.get("found") or []}
+        unhandled = [found[(f["column"], f["kind"])] for f in summary.get("unhandled") or []]
+    except (KeyError, TypeError):
+        return _unjudged(custody, context, PII, BadInput("the stored PII summary is malformed"))
+    except Error as exc:
+        return _unjudged(custody, context, PII, exc)
+    handled = summary.get("handled") or []
+    if unhandled:
+        reason = ("unhandled PII: " + "; ".join(f.describe() for f in unhandled)
                   + ". Add a rule to pii.rules in validation.yaml (drop, hash or redact)")
-    elif plan.handled:
-        reason = "all PII handled: " + "; ".join(f"{f.column} ({f.kind}) {r.action}" for f, r in plan.handled)
+    elif handled:
+        reason = "all PII handled: " + "; ".join(f"{h['column']} ({h['kind']}) {h['action']}" for h in handled)
     else:
         reason = "no personal identifiers found"
-    return _named(PII, verdict(custody, context, check=PII, subject=subject, passed=not plan.unhandled,
-                               reason=reason, metadata={"pii": dg.MetadataValue.json(plan.summary())}))
+    return verdict(custody, context, check=PII, subject=subject, passed=not unhandled, reason=reason,
+                   metadata={"pii": dg.MetadataValue.json({k: v for k, v in summary.items() if k != "hmac_key_id"})})
 
 
 def _poisoning_table(report: PoisoningReport | None, reference: str, error: str) -> str:

@@ -135,3 +135,30 @@ def test_production_runs_each_step_in_a_hardened_k8s_pod(tmp_path: Path, monkeyp
     assert security["readOnlyRootFilesystem"] is True and security["capabilities"] == {"drop": ["ALL"]}
     local = build_definitions(Settings.from_env({"SECURE_ML_HOME": str(tmp_path)}))
     assert local.executor is not None and local.executor.name == "in_process"
+
+
+def test_one_check_style_every_check_is_separate_blocking_described_and_runs_alone() -> None:
+    """No asset declares in-asset check_specs (those cannot be executed alone from the UI); every check
+    of the graph is its own blocking, described ``@dg.asset_check`` whose job runs just that check."""
+    from secure_ml.definitions import build_definitions
+
+    defs = build_definitions()
+    for item in defs.assets or []:
+        if isinstance(item, dg.AssetsDefinition):
+            assert not list(item.check_specs), (sorted(item.keys), [s.name for s in item.check_specs])
+    separate = [c for c in defs.asset_checks or [] if isinstance(c, dg.AssetChecksDefinition)]
+    by_key = {key: c for c in separate for key in c.check_keys}
+    graph = defs.resolve_asset_graph()
+    assert set(graph.asset_check_keys) == set(by_key) and len(by_key) >= 20
+    for key, definition in by_key.items():
+        spec = definition.get_spec_for_check_key(key)
+        assert spec.blocking and (spec.description or "").strip(), key
+    # Executable alone: a job that selects only one check has that check's step and materializes nothing.
+    jobs = [dg.define_asset_job(f"only_{key.asset_key.to_python_identifier()}_{key.name}",
+                                selection=dg.AssetSelection.checks(key)) for key in by_key]
+    alone = dg.Definitions(assets=defs.assets, asset_checks=defs.asset_checks, jobs=jobs, resources=defs.resources)
+    for job_def, key in zip(jobs, by_key, strict=True):
+        job = alone.resolve_job_def(job_def.name)
+        assert len(job.nodes) == 1, (key, [n.name for n in job.nodes])
+        assert set(job.asset_layer.asset_graph.asset_check_keys) == {key}
+        assert not job.asset_layer.selected_asset_keys, key

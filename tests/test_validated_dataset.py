@@ -123,6 +123,19 @@ def test_clean_drop_passes_then_flipped_labels_are_blocked_and_nothing_downstrea
     audit = settings.audit_path.read_text()
     assert "check.poisoning_score_under_threshold" in audit and "validation.reject" in audit
 
+    # The three checks run alone (the UI's "Execute"), re-reading the stored record: same verdicts.
+    with dg.DagsterInstance.get() as instance:
+        alone = dg.materialize(
+            [*dg.load_assets_from_modules([data_stage, validation_stage]),
+             *dg.load_asset_checks_from_modules([data_stage, validation_stage])],
+            instance=instance, resources=resources.build_resources(settings), raise_on_error=False,
+            selection=dg.AssetSelection.checks_for_assets(validation_stage.validated_dataset))
+    again = _checks(alone)
+    assert set(again) == set(CHECKS) and not alone.get_asset_materialization_events()
+    assert not again["poisoning_score_under_threshold"].passed and _reason(again["poisoning_score_under_threshold"]) == reason
+    assert again["expectations_pass"].passed and again["no_unhandled_pii"].passed
+    assert not alone.success  # a failed blocking check fails its step, run alone too
+
     # the rejected drop did not become the reference: the next clean drop is judged against v1
     fresh = _materialize(settings, _land_frame(settings, bootstrap(sample, 4), "german_credit-v3.csv", tmp_path))
     checks = _checks(fresh)
