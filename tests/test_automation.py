@@ -37,6 +37,8 @@ from secure_ml.settings import Settings
 from tests._dagster_servers import read_log
 from tests.conftest import SAMPLE_CSV, land_file
 
+pytestmark = pytest.mark.slow  # runs the real Dagster daemon
+
 GROUPS = {"data", "training", "security", "release"}
 
 

@@ -25,6 +25,8 @@ import pytest
 
 from secure_ml.custody import crypto
 
+pytestmark = pytest.mark.slow  # runs the CLI in subprocesses
+
 CLI = str(Path(sys.executable).parent / "secure-ml")
 CHUNK = crypto.DEFAULT_CHUNK_SIZE
 

@@ -27,6 +27,8 @@ from secure_ml.data.versioning import DatasetVersions
 from secure_ml.settings import ACTOR_TAG, Settings
 from tests.conftest import SAMPLE_CSV, land_file
 
+pytestmark = pytest.mark.slow  # materialises the data stage with DVC
+
 DATASET_CHECKS = {"dataset_ciphertext_authentic", "dataset_digest_matches_provenance", "source_approved",
                   "access_policy_allows"}
 

@@ -32,6 +32,8 @@ from resources import CustodyResource
 from secure_ml.settings import Settings
 from tests.conftest import SAMPLE_CSV, land_file
 
+pytestmark = pytest.mark.slow  # materialises the pipeline through the CLI
+
 CLI = str(Path(sys.executable).parent / "secure-ml")
 CUSTODY_CHECKS = ("dataset_ciphertext_authentic", "dataset_digest_matches_provenance")
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+pytestmark = pytest.mark.slow  # loads the code location in subprocesses and the webserver
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # runs the whole pipeline end to end
+
 CLI = str(Path(sys.executable).parent / "secure-ml")
 TRAINER = "pat"  # a data steward and ML engineer, added to the trust policy with a key of her own
 KEYS: dict[str, Path] = {}  # who holds which identity key (filled by the `home` fixture)

@@ -27,6 +27,8 @@ import resources
 from secure_ml.settings import Settings
 from tests.conftest import SAMPLE_CSV, land_file
 
+pytestmark = pytest.mark.slow  # materialises every bad drop through Dagster
+
 SAMPLE = SAMPLE_CSV.read_bytes()
 HEADER, _, BODY = SAMPLE.partition(b"\n")
 

@@ -34,6 +34,8 @@ from secure_ml.release.registry import Registry
 from secure_ml.governance import authn
 from secure_ml.settings import Settings
 
+pytestmark = pytest.mark.slow  # runs the release stage on a real instance
+
 KEYS: dict[str, Path] = {}  # the people's identity keys (filled by the `stage` fixture)
 
 

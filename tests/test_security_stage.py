@@ -30,6 +30,8 @@ from secure_ml.cli import main as cli
 from secure_ml.settings import Settings
 from tests.conftest import SAMPLE_CSV, land_file
 
+pytestmark = pytest.mark.slow  # runs the real chain from sample data
+
 
 class StandInConfig(dg.Config):
     smuggle_pickle: bool = False

@@ -34,7 +34,7 @@ from secure_ml.training.record import record_problems
 from secure_ml.training.trainer import fit, train_model
 from tests.conftest import SAMPLE_CSV
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]  # slow: trains real models, kills and resumes them
 SPEC = DataSpec("risk", ["job", "credit_amount", "duration", "age"],
                 ["sex", "housing", "saving_accounts", "checking_account", "purpose"])
 FAST = TrainingConfig(epochs=3, checkpoint_every=0)

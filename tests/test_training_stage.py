@@ -28,7 +28,7 @@ from assets import validation as validation_stage
 from secure_ml.settings import Settings
 from tests.conftest import SAMPLE_CSV, land_file
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # slow: trains and evaluates through Dagster
 CONFIG = Path(__file__).resolve().parents[1] / "secure_ml" / "config"
 
 

@@ -31,6 +31,8 @@ from secure_ml.data.poisoning import bootstrap, flip_labels
 from secure_ml.settings import Settings
 from tests.conftest import SAMPLE_CSV, land_file
 
+pytestmark = pytest.mark.slow  # materialises the data stage on real drops
+
 CHECKS = ("expectations_pass", "poisoning_score_under_threshold", "no_unhandled_pii")
 
 

@@ -22,6 +22,8 @@ from secure_ml.errors import ConfigurationError, IntegrityError
 from secure_ml.settings import Settings
 from tests.conftest import SAMPLE_CSV
 
+pytestmark = pytest.mark.slow  # runs the DVC CLI
+
 DVC = str(Path(sys.executable).with_name("dvc"))
 KEY = "ab" * 32
 
