@@ -6,6 +6,7 @@
     secure-ml decrypt IN OUT
     secure-ml audit verify | tail       the hash-chained audit log
     secure-ml pipeline run              materialise the pipeline on the Dagster instance
+    secure-ml k8s render OUTDIR         every Kubernetes object the project would create, checked
 
 Exit codes: 0 ok; 1 verification failed or denied; 2 bad usage or bad input. Errors are one
 line on stderr; ``--debug`` shows the traceback too.

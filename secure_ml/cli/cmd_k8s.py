@@ -72,6 +72,7 @@ def render_all(k8s_dir: Path, digest: str, model_digest: str) -> tuple[dict[str,
         *objects.code_location_objects(cfg, values),
         *_k8s_jobs.run_and_step_jobs(values, executor, image=image, namespace=cfg.namespace, steps=cfg.steps),
         *k8s_render.render({**release["kubernetes"], "image": image}, version="rendered", model_digest=model_digest),
+        *objects.model_server_inputs(cfg, release["kubernetes"]),
     ]
     problems = checks.check_objects(rendered, kubernetes_version=cfg.kubernetes_version,
                                     signed_model_digests=[f"sha256:{model_digest}"],

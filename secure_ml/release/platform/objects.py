@@ -134,12 +134,26 @@ def network_policies(cfg: RenderConfig) -> list[Obj]:
     ]
 
 
-def _secret(cfg: RenderConfig, name: str, keys: Mapping[str, str]) -> Obj:
-    """A Secret with no values: the annotation says where each key comes from (KMS, External Secrets)."""
-    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-            "metadata": {"name": name, "namespace": cfg.namespace,
+def _secret(cfg: RenderConfig, name: str, keys: Mapping[str, str], *, kind: str = "Secret",
+            namespace: str | None = None) -> Obj:
+    """A Secret (or ConfigMap) with no values: the annotation says where each key comes from."""
+    extra = {"type": "Opaque"} if kind == "Secret" else {}
+    return {"apiVersion": "v1", "kind": kind, **extra,
+            "metadata": {"name": name, "namespace": namespace or cfg.namespace,
                          "labels": {"app.kubernetes.io/part-of": "secure-ml"},
                          "annotations": {SOURCE_ANNOTATION: json.dumps(dict(keys), sort_keys=True)}}}
+
+
+def model_server_inputs(cfg: RenderConfig, server: Mapping[str, Any]) -> list[Obj]:
+    """The model server's trust anchors and hashed tokens (release.yaml ``kubernetes``), as references."""
+    namespace = str(server.get("namespace", "secure-ml"))
+    return [
+        _secret(cfg, str(server.get("trust_config_map", "secure-ml-trust")),
+                {"model-signing.pub": "the model signer's public key (its key store or KMS)"},
+                kind="ConfigMap", namespace=namespace),
+        _secret(cfg, str(server.get("tokens_secret", "secure-ml-serving-tokens")),
+                {"tokens.json": "hashed bearer tokens (secure-ml serve --issue-token NAME)"}, namespace=namespace),
+    ]
 
 
 def secrets_and_config_maps(cfg: RenderConfig, values: Mapping[str, Any]) -> list[Obj]:
