@@ -12,7 +12,7 @@ export DVC_NO_ANALYTICS := 1
 export DAGSTER_DISABLE_TELEMETRY := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help install init demo test ui bench lock system-deps clean
+.PHONY: help install init demo test ui bench lock system-deps clean image test-image
 
 help:
 	@echo "make demo    set up and run the whole pipeline on the bundled sample data"
@@ -20,6 +20,7 @@ help:
 	@echo "make ui      the Dagster UI on http://127.0.0.1:3000 (sensors and schedules on)"
 	@echo "make bench   the benchmarks (figures as ratios to same-run baselines)"
 	@echo "make lock    re-resolve requirements.in into requirements.lock (hashed)"
+	@echo "make image   the container image (OCI archive in build/), from Debian packages and the lock"
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -62,6 +63,18 @@ lock:
 	$(PYTHON) -m venv /tmp/secure-ml-lock && /tmp/secure-ml-lock/bin/pip install -q pip==25.3
 	/tmp/secure-ml-lock/bin/pip install --dry-run --ignore-installed --report /tmp/secure-ml-lock.json -r requirements.in
 	/tmp/secure-ml-lock/bin/python scripts/lock.py /tmp/secure-ml-lock.json > requirements.lock
+
+# The container image, built here from Debian's packages and the hashed lock (no registry pull):
+# build/secure-ml-image.tar, build/image.digest, SBOM and signed provenance. Not part of `make test`
+# (about 10 minutes, see k8s/README.md); needs root and mmdebstrap, umoci, skopeo.
+image: install
+	command -v mmdebstrap >/dev/null && command -v umoci >/dev/null && command -v skopeo >/dev/null || \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mmdebstrap umoci skopeo >/dev/null
+	PYTHON=$(BIN)/python bash scripts/build-image.sh
+
+# The built image's own checks: digest, signature, SBOM, non-root, no compiler, the CLI runs in it.
+test-image:
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_image.py
 
 clean:
 	rm -rf $(VENV) .secure_ml test-artifacts
