@@ -12,7 +12,7 @@ export DVC_NO_ANALYTICS := 1
 export DAGSTER_DISABLE_TELEMETRY := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help install init demo test ui bench lock system-deps clean image test-image
+.PHONY: help install init demo test ui bench lock system-deps clean image test-image k8s-tools
 
 help:
 	@echo "make demo    set up and run the whole pipeline on the bundled sample data"
@@ -50,7 +50,7 @@ system-deps:
 # Two workers (the machine has two cores); a module's tests stay on one worker, so module-scoped
 # servers (PostgreSQL, the Dagster webserver) start once.
 PYTEST_ARGS ?= -n 2 --dist loadfile
-test: install system-deps
+test: install system-deps k8s-tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 ui: init
@@ -63,6 +63,16 @@ lock:
 	$(PYTHON) -m venv /tmp/secure-ml-lock && /tmp/secure-ml-lock/bin/pip install -q pip==25.3
 	/tmp/secure-ml-lock/bin/pip install --dry-run --ignore-installed --report /tmp/secure-ml-lock.json -r requirements.in
 	/tmp/secure-ml-lock/bin/python scripts/lock.py /tmp/secure-ml-lock.json > requirements.lock
+
+# checkov for the Kubernetes checks (tests/test_k8s_render_all.py), in its own venv from its own
+# hashed lock: it pins versions the project's lock does not need.
+K8S_TOOLS := .venv-k8s/.installed
+$(K8S_TOOLS): requirements-k8s.lock
+	test -x .venv-k8s/bin/python || $(PYTHON) -m venv .venv-k8s
+	.venv-k8s/bin/python -m pip install -qq --require-hashes --no-deps -r requirements-k8s.lock
+	touch $(K8S_TOOLS)
+
+k8s-tools: $(K8S_TOOLS)
 
 # The container image, built here from Debian's packages and the hashed lock (no registry pull):
 # build/secure-ml-image.tar, build/image.digest, SBOM and signed provenance. Not part of `make test`
@@ -77,4 +87,4 @@ test-image:
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_image.py
 
 clean:
-	rm -rf $(VENV) .secure_ml test-artifacts
+	rm -rf $(VENV) .venv-k8s .secure_ml test-artifacts

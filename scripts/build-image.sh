@@ -28,7 +28,8 @@ for tool in mmdebstrap umoci skopeo chroot; do
 done
 [ "$(id -u)" = 0 ] || { echo "make image: needs root (mmdebstrap --mode=root, chroot)" >&2; exit 2; }
 
-cleanup() { umount "$ROOT/proc" 2>/dev/null || true; }
+mounts=()
+cleanup() { for m in "${mounts[@]}" "$ROOT/proc"; do umount "$m" 2>/dev/null || true; done; }
 trap cleanup EXIT
 rm -rf "$WORK" && mkdir -p "$WORK/bundle"
 
@@ -45,12 +46,25 @@ git ls-files -z -- pyproject.toml requirements.lock workspace.yaml secure_ml ass
   | xargs -0 cp --parents -t "$ROOT/opt/secure-ml"
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
 mount -t proc proc "$ROOT/proc"
-chroot "$ROOT" python3 -m venv /opt/venv
-chroot "$ROOT" env PIP_DISABLE_PIP_VERSION_CHECK=1 /opt/venv/bin/pip install -q --no-cache-dir --require-hashes --no-deps \
-  -r /opt/secure-ml/requirements.lock
-chroot "$ROOT" /opt/venv/bin/pip install -q --no-cache-dir --no-deps --no-build-isolation --no-index -e /opt/secure-ml >/dev/null
-chroot "$ROOT" /opt/venv/bin/pip check
-umount "$ROOT/proc"
+# The download trusts this machine's CA store (its proxy may re-sign TLS); the lock's hashes decide
+# what is installed, and the image keeps Debian's own CA store.
+cp "${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}" "$ROOT/tmp/build-ca.pem"
+# A local package index this machine's pip uses (pip.conf extra-index-url file:///…) is bound in
+# read-only for the install and unmounted before the tree is packed.
+extra=()
+for index in ${LOCAL_INDEXES:-/opt/pypi /opt/pypi-more}; do
+  [ -d "$index/simple" ] || continue
+  mkdir -p "$ROOT/mnt$index" && mount --bind -o ro "$index" "$ROOT/mnt$index" && mounts+=("$ROOT/mnt$index")
+  extra+=("file:///mnt$index/simple")
+done
+in_root() { chroot "$ROOT" env -i PATH=/opt/venv/bin:/usr/bin:/bin HOME=/root PIP_CERT=/tmp/build-ca.pem \
+  PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=180 PIP_EXTRA_INDEX_URL="${extra[*]}" "$@"; }
+in_root python3 -m venv /opt/venv
+in_root pip install -q --no-cache-dir --require-hashes --no-deps -r /opt/secure-ml/requirements.lock
+in_root pip install -q --no-cache-dir --no-deps --no-build-isolation --no-index -e /opt/secure-ml >/dev/null
+in_root pip check
+cleanup
+rm -rf "$ROOT/mnt/opt" "$ROOT/tmp/build-ca.pem"
 : > "$ROOT/etc/resolv.conf"
 rm -rf "$ROOT/root/.cache" "$ROOT/var/cache/apt"/*.bin "$ROOT/var/lib/apt/lists"/*
 

@@ -208,6 +208,8 @@ def code_location_objects(cfg: RenderConfig, values: Mapping[str, Any]) -> list[
         "args": ["dagster", "api", "grpc", "-h", "0.0.0.0", "-p", str(port), *location["dagsterApiGrpcArgs"]],  # nosec B104
         "env": env, "envFrom": env_from, "resources": copy.deepcopy(location["resources"]),
         "readinessProbe": {"exec": {"command": ["dagster", "api", "grpc-health-check", "-p", str(port)]}, **probe},
+        **({"livenessProbe": {"exec": {"command": ["dagster", "api", "grpc-health-check", "-p", str(port)]},
+                              **location["livenessProbe"]}} if location.get("livenessProbe") else {}),
         "volumeMounts": copy.deepcopy(location.get("volumeMounts") or []),
     }
     deployment = {
