@@ -49,22 +49,25 @@ mount -t proc proc "$ROOT/proc"
 # The download trusts this machine's CA store (its proxy may re-sign TLS); the lock's hashes decide
 # what is installed, and the image keeps Debian's own CA store.
 cp "${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}" "$ROOT/tmp/build-ca.pem"
-# A local package index this machine's pip uses (pip.conf extra-index-url file:///…) is bound in
-# read-only for the install and unmounted before the tree is packed.
-extra=()
-for index in ${LOCAL_INDEXES:-/opt/pypi /opt/pypi-more}; do
-  [ -d "$index/simple" ] || continue
-  mkdir -p "$ROOT/mnt$index" && mount --bind -o ro "$index" "$ROOT/mnt$index" && mounts+=("$ROOT/mnt$index")
-  extra+=("file:///mnt$index/simple")
+# Local package sources this machine's pip uses (pip.conf: extra-index-url file:///…, find-links)
+# are bound in read-only for the install and unmounted before the tree is packed.
+extra=() links=()
+for source in ${LOCAL_INDEXES:-/opt/pypi /opt/pypi-more} ${LOCAL_WHEELS:-/opt/wheels}; do
+  [ -d "$source" ] || continue
+  mkdir -p "$ROOT/mnt$source" && mount --bind -o ro "$source" "$ROOT/mnt$source" && mounts+=("$ROOT/mnt$source")
+  if [ -d "$source/simple" ]; then extra+=("file:///mnt$source/simple"); else links+=("/mnt$source"); fi
 done
 in_root() { chroot "$ROOT" env -i PATH=/opt/venv/bin:/usr/bin:/bin HOME=/root PIP_CERT=/tmp/build-ca.pem \
-  PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=180 PIP_EXTRA_INDEX_URL="${extra[*]}" "$@"; }
+  PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=180 PIP_EXTRA_INDEX_URL="${extra[*]}" \
+  PIP_FIND_LINKS="${links[*]}" "$@"; }
 in_root python3 -m venv /opt/venv
 in_root pip install -q --no-cache-dir --require-hashes --no-deps -r /opt/secure-ml/requirements.lock
 in_root pip install -q --no-cache-dir --no-deps --no-build-isolation --no-index -e /opt/secure-ml >/dev/null
 in_root pip check
 cleanup
-rm -rf "$ROOT/mnt/opt" "$ROOT/tmp/build-ca.pem"
+if grep -q " $(realpath "$ROOT")/mnt" /proc/mounts; then echo "make image: a bind mount is still there" >&2; exit 1; fi
+find "$ROOT/mnt" -mindepth 1 -depth -type d -empty -delete   # only the empty mount points
+rm -f "$ROOT/tmp/build-ca.pem"
 : > "$ROOT/etc/resolv.conf"
 rm -rf "$ROOT/root/.cache" "$ROOT/var/cache/apt"/*.bin "$ROOT/var/lib/apt/lists"/*
 
