@@ -80,7 +80,18 @@ def test_the_cli_runs_in_the_image_as_uid_10001(tmp_path: Path, image: dict[str,
     (rootfs / "tmp").chmod(0o1777)
     env = {"PATH": "/opt/venv/bin:/usr/bin:/bin", "HOME": "/tmp", "SECURE_ML_HOME": "/tmp/home",
            "DAGSTER_DISABLE_TELEMETRY": "1"}
-    run = subprocess.run(["chroot", "--userspec=10001:10001", str(rootfs), "secure-ml", "k8s", "render", "/tmp/out",
-                          "--image-digest", image["digest"]], env=env, capture_output=True, text=True, timeout=600)
+    chroot = shutil.which("chroot") or "/usr/sbin/chroot"  # looked up here: `env` below is the image's PATH
+    # What a container runtime gives every container: /dev (torch opens /dev/urandom) and /proc.
+    subprocess.run(["mount", "--bind", "/dev", str(rootfs / "dev")], check=True)
+    try:
+        subprocess.run(["mount", "-t", "proc", "proc", str(rootfs / "proc")], check=True)
+        try:
+            run = subprocess.run([chroot, "--userspec=10001:10001", str(rootfs), "secure-ml", "k8s", "render",
+                                  "/tmp/out", "--image-digest", image["digest"]],
+                                 env=env, capture_output=True, text=True, timeout=600)
+        finally:
+            subprocess.run(["umount", str(rootfs / "proc")], check=True)
+    finally:
+        subprocess.run(["umount", str(rootfs / "dev")], check=True)
     assert run.returncode == 0, run.stderr
     assert "every object checked" in run.stdout
