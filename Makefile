@@ -12,7 +12,7 @@ export DVC_NO_ANALYTICS := 1
 export DAGSTER_DISABLE_TELEMETRY := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help install init demo test test-fast lint fuzz ui bench lock system-deps clean
+.PHONY: help install init demo test test-fast lint fuzz ui bench lock system-deps clean image test-image k8s-tools k8s-check
 
 help:
 	@echo "make demo    set up and run the whole pipeline on the bundled sample data"
@@ -22,6 +22,7 @@ help:
 	@echo "make ui      the Dagster UI on http://127.0.0.1:3000 (sensors and schedules on)"
 	@echo "make bench   the benchmarks (figures as ratios to same-run baselines)"
 	@echo "make lock    re-resolve requirements.in into requirements.lock (hashed)"
+	@echo "make image   the container image (OCI archive in build/), from Debian packages and the lock"
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -90,5 +91,32 @@ lock:
 	/tmp/secure-ml-lock/bin/pip install --dry-run --ignore-installed --report /tmp/secure-ml-lock.json -r requirements.in
 	/tmp/secure-ml-lock/bin/python scripts/lock.py /tmp/secure-ml-lock.json > requirements.lock
 
+# checkov for the Kubernetes checks (tests/test_k8s_render_all.py), in its own venv from its own
+# hashed lock: it pins versions the project's lock does not need.
+K8S_TOOLS := .venv-k8s/.installed
+$(K8S_TOOLS): requirements-k8s.lock
+	test -x .venv-k8s/bin/python || $(PYTHON) -m venv .venv-k8s
+	.venv-k8s/bin/python -m pip install -qq --require-hashes --no-deps -r requirements-k8s.lock
+	touch $(K8S_TOOLS)
+
+k8s-tools: $(K8S_TOOLS)
+
+# checkov over everything `secure-ml k8s render` writes (its own venv; not in `make test`, whose
+# k8s tests skip checkov with the reason when .venv-k8s is absent).
+k8s-check: install k8s-tools
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_k8s_render_all.py
+
+# The container image, built here from Debian's packages and the hashed lock (no registry pull):
+# build/secure-ml-image.tar, build/image.digest, SBOM and signed provenance. Not part of `make test`
+# (about 10 minutes, see k8s/README.md); needs root and mmdebstrap, umoci, skopeo.
+image: install
+	command -v mmdebstrap >/dev/null && command -v umoci >/dev/null && command -v skopeo >/dev/null || \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mmdebstrap umoci skopeo >/dev/null
+	PYTHON=$(BIN)/python bash scripts/build-image.sh
+
+# The built image's own checks: digest, signature, SBOM, non-root, no compiler, the CLI runs in it.
+test-image:
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_image.py
+
 clean:
-	rm -rf $(VENV) .secure_ml .secure_ml_identities test-artifacts
+	rm -rf $(VENV) .venv-k8s .secure_ml .secure_ml_identities test-artifacts

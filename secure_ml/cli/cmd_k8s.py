@@ -1,0 +1,138 @@
+"""secure-ml k8s render OUTDIR [--image-digest sha256:…] [--model-digest HEX] [--k8s-dir DIR]
+
+Writes every Kubernetes object the project would create, one file per object, after checking all
+of them (secure_ml/release/platform/checks.py): the Helm values for the pinned Dagster chart
+(``helm-values.yaml``), the namespaces, service accounts and NetworkPolicies, the Secrets (no
+values: each names where its keys come from) and the artifacts volume claim, the code location's
+Deployment and Service, the run worker's Job and each asset's step Job (built by dagster-k8s), and
+the model server. The image digest comes from ``build/image.digest`` (``make image``) unless
+``--image-digest`` is given; it is never written by hand. Nothing is written if any check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from secure_ml.custody.integrity import SHA256_HEX, atomic_write_bytes
+from secure_ml.errors import BadInput, ConfigurationError, VerificationError
+
+REPO = Path(__file__).resolve().parents[2]
+PLACEHOLDER_MODEL = "0" * 64
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    k8s = sub.add_parser("k8s", help="the pipeline on Kubernetes")
+    k8s_sub = k8s.add_subparsers(dest="k8s_command", required=True)
+    render = k8s_sub.add_parser("render", help="write and check every Kubernetes object, one file each")
+    render.add_argument("outdir", type=Path, help="a new or empty directory (or one render wrote before)")
+    render.add_argument("--image-digest", help="sha256:<hex> of the image (default: build/image.digest)")
+    render.add_argument("--model-digest", help="the model server's signed model digest (64 hex; default: a "
+                        "placeholder the init container refuses; `secure-ml deploy --target kubernetes` pins the real one)")
+    render.add_argument("--k8s-dir", type=Path, default=REPO / "k8s", help="the k8s/ directory")
+    render.set_defaults(handler=cmd_k8s_render)
+
+
+def image_digest(given: str | None, repo: Path = REPO) -> str:
+    if given is None:
+        path = repo / "build" / "image.digest"
+        if not path.is_file():
+            raise ConfigurationError("no image digest: run `make image` (writes build/image.digest) "
+                                     "or pass --image-digest sha256:<hex>")
+        given = path.read_text().strip()
+    if not given.startswith("sha256:") or not SHA256_HEX.match(given.removeprefix("sha256:")):
+        raise BadInput(f"not an image digest (sha256:<64 hex>): {given[:80]!r}")
+    return given
+
+
+def render_all(k8s_dir: Path, digest: str, model_digest: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(Helm values, every object), checked; VerificationError lists what is wrong."""
+    from secure_ml.cli import _k8s_jobs
+    from secure_ml.governance.policy import POLICY_DIR
+    from secure_ml.release import k8s_render
+    from secure_ml.release.platform import checks, helm_values, objects
+
+    cfg = objects.RenderConfig.load(k8s_dir)
+    values = helm_values.pin_images(cfg.load_yaml("values.yaml"), cfg.image_repository, digest)
+    helm_values.check_values(values)
+    image = helm_values.image_ref(cfg.image_repository, digest)
+    executor = (cfg.load_yaml("job_executor.yaml") or {}).get("execution", {}).get("config") or {}
+    release = yaml.safe_load((POLICY_DIR.parents[1] / "config" / "release.yaml").read_text())
+    rendered = [
+        *objects.static_manifests(cfg),
+        *objects.network_policies(cfg),
+        *objects.secrets_and_config_maps(cfg, values),
+        *objects.code_location_objects(cfg, values),
+        *_k8s_jobs.run_and_step_jobs(values, executor, image=image, namespace=cfg.namespace, steps=cfg.steps),
+        *k8s_render.render({**release["kubernetes"], "image": image}, version="rendered", model_digest=model_digest),
+        *objects.model_server_inputs(cfg, release["kubernetes"]),
+    ]
+    problems = checks.check_objects(rendered, kubernetes_version=cfg.kubernetes_version,
+                                    signed_model_digests=[f"sha256:{model_digest}"],
+                                    api_server_endpoints=cfg.api_server_endpoints, pipeline_namespace=cfg.namespace)
+    # The chart renders the webserver, daemon and code location from these sections: their
+    # Kubernetes parts must be valid Kubernetes too.
+    import kubernetes_validate
+
+    sections = {"dagsterWebserver": values["dagsterWebserver"], "dagsterDaemon": values["dagsterDaemon"],
+                "codeLocation": helm_values.code_location(values)}
+    for name, section in sections.items():
+        pod = helm_values.kubernetes_parts_as_pod(section, name=name.lower(), namespace=cfg.namespace)
+        try:
+            kubernetes_validate.validate(pod, cfg.kubernetes_version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            problems.append(f"Helm values {name}: {'.'.join(str(p) for p in exc.path)}: {str(exc.message)[:200]}")
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise VerificationError(f"{problems[0]}{more}")
+    return values, rendered
+
+
+def file_name(index: int, obj: dict[str, Any]) -> str:
+    meta = obj.get("metadata") or {}
+    step = (meta.get("labels") or {}).get("dagster/op")
+    name = f"step-{step}" if step else meta["name"]
+    return f"{index:02d}-{str(obj['kind']).lower()}-{meta.get('namespace', 'cluster')}-{name}.yaml"
+
+
+def write_outdir(outdir: Path, values: dict[str, Any], rendered: list[dict[str, Any]]) -> list[str]:
+    """Every file at once: built beside OUTDIR, then swapped in; a directory with other files is refused."""
+    if outdir.exists() and (not outdir.is_dir() or any(not p.name.endswith(".yaml") or not p.is_file()
+                                                        for p in outdir.iterdir())):
+        raise BadInput(f"{outdir} holds files render did not write; give a new or empty directory")
+    outdir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=outdir.parent))
+    try:
+        names = ["helm-values.yaml"]
+        atomic_write_bytes(staging / names[0], yaml.safe_dump(values, sort_keys=False).encode(), mode=0o644)
+        for index, obj in enumerate(rendered, start=1):
+            names.append(file_name(index, obj))
+            atomic_write_bytes(staging / names[-1], yaml.safe_dump(obj, sort_keys=False).encode(), mode=0o644)
+        os.chmod(staging, 0o755)
+        if outdir.exists():
+            shutil.rmtree(outdir)
+        staging.rename(outdir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return names
+
+
+def cmd_k8s_render(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    digest = image_digest(args.image_digest)
+    model_digest = args.model_digest or PLACEHOLDER_MODEL
+    if not SHA256_HEX.match(model_digest.removeprefix("sha256:")):
+        raise BadInput(f"not a model digest (64 hex): {model_digest[:80]!r}")
+    values, rendered = render_all(args.k8s_dir, digest, model_digest.removeprefix("sha256:"))
+    names = write_outdir(args.outdir, values, rendered)
+    print(f"{len(names)} files in {args.outdir} (image {digest[:19]}…), every object checked: "
+          f"schema (strict), admission policy, pod rules, chart values; {time.perf_counter() - started:.1f} s")
+    return 0
