@@ -72,7 +72,7 @@ class ExtractionVerdict:
 class ExtractionDetector:
     """Flags a token whose recent queries sit far from the training distribution (see the module doc)."""
 
-    def __init__(self, spec: FeatureSpec, *, window: int = 50, min_queries: int = 30, z_limit: float = 3.0,
+    def __init__(self, spec: FeatureSpec, *, window: int = 50, min_queries: int = 20, z_limit: float = 3.0,
                  max_atypical_share: float = 0.3, max_clients: int = 10_000) -> None:
         if not (0 < min_queries <= window and z_limit > 0 and 0 < max_atypical_share < 1):
             raise ConfigurationError("extraction detector: need 0 < min_queries <= window, z_limit > 0, "
