@@ -70,15 +70,17 @@ def test_300_bad_tokens_write_one_summary_and_are_limited(model: serving.LoadedM
     codes = [call(app, "POST", "/v1/predict", body={"instances": [ROW]}, token=f"guess-{i}",
                   address="203.0.113.9")[0] for i in range(300)]
     assert codes[:20] == [401] * 20 and set(codes[20:]) == {429}
-    # Another address is not punished for the first one's failures, and the right token still works.
+    # The right token still works, from another address and from the guesser's (a shared NAT).
     assert call(app, "POST", "/v1/predict", body={"instances": [ROW]}, token=secret)[0] == 200
+    assert call(app, "POST", "/v1/predict", body={"instances": [ROW]}, token=secret, address="203.0.113.9")[0] == 200
+    assert call(app, "POST", "/v1/predict", body={"instances": [ROW]}, token="x", address="198.51.100.1")[0] == 401
     assert len(audit_entries(settings)) == before      # nothing written per request
     app.state.guard.write_summaries(app.state.guard.failures.drain(force=True))
     written = audit_entries(settings)[before:]
-    assert len(written) == 1
-    entry = written[0]
+    assert [e["actor"] for e in written] == ["anonymous@198.51.100.1", "anonymous@203.0.113.9"]
+    entry = written[1]
     assert entry["actor"] == "anonymous@203.0.113.9" and entry["action"] == "serve.auth"
-    assert entry["details"]["failures"] == 20 and entry["details"]["refused_without_checking"] == 280
+    assert entry["details"]["failures"] == 20 and entry["details"]["refused_over_limit"] == 280
     assert "guess-" not in json.dumps(entry)            # never the presented token
 
 

@@ -9,8 +9,9 @@ version and the model digest), ``GET /openapi.json`` (the request contract), ``P
 ``{"instances": [{feature: value, ...}, ...]}`` -> ``{"predictions": [{"probability", "label"}]}``.
 
 Every request to a protected route goes through ``Guard.admit``, shared by any route that serves the
-model: a client address over its authentication-failure limit gets 429 before its token is looked
-at; a missing or wrong token 401 (counted per address, summarised once per window in the audit log);
+model: a missing or wrong token gets 401, counted per client address and summarised once per window
+in the audit log, and 429 once the address is over its failure limit for the window (a valid token
+from that address still works: clients behind one NAT are not locked out by a guesser);
 a token over its rate 429 with Retry-After (a tenth of the rate once the extraction detector flags
 it); a request over the token's daily budget 429. Bodies are read to at most ``max_body_bytes`` and
 parsed by secure_ml.release.serving.requests; no input yields a 500 (tests/test_serving_abuse.py).
@@ -70,12 +71,13 @@ class Guard:
 
     def admit(self, address: str, authorization: str) -> tuple[str | None, Refusal | None]:
         """(client name, None) for an authenticated request within its rate, else (None, Refusal)."""
-        blocked, wait, ended = self.failures.blocked(address)
-        self.write_summaries(ended)
-        if blocked:
-            return None, Refusal(429, "too many authentication failures", {"Retry-After": _seconds(wait)})
         client = self.client_of(authorization)
         if client is None:
+            # Guessing is limited per address; a valid token behind the same address (NAT) still works.
+            blocked, wait, ended = self.failures.blocked(address)
+            self.write_summaries(ended)
+            if blocked:
+                return None, Refusal(429, "too many authentication failures", {"Retry-After": _seconds(wait)})
             self.write_summaries(self.failures.fail(address))
             return None, Refusal(401, "a valid bearer token is required", {"WWW-Authenticate": "Bearer"})
         flagged = self.detector is not None and self.detector.flagged(client)

@@ -6,7 +6,8 @@ failures counted per client address, limited, and summarised (a bounded number o
     budget = DailyBudget(10_000)                 # instances per token per UTC day
     allowed, left = budget.charge("frontend", 32)
     failures = AuthFailures(window_s=60, max_per_window=20)
-    blocked, entries = failures.fail("203.0.113.9")   # entries: summaries of windows that ended
+    entries = failures.fail("203.0.113.9")          # entries: summaries of windows that ended
+    blocked, wait, entries = failures.blocked("203.0.113.9")
     failures.drain(force=True)                   # at shutdown: the summaries of the open window
 
 Everything is in memory and bounded: a bucket or counter per client up to ``max_clients``; beyond that
@@ -100,15 +101,15 @@ class AuthSummary:
     window_seconds: float
 
     def details(self) -> dict[str, Any]:
-        return {"failures": self.failures, "refused_without_checking": self.refused,
+        return {"failures": self.failures, "refused_over_limit": self.refused,
                 "window_start": self.window_start, "window_seconds": self.window_seconds}
 
 
 class AuthFailures:
     """Authentication failures per client address in fixed windows.
 
-    ``fail`` counts one and says whether the address is now over ``max_per_window`` (its next
-    requests get 429 without a token check). Entries for the audit log come out only as one summary
+    ``fail`` counts one; ``blocked`` says whether the address is over ``max_per_window`` (its next
+    bad tokens get 429, counted as refused). Entries for the audit log come out only as one summary
     per address per ended window (at most ``max_addresses`` + 1), never per request: 300 bad tokens
     are one line, not 300, and a hostile client cannot fill the log's volume.
     """
