@@ -12,13 +12,15 @@ export DVC_NO_ANALYTICS := 1
 export DAGSTER_DISABLE_TELEMETRY := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help install init demo test ui bench lock system-deps clean
+.PHONY: help install init demo test ui bench lock system-deps clean fuzz crash
 
 help:
 	@echo "make demo    set up and run the whole pipeline on the bundled sample data"
 	@echo "make test    set up and run every test"
 	@echo "make ui      the Dagster UI on http://127.0.0.1:3000 (sensors and schedules on)"
 	@echo "make bench   the benchmarks (figures as ratios to same-run baselines)"
+	@echo "make fuzz    the property-based tests with long runs (FUZZ=1)"
+	@echo "make crash   SIGKILL the CLI 200+ times across every stage, check recovery (long)"
 	@echo "make lock    re-resolve requirements.in into requirements.lock (hashed)"
 
 $(STAMP): requirements.lock pyproject.toml
@@ -57,6 +59,15 @@ ui: init
 
 bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# The fast lane runs the same property-based tests with few examples; FUZZ=1 runs 50x more.
+fuzz: install
+	FUZZ=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_fuzz_parsers.py tests/test_serving_abuse.py
+
+# Not in `make test`: hours on a loaded two-core machine. Prints the README's table.
+CRASH_ARGS ?= --kills 200 --seed 7
+crash: install
+	$(BIN)/python -m bench.crash_harness $(CRASH_ARGS)
 
 lock:
 	$(PYTHON) -m venv /tmp/secure-ml-lock && /tmp/secure-ml-lock/bin/pip install -q pip==25.3
