@@ -232,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     deadline = time.monotonic() + args.budget_seconds
     with tempfile.TemporaryDirectory(prefix="secure-ml-crash-") as tmp:
+        # The training sandbox drops privileges: it must be able to traverse to the home (0700 by default).
+        os.chmod(tmp, 0o755)
         home = Home(Path(tmp))
         prepare(home, stages)
         results = exercise(home, stages, args.kills, rng, deadline, args.json)

@@ -239,3 +239,36 @@ def test_the_published_openapi_document_describes_the_contract(fuzz_app: tuple[A
     instance = request["properties"]["instances"]["items"]
     assert set(instance["required"]) == {*NUMERIC, *CATEGORICAL} and instance["additionalProperties"] is False
     assert instance["properties"]["sex"]["enum"] == CATEGORICAL["sex"]
+
+
+# -- schemathesis against the published OpenAPI document -----------------------------------------------
+def _schemathesis_app(tmp: Path) -> tuple[Any, str]:
+    directory = make_model_dir(tmp / "m")
+    spec = serving.FeatureSpec.from_preprocessing(json.loads((directory / "preprocessing.json").read_text()))
+    model = serving.LoadedModel(directory, "ab" * 32, "v1", spec, load_predictor(directory))
+    store = serving.TokenStore(tmp / "tokens.json")
+    secret = store.issue("schemathesis")
+    return serving.create_app(model, store, rate_per_minute=10**9, max_batch=8, max_body_bytes=1 << 14), secret
+
+
+def test_schemathesis_finds_no_server_error_or_contract_breach(tmp_path: Path) -> None:
+    """Generated from /openapi.json (valid and invalid bodies, with and without the token): no 5xx,
+    every status documented, every response matches its schema."""
+    import schemathesis
+    from hypothesis import given as st_given
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import response_schema_conformance, status_code_conformance
+
+    app, secret = _schemathesis_app(tmp_path)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    checks = [not_a_server_error, status_code_conformance, response_schema_conformance]
+    for operation in (schema["/v1/predict"]["POST"], schema["/healthz"]["GET"]):
+        strategy = operation.as_strategy()
+
+        @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+        @st_given(case=strategy)
+        def run(case: Any) -> None:
+            for headers in ({"Authorization": f"Bearer {secret}"}, {}):
+                case.call_and_validate(headers=headers, checks=checks)
+
+        run()

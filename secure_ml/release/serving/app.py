@@ -163,6 +163,10 @@ def create_app(model: LoadedModel, tokens: TokenStore, *, rate_per_minute: int =
         if refusal is not None:
             return refuse(refusal)
         probabilities = model.predict(rows)
+        if not all(math.isfinite(p) for p in probabilities):
+            # Fail closed on an answer the model cannot give (never a 500, never NaN on the wire).
+            guard.note(client, "serve.predict", "fail", reason="the model answered a non-finite probability")
+            return JSONResponse({"error": "the model cannot answer for these values"}, status_code=422)
         return JSONResponse({
             "model_digest": model.model_digest,
             "version": model.version,

@@ -29,6 +29,7 @@ from secure_ml.security import verification
 from secure_ml.security.verification import TrustPolicy
 from secure_ml.training.trainer import load_predictor
 
+FLOAT32_MAX = 3.4028234663852886e38
 ALLOWED_FILES = re.compile(r"^(model\.safetensors|config\.json|preprocessing\.json|training_record\.json|MODEL_CARD\.md)$")
 
 
@@ -88,6 +89,11 @@ class FeatureSpec:
                 number = math.nan
             if not math.isfinite(number):
                 raise BadInput(f"{where}: field {name!r} must be a finite number")
+            mean, scale = self.numeric[name]
+            if abs(number) > FLOAT32_MAX or abs((number - mean) / scale) > FLOAT32_MAX:
+                # The model computes in float32: a larger value would become inf and answer NaN
+                # (found by schemathesis: a 500).
+                raise BadInput(f"{where}: field {name!r} is out of the model's range")
             row[name] = number
         for name, categories in self.categorical.items():
             value = instance[name]
