@@ -43,7 +43,8 @@ STAGES: dict[str, list[str]] = {
     "deploying": ["deploy", "v1"],
 }
 # What has to exist before a stage can run: the whole pipeline for the release stages.
-NEEDS_PIPELINE = {"validation", "training", "signing", "registering", "approving", "deploying"}
+# (validation follows ingest's first whole run, so it needs nothing more.)
+NEEDS_PIPELINE = {"training", "signing", "registering", "approving", "deploying"}
 
 
 @dataclass
@@ -141,7 +142,7 @@ def prepare(home: Home, stages: list[str]) -> None:
         if result.returncode != 0:   # once more: a loaded machine can fail a run for reasons of its own
             result = home.run(args)
         if result.returncode != 0:
-            raise SystemExit(f"setup `{' '.join(args)}` failed: {(result.stderr or result.stdout).strip()[-300:]}")
+            raise SystemExit(f"setup `{' '.join(args)}` failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     if "rotation" in stages and not set(stages) & NEEDS_PIPELINE:
         from secure_ml.settings import Settings
 

@@ -31,10 +31,23 @@ class TokenStore:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
+        self._cached: tuple[tuple[int, int, int], list[dict[str, str]]] | None = None
 
     def _load(self) -> list[dict[str, str]]:
-        if not self.path.exists():
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
             return []
+        # Re-read only when the file changed (issue and revoke replace it by rename): a flood of bad
+        # tokens costs a stat and a hash each, not a file parse.
+        identity = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        if self._cached is not None and self._cached[0] == identity:
+            return self._cached[1]
+        tokens = self._parse()
+        self._cached = (identity, tokens)
+        return tokens
+
+    def _parse(self) -> list[dict[str, str]]:
         try:
             data = json.loads(self.path.read_text())
             tokens = data["tokens"]
