@@ -12,15 +12,16 @@ export DVC_NO_ANALYTICS := 1
 export DAGSTER_DISABLE_TELEMETRY := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help install init demo test test-fast lint fuzz ui bench lock system-deps clean image test-image k8s-tools k8s-check
+.PHONY: help install init demo test test-fast lint fuzz crash ui bench lock system-deps clean image test-image k8s-tools k8s-check
 
 help:
 	@echo "make demo    set up and run the whole pipeline on the bundled sample data"
 	@echo "make test    set up and run every test"
 	@echo "make test-fast  the unit lane (no browser, daemon or end-to-end pipeline; about a minute)"
-	@echo "make fuzz    long property-based fuzzing of the parsers we own (scanners)"
 	@echo "make ui      the Dagster UI on http://127.0.0.1:3000 (sensors and schedules on)"
 	@echo "make bench   the benchmarks (figures as ratios to same-run baselines)"
+	@echo "make fuzz    the property-based tests of the parsers we own, with long runs"
+	@echo "make crash   SIGKILL the CLI 200+ times across every stage, check recovery (long)"
 	@echo "make lock    re-resolve requirements.in into requirements.lock (hashed)"
 	@echo "make image   the container image (OCI archive in build/), from Debian packages and the lock"
 
@@ -78,13 +79,20 @@ lint: install
 # The normal tests run the fuzzers briefly (hypothesis profile "quick"); this runs them long.
 FUZZ_PROFILE ?= long
 fuzz: install
-	SECURE_ML_FUZZ_PROFILE=$(FUZZ_PROFILE) $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_fuzz_*.py
+	SECURE_ML_FUZZ_PROFILE=$(FUZZ_PROFILE) FUZZ=1 $(BIN)/python -m pytest -q -p no:cacheprovider \
+		tests/test_fuzz_*.py tests/test_serving_abuse.py
 
 ui: init
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+
+# Not in `make test`: hours on a loaded two-core machine. Prints the README's table.
+CRASH_ARGS ?= --kills 200 --seed 7
+crash: install
+	$(BIN)/python -m bench.crash_harness $(CRASH_ARGS)
 
 lock:
 	$(PYTHON) -m venv /tmp/secure-ml-lock && /tmp/secure-ml-lock/bin/pip install -q pip==25.3

@@ -374,6 +374,7 @@ def _cli(settings: Settings, *args: str, identity: Path | None = None) -> subpro
 
 @pytest.mark.slow
 @pytest.mark.slow
+@pytest.mark.slow
 def test_cli_approve_and_status(settings: Settings, keys: Keys, tmp_path: Path) -> None:
     from _identities import trust_people
 

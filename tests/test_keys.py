@@ -320,6 +320,7 @@ def rewrapped_under(settings: Settings, key_id: str, digests: list[str]) -> int:
 @pytest.mark.slow
 @pytest.mark.slow
 @pytest.mark.slow
+@pytest.mark.slow
 def test_rotation_killed_at_many_points_never_strands_an_artifact(settings: Settings, home: Path) -> None:
     """SIGKILL `secure-ml keys rotate` while starting, right after it saved its new key, and after
     it re-wrapped 5, 20, 45, 75 and 100 of 120 artifacts (each run resuming the last). After

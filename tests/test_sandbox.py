@@ -171,6 +171,7 @@ def test_a_host_without_user_namespaces_gets_a_clean_refusal_not_a_bare_run(
 
 @pytest.mark.slow
 @pytest.mark.slow
+@pytest.mark.slow
 def test_a_failing_or_hung_training_process_is_reported_in_one_line() -> None:
     from secure_ml.training.loop import ENTRY
     from secure_ml.training.sandbox import run_isolated

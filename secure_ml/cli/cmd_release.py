@@ -233,9 +233,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def on_event(client: str, action: str, outcome: str, details: dict[str, Any]) -> None:
         audit.record(client, action, subject=model.version, outcome=outcome, details=details)
 
-    app = serving.create_app(model, tokens, rate_per_minute=int(config.get("rate_limit_per_minute", 120)),
-                             max_batch=int(config.get("max_batch", 256)),
-                             max_body_bytes=int(config.get("max_body_bytes", 1 << 20)), on_event=on_event)
+    auth = config.get("auth_failures") or {}
+    detector = config.get("extraction_detector") or {}
+    app = serving.create_app(
+        model, tokens, rate_per_minute=int(config.get("rate_limit_per_minute", 120)),
+        max_batch=int(config.get("max_batch", 256)), max_body_bytes=int(config.get("max_body_bytes", 1 << 20)),
+        on_event=on_event, daily_budget=int(config["daily_query_budget"]) if config.get("daily_query_budget") else None,
+        output=serving.OutputPolicy.from_config(config.get("output")),
+        detector=None if detector.get("enabled") is False else serving.ExtractionDetector(
+            model.spec, **{k: v for k, v in detector.items() if k != "enabled"}),
+        auth_failures=serving.AuthFailures(window_s=float(auth.get("window_seconds", 60)),
+                                           max_per_window=int(auth.get("max_per_window", 20))))
     host = args.host or str(config.get("host", "127.0.0.1"))
     port = args.port or int(config.get("port", 8765))
     print(f"serving {model.version} sha256:{model.model_digest[:16]}… on http://{host}:{port}", flush=True)

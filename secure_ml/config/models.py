@@ -126,12 +126,35 @@ class Kubernetes(Strict):
     resources: dict[Literal["requests", "limits"], dict[str, str]] = {}
 
 
+class ServingOutput(Strict):
+    """How precise answers are: ``decimals`` rounds probabilities; ``label_only`` drops them."""
+
+    decimals: int | None = Field(None, ge=0, le=17)
+    label_only: bool = False
+
+
+class ExtractionDetector(Strict):
+    window: int = Field(50, ge=1)
+    min_queries: int = Field(20, ge=1)
+    z_limit: float = Field(3.0, gt=0)
+    max_atypical_share: float = Field(0.3, gt=0, lt=1)
+
+
+class AuthFailures(Strict):
+    window_seconds: float = Field(60, gt=0)
+    max_per_window: int = Field(20, ge=1)
+
+
 class Serving(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8765, ge=1, le=65535)
     rate_limit_per_minute: int = Field(120, ge=1)
     max_batch: int = Field(256, ge=1)
     max_body_bytes: int = Field(1 << 20, ge=1)
+    daily_query_budget: int = Field(10_000, ge=0)
+    output: ServingOutput = ServingOutput()
+    extraction_detector: ExtractionDetector = ExtractionDetector()
+    auth_failures: AuthFailures = AuthFailures()
 
 
 class ReleaseFile(Strict):

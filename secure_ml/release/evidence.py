@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from secure_ml.custody.integrity import sha256_tree, tree_digest
+from secure_ml.errors import BadInput
 from secure_ml.governance.access import AccessPolicy
 from secure_ml.release.registry import ModelVersion
 
@@ -37,12 +38,24 @@ def _numbers(mapping: Any, prefix: str = "") -> dict[str, float]:
         if isinstance(value, bool):
             continue
         if isinstance(value, int | float):
-            out[str(key)] = float(value)
-            out[name] = float(value)
+            number = _float(value)
+            if number is None:
+                continue
+            out[str(key)] = number
+            out[name] = number
         elif isinstance(value, Mapping):
             for sub_key, sub_value in _numbers(value, f"{name}.").items():
                 out.setdefault(sub_key, sub_value)
     return out
+
+
+def _float(value: int | float) -> float | None:
+    """A float, or None for an integer too large for one (found by tests/test_fuzz_parsers.py); the
+    policy then sees the metric as missing, which fails closed."""
+    try:
+        return float(value)
+    except OverflowError:
+        return None
 
 
 def _fairness_gaps(fairness: Any) -> list[dict[str, Any]]:
@@ -52,12 +65,14 @@ def _fairness_gaps(fairness: Any) -> list[dict[str, Any]]:
     def walk(node: Any, path: list[str]) -> None:
         if isinstance(node, Mapping):
             if "value" in node and isinstance(node["value"], int | float) and not isinstance(node["value"], bool):
-                gaps.append({"attribute": ".".join(path[:-1]) or "*", "metric": path[-1] if path else "value",
-                             "value": float(node["value"])})
+                value = _float(node["value"])
+                if value is not None:
+                    gaps.append({"attribute": ".".join(path[:-1]) or "*", "metric": path[-1] if path else "value",
+                                 "value": value})
                 return
             for key, value in node.items():
                 walk(value, [*path, str(key)])
-        elif isinstance(node, int | float) and not isinstance(node, bool) and path:
+        elif isinstance(node, int | float) and not isinstance(node, bool) and path and _float(node) is not None:
             gaps.append({"attribute": ".".join(path[:-1]) or "*", "metric": path[-1], "value": float(node)})
 
     walk(fairness, [])
@@ -75,6 +90,11 @@ def evaluation_evidence(evaluation: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def scan_evidence(scan: Mapping[str, Any]) -> dict[str, Any]:
+    # A report of the wrong shape is one clear error, not a TypeError (tests/test_fuzz_parsers.py).
+    if not isinstance(scan.get("findings") or [], list):
+        raise BadInput("scan report: findings must be a list")
+    if not isinstance(scan.get("counts") or {}, Mapping):
+        raise BadInput("scan report: counts must be an object")
     findings = []
     for item in scan.get("findings") or []:
         if not isinstance(item, Mapping):
