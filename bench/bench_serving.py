@@ -73,7 +73,7 @@ def run(quick: bool) -> list[Figure]:
     from _release_fixtures import make_model_dir
 
     from secure_ml.release import serving
-    from secure_ml.training.trainer import load_predictor
+    from secure_ml.training.predictor import load_predictor
 
     n = 100 if quick else 400
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:

@@ -21,10 +21,12 @@ import pytest
 from _asgi import call
 
 from secure_ml.release import serving
-from secure_ml.training import trainer as training
+from secure_ml.training.features import DataSpec, Preprocessing
+from secure_ml.training.model import MODEL_FORMAT, build_model
+from secure_ml.training.predictor import load_predictor
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "german_credit.csv"
-SPEC = training.DataSpec("risk", ["credit_amount", "duration", "age", "job"],
+SPEC = DataSpec("risk", ["credit_amount", "duration", "age", "job"],
                          ["sex", "housing", "saving_accounts", "checking_account", "purpose"])
 
 
@@ -37,10 +39,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     frame = pd.read_csv(SAMPLE)
     order = np.random.default_rng(0).permutation(len(frame))
     train, test = frame.iloc[order[:800]], frame.iloc[order[800:]]
-    prep = training.Preprocessing.fit(train, SPEC)
+    prep = Preprocessing.fit(train, SPEC)
     X, _ = prep.transform(train)
     torch.manual_seed(0)
-    net = training.build_model(prep.width, [16], 0.0)
+    net = build_model(prep.width, [16], 0.0)
     optimiser = torch.optim.Adam(net.parameters(), lr=0.01)
     inputs, labels = torch.tensor(X), torch.tensor(prep.labels(train))
     for _ in range(300):
@@ -49,13 +51,13 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         optimiser.step()
     directory = tmp_path_factory.mktemp("model")
     save_file({k: v.detach().clone().contiguous() for k, v in net.state_dict().items()},
-              str(directory / "model.safetensors"), metadata={"format": training.MODEL_FORMAT})
+              str(directory / "model.safetensors"), metadata={"format": MODEL_FORMAT})
     (directory / "config.json").write_text(json.dumps({
-        "format": training.MODEL_FORMAT, "architecture": "tabular-mlp", "inputs": prep.width, "hidden": [16],
+        "format": MODEL_FORMAT, "architecture": "tabular-mlp", "inputs": prep.width, "hidden": [16],
         "dropout": 0.0, "outputs": 1, "threshold": 0.5}))
     (directory / "preprocessing.json").write_text(json.dumps(prep.to_json()))
     spec = serving.FeatureSpec.from_preprocessing(prep.to_json())
-    model = serving.LoadedModel(directory, "cd" * 32, "v1", spec, training.load_predictor(directory))
+    model = serving.LoadedModel(directory, "cd" * 32, "v1", spec, load_predictor(directory))
     rows = test.drop(columns=[SPEC.label]).to_dict("records")
     labels_on_test = np.array(model.predict([spec.validate(r, i) for i, r in enumerate(rows)])) >= 0.5
     X_test, _ = prep.transform(test)

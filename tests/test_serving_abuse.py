@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from secure_ml.release import serving
 from secure_ml.settings import Settings
-from secure_ml.training.trainer import load_predictor
+from secure_ml.training.predictor import load_predictor
 
 ROW = {"age": 41, "credit_amount": 2500.0, "sex": "female", "purpose": "car"}
 EXAMPLES = 2000 if os.environ.get("FUZZ") else 30

@@ -115,7 +115,7 @@ def write_outdir(outdir: Path, values: dict[str, Any], rendered: list[dict[str, 
         for index, obj in enumerate(rendered, start=1):
             names.append(file_name(index, obj))
             atomic_write_bytes(staging / names[-1], yaml.safe_dump(obj, sort_keys=False).encode(), mode=0o644)
-        os.chmod(staging, 0o755)
+        os.chmod(staging, 0o755)  # nosec B103: a directory of manifests holding no secret value (Secrets are references)
         if outdir.exists():
             shutil.rmtree(outdir)
         staging.rename(outdir)

@@ -6,7 +6,7 @@
                                                           signature=..., attestation=..., access=access))
     pipeline_changers(version)                            # who may not deploy it (separation of duties)
 
-"Changed the pipeline" (separation of duties, DESIGN section 6) is concrete here: the identity
+"Changed the pipeline" (separation of duties, docs/ARCHITECTURE.md) is concrete here: the identity
 that registered the version (ran the pipeline run that produced it), the identity that trained
 it, and the git author of the code commit in its training record. None of them may deploy it.
 """

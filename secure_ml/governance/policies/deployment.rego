@@ -1,7 +1,7 @@
 # May `input.deployer` deploy model version `input.version` to `input.target`?
 #
 # Input: deployer {identity, roles}, version, stage, target, pipeline_changers [{identity, why}]
-# "Changed the pipeline" (DESIGN section 6) means, concretely: the identity that registered the
+# "Changed the pipeline" (docs/ARCHITECTURE.md, "Who may do what") means, concretely: the identity that registered the
 # version (ran the pipeline run that produced it), the identity that trained it, and the git
 # author of the code commit recorded in its training record. None of them may deploy it to
 # production: whoever can change the code must not also be able to ship it alone.
