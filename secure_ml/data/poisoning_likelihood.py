@@ -229,26 +229,29 @@ class ReferenceModel:
         n, big_n = len(c), len(self.oof_surprise)
         pool_c = np.concatenate([c, self.oof_surprise])
         pool_d = np.concatenate([d, disagreement(self.oof_proba, self.oof_labels)])
-        in_drop = (np.argsort(rng.random((draws, n + big_n)), axis=1) < n).astype(np.float64)
-        in_ref = 1.0 - in_drop
-        m_ref = in_ref @ pool_c / big_n
-        v_ref = np.maximum(in_ref @ pool_c ** 2 / big_n - m_ref ** 2, 1e-12)
-        z_global = (in_drop @ pool_c - n * m_ref) / np.sqrt(v_ref * (n + n_new ** 2 / big_n))
-        if not drop_in.shape[1]:
-            return z_global, np.full(draws, -np.inf)
         groups = np.concatenate([drop_in, ref_in]).astype(np.float64)
-        m_all = (in_ref @ pool_d / big_n)[:, None]
-        v_all = np.maximum((in_ref @ pool_d ** 2 / big_n)[:, None] - m_all ** 2, 1e-12)
-        big_g = in_ref @ groups
-        weight = big_g + GROUP_PRIOR_ROWS
-        s1, s2 = (in_ref * pool_d) @ groups, (in_ref * pool_d ** 2) @ groups
-        m_g = (s1 + GROUP_PRIOR_ROWS * m_all) / weight
-        v_g = np.maximum((s2 - 2 * m_g * s1 + big_g * m_g ** 2 + GROUP_PRIOR_ROWS * v_all) / weight, 1e-12)
-        n_g = in_drop @ groups
-        new_g = n_g * (n_new / max(n, 1))
-        z = ((in_drop * pool_d) @ groups - n_g * m_g) / np.sqrt(v_g * (n_g + new_g ** 2 / weight))
-        z = np.where(n_g >= min_rows, z, -np.inf)
-        return z_global, z.max(axis=1)
+        z_global, z_worst = [], []
+        for start in range(0, draws, 50):     # 50 shuffles at a time bound the memory on large drops
+            in_drop = (np.argsort(rng.random((min(50, draws - start), n + big_n)), axis=1) < n).astype(np.float64)
+            in_ref = 1.0 - in_drop
+            m_ref = in_ref @ pool_c / big_n
+            v_ref = np.maximum(in_ref @ pool_c ** 2 / big_n - m_ref ** 2, 1e-12)
+            z_global.append((in_drop @ pool_c - n * m_ref) / np.sqrt(v_ref * (n + n_new ** 2 / big_n)))
+            if not groups.shape[1]:
+                z_worst.append(np.full(len(in_drop), -np.inf))
+                continue
+            m_all = (in_ref @ pool_d / big_n)[:, None]
+            v_all = np.maximum((in_ref @ pool_d ** 2 / big_n)[:, None] - m_all ** 2, 1e-12)
+            big_g = in_ref @ groups
+            weight = big_g + GROUP_PRIOR_ROWS
+            s1, s2 = (in_ref * pool_d) @ groups, (in_ref * pool_d ** 2) @ groups
+            m_g = (s1 + GROUP_PRIOR_ROWS * m_all) / weight
+            v_g = np.maximum((s2 - 2 * m_g * s1 + big_g * m_g ** 2 + GROUP_PRIOR_ROWS * v_all) / weight, 1e-12)
+            n_g = in_drop @ groups
+            new_g = n_g * (n_new / max(n, 1))
+            z = ((in_drop * pool_d) @ groups - n_g * m_g) / np.sqrt(v_g * (n_g + new_g ** 2 / weight))
+            z_worst.append(np.where(n_g >= min_rows, z, -np.inf).max(axis=1))
+        return np.concatenate(z_global), np.concatenate(z_worst)
 
     def scan(self, x: np.ndarray, y: np.ndarray, *, duplicate_of: np.ndarray,
              groups: Sequence[tuple[str, np.ndarray, np.ndarray]], alpha: float, global_share: float,
