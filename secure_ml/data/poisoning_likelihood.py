@@ -208,7 +208,8 @@ class ReferenceModel:
             else:
                 z_worst.append(np.full(size, -np.inf))
         simulated = np.concatenate(z_global)
-        e_global, e_worst = self._permuted(c_obs, d_obs, drop_in, ref_in, n_new, min(draws, PERMUTATIONS), min_rows, rng)
+        e_global, e_worst = self._permuted(c_obs, d_obs, drop_in, ref_in, n_new, min(draws, PERMUTATIONS),
+                                           min_rows, rng)
         parts = {"normal": NormalDist().inv_cdf(1 - alpha * global_share),
                  "global_model": float(np.quantile(simulated, 1 - alpha * global_share)),
                  "global_permuted": float(np.quantile(e_global, 1 - alpha * global_share))}
