@@ -499,7 +499,10 @@ def calibrate(seeds: range = range(10_000, 10_200)) -> dict[str, dict[str, float
     return table
 
 
-if __name__ == "__main__":  # python -m bench.bench_data --calibrate
-    if "--calibrate" in sys.argv:
+if __name__ == "__main__":  # python -m bench.bench_data --calibrate | --unseen CLEAN_DROPS ATTACKED_DROPS
+    if "--unseen" in sys.argv:
+        at = sys.argv.index("--unseen")
+        print(markdown(unseen_table(int(sys.argv[at + 1]), int(sys.argv[at + 2]))))
+    elif "--calibrate" in sys.argv:
         for row, values in calibrate().items():
             print(f"{row:<40} max {values['max']:8.3f}   q99 {values['q99']:8.3f}")

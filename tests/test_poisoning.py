@@ -247,3 +247,25 @@ def test_a_stricter_alpha_raises_the_limits(reference: pd.DataFrame) -> None:
     loose = _screen(new, known).detector("label_likelihood").limit
     strict = _screen(new, known, alpha=0.01, legacy_alpha=0.001).detector("label_likelihood").limit
     assert strict > loose > 1.6
+
+
+def test_an_over_confident_model_does_not_set_the_limit() -> None:
+    """A nearly separable table with a few wrong labels in it: a barely regularised model is more
+    confident than it should be, so labels drawn from its probabilities understate the clean tail.
+    The permutation null (the rows' real labels shuffled between drop and reference) sees that tail
+    and the limit is the larger of the two."""
+    from secure_ml.data.poisoning_likelihood import ReferenceModel
+
+    for seed in (0, 2):
+        rng = np.random.default_rng(seed)
+        x = rng.normal(size=(600, 5))
+        y = (x[:, 0] > 0).astype(np.int64)
+        wrong = rng.random(600) < 0.04
+        y[wrong] = 1 - y[wrong]
+        model = ReferenceModel.fit(x[:300], y[:300], n_classes=2, folds=10, p_min=0.1, c=100.0)
+        assert model is not None
+        scan = model.scan(x[300:], y[300:], duplicate_of=np.full(300, -1), groups=[], alpha=0.045,
+                          global_share=0.75)
+        limits = scan.detail["limits"]
+        assert limits["global_permuted"] > limits["global_model"] + 0.05
+        assert scan.limit_global == max(limits["normal"], limits["global_model"], limits["global_permuted"])

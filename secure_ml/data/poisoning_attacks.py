@@ -82,3 +82,27 @@ def rare_trigger(reference: pd.DataFrame, numeric: list[str], categorical: list[
         value = float(np.nanquantile(reference[column].to_numpy(dtype=np.float64), 0.99))
         trigger[column] = int(round(value)) if pd.api.types.is_integer_dtype(reference[column]) else value
     return trigger
+
+
+def flip_labels(frame: pd.DataFrame, label: str, fraction: float, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """A copy with ``fraction`` of rows given a different label at random; returns (frame, flipped mask)."""
+    rng = np.random.default_rng(seed)
+    out = frame.copy()
+    n = len(out)
+    chosen = rng.choice(n, size=int(round(fraction * n)), replace=False)
+    values = out[label].to_numpy().copy()
+    classes = np.unique(values)
+    for i in chosen:
+        others = classes[classes != values[i]]
+        values[i] = others[rng.integers(len(others))]
+    out[label] = values
+    mask = np.zeros(n, dtype=bool)
+    mask[chosen] = True
+    return out, mask
+
+
+def bootstrap(frame: pd.DataFrame, seed: int, rows: int | None = None) -> pd.DataFrame:
+    """A resample with replacement (a plausible new drop of the same population)."""
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(frame), size=rows or len(frame))
+    return frame.iloc[picks].reset_index(drop=True)

@@ -27,6 +27,13 @@ false-alarm rate: the global limit takes ``global_share`` of ``alpha``; the subg
 simulation (labels drawn from the model's own probabilities for the reference and the drop, every
 statistic recomputed), so that P(global over or any subgroup over) = alpha under that null,
 whatever the groups' sizes, overlaps and skew.
+
+That null trusts the model's probabilities; on a nearly separable table the model is
+over-confident and its probabilities understate how often a clean row is confidently wrong. So both
+limits are also calibrated by permutation, which trusts nothing but exchangeability: the observed
+scores of the drop's and the reference's rows (their real labels, out of fold) are shuffled between
+the two and every statistic recomputed. Each limit is the larger of the two; the scan's
+``detail["limits"]`` holds every candidate.
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ if TYPE_CHECKING:
 GROUP_PRIOR_ROWS = 30.0
 #: simulated draws of the subgroup null (deterministic seed)
 NULL_DRAWS = 2000
+#: shuffles of the permutation null (deterministic seed)
+PERMUTATIONS = 1000
 #: a limit no statistic reaches (finite, so reports stay valid JSON)
 NO_LIMIT = 1e9
 
@@ -170,11 +179,13 @@ class ReferenceModel:
         return proba
 
     def _limits(self, proba: np.ndarray, duplicate_of: np.ndarray, drop_in: np.ndarray, ref_in: np.ndarray,
-                new_in: np.ndarray, alpha: float, global_share: float, n_new: int, seed: int) -> tuple[float, float]:
+                new_in: np.ndarray, alpha: float, global_share: float, n_new: int, seed: int,
+                min_rows: int, c_obs: np.ndarray, d_obs: np.ndarray) -> tuple[float, float, dict[str, float]]:
         """(global limit, subgroup limit), calibrated by simulation: labels drawn from the model's own
         probabilities, for the reference (its OOF probabilities) and the drop alike, then every
         statistic computed as for the real drop. Skewed scores and small groups get the limits they
-        need, not normal ones; the global limit is never below the normal one."""
+        need, not normal ones; the global limit is never below the normal one, nor below the
+        permutation null's (``_permuted``), which does not assume the probabilities are right."""
         rng = np.random.default_rng(seed)
         n, big_n = len(proba), len(self.oof_proba)
         cells = (n + big_n) * max(drop_in.shape[1], 1)
@@ -197,11 +208,51 @@ class ReferenceModel:
             else:
                 z_worst.append(np.full(size, -np.inf))
         simulated = np.concatenate(z_global)
-        limit_global = max(NormalDist().inv_cdf(1 - alpha * global_share),
-                           float(np.quantile(simulated, 1 - alpha * global_share)))
+        e_global, e_worst = self._permuted(c_obs, d_obs, drop_in, ref_in, n_new, min(draws, PERMUTATIONS),
+                                           min_rows, rng)
+        parts = {"normal": NormalDist().inv_cdf(1 - alpha * global_share),
+                 "global_model": float(np.quantile(simulated, 1 - alpha * global_share)),
+                 "global_permuted": float(np.quantile(e_global, 1 - alpha * global_share))}
+        limit_global = max(parts["normal"], parts["global_model"], parts["global_permuted"])
         if not drop_in.shape[1]:
-            return limit_global, NO_LIMIT
-        return limit_global, _limit_from_draws(simulated, np.concatenate(z_worst), alpha, limit_global)
+            return limit_global, NO_LIMIT, parts
+        parts["groups_model"] = _limit_from_draws(simulated, np.concatenate(z_worst), alpha, limit_global)
+        parts["groups_permuted"] = _limit_from_draws(e_global, e_worst, alpha, limit_global)
+        return limit_global, max(parts["groups_model"], parts["groups_permuted"]), parts
+
+    def _permuted(self, c: np.ndarray, d: np.ndarray, drop_in: np.ndarray, ref_in: np.ndarray, n_new: int,
+                  draws: int, min_rows: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """The same statistics with the rows' observed scores shuffled between the drop and the
+        reference (a permutation null: under no poisoning the two are exchangeable). It needs no
+        trust in the model's probabilities: where the model is over-confident (a nearly separable
+        table) they understate the scores' tail; the rows' real labels do not. ``c``/``d``: the
+        drop's surprise and disagreement."""
+        n, big_n = len(c), len(self.oof_surprise)
+        pool_c = np.concatenate([c, self.oof_surprise])
+        pool_d = np.concatenate([d, disagreement(self.oof_proba, self.oof_labels)])
+        groups = np.concatenate([drop_in, ref_in]).astype(np.float64)
+        z_global, z_worst = [], []
+        for start in range(0, draws, 50):     # 50 shuffles at a time bound the memory on large drops
+            in_drop = (np.argsort(rng.random((min(50, draws - start), n + big_n)), axis=1) < n).astype(np.float64)
+            in_ref = 1.0 - in_drop
+            m_ref = in_ref @ pool_c / big_n
+            v_ref = np.maximum(in_ref @ pool_c ** 2 / big_n - m_ref ** 2, 1e-12)
+            z_global.append((in_drop @ pool_c - n * m_ref) / np.sqrt(v_ref * (n + n_new ** 2 / big_n)))
+            if not groups.shape[1]:
+                z_worst.append(np.full(len(in_drop), -np.inf))
+                continue
+            m_all = (in_ref @ pool_d / big_n)[:, None]
+            v_all = np.maximum((in_ref @ pool_d ** 2 / big_n)[:, None] - m_all ** 2, 1e-12)
+            big_g = in_ref @ groups
+            weight = big_g + GROUP_PRIOR_ROWS
+            s1, s2 = (in_ref * pool_d) @ groups, (in_ref * pool_d ** 2) @ groups
+            m_g = (s1 + GROUP_PRIOR_ROWS * m_all) / weight
+            v_g = np.maximum((s2 - 2 * m_g * s1 + big_g * m_g ** 2 + GROUP_PRIOR_ROWS * v_all) / weight, 1e-12)
+            n_g = in_drop @ groups
+            new_g = n_g * (n_new / max(n, 1))
+            z = ((in_drop * pool_d) @ groups - n_g * m_g) / np.sqrt(v_g * (n_g + new_g ** 2 / weight))
+            z_worst.append(np.where(n_g >= min_rows, z, -np.inf).max(axis=1))
+        return np.concatenate(z_global), np.concatenate(z_worst)
 
     def scan(self, x: np.ndarray, y: np.ndarray, *, duplicate_of: np.ndarray,
              groups: Sequence[tuple[str, np.ndarray, np.ndarray]], alpha: float, global_share: float,
@@ -236,12 +287,13 @@ class ReferenceModel:
                          drop_in, ref_in, new_in, deff)[0]
             z_groups = {name: float(v) for name, v in zip(names, z, strict=True)}
             rows = {name: int(v) for name, v in zip(names, drop_in.sum(axis=0), strict=True)}
-        limit_global, limit_groups = self._limits(proba, duplicate_of, drop_in, ref_in, new_in, alpha,
-                                                  global_share, n_new, seed)
+        limit_global, limit_groups, parts = self._limits(proba, duplicate_of, drop_in, ref_in, new_in, alpha,
+                                                  global_share, n_new, seed, min_group_rows, c,
+                                                  disagreement(proba, y))
         label_p = proba[np.arange(n), np.maximum(y, 0)] * (y >= 0)
         return Scan(z_global, limit_global, z_groups, rows, limit_groups, 1.0 - label_p, c,
                     observed, n * m_ref, int((~new).sum()),
-                    {"reference_mean": m_ref, "reference_sd": math.sqrt(v_ref)})
+                    {"reference_mean": m_ref, "reference_sd": math.sqrt(v_ref), "limits": parts})
 
 
 def _group_z(c: np.ndarray, ref: np.ndarray, drop_in: np.ndarray, ref_in: np.ndarray, new_in: np.ndarray,

@@ -179,7 +179,7 @@ class Drift:
 def reference_drift(pinned: pd.DataFrame, candidate: pd.DataFrame, *, label: str, numeric: Sequence[str],
                     categorical: Sequence[str], max_psi: float, max_label_shift: float) -> Drift:
     """How far ``candidate`` (the last accepted version) has moved from the ``pinned`` sample."""
-    from secure_ml.data.poisoning import _label_text, psi
+    from secure_ml.data.poisoning_features import _label_text, psi
 
     values: dict[str, float] = {}
     for column in numeric:
