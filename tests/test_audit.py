@@ -174,6 +174,7 @@ def test_a_writer_that_died_between_log_and_head_is_recovered(tmp_path: Path) ->
     assert AuditLog(path).verify().entries == 5
 
 
+@pytest.mark.slow
 def test_audit_verify_cli(home: Path) -> None:
     ok = secure_ml(home, "audit", "verify")
     assert ok.returncode == 0, ok.stderr

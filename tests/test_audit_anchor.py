@@ -23,6 +23,8 @@ from secure_ml.custody.audit import AuditLog
 from secure_ml.errors import BadInput, VerificationError
 from secure_ml.settings import Settings
 
+pytestmark = pytest.mark.slow  # runs Dagster to anchor the audit log
+
 
 def write(path: Path, n: int, actor: str = "alice") -> AuditLog:
     log = AuditLog(path)

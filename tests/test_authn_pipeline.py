@@ -15,6 +15,8 @@ import pytest
 from secure_ml.cli import main
 from secure_ml.settings import Settings
 
+pytestmark = pytest.mark.slow  # runs the pipeline as identities
+
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))

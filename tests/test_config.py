@@ -143,6 +143,7 @@ def test_from_env_is_the_one_factory_and_overrides_win(tmp_path: Path, config_di
         Settings.from_env(environ, env="staging")
 
 
+@pytest.mark.slow
 def test_nothing_reads_configuration_at_import_time(tmp_path: Path) -> None:
     """With a broken configuration directory, every Dagster-layer module still imports; building
     the definitions is what reads (and refuses) it."""

@@ -37,6 +37,8 @@ from secure_ml.release.deployed import HealthResult
 from secure_ml.release.evidence import model_digest
 from secure_ml.settings import Settings
 
+pytestmark = pytest.mark.slow  # runs the release workflow on signed models
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -372,6 +374,7 @@ def _cli(settings: Settings, *args: str, identity: Path | None = None) -> subpro
                           cwd=REPO, timeout=120, check=False)
 
 
+@pytest.mark.slow
 @pytest.mark.slow
 @pytest.mark.slow
 @pytest.mark.slow

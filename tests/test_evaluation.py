@@ -27,7 +27,7 @@ from secure_ml.training.predictor import LoadedModel, load_model
 from secure_ml.training.trainer import train_model
 from tests.conftest import SAMPLE_CSV
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]  # slow: trains models to evaluate
 CONFIG = yaml.safe_load((Path(__file__).resolve().parents[1] / "secure_ml" / "config" / "training.yaml").read_text())
 SPEC = DataSpec("risk", ["job", "credit_amount", "duration", "age"],
                 ["sex", "housing", "saving_accounts", "checking_account", "purpose"])

@@ -25,6 +25,8 @@ from secure_ml.training.features import DataSpec, Preprocessing
 from secure_ml.training.model import MODEL_FORMAT, build_model
 from secure_ml.training.predictor import load_predictor
 
+pytestmark = pytest.mark.slow  # trains a surrogate against the server
+
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "german_credit.csv"
 SPEC = DataSpec("risk", ["credit_amount", "duration", "age", "job"],
                          ["sex", "housing", "saving_accounts", "checking_account", "purpose"])

@@ -20,6 +20,8 @@ from secure_ml.security.scan_findings import ScanPolicy
 from secure_ml.security.scan_foreign import scan_foreign, scan_foreign_file
 from tests import scan_corpus
 
+pytestmark = pytest.mark.slow  # runs every third-party scanner over the corpus
+
 MARKER = Path("/tmp/secure-ml-pwned")
 
 

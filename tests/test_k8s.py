@@ -22,6 +22,8 @@ from secure_ml.errors import BadInput, ConfigurationError, PolicyDenied, Verific
 from secure_ml.governance.policy import POLICY_DIR, PolicyEngine
 from secure_ml.release import k8s_render
 
+pytestmark = pytest.mark.slow  # validates manifests with kubernetes-validate and the Rego admission policy
+
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
 RELEASE = yaml.safe_load((POLICY_DIR.parents[1] / "config" / "release.yaml").read_text())

@@ -22,6 +22,8 @@ from secure_ml.cli import _k8s_jobs, cmd_k8s, main
 from secure_ml.errors import BadInput, ConfigurationError
 from secure_ml.release.platform import checks, helm_values, objects
 
+pytestmark = pytest.mark.slow  # renders every Kubernetes object with dagster-k8s and validates each
+
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
 IMAGE = "sha256:" + "ab" * 32

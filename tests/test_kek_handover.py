@@ -19,6 +19,8 @@ import pytest
 from secure_ml.custody.keys import key_id_for, read_kek_file
 from secure_ml.errors import KeyUnavailable
 
+pytestmark = pytest.mark.slow  # starts CLI and sandbox processes
+
 REPO = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import os, subprocess, sys

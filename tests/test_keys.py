@@ -31,6 +31,8 @@ from secure_ml.custody.store import ArtifactStore, rotate_keys
 from secure_ml.errors import ConfigurationError, Error, KeyUnavailable
 from secure_ml.settings import Settings
 
+pytestmark = pytest.mark.slow  # runs key rotation and the CLI in subprocesses
+
 CLI = str(Path(sys.executable).parent / "secure-ml")
 
 
@@ -317,6 +319,7 @@ def rewrapped_under(settings: Settings, key_id: str, digests: list[str]) -> int:
     return count
 
 
+@pytest.mark.slow
 @pytest.mark.slow
 @pytest.mark.slow
 @pytest.mark.slow

@@ -31,7 +31,7 @@ from secure_ml.settings import Settings
 from secure_ml.training import sandbox
 from secure_ml.training.sandbox import IsolationPolicy, Limits, SandboxError, probe_isolation, run_command
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]  # slow: starts real sandboxes
 REPO = Path(__file__).resolve().parents[1]
 needs_namespaces = pytest.mark.skipif(sandbox.namespace_prefix() is None, reason="this host cannot create namespaces")
 
@@ -169,6 +169,7 @@ def test_a_host_without_user_namespaces_gets_a_clean_refusal_not_a_bare_run(
     sandbox.namespace_prefix.cache_clear()
 
 
+@pytest.mark.slow
 @pytest.mark.slow
 @pytest.mark.slow
 @pytest.mark.slow

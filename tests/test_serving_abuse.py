@@ -25,6 +25,8 @@ from secure_ml.release import serving
 from secure_ml.settings import Settings
 from secure_ml.training.predictor import load_predictor
 
+pytestmark = pytest.mark.slow  # drives the server with hypothesis and schemathesis
+
 ROW = {"age": 41, "credit_amount": 2500.0, "sex": "female", "purpose": "car"}
 EXAMPLES = 2000 if os.environ.get("FUZZ") else 30
 OK_STATUSES = {200, 400, 413, 422, 429}

@@ -26,6 +26,8 @@ from secure_ml.governance.decisions import sign_decision
 from secure_ml.governance.identity import load_identity, new_identity
 from secure_ml.settings import Settings
 
+pytestmark = pytest.mark.slow  # signs and verifies release decisions end to end
+
 ALIASES = {"bob": ["bob@example.com", "github:bob"], "erin": ["erin@example.com"], "carol": ["carol@example.com"]}
 
 

@@ -27,6 +27,8 @@ from secure_ml.errors import BadInput, ConfigurationError, VerificationError
 from secure_ml.security import signing
 from secure_ml.settings import Settings
 
+pytestmark = pytest.mark.slow  # signs with model-signing and runs the upstream CLI
+
 REPO = Path(__file__).resolve().parents[1]
 UPSTREAM_CLI = Path(sys.executable).parent / "model_signing"
 SIGSTORE_IDENTITY = ("stefanb@us.ibm.com", "https://sigstore.verify.ibm.com/oauth2")

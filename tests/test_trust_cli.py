@@ -16,6 +16,8 @@ import pytest
 from secure_ml.cli import main
 from secure_ml.settings import Settings
 
+pytestmark = pytest.mark.slow  # runs the CLI in subprocesses
+
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))

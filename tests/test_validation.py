@@ -23,6 +23,8 @@ from secure_ml.data.validation import build_suite, validate
 from secure_ml.errors import BadInput, ConfigurationError, IntegrityError
 from tests.conftest import SAMPLE_CSV
 
+pytestmark = pytest.mark.slow  # runs Great Expectations suites
+
 CONFIG = Path(__file__).resolve().parents[1] / "secure_ml" / "config"
 SCHEMA = CONFIG / "schemas" / "german_credit.yaml"
 
@@ -37,6 +39,7 @@ def sample() -> pd.DataFrame:
     return pd.read_csv(SAMPLE_CSV)
 
 
+@pytest.mark.slow
 def test_the_shipped_schema_describes_the_sample(schema, sample: pd.DataFrame) -> None:  # type: ignore[no-untyped-def]
     assert schema.label == "risk" and schema.protected == ("sex", "age")
     assert schema.numeric == ["job", "credit_amount", "duration", "age"]

@@ -29,6 +29,8 @@ from secure_ml.release.evidence import model_digest
 from secure_ml.security import verification
 from secure_ml.settings import Settings
 
+pytestmark = pytest.mark.slow  # signs models and runs every verifier
+
 
 class Paths(dg.Config):
     path: str
