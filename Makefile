@@ -17,7 +17,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 help:
 	@echo "make demo    set up and run the whole pipeline on the bundled sample data"
 	@echo "make test    set up and run every test"
-	@echo "make test-fast  the unit lane (no browser, daemon, end-to-end or subprocess-heavy tests; about 70 s)"
+	@echo "make test-fast  the unit lane (no browser, daemon, end-to-end or subprocess-heavy tests; about 50 s)"
 	@echo "make ui      the Dagster UI on http://127.0.0.1:3000 (sensors and schedules on)"
 	@echo "make bench   the benchmarks (figures as ratios to same-run baselines)"
 	@echo "make fuzz    the property-based tests of the parsers we own, with long runs"

@@ -16,6 +16,8 @@ import yaml
 
 from secure_ml.governance.policy import POLICY_DIR, PolicyEngine
 
+pytestmark = pytest.mark.slow  # builds the training pod Job with dagster-k8s and validates it
+
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [d for d in yaml.safe_load_all((REPO / "k8s" / "training-pod.yaml").read_text()) if d]
 RELEASE = yaml.safe_load((POLICY_DIR.parents[1] / "config" / "release.yaml").read_text())

@@ -35,6 +35,7 @@ def _screen(drop: pd.DataFrame, reference: pd.DataFrame | None, **config: object
                   config=ScreeningConfig(**config))  # type: ignore[arg-type]
 
 
+@pytest.mark.slow  # detection rates over many simulated drops
 def test_clean_resamples_pass(reference: pd.DataFrame) -> None:
     for seed in (101, 202, 303):
         report = _screen(bootstrap(reference, seed), reference)
@@ -56,6 +57,7 @@ def test_five_percent_flips_are_blocked_and_the_flipped_rows_named(reference: pd
     assert "label_neighbours score" in report.reasons()[0]
 
 
+@pytest.mark.slow  # detection rates over many simulated drops
 def test_flips_in_rows_the_reference_never_saw_still_raise_the_score(reference: pd.DataFrame) -> None:
     order = np.random.default_rng(5).permutation(len(reference))
     known, new = reference.iloc[order[:500]], reference.iloc[order[500:]].reset_index(drop=True)
@@ -107,6 +109,7 @@ def test_first_version_without_reference_is_blocked_unless_signed_off(reference:
     assert not signed.blocked and signed.summary()["first_version"]["sign_off"]["actor"] == "alice"
 
 
+@pytest.mark.slow  # detection rates over many simulated drops
 def test_large_drops_are_subsampled_deterministically_and_say_so(reference: pd.DataFrame) -> None:
     drop = bootstrap(reference, 13, rows=5000)
     first = _screen(drop, reference, max_model_rows=1000)
@@ -171,6 +174,7 @@ def breast_cancer() -> pd.DataFrame:
     return load_breast_cancer(as_frame=True).frame
 
 
+@pytest.mark.slow  # detection rates over many simulated drops
 def test_clean_unseen_drops_pass(reference: pd.DataFrame, breast_cancer: pd.DataFrame) -> None:
     for seed in (0, 1, 2):
         known, new = _halves(reference, seed)
@@ -184,6 +188,7 @@ def test_clean_unseen_drops_pass(reference: pd.DataFrame, breast_cancer: pd.Data
         assert not report.blocked, report.reasons()
 
 
+@pytest.mark.slow  # detection rates over many simulated drops
 def test_ten_percent_flips_in_unseen_german_credit_rows_are_blocked(reference: pd.DataFrame) -> None:
     for seed in (0, 1):   # the bench measures the rate over many seeds (about 0.85); these two are caught
         known, new = _halves(reference, seed)
@@ -193,6 +198,7 @@ def test_ten_percent_flips_in_unseen_german_credit_rows_are_blocked(reference: p
         assert report.detector("label_likelihood").score > _screen(new, known).detector("label_likelihood").score + 1
 
 
+@pytest.mark.slow  # detection rates over many simulated drops
 def test_five_percent_flips_in_unseen_breast_cancer_rows_are_blocked(breast_cancer: pd.DataFrame) -> None:
     numeric = [c for c in breast_cancer.columns if c != "target"]
     for seed in (0, 1, 2):
@@ -203,6 +209,7 @@ def test_five_percent_flips_in_unseen_breast_cancer_rows_are_blocked(breast_canc
         assert roc_auc_score(mask, report.row_scores) > 0.9
 
 
+@pytest.mark.slow  # detection rates over many simulated drops
 def test_targeted_subgroup_flips_are_blocked_and_the_subgroup_named(reference: pd.DataFrame) -> None:
     for seed in (0, 1, 3):
         known, new = _halves(reference, seed)
@@ -214,6 +221,7 @@ def test_targeted_subgroup_flips_are_blocked_and_the_subgroup_named(reference: p
         assert any("in subgroup purpose=radio/TV" in reason for reason in report.reasons())
 
 
+@pytest.mark.slow  # detection rates over many simulated drops
 def test_class_conditional_flips_are_blocked(reference: pd.DataFrame) -> None:
     for seed in (0, 1, 3):
         known, new = _halves(reference, seed)
@@ -221,6 +229,7 @@ def test_class_conditional_flips_are_blocked(reference: pd.DataFrame) -> None:
         assert _screen(poisoned, known).blocked, seed
 
 
+@pytest.mark.slow  # detection rates over many simulated drops
 def test_a_trigger_backdoor_is_blocked_and_its_value_named(reference: pd.DataFrame) -> None:
     for seed in (3, 5):   # caught about half the time at 5% on German credit (the bench's table)
         known, new = _halves(reference, seed)
@@ -242,6 +251,7 @@ def test_alpha_is_configurable_and_checked() -> None:
             ScreeningConfig.from_mapping(bad)
 
 
+@pytest.mark.slow  # detection rates over many simulated drops
 def test_a_stricter_alpha_raises_the_limits(reference: pd.DataFrame) -> None:
     known, new = _halves(reference, 0)
     loose = _screen(new, known).detector("label_likelihood").limit

@@ -121,6 +121,7 @@ def _writer(path: str, worker: int, count: int) -> None:
                                    model_digest=version.model_digest, status="deployed")
 
 
+@pytest.mark.slow
 def test_concurrent_writers_in_separate_processes(tmp_path: Path) -> None:
     path = tmp_path / "registry.db"
     Registry(path)
