@@ -37,7 +37,9 @@ class LoadedModel:
             return self.model(torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))).numpy()
 
     def probabilities(self, X: np.ndarray) -> np.ndarray:
-        return 1.0 / (1.0 + np.exp(-self.logits(X).astype(np.float64)))
+        from scipy.special import expit  # the logistic without overflow for large logits
+
+        return expit(self.logits(X).astype(np.float64))
 
 
 def load_model(model_dir: Path | str) -> LoadedModel:
