@@ -155,6 +155,7 @@ def _ref_for(store: ArtifactStore, digest: str, size: int) -> ArtifactRef:
 def _metadata(source: str, source_sha256: str, approved: ApprovedSource, rows: int, columns: int,
               dvc_version: str, actor: str, provenance_sha256: str) -> dict[str, Any]:
     return {
+        "dagster/row_count": rows,
         "source": source,
         "approved_source": approved.name,
         "owner": approved.owner,

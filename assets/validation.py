@@ -26,7 +26,9 @@ import dagster as dg
 import pandas as pd
 
 from resources import CustodyResource, verdict
+from resources.metadata import standard_metadata
 from secure_ml.data import pii
+from secure_ml.data.columns import class_names
 from secure_ml.data import splitting
 from secure_ml.data import validation as gx_validation
 from secure_ml.governance.access import AccessPolicy
@@ -127,6 +129,7 @@ def validated_dataset(context: dg.AssetExecutionContext, dataset: pd.DataFrame,
         "numeric": schema.numeric,
         "categorical": schema.categorical,
         "protected": list(schema.protected),
+        "class_names": class_names(schema),
         "dataset_sha256": dataset_sha,
         "dvc_version": upstream.get("dvc_version"),
         "source": source,
@@ -157,10 +160,41 @@ def validated_dataset(context: dg.AssetExecutionContext, dataset: pd.DataFrame,
     }
     if upstream.get("classification"):
         metadata["classification"] = str(upstream["classification"])  # derived data keeps its sensitivity
-    custody.record(context, "validation.accept" if accepted else "validation.reject", subject=subject,
-                   outcome="ok" if accepted else "fail",
+    metadata.update(standard_metadata(schema, rows=len(frame), classification=upstream.get("classification"),
+                                      pii_actions=plan.actions(), present=kept))
+    if not accepted:
+        raise _reject(context, custody, record, metadata, subject)
+    custody.record(context, "validation.accept", subject=subject, outcome="ok",
                    details={"train_sha256": train_sha, "test_sha256": test_sha, "checks": passed})
     return custody.output(context, record, metadata=metadata)
+
+
+def _reject(context: Any, custody: CustodyResource, record: dict[str, Any], metadata: dict[str, Any],
+            subject: str) -> dg.Failure:
+    """A rejected drop is never materialised, so nothing downstream can take it as input and the last
+    accepted version stays the latest: its record is sealed as evidence, each check's verdict on it is
+    reported against validated_dataset, an observation says it was rejected, and the step fails with
+    the first failed check and its reason in one line (an expected denial: no retry)."""
+    evidence = custody.seal(context, record, role="validated_rejected", dataset=record["dataset_sha256"])
+    verdicts = {name: judge(record.get(part) if isinstance(record.get(part), dict) else {})
+                for name, (part, judge) in JUDGES.items()}
+    for name, (passed, reason, check_metadata) in verdicts.items():
+        custody.record(context, f"check.{name}", subject=subject, outcome="pass" if passed else "fail",
+                       details={"reason": reason})
+        context.log_event(dg.AssetCheckEvaluation(
+            asset_key=VALIDATED, check_name=name, passed=passed, blocking=True,
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata={"reason": reason, "subject": subject, "rejected_record_sha256": evidence.sha256,
+                      **check_metadata}))
+    failed = [f"{name}: {reason}" for name, (passed, reason, _) in verdicts.items() if not passed] or [
+        "the drop could not be split (no label column)"]
+    context.log_event(dg.AssetObservation(asset_key=VALIDATED, metadata={
+        **{k: v for k, v in metadata.items() if k not in ("train_sha256", "test_sha256")},
+        "rejected_record_sha256": evidence.sha256, "rejected_because": failed[0]}))
+    custody.record(context, "validation.reject", subject=subject, outcome="fail",
+                   details={"record_sha256": evidence.sha256, "reasons": failed})
+    return dg.Failure(description=f"drop rejected: {failed[0]}"[:1000], allow_retries=False,
+                      metadata={"rejected_record_sha256": evidence.sha256})
 
 
 # -- the reference and the screen ----------------------------------------------------------------------
@@ -269,14 +303,11 @@ def _unjudged(custody: CustodyResource, context: Any, check: str, exc: Error) ->
                    reason=f"cannot judge the stored validated_dataset: {exc.explain()}")
 
 
-@dg.asset_check(asset=validated_dataset, blocking=True,
-                description="Every expectation of the dataset's schema (Great Expectations) holds, as stored with "
-                            "the validated record.")
-def expectations_pass(context: dg.AssetCheckExecutionContext, custody: CustodyResource) -> dg.AssetCheckResult:
-    try:
-        subject, summary = _stored(context, custody, "validation")
-    except Error as exc:
-        return _unjudged(custody, context, EXPECTATIONS, exc)
+Judged = tuple[bool, str, dict[str, Any]]
+
+
+def judge_expectations(summary: dict[str, Any]) -> Judged:
+    """(passed, reason, metadata) for the record's ``validation`` section."""
     total, failed = int(summary.get("expectations") or 0), int(summary.get("failed") or 0)
     passed = summary.get("success") is True and failed == 0 and total > 0
     if passed:
@@ -286,25 +317,16 @@ def expectations_pass(context: dg.AssetCheckExecutionContext, custody: CustodyRe
         more = f" (and {failed - 3} more)" if failed > 3 else ""
         reason = (f"{failed} of {total} expectations of schema {summary.get('schema')} failed: "
                   f"{'; '.join(failures[:3])}{more}")
-    return verdict(custody, context, check=EXPECTATIONS, subject=subject, passed=passed, reason=reason,
-                   metadata={"failed": failed, "expectations": total,
-                             "table": dg.MetadataValue.md(str(summary.get("table") or ""))})
+    return passed, reason, {"failed": failed, "expectations": total,
+                            "table": dg.MetadataValue.md(str(summary.get("table") or ""))}
 
 
-@dg.asset_check(asset=validated_dataset, blocking=True,
-                description="The poisoning screen's drop score, as stored with the validated record, is under the "
-                            "configured threshold (and a first version without a reference was signed off).")
-def poisoning_score_under_threshold(context: dg.AssetCheckExecutionContext,
-                                    custody: CustodyResource) -> dg.AssetCheckResult:
-    try:
-        subject, screened = _stored(context, custody, "poisoning")
-    except Error as exc:
-        return _unjudged(custody, context, POISONING, exc)
+def judge_poisoning(screened: dict[str, Any]) -> Judged:
+    """(passed, reason, metadata) for the record's ``poisoning`` section."""
     reference = str(screened.get("reference") or "")
     if screened.get("error") or not isinstance(screened.get("blocked"), bool):
-        return verdict(custody, context, check=POISONING, subject=subject, passed=False,
-                       reason=str(screened.get("error") or "the stored record has no poisoning verdict"),
-                       metadata={"reference": reference})
+        return False, str(screened.get("error") or "the stored record has no poisoning verdict"), \
+            {"reference": reference}
     score, threshold = float(screened["drop_score"]), float(screened["threshold"])
     detectors: dict[str, Any] = dict(screened.get("detectors") or {})
     reasons = "; ".join(screened.get("reasons") or [])
@@ -328,22 +350,16 @@ def poisoning_score_under_threshold(context: dg.AssetCheckExecutionContext,
     sign_off = (screened.get("first_version") or {}).get("sign_off")
     if sign_off:
         metadata["sign_off"] = dg.MetadataValue.json(sign_off)
-    return verdict(custody, context, check=POISONING, subject=subject, passed=not blocked, reason=reason,
-                   metadata=metadata)
+    return not blocked, reason, metadata
 
 
-@dg.asset_check(asset=validated_dataset, blocking=True,
-                description="Every personal identifier found (as stored with the validated record) is dropped, "
-                            "hashed or redacted by a rule.")
-def no_unhandled_pii(context: dg.AssetCheckExecutionContext, custody: CustodyResource) -> dg.AssetCheckResult:
+def judge_pii(summary: dict[str, Any]) -> Judged:
+    """(passed, reason, metadata) for the record's ``pii`` section (a malformed one raises BadInput)."""
     try:
-        subject, summary = _stored(context, custody, "pii")
         found = {(f["column"], f["kind"]): pii.Finding(**f) for f in summary.get("found") or []}
         unhandled = [found[(f["column"], f["kind"])] for f in summary.get("unhandled") or []]
     except (KeyError, TypeError):
-        return _unjudged(custody, context, PII, BadInput("the stored PII summary is malformed"))
-    except Error as exc:
-        return _unjudged(custody, context, PII, exc)
+        raise BadInput("the stored PII summary is malformed") from None
     handled = summary.get("handled") or []
     if unhandled:
         reason = ("unhandled PII: " + "; ".join(f.describe() for f in unhandled)
@@ -352,8 +368,52 @@ def no_unhandled_pii(context: dg.AssetCheckExecutionContext, custody: CustodyRes
         reason = "all PII handled: " + "; ".join(f"{h['column']} ({h['kind']}) {h['action']}" for h in handled)
     else:
         reason = "no personal identifiers found"
-    return verdict(custody, context, check=PII, subject=subject, passed=not unhandled, reason=reason,
-                   metadata={"pii": dg.MetadataValue.json({k: v for k, v in summary.items() if k != "hmac_key_id"})})
+    return not unhandled, reason, {
+        "pii": dg.MetadataValue.json({k: v for k, v in summary.items() if k != "hmac_key_id"})}
+
+
+def _judge_pii_closed(summary: dict[str, Any]) -> Judged:
+    try:
+        return judge_pii(summary)
+    except Error as exc:
+        return False, f"cannot judge the PII record: {exc.explain()}", {}
+
+
+#: check name -> (record section, judge): one implementation, used by the checks and by a rejection.
+JUDGES = {EXPECTATIONS: ("validation", judge_expectations), POISONING: ("poisoning", judge_poisoning),
+          PII: ("pii", _judge_pii_closed)}
+
+
+def _check(context: Any, custody: CustodyResource, name: str) -> dg.AssetCheckResult:
+    part, judge = JUDGES[name]
+    try:
+        subject, section = _stored(context, custody, part)
+        passed, reason, metadata = (judge_pii if name == PII else judge)(section)
+    except Error as exc:
+        return _unjudged(custody, context, name, exc)
+    return verdict(custody, context, check=name, subject=subject, passed=passed, reason=reason, metadata=metadata)
+
+
+@dg.asset_check(asset=validated_dataset, blocking=True,
+                description="Every expectation of the dataset's schema (Great Expectations) holds, as stored with "
+                            "the validated record.")
+def expectations_pass(context: dg.AssetCheckExecutionContext, custody: CustodyResource) -> dg.AssetCheckResult:
+    return _check(context, custody, EXPECTATIONS)
+
+
+@dg.asset_check(asset=validated_dataset, blocking=True,
+                description="The poisoning screen's drop score, as stored with the validated record, is under the "
+                            "configured threshold (and a first version without a reference was signed off).")
+def poisoning_score_under_threshold(context: dg.AssetCheckExecutionContext,
+                                    custody: CustodyResource) -> dg.AssetCheckResult:
+    return _check(context, custody, POISONING)
+
+
+@dg.asset_check(asset=validated_dataset, blocking=True,
+                description="Every personal identifier found (as stored with the validated record) is dropped, "
+                            "hashed or redacted by a rule.")
+def no_unhandled_pii(context: dg.AssetCheckExecutionContext, custody: CustodyResource) -> dg.AssetCheckResult:
+    return _check(context, custody, PII)
 
 
 def _poisoning_table(report: PoisoningReport | None, reference: str, error: str) -> str:

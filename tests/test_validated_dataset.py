@@ -60,8 +60,25 @@ def _materialize(settings: Settings, drop: str, *, with_training: bool = False) 
 
 
 def _checks(result: dg.ExecuteInProcessResult) -> dict[str, dg.AssetCheckEvaluation]:
-    return {e.check_name: e for e in result.get_asset_check_evaluations()
-            if e.asset_key == dg.AssetKey("validated_dataset")}
+    """The run's verdicts on validated_dataset as the instance stored them: from the check steps, or,
+    for a rejected drop, reported by the asset step itself (which then fails)."""
+    with dg.DagsterInstance.get() as instance:
+        records = instance.get_records_for_run(
+            result.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION).records
+    evaluations = [r.event_log_entry.dagster_event.event_specific_data for r in records]
+    return {e.check_name: e for e in evaluations if e.asset_key == dg.AssetKey("validated_dataset")}
+
+
+def _rejection(result: dg.ExecuteInProcessResult) -> tuple[str, dict[str, Any]]:
+    """(the step's one-line reason, the rejection observation's metadata) of a rejected drop's run."""
+    failure = next(e for e in result.get_step_failure_events() if e.step_key == "validated_dataset")
+    with dg.DagsterInstance.get() as instance:
+        records = instance.get_records_for_run(result.run_id, of_type=dg.DagsterEventType.ASSET_OBSERVATION).records
+    observation = next(r.event_log_entry.asset_observation for r in records)
+    assert observation is not None and observation.asset_key == dg.AssetKey("validated_dataset")
+    user = failure.step_failure_data.user_failure_data
+    assert user is not None
+    return str(user.description), {k: getattr(v, "value", v) for k, v in observation.metadata.items()}
 
 
 def _reason(evaluation: dg.AssetCheckEvaluation) -> str:
@@ -73,9 +90,10 @@ def _materialized(result: dg.ExecuteInProcessResult) -> set[str]:
 
 
 def _record(settings: Settings, result: dg.ExecuteInProcessResult) -> dict[str, Any]:
-    event = next(e for e in result.get_asset_materialization_events()
-                 if e.asset_key == dg.AssetKey("validated_dataset"))
-    digest = event.materialization.metadata["sha256"].value
+    """The validated record the run materialised, or the sealed evidence of its rejection."""
+    event = next((e for e in result.get_asset_materialization_events()
+                  if e.asset_key == dg.AssetKey("validated_dataset")), None)
+    digest = event.materialization.metadata["sha256"].value if event else _rejection(result)[1]["rejected_record_sha256"]
     return settings.artifact_store(actor="test").get_json(str(digest))
 
 
@@ -114,18 +132,22 @@ def test_clean_drop_passes_then_flipped_labels_are_blocked_and_nothing_downstrea
     assert "over the threshold" in reason and "label_neighbours" in reason
     assert "last accepted version" in str(poisoning.metadata["reference"].value)
     assert checks["expectations_pass"].passed and checks["no_unhandled_pii"].passed
-    assert "validated_dataset" in _materialized(blocked)
-    assert "training_stand_in" not in _materialized(blocked)  # the blocking check stopped it
+    # A rejected drop is never materialised: nothing can take it as input, v1 stays the latest.
+    assert "validated_dataset" not in _materialized(blocked) and "dataset" in _materialized(blocked)
+    assert "training_stand_in" not in _materialized(blocked)
     assert "trained_model" not in _materialized(blocked)
-    assert not any(e.step_key == "trained_model" for e in blocked.get_step_failure_events())
-    record = _record(settings, blocked)
+    assert [e.step_key for e in blocked.get_step_failure_events()] == ["validated_dataset"]
+    line, observed = _rejection(blocked)
+    assert line == f"drop rejected: poisoning_score_under_threshold: {reason}" and "\n" not in line
+    assert observed["accepted"] is False and observed["rejected_because"].startswith("poisoning_score")
+    record = settings.artifact_store(actor="test").get_json(str(observed["rejected_record_sha256"]))
     assert record["accepted"] is False
     flagged = record["poisoning"]["detectors"]["label_neighbours"]["indices"]
     assert len(flagged) == 50 and set(flagged) <= set(np.flatnonzero(mask).tolist())
     audit = settings.audit_path.read_text()
     assert "check.poisoning_score_under_threshold" in audit and "validation.reject" in audit
 
-    # The three checks run alone (the UI's "Execute"), re-reading the stored record: same verdicts.
+    # The three checks run alone (the UI's "Execute") judge the latest materialization: still v1.
     with dg.DagsterInstance.get() as instance:
         alone = dg.materialize(
             [*dg.load_assets_from_modules([data_stage, validation_stage]),
@@ -134,9 +156,9 @@ def test_clean_drop_passes_then_flipped_labels_are_blocked_and_nothing_downstrea
             selection=dg.AssetSelection.checks_for_assets(validation_stage.validated_dataset))
     again = _checks(alone)
     assert set(again) == set(CHECKS) and not alone.get_asset_materialization_events()
-    assert not again["poisoning_score_under_threshold"].passed and _reason(again["poisoning_score_under_threshold"]) == reason
-    assert again["expectations_pass"].passed and again["no_unhandled_pii"].passed
-    assert not alone.success  # a failed blocking check fails its step, run alone too
+    assert all(c.passed for c in again.values()), {k: _reason(c) for k, c in again.items()}
+    assert {str(c.metadata["subject"].value) for c in again.values()} == {f"sha256:{first_version}"}
+    assert alone.success
 
     # the rejected drop did not become the reference: the next clean drop is judged against v1
     fresh = _materialize(settings, _land_frame(settings, bootstrap(sample, 4), "german_credit-v3.csv", tmp_path))

@@ -53,7 +53,7 @@ DTYPES: dict[str, tuple[str, ...]] = {
     "text": ("str", "string", "object"),
     "boolean": ("bool", "boolean"),
 }
-_COLUMN_KEYS = {"type", "nullable", "min", "max", "allowed", "role", "description"}
+_COLUMN_KEYS = {"type", "nullable", "min", "max", "allowed", "role", "description", "classes"}
 _TOP_KEYS = {"format", "dataset", "description", "label", "protected", "rows", "reference", "columns"}
 #: a category column with more distinct values than this is inferred as free text
 MAX_CATEGORIES = 50
@@ -68,6 +68,9 @@ class Column:
     max: float | None = None
     allowed: tuple[Any, ...] | None = None
     role: str = "feature"
+    description: str = ""
+    #: the label's class names, (value, name) pairs: what the UI's confusion matrix calls each class
+    classes: tuple[tuple[str, str], ...] = ()
 
     @property
     def dtypes(self) -> tuple[str, ...]:
@@ -181,8 +184,13 @@ def _column(name: str, spec: Any, where: str) -> Column:
             raise ConfigurationError(f"{where}: column {name!r} {bound} must be a number on a numeric column")
     if spec.get("min") is not None and spec.get("max") is not None and spec["min"] > spec["max"]:
         raise ConfigurationError(f"{where}: column {name!r} has min > max")
+    classes = spec.get("classes") or {}
+    if not isinstance(classes, dict) or not all(isinstance(v, str) for v in classes.values()):
+        raise ConfigurationError(f"{where}: column {name!r} 'classes' must map each value to a name")
     return Column(name=name, type=kind, nullable=bool(spec.get("nullable", False)), min=spec.get("min"),
-                  max=spec.get("max"), allowed=tuple(allowed) if allowed is not None else None, role=role)
+                  max=spec.get("max"), allowed=tuple(allowed) if allowed is not None else None, role=role,
+                  description=str(spec.get("description") or ""),
+                  classes=tuple((str(k), str(v)) for k, v in classes.items()))
 
 
 def select_schema(source: str, schemas: Mapping[str, Any], config_dir: Path) -> Path:
