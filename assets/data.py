@@ -13,6 +13,7 @@ import dagster as dg
 import pydantic
 
 from resources import CustodyResource, Sealed, sealed_output, verdict
+from resources.custody import DROP_SHA_TAG, DROP_TAG
 from secure_ml.custody import crypto
 from secure_ml.custody.integrity import sha256_bytes
 from secure_ml.custody.store import ArtifactRef, ArtifactStore
@@ -63,6 +64,7 @@ def dataset(context: dg.AssetExecutionContext, config: DropConfig, custody: Cust
         AccessPolicy.from_settings(settings).require(actor, "data.add", classification=approved.classification,
                                                      audit=_RunAudit(custody, context), subject=subject)
         raw, source = ingest.read_drop_bytes(path)
+        custody.tag_run(context, {DROP_TAG: path.name, DROP_SHA_TAG: source.sha256})
         versions = DatasetVersions.from_settings(settings)
         existing = versions.find(source.sha256)
         if existing is not None and existing.meta.get("provenance_sha256"):

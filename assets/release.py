@@ -8,6 +8,7 @@ the registry says is production, through the deploy gate, when the run's identit
 
 import json
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ from secure_ml.release.evidence import evaluation_evidence, model_digest, pipeli
 from secure_ml.security import verification
 
 RELEASE = "release"
+#: a deployment check run alone before anything is live: a warning, never a pass
+NOTHING_DEPLOYED = "nothing is deployed: there is no live model to check"
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -168,47 +171,69 @@ def registered_model_separation_of_duties(context: dg.AssetCheckExecutionContext
 
 
 @dg.asset(group_name=RELEASE, kinds={"kubernetes", "python"}, owners=["team:ml-platform"], code_version="1",
-          deps=[registered_model])
+          deps=[registered_model], output_required=False)
 def deployment(context: dg.AssetExecutionContext, custody: CustodyResource,
-               release: ReleaseResource) -> dg.Output[Any]:
-    """What is deployed where: the production version deployed through the deploy gate (signature and
-    attestation re-verified from the stored bytes, registry says production, policy again) when the run's
-    identity may deploy it, with the deployment history for rollback. Guarded by: deployed digest = signed
-    digest, health check passes."""
+               release: ReleaseResource) -> Iterator[dg.Output[Any]]:
+    """What is live where: materialised only when a model is deployed (here, through the deploy gate:
+    signature and attestation re-verified from the stored bytes, registry says production, policy
+    again, when the run's identity may deploy; or by `secure-ml deploy`), carrying the deployed version
+    and model digest, so its freshness measures real deployments. Guarded by: deployed digest = signed
+    digest, health check passes (both warn when nothing is deployed)."""
     actor = custody.actor(context)
     service = release.release(actor)
     target = str((service.config.get("deploy") or {}).get("default_target", "local"))
     production = service.registry.production()
-    status = "deployed"
+    deployed_now = False
     reason = ""
     if production is None:
-        status, reason = "awaiting_approval", "no version is in production yet: it needs `secure-ml approve`"
+        reason = "no version is in production yet: it needs `secure-ml approve`"
     elif not service.access.decide(actor, "model.deploy").allowed:
-        status, reason = "awaiting_deployer", (f"{actor} may not deploy; a deployer runs "
-                                               f"`SECURE_ML_ACTOR=<deployer> secure-ml deploy`")
+        reason = f"{actor} may not deploy; a deployer runs `SECURE_ML_IDENTITY=<deployer key> secure-ml deploy`"
     else:
         current = service.registry.current_deployment(target)
         if current is None or current.version != production.version:
             try:
                 service.deploy(production.version, actor=actor, target=target)
             except Error as exc:
-                raise dg.Failure(exc.explain()) from None
-        else:
-            status, reason = "deployed", f"{production.version} is already live on {target}"
-    if status != "deployed":
+                raise dg.Failure(description=exc.explain(), allow_retries=False) from None
+            deployed_now = True
+    if reason:
         custody.record(context, "deploy.skip", subject=target, outcome="deny", details={"reason": reason})
     current = service.registry.current_deployment(target)
+    if current is None:
+        context.log.info(f"nothing is deployed on {target}, so deployment is not materialised: {reason}")
+        return
+    if not deployed_now and _recorded_deployment(context.instance) == (current.version, current.model_digest,
+                                                                       current.at):
+        context.log.info(f"{current.version} is still what is live on {target} (deployed {current.at[:19]} by "
+                         f"{current.actor}); nothing new to record{f': {reason}' if reason else ''}")
+        return
+    yield deployment_output(custody, context, service, target)
+
+
+def _recorded_deployment(instance: dg.DagsterInstance) -> tuple[str, str, str] | None:
+    records = instance.fetch_materializations(dg.AssetKey("deployment"), limit=1).records
+    if not records or records[0].asset_materialization is None:
+        return None
+    meta = {k: getattr(v, "value", v) for k, v in records[0].asset_materialization.metadata.items()}
+    return str(meta.get("deployed_version")), str(meta.get("model_digest")), str(meta.get("deployed_at"))
+
+
+def deployment_output(custody: CustodyResource, context: Any, service: Release, target: str) -> dg.Output[Any]:
+    """The deployment asset's value and metadata for what is live on ``target`` now (also what
+    `secure-ml deploy` reports to the instance)."""
+    current = service.registry.current_deployment(target)
+    assert current is not None
     history = [d.as_dict() for d in service.registry.deployments(target)][-20:]
-    value = {"target": target, "status": status, "reason": reason,
-             "deployed": current.as_dict() if current else None, "history": history}
+    value = {"target": target, "status": "deployed", "deployed": current.as_dict(), "history": history}
     rows = ["| when | who | version | status | reason |", "| --- | --- | --- | --- | --- |"] + [
         f"| {d['at'][:19]} | {d['actor']} | {d['version']} | {d['status']} | {d['reason'][:80]} |" for d in history]
     return custody.output(context, value, metadata={
         "target": target,
-        "status": status,
-        "reason": reason or (f"{current.version} live" if current else "nothing deployed"),
-        "deployed_version": current.version if current else "",
-        "deployed_digest": current.model_digest if current else "",
+        "deployed_version": current.version,
+        "model_digest": current.model_digest,
+        "deployed_at": current.at,
+        "deployed_by": current.actor,
         "history": dg.MetadataValue.md("\n".join(rows)),
     })
 
@@ -222,8 +247,8 @@ def deployment_matches_signed_digest(context: dg.AssetCheckExecutionContext, cus
     target = str((service.config.get("deploy") or {}).get("default_target", "local"))
     current = service.registry.current_deployment(target)
     if current is None:
-        return verdict(custody, context, check="deployment_matches_signed_digest", subject=target, passed=True,
-                       reason="nothing is deployed yet")
+        return verdict(custody, context, check="deployment_matches_signed_digest", subject=target, passed=False,
+                       reason=NOTHING_DEPLOYED, severity=dg.AssetCheckSeverity.WARN)
     location = Path(current.location)
     try:
         registered = service.registry.get(current.version).model_digest
@@ -250,8 +275,8 @@ def deployment_healthy(context: dg.AssetCheckExecutionContext, custody: CustodyR
     service = release.release(custody.actor(context))
     current = service.registry.current_deployment("local")
     if current is None:
-        return verdict(custody, context, check="deployment_healthy", subject="local", passed=True,
-                       reason="nothing is deployed locally yet")
+        return verdict(custody, context, check="deployment_healthy", subject="local", passed=False,
+                       reason=NOTHING_DEPLOYED, severity=dg.AssetCheckSeverity.WARN)
     try:
         result = serving.health_probe(current.location, trust=service.trust)
     except Error as exc:

@@ -25,6 +25,7 @@ from typing import Any
 import dagster as dg
 
 from resources import CustodyResource, verdict
+from resources.metadata import plot_metadata
 from secure_ml.custody.integrity import SHA256_HEX, sha256_file
 from secure_ml.errors import BadInput, ConfigurationError, Error
 from secure_ml.training import evaluation as evaluation_core
@@ -149,19 +150,13 @@ def trained_model(context: dg.AssetExecutionContext, validated_dataset: dict[str
             **{f"sandbox_{name}": _number(watch.get(name)) for name in WATCHED},
             "sandbox_denied": dg.MetadataValue.json({"denied": list(watch.get("denied") or [])}),
             "hyperparameters": dg.MetadataValue.json(record["hyperparameters"]),
-            "loss_curve": dg.MetadataValue.md(_loss_table(record["result"]["losses"])),
+            **plot_metadata({"loss": evaluation_core.render_loss(record["result"]["losses"])}),
         }
         return custody.output(context, result.directory, metadata=metadata)
 
 
 def _number(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) else -1.0
-
-
-def _loss_table(losses: list[float]) -> str:
-    step = max(1, len(losses) // 10)
-    rows = [f"| {i + 1} | {loss:.5f} |" for i, loss in enumerate(losses) if i % step == 0 or i == len(losses) - 1]
-    return "\n".join(["| epoch | training loss |", "| ---: | ---: |", *rows])
 
 
 @dg.asset(
@@ -189,7 +184,7 @@ def model_evaluation(context: dg.AssetExecutionContext, trained_model: dict[str,
             report = evaluation_core.evaluate(loaded, test, protected=protected, config=chosen["evaluation"])
     except Error as exc:
         raise _fail(custody, context, "evaluation.run", subject, exc) from None
-    plots = evaluation_core.render_plots(report)
+    plots = evaluation_core.render_plots(report, class_names=validated_dataset.get("class_names"))
     refs = {name: store.put_bytes(png, kind="png", details={"role": f"evaluation_plot_{name}", "model": tree}).sha256
             for name, png in plots.items()}
     report.update({"plots": refs, "model_sha256": tree,
@@ -207,10 +202,11 @@ def model_evaluation(context: dg.AssetExecutionContext, trained_model: dict[str,
         "f1": metrics["f1"],
         "expected_calibration_error": metrics["expected_calibration_error"],
         "pgd_accuracy": report["robustness"]["pgd_accuracy"],
-        "model_sha256": tree,
-        "summary": dg.MetadataValue.md(evaluation_core.markdown(report, plots)),
+        "model_tree_sha256": tree,
+        **plot_metadata(plots),
+        "verdicts": dg.MetadataValue.md(evaluation_core.markdown(report)),
         "fairness": dg.MetadataValue.json(report["fairness"]),
-        "plots": dg.MetadataValue.json(refs),
+        "plot_png_sha256": dg.MetadataValue.json(refs),
     }
     return custody.output(context, report, metadata=metadata)
 

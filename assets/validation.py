@@ -26,6 +26,7 @@ import dagster as dg
 import pandas as pd
 
 from resources import CustodyResource, verdict
+from resources.custody import MODEL_TAG
 from resources.metadata import standard_metadata
 from secure_ml.data import pii
 from secure_ml.data.columns import class_names
@@ -70,6 +71,7 @@ def validated_dataset(context: dg.AssetExecutionContext, dataset: pd.DataFrame,
         test_fraction = float(split_config.get("test_fraction", 0.2))
         seed = int(split_config.get("seed", 0))
         bounds = _ReferenceBounds.from_config(config.get("reference"))
+        custody.tag_run(context, {MODEL_TAG: schema.dataset})
     except (Error, TypeError, ValueError) as exc:
         reason = exc.explain() if isinstance(exc, Error) else f"validation.yaml: {exc}"
         custody.record(context, "validation.configure", subject=subject, outcome="fail", details={"reason": reason})

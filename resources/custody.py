@@ -22,6 +22,15 @@ from secure_ml.settings import Settings
 # The newest checkpoint this process signed, per log: the next one re-verifies only what came after.
 _LAST_CHECKPOINT: dict[str, Any] = {}
 
+#: Run tags every run carries (the Runs page and the timeline filter on them). The launcher sets what
+#: it knows (CLI, sensors, schedule: source, drop); the run's first step adds the rest (UI runs too).
+TRIGGER_TAG = "secure_ml/trigger"         # source: cli, landing, schedule, automation, ui
+DROP_TAG = "secure_ml/drop"               # the drop's file name in the landing area
+DROP_SHA_TAG = "secure_ml/drop_sha256"    # the drop's content digest
+IDENTITY_TAG = "secure_ml/identity"       # who the run acts as (verified; informational, never a claim)
+MODEL_TAG = "secure_ml/model"             # the model (the dataset's schema name) the run works on
+_LABELLED: set[str] = set()               # runs this process already labelled
+
 
 @dataclass(frozen=True)
 class Sealed:
@@ -53,7 +62,52 @@ class CustodyResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         from secure_ml.governance.authn import run_actor
 
         # The signer of the run request, never a name in a tag (once a trust policy exists).
-        return run_actor(self.settings(), tags)
+        actor = run_actor(self.settings(), tags)
+        if context is not None:
+            self.label_run(context, {IDENTITY_TAG: actor})
+        return actor
+
+    def label_run(self, context: Any, tags: dict[str, str]) -> None:
+        """Add the tags the run lacks (once per run and process): who acts, the source (``ui`` when no
+        launcher said), and the drop and model the run works on, from the latest recorded data."""
+        run = getattr(context, "run", None) or getattr(context, "dagster_run", None)
+        instance = getattr(context, "instance", None)
+        if run is None or instance is None or run.run_id in _LABELLED:
+            return
+        _LABELLED.add(run.run_id)
+        wanted = {TRIGGER_TAG: "ui", **tags}
+        ingesting = dg.AssetKey("dataset") in _step_keys(context)  # it tags the drop it resolves itself
+        if not ingesting and (DROP_SHA_TAG not in run.tags or MODEL_TAG not in run.tags):
+            wanted.update(self._data_tags(instance))
+        self.tag_run(context, wanted)
+
+    @staticmethod
+    def tag_run(context: Any, tags: dict[str, str]) -> None:
+        """Add those of ``tags`` the run does not carry yet (a launcher's tags are never overwritten)."""
+        run = getattr(context, "run", None) or getattr(context, "dagster_run", None)
+        instance = getattr(context, "instance", None)
+        if run is None or instance is None:
+            return
+        stored = instance.get_run_by_id(run.run_id)
+        current = stored.tags if stored is not None else run.tags
+        missing = {k: str(v) for k, v in tags.items() if v and k not in current}
+        if missing:
+            instance.add_run_tags(run.run_id, missing)
+
+    def _data_tags(self, instance: dg.DagsterInstance) -> dict[str, str]:
+        """The drop (name, digest) and model of the latest accepted validated dataset, else of the latest dataset."""
+        out: dict[str, str] = {}
+        for key in ("validated_dataset", "dataset"):
+            records = instance.fetch_materializations(dg.AssetKey(key), limit=1).records
+            meta = records[0].asset_materialization.metadata if records and records[0].asset_materialization else {}
+            value = {k: getattr(v, "value", v) for k, v in meta.items()}
+            if key == "validated_dataset" and value:
+                out.setdefault(MODEL_TAG, str(value.get("schema") or ""))
+                out.setdefault(DROP_TAG, str(value.get("source") or ""))
+            elif value and (not out.get(DROP_TAG) or out.get(DROP_TAG) == value.get("source")):
+                out.setdefault(DROP_TAG, str(value.get("source") or ""))
+                out.setdefault(DROP_SHA_TAG, str(value.get("source_sha256") or ""))
+        return {k: v for k, v in out.items() if v}
 
     def store(self, context: Any = None) -> ArtifactStore:
         return self.settings().artifact_store(actor=self.actor(context))
@@ -117,6 +171,13 @@ class CustodyResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         materialization = records[0].asset_materialization
         assert materialization is not None
         return {k: getattr(v, "value", v) for k, v in materialization.metadata.items()}
+
+
+def _step_keys(context: Any) -> set[dg.AssetKey]:
+    try:
+        return set(context.assets_def.keys) if getattr(context, "has_assets_def", False) else set()
+    except Exception:  # a check or IO-manager context: no asset of its own
+        return set()
 
 
 def sealed_output(sealed: Sealed, metadata: dict[str, Any] | None = None) -> dg.Output[Sealed]:

@@ -2,7 +2,7 @@
 
     defs                                   # what `dagster dev -w workspace.yaml` loads (lazily)
     build_definitions(settings)            # the same, for given settings (tests, the CLI)
-    run_pipeline(settings, selection="dataset+")   # `secure-ml pipeline run`
+    run_pipeline(settings, selection="dataset+")   # `secure-ml pipeline run`: the named jobs in order
 
 Everything is listed here explicitly: the stage modules of assets/, the sensors and the schedule
 of sensors/, the resources of resources/ and the executor for the environment. Nothing reads the
@@ -24,7 +24,8 @@ from assets import data, release, security, training, validation
 from resources import build_resources
 from secure_ml.errors import BadInput
 from secure_ml.settings import Settings
-from sensors import conditions, failures, landing
+from sensors import conditions, failures, jobs, landing
+from sensors._shared import DROP_SHA_TAG, DROP_TAG, TRIGGER_TAG
 
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)
@@ -41,6 +42,7 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     return dg.Definitions(
         assets=conditions.map_assets(dg.load_assets_from_modules(STAGES), automation),
         asset_checks=dg.load_asset_checks_from_modules(STAGES),
+        jobs=jobs.pipeline_jobs(automation),
         sensors=[landing.landing_sensor(settings), conditions.asset_automation_sensor(settings),
                  *failures.failure_sensors(settings)],
         schedules=[landing.retraining_schedule(settings)],
@@ -107,20 +109,41 @@ def run_pipeline(settings: Settings, *, selection: str | None = None,
         raise BadInput(f"--select names {', '.join(map(repr, unknown))}, not an asset of the pipeline "
                        f"(assets: {', '.join(sorted(known))})")
     picked = chosen.resolve(graph)
-    everything = [*(definitions.assets or []), *(definitions.asset_checks or [])]
-    config = {"loggers": {"console": {"config": {"log_level": CONSOLE_LEVELS[console]}}}, **(run_config or {})}
+    config = {"loggers": {"console": {"config": {"log_level": CONSOLE_LEVELS[console]}}}}
+    results: list[dg.ExecuteInProcessResult] = []
     with dg.DagsterInstance.get() as instance:
-        result = dg.materialize(
-            everything,  # type: ignore[arg-type]
-            instance=instance,
-            resources=definitions.resources,
-            selection=chosen,
-            run_config=config,
-            tags=tags or {},
-            raise_on_error=False,
-        )
+        # One named run per job (ingest, train, release), in order, stopping at the first that fails:
+        # a rejected drop ends its ingest run and touches nothing downstream.
+        for job_name, keys in split_by_job(definitions, picked):
+            job_config = dict(config)
+            if dg.AssetKey("dataset") in keys and run_config:
+                job_config.update(run_config)
+            result = definitions.resolve_job_def(job_name).execute_in_process(
+                run_config=job_config, instance=instance, tags={TRIGGER_TAG: "cli", **(tags or {})},
+                asset_selection=sorted(keys, key=lambda k: k.to_user_string()), raise_on_error=False)
+            results.append(result)
+            if not result.success:
+                break
         in_pipeline_order = [key for key in graph.toposorted_asset_keys if key in picked]
-        return summarise(result, in_pipeline_order, definitions)
+        return summarise(results, in_pipeline_order, definitions, instance)
+
+
+def split_by_job(definitions: dg.Definitions, picked: set[dg.AssetKey] | Any) -> list[tuple[str, set[dg.AssetKey]]]:
+    """The picked assets, grouped by the named job each belongs to, in pipeline order (ingest, train,
+    release); an asset in no job is a wiring mistake, refused in one line."""
+    graph = definitions.resolve_asset_graph()
+    out: list[tuple[str, set[dg.AssetKey]]] = []
+    left = set(picked)
+    for job in definitions.jobs or []:
+        name = str(job.name)
+        keys = left & set(definitions.resolve_job_def(name).asset_layer.selected_asset_keys)
+        if keys:
+            out.append((name, keys))
+            left -= keys
+    if left:
+        names = ", ".join(sorted(k.to_user_string() for k in left if graph.has(k)))
+        raise BadInput(f"{names}: in no job of the pipeline (ingest, train, release)")
+    return out
 
 
 def parse_selection(text: str | None) -> dg.AssetSelection:
@@ -147,12 +170,17 @@ def parse_selection(text: str | None) -> dg.AssetSelection:
     return selection
 
 
-def summarise(result: dg.ExecuteInProcessResult, selected_keys: list[dg.AssetKey],
-              definitions: dg.Definitions) -> dict[str, Any]:
-    materialized = {e.asset_key: e for e in result.get_asset_materialization_events()}
+def summarise(results: list[dg.ExecuteInProcessResult], selected_keys: list[dg.AssetKey],
+              definitions: dg.Definitions, instance: dg.DagsterInstance) -> dict[str, Any]:
+    """One summary over the runs (in order): checks as the instance stored them, so a verdict an
+    asset reported on rejecting its input is listed as well as those of check steps."""
+    materialized = {e.asset_key: e for result in results for e in result.get_asset_materialization_events()}
     check_specs = {spec.key: spec for spec in _check_specs(definitions)}
     checks: list[dict[str, Any]] = []
-    for evaluation in result.get_asset_check_evaluations():
+    evaluations = [record.event_log_entry.dagster_event.event_specific_data  # type: ignore[union-attr]
+                   for result in results for record in instance.get_records_for_run(
+                       result.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION, limit=1000).records]
+    for evaluation in evaluations:
         spec = check_specs.get(evaluation.asset_check_key)
         checks.append({
             "asset": evaluation.asset_key.to_user_string(),
@@ -169,10 +197,11 @@ def summarise(result: dg.ExecuteInProcessResult, selected_keys: list[dg.AssetKey
         summary_assets.append({"asset": key.to_user_string(), "materialized": event is not None, "sha256": digest})
     failed = [f"{c['asset']}:{c['check']}" for c in checks if c["blocking"] and not c["passed"]]
     step_failures = [{"step": e.step_key, **failures.root_cause(e.step_failure_data.error)}
-                     for e in result.get_step_failure_events()]
+                     for result in results for e in result.get_step_failure_events()]
     return {
-        "run_id": result.run_id,
-        "success": result.success and not failed,
+        "run_id": results[0].run_id if results else "",
+        "runs": [{"job": r.job_def.name, "run_id": r.run_id, "success": r.success} for r in results],
+        "success": all(r.success for r in results) and not failed,
         "selected": [k.to_user_string() for k in selected_keys],
         "assets": summary_assets,
         "checks": checks,
@@ -186,3 +215,24 @@ def _check_specs(definitions: dg.Definitions) -> Sequence[dg.AssetCheckSpec]:
     for item in list(definitions.assets or []) + list(definitions.asset_checks or []):
         specs.extend(getattr(item, "check_specs", []))
     return specs
+
+
+# -- deployments made outside a run (secure-ml deploy / rollback) ----------------------------------
+def report_deployment(settings: Settings, target: str) -> str | None:
+    """Record what is live on ``target`` as a ``deployment`` materialization on the instance under
+    DAGSTER_HOME (a runless event), so the asset and its freshness follow real deployments however
+    they were made. Returns the deployed version, or None when nothing is live there."""
+    from resources.release import ReleaseResource
+
+    built = build_resources(settings)
+    custody, release_resource = built["custody"], built["release"]
+    assert isinstance(release_resource, ReleaseResource)
+    service = release_resource.release(custody.actor(None))
+    if service.registry.current_deployment(target) is None:
+        return None
+    output = release.deployment_output(custody, None, service, target)
+    with dg.DagsterInstance.get() as instance:
+        instance.report_runless_asset_event(dg.AssetMaterialization(
+            asset_key="deployment", metadata=output.metadata,
+            tags={"dagster/data_version": output.data_version.value} if output.data_version else None))
+    return str(output.metadata["deployed_version"])

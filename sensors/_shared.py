@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import dagster as dg
 
+from resources.custody import DROP_SHA_TAG, DROP_TAG, IDENTITY_TAG, MODEL_TAG, TRIGGER_TAG
 from secure_ml.errors import ConfigurationError
 from secure_ml.settings import Settings
 
 SWITCH = "SECURE_ML_AUTOMATION"
 _OFF = {"off", "0", "false", "no", "stopped"}
 _ON = {"", "on", "1", "true", "yes", "running"}
-TRIGGER_TAG = "secure_ml/trigger"
-DROP_TAG = "secure_ml/drop"
-DROP_SHA_TAG = "secure_ml/drop_sha256"
+__all__ = ["DROP_SHA_TAG", "DROP_TAG", "IDENTITY_TAG", "MODEL_TAG", "TRIGGER_TAG", "automation_on",
+           "schedule_status", "sensor_status"]
 
 
 def automation_on(settings: Settings) -> bool:

@@ -3,21 +3,18 @@
 The ``landing_drops`` sensor scans ``$SECURE_ML_HOME/landing`` every ``landing.interval_seconds``
 (and once more ``landing.recheck_seconds`` later in the same tick when it saw a new file). Each
 complete drop (two scans saw it unchanged and settled; never one still being written; see
-secure_ml/data/landing.py) becomes ONE run, keyed by the drop's content digest and tagged with its
-name and digest, that materialises ``dataset`` with ``{"drop": NAME}`` and everything downstream
-of it in the groups ``landing.groups`` (data, training, security: validated, trained, evaluated,
-scanned, signed and attested; release stays a deliberate act).
+secure_ml/data/landing.py) becomes ONE run of the ``ingest`` job (sensors/jobs.py), keyed by the
+drop's content digest and tagged with its name and digest, that materialises ``dataset`` with
+``{"drop": NAME}`` and what follows it in ``landing.groups`` (``validated_dataset``: the data gate).
 
-Why one run per drop rather than "ingest, then let eager automation pick it up": inside a run,
-a failed blocking check stops every asset after it (Dagster's run machinery enforces it), so a
-poisoned or tampered drop can never reach training; the whole drop -> candidate history is one
-run in the UI, tagged with the drop; and it starts one process, not one per stage. The automation
-conditions on the downstream assets (sensors/conditions.py) cover everything else (a dataset
-re-materialised by hand, a check re-run) with the same rule: advance only when every blocking
-check upstream passed.
+Why the drop's run stops at the gate: a rejected drop fails its own run, naming the failed check,
+and nothing else: the last good model, its checks and its deployment keep their status, and no
+asset downstream turns "failed" or "unsynced" for a drop that never became anyone's input. Training,
+evaluation, scanning, signing and attestation then advance by the automation condition on each of
+them (sensors/conditions.py): eager, and only once every blocking check upstream passed.
 
 The ``weekly_retraining`` schedule (``retraining.cron``) retrains and re-signs on the latest
-validated data: the training and security groups in one run.
+validated data: the ``train`` job (training and security groups) in one run.
 
     landing_sensor(settings), retraining_schedule(settings)   # secure_ml/definitions.py builds them
     landing_selection(settings.config.automation)              # what one drop's run materialises
@@ -37,16 +34,18 @@ from secure_ml.config.models import AutomationFile
 from secure_ml.data import landing
 from secure_ml.errors import Error
 from secure_ml.settings import Settings
+from sensors import jobs
 from sensors._shared import DROP_SHA_TAG, DROP_TAG, TRIGGER_TAG, schedule_status, sensor_status
 
 
 def landing_selection(automation: AutomationFile) -> dg.AssetSelection:
-    """``dataset`` and everything downstream of it in ``landing.groups`` (lazy: grows with the graph)."""
-    return dg.AssetSelection.assets("dataset").downstream() & dg.AssetSelection.groups(*automation.landing.groups)
+    """What one drop's run (the ``ingest`` job) materialises: ``dataset`` and what follows it in
+    ``landing.groups``."""
+    return jobs.ingest_selection(automation)
 
 
 def retraining_selection(automation: AutomationFile) -> dg.AssetSelection:
-    return dg.AssetSelection.groups(*automation.retraining.groups)
+    return jobs.train_selection(automation)
 
 
 def drop_run_request(drop: landing.Drop) -> dg.RunRequest:
@@ -98,11 +97,12 @@ def landing_sensor(settings: Settings) -> dg.SensorDefinition:
     automation = settings.config.automation
     return dg.sensor(
         name="landing_drops",
-        target=landing_selection(automation),
+        job_name=jobs.INGEST,
         minimum_interval_seconds=automation.landing.interval_seconds,
         default_status=sensor_status(settings),
         description="New complete CSV/Parquet drops in the landing area become dataset versions; each drop "
-                    "is one run (keyed by its sha256) through validation, training, scanning and signing.",
+                    "is one `ingest` run (keyed by its sha256) through validation. Training and signing "
+                    "follow by automation once every blocking check passed.",
     )(scan_landing)
 
 
@@ -111,7 +111,7 @@ def retraining_schedule(settings: Settings) -> dg.ScheduleDefinition:
     automation = settings.config.automation
     return dg.ScheduleDefinition(
         name="weekly_retraining",
-        target=retraining_selection(automation),
+        job_name=jobs.TRAIN,
         cron_schedule=automation.retraining.cron,
         execution_timezone=automation.retraining.timezone,
         default_status=schedule_status(settings),

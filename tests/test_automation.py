@@ -32,7 +32,8 @@ import pytest
 
 import sensors.conditions
 import sensors.landing
-from secure_ml.definitions import build_definitions
+from secure_ml.definitions import build_definitions, split_by_job
+from sensors import conditions
 from secure_ml.settings import Settings
 from tests._dagster_servers import read_log
 from tests.conftest import SAMPLE_CSV, land_file
@@ -134,16 +135,23 @@ def test_a_broken_cursor_stops_the_sensor_and_is_audited(settings: Settings, def
     assert any(e["action"] == "automation.landing" and e["outcome"] == "fail" for e in settings.audit_log().entries())
 
 
-def test_landing_selection_is_dataset_and_its_downstream_candidate_not_release(settings: Settings,
-                                                                               defs: dg.Definitions) -> None:
+def test_a_drops_run_stops_at_the_data_gate_and_the_jobs_split_the_graph(settings: Settings,
+                                                                         defs: dg.Definitions) -> None:
     graph = defs.resolve_asset_graph()
     chosen = sensors.landing.landing_selection(settings.config.automation).resolve(graph)
-    assert dg.AssetKey("dataset") in chosen
-    assert all(graph.get(key).group_name in {"data", "training", "security"} for key in chosen)
-    for key in ("registered_model", "deployment"):
-        assert dg.AssetKey(key) not in chosen
-    downstream = dg.AssetSelection.assets("dataset").downstream().resolve(graph)
-    assert {k for k in downstream if graph.get(k).group_name != "release"} == chosen
+    assert chosen == {dg.AssetKey("dataset"), dg.AssetKey("validated_dataset")}
+    assert defs.resolve_sensor_def("landing_drops").job_name == "ingest"
+    assert defs.resolve_schedule_def("weekly_retraining").job_name == "train"
+    # Every asset is in exactly one named job, in pipeline order: ingest, train, release.
+    split = split_by_job(defs, graph.get_all_asset_keys())
+    assert [name for name, _ in split] == ["ingest", "train", "release"]
+    assert {name: {k.to_user_string() for k in keys} for name, keys in split} == {
+        "ingest": {"dataset", "validated_dataset"},
+        "train": {"trained_model", "model_evaluation", "scan_report", "model_signature", "attestation"},
+        "release": {"registered_model", "deployment"}}
+    # Training advances only by the condition that waits for every upstream blocking check.
+    assert graph.get(dg.AssetKey("trained_model")).automation_condition.get_label() == \
+        conditions.ADVANCE_WHEN_CHECKS_PASS.get_label()
 
 
 def test_a_tampered_ciphertext_fails_its_check_and_is_posted_and_audited(

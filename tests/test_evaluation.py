@@ -144,5 +144,20 @@ def test_plots_are_pngs_embedded_in_the_summary(data: dict[str, Any]) -> None:
     assert all(png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 2000 for png in plots.values())
     summary = markdown(report, plots)
     assert summary.startswith("**PASSED**") and summary.count("![") == 4
+    assert "![" not in markdown(report)  # the verdict table alone: plots are metadata entries of their own
     assert "| fairness | demographic_parity_difference (sex) |" in summary
     assert isinstance(data["honest"], LoadedModel)
+
+
+def test_bands_read_in_numeric_order_and_classes_by_name(data: dict[str, Any]) -> None:
+    from secure_ml.training.evaluation import ordered_groups, render_loss
+
+    report = evaluate(data["honest"], data["test"], protected=PROTECTED, config=shipped())
+    ages = report["bias_groups"]["age"]
+    assert ordered_groups(ages["groups"], ages["bands"]) == [g for g in ["<25", "25-40", "40-60", ">=60"]
+                                                              if g in ages["groups"]]
+    assert ordered_groups({"b": 1, "a": 2}, None) == ["b", "a"]
+    named = render_plots(report, class_names={"0": "bad risk", "1": "good risk"})["confusion"]
+    assert named != render_plots(report)["confusion"]  # the class names are drawn on the axes
+    loss = render_loss([0.7, 0.5, 0.45, 0.44])
+    assert loss.startswith(b"\x89PNG\r\n\x1a\n") and len(loss) > 2000

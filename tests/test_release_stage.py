@@ -132,6 +132,15 @@ def materialized(result: dg.ExecuteInProcessResult) -> dict[str, dict[str, Any]]
             for e in result.get_asset_materialization_events()}
 
 
+def latest_deployment() -> tuple[str, str]:
+    """(deployed version, model digest) of the instance's latest deployment materialization."""
+    with dg.DagsterInstance.get() as instance:
+        event = instance.get_latest_materialization_event(dg.AssetKey("deployment"))
+    assert event is not None and event.asset_materialization is not None
+    meta = event.asset_materialization.metadata
+    return str(meta["deployed_version"].value), str(meta["model_digest"].value)
+
+
 def step_errors(result: dg.ExecuteInProcessResult) -> str:
     return " ".join(e.step_failure_data.error.message for e in result.get_step_failure_events()
                     if e.step_failure_data.error)
@@ -151,10 +160,19 @@ def test_the_release_proof(stage: Settings, monkeypatch: pytest.MonkeyPatch, cap
     assert registered["version"] == "v1" and registered["stage"] == "staging"
     assert "production needs 1 approval(s)" in registered["production_decision"]
     assert "secure-ml approve v1" in registered["next_step"]
-    assert meta["deployment"]["status"] == "awaiting_approval"
+    # Nothing is deployed: deployment is not materialised (no green "deployed"), its checks skip.
+    assert "deployment" not in meta
     outcome = checks(first)
     assert outcome["registered_model_policy_allows"][0] and outcome["registered_model_separation_of_duties"][0]
-    assert outcome["deployment_matches_signed_digest"] == (True, "nothing is deployed yet")
+    assert "deployment_matches_signed_digest" not in outcome and "deployment_healthy" not in outcome
+    # Run alone (the UI's Execute) before anything is live, they warn; they never pass.
+    alone = run(settings, actor="bob", train=False,
+                selection=dg.AssetSelection.checks_for_assets(release_assets.deployment))
+    warned = {e.check_name: e for e in alone.get_asset_check_evaluations()}
+    assert {n: (e.passed, e.severity) for n, e in warned.items()} == {
+        "deployment_matches_signed_digest": (False, dg.AssetCheckSeverity.WARN),
+        "deployment_healthy": (False, dg.AssetCheckSeverity.WARN)}
+    assert str(warned["deployment_healthy"].metadata["reason"].value) == release_assets.NOTHING_DEPLOYED
 
     # A self-approval is denied with a clear reason; a second identity's approval promotes it.
     assert cli(["approve", "v1", *key("bob")]) == 1
@@ -167,9 +185,13 @@ def test_the_release_proof(stage: Settings, monkeypatch: pytest.MonkeyPatch, cap
     # 2. The deployment asset deploys it through the gate when a deployer runs it.
     deployed = run(settings, actor="dave", selection=dg.AssetSelection.assets("deployment"), train=False)
     assert deployed.success, step_errors(deployed)
-    assert materialized(deployed)["deployment"]["deployed_version"] == "v1"
+    live = materialized(deployed)["deployment"]
+    assert live["deployed_version"] == "v1" and live["deployed_by"] == "dave" and len(live["model_digest"]) == 64
     outcome = checks(deployed)
     assert outcome["deployment_matches_signed_digest"][0] and outcome["deployment_healthy"][0], outcome
+    # Run again with nothing new to deploy: no new materialization, so freshness keeps the real date.
+    again = run(settings, actor="dave", selection=dg.AssetSelection.assets("deployment"), train=False)
+    assert again.success and "deployment" not in materialized(again)
 
     # 3. A second model: registered, approved by another approver, deployed from the CLI.
     second = run(settings, actor="bob", seed=1)
@@ -179,11 +201,13 @@ def test_the_release_proof(stage: Settings, monkeypatch: pytest.MonkeyPatch, cap
     assert cli(["deploy"]) == 0
     registry = Registry.from_settings(settings)
     assert registry.current_deployment("local").version == "v2"  # type: ignore[union-attr]
+    assert latest_deployment() == ("v2", registry.get("v2").model_digest)  # the CLI's deploy is recorded too
 
     # 4. Rollback restores the previous version, re-verified.
     assert cli(["rollback", "--reason", "proof"]) == 0
     assert registry.current_deployment("local").version == "v1"  # type: ignore[union-attr]
     assert registry.production().version == "v1"  # type: ignore[union-attr]
+    assert latest_deployment()[0] == "v1"
     assert ("dave", "deploy.rollback", "ok") in actions(settings)
 
     # 5. A model file tampered in the registry is refused at deploy; nothing is written.

@@ -100,11 +100,21 @@ def test_the_sample_goes_through_training_and_evaluation(fast_config: Path, home
     report = store.get_json(evaluation["sha256"].value)
     assert report["passed"] is True and report["metrics"]["accuracy"] >= 0.65
     assert set(report["fairness"]) == {"sex", "age"}
-    summary = evaluation["summary"].value
-    assert summary.count("](data:image/png;base64,") == 4
+    # One metadata entry per plot, each the stored PNG inline; the verdict table carries no images.
+    assert set(report["plots"]) == {"roc", "confusion", "groups", "calibration"}
     for name, digest in report["plots"].items():
         png = store.get_bytes(digest)
-        assert png.startswith(b"\x89PNG") and base64.b64encode(png).decode() in summary, name
+        entry = evaluation[f"plot_{name}"].value
+        assert png.startswith(b"\x89PNG") and entry.endswith(f"(data:image/png;base64,{base64.b64encode(png).decode()})")
+    assert evaluation["plot_png_sha256"].value == report["plots"]
+    assert "data:image" not in evaluation["verdicts"].value and "| fairness |" in evaluation["verdicts"].value
+    assert evaluation["model_tree_sha256"].value == trained["sha256"].value
+    assert trained["plot_loss"].value.startswith("![Training loss](data:image/png;base64,")
+    # Dagster's standard metadata: row count and the Columns tab, tagged from the schema.
+    assert validated["dagster/row_count"].value == 1000 and events["dataset"]["dagster/row_count"].value == 1000
+    columns = {c.name: c for c in validated["dagster/column_schema"].value.columns}
+    assert columns["risk"].tags == {"classification": "confidential", "pii": "none", "role": "label"}
+    assert columns["sex"].tags["role"] == "protected" and "good risk (1)" in (columns["risk"].description or "")
 
     # The audit log saw the isolated training and each check.
     actions = [json.loads(line)["action"] for line in settings.audit_path.read_text().splitlines()]

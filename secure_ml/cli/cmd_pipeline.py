@@ -56,17 +56,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("DAGSTER_HOME", str(settings.dagster_home))
     init_home(settings)
     drop = land(settings, args.data or SAMPLE)
-    from secure_ml.definitions import run_pipeline  # Dagster is imported only for this command
+    # Dagster is imported only for this command
+    from secure_ml.definitions import DROP_SHA_TAG, DROP_TAG, run_pipeline
 
+    ingesting = _selects_dataset(args.select)
+    drop_tags = {DROP_TAG: drop, DROP_SHA_TAG: sha256_file(settings.landing_dir / drop)} if ingesting else {}
     summary = run_pipeline(settings, selection=args.select,
-                           run_config={"ops": {"dataset": {"config": {"drop": drop}}}}
-                           if _selects_dataset(args.select) else None,
-                           tags=_run_request(settings),
+                           run_config={"ops": {"dataset": {"config": {"drop": drop}}}} if ingesting else None,
+                           tags={**drop_tags, **_run_request(settings)},
                            console="debug" if args.debug else "info" if args.verbose else "quiet")
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
-        print(f"run {summary['run_id']} on drop {drop}")
+        runs = ", ".join(f"{r['job']} {r['run_id']}" for r in summary["runs"])
+        print(f"runs {runs} on drop {drop}")
         for asset in summary["assets"]:
             state = f"sha256:{asset['sha256'][:16]}…" if asset["sha256"] else (
                 "materialized" if asset["materialized"] else "NOT materialized")

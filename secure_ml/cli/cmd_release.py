@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -176,7 +177,18 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     target = args.target or str((release.config.get("deploy") or {}).get("default_target", "local"))
     record = release.deploy(args.version, actor=actor.name, target=target, health=not args.no_health_check, by=actor)
     print(f"deployed {record.version} sha256:{record.model_digest[:16]}… to {target} as {actor.name}: {record.location}")
+    _report(settings, target)
     return 0
+
+
+def _report(settings: Settings, target: str) -> None:
+    """The deployment asset follows deployments made here too (its freshness measures real ones)."""
+    os.environ.setdefault("DAGSTER_HOME", str(settings.dagster_home))
+    if not (Path(os.environ["DAGSTER_HOME"]) / "dagster.yaml").exists():
+        return  # no Dagster instance set up (`secure-ml init` not run): nothing to record it in
+    from secure_ml.definitions import report_deployment  # Dagster only for this step
+
+    report_deployment(settings, target)
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
@@ -185,6 +197,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     record = _release(settings, actor=actor.name).rollback(actor=actor.name, target=args.target, reason=args.reason,
                                                            by=actor)
     print(f"rolled back {args.target} to {record.version} sha256:{record.model_digest[:16]}… (re-verified)")
+    _report(settings, args.target)
     return 0
 
 

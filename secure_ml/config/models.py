@@ -30,7 +30,7 @@ class Landing(Strict):
     interval_seconds: int = Field(5, ge=1)
     settle_seconds: float = Field(2, ge=0)
     recheck_seconds: float = Field(2, ge=0)
-    groups: list[str] = ["data", "training", "security"]
+    groups: list[str] = ["data"]
 
 
 class Retraining(Strict):

@@ -3,8 +3,10 @@
     config = EvaluationConfig.from_mapping(settings.load_config("training")["evaluation"])
     report = evaluate(load_model(model_dir), test_frame, protected=["sex", "age"], config=config)
     report["passed"]               # False when a threshold set to ``block`` is breached
-    plots = render_plots(report)   # {"roc": PNG bytes, "confusion": ..., "groups": ..., "calibration": ...}
-    markdown(report, plots)        # a summary with the plots embedded (the Dagster UI renders it)
+    plots = render_plots(report, class_names={"0": "bad risk", "1": "good risk"})
+    # {"roc": PNG bytes, "confusion": ..., "groups": ..., "calibration": ...}; legends under the axes,
+    # numeric bands in order; render_loss(losses) draws the training loss per epoch
+    markdown(report)               # the verdict table (the plots are metadata entries of their own)
 
 What it measures, on the held-out split only:
 
@@ -336,73 +338,111 @@ def _roc(y: np.ndarray, p: np.ndarray) -> dict[str, list[float]]:
 
 
 # -- plots ----------------------------------------------------------------------------------------------
-def render_plots(report: Mapping[str, Any]) -> dict[str, bytes]:
-    """PNG bytes of the ROC curve, confusion matrix, per-group bars and reliability curve (Agg)."""
+def _png(fig: Any) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80, bbox_inches="tight", metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def _figure(size: tuple[float, float]) -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    def png(fig: Any) -> bytes:
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=80, bbox_inches="tight", metadata={"Software": None})
-        return buffer.getvalue()
+    return Figure(figsize=size)
+
+
+def _below(ax: Any, columns: int) -> None:
+    """The legend under the axes, never over the data."""
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=columns, fontsize=8, frameon=False)
+
+
+def ordered_groups(groups: Mapping[str, Any], bands: Sequence[float] | None) -> list[str]:
+    """Group names in reading order: numeric bands low to high (then ``<missing>``), else as given."""
+    if not bands:
+        return list(groups)
+    order = [*band_labels(bands), "<missing>"]
+    return [g for g in order if g in groups] + [g for g in groups if g not in order]
+
+
+def render_loss(losses: Sequence[float]) -> bytes:
+    """PNG bytes of the training loss per epoch."""
+    fig = _figure((4.6, 3.2))
+    ax = fig.subplots()
+    ax.plot(range(1, len(losses) + 1), list(losses), color="#4F43DD", lw=2, marker="o" if len(losses) <= 30 else None,
+            markersize=3)
+    ax.set(xlabel="epoch", ylabel="training loss", title=f"Training loss ({len(losses)} epochs, final "
+                                                           f"{losses[-1]:.4f})" if losses else "Training loss")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def render_plots(report: Mapping[str, Any], class_names: Mapping[str, str] | None = None) -> dict[str, bytes]:
+    """PNG bytes of the ROC curve, confusion matrix (rows/columns named by ``class_names``, e.g.
+    ``{"0": "bad risk", "1": "good risk"}``), per-group bars and reliability curve (Agg)."""
+    png = _png
+    names = dict(class_names or {})
+    classes = [names.get("0", "class 0"), names.get("1", "class 1")]
 
     plots: dict[str, bytes] = {}
     metrics = report["metrics"]
-    fig = Figure(figsize=(4.2, 4))
+    fig = _figure((4.2, 4))
     ax = fig.subplots()
     ax.plot(report["roc_curve"]["fpr"], report["roc_curve"]["tpr"], color="#4F43DD", lw=2,
             label=f"model (AUC {metrics['roc_auc']:.3f})")
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC curve (held-out)")
-    ax.legend(loc="lower right")
+    _below(ax, 2)
     plots["roc"] = png(fig)
 
-    fig = Figure(figsize=(3.8, 3.4))
+    fig = _figure((3.8, 3.4))
     ax = fig.subplots()
     matrix = np.array(report["confusion_matrix"]["matrix"])
     ax.imshow(matrix, cmap="Blues")
     for (i, j), value in np.ndenumerate(matrix):
         ax.text(j, i, str(value), ha="center", va="center",
                 color="white" if value > matrix.max() / 2 else "black", fontsize=13)
-    ax.set(xticks=[0, 1], yticks=[0, 1], xlabel="predicted", ylabel="actual",
-           title=f"Confusion matrix (accuracy {metrics['accuracy']:.3f})")
+    ax.set(xlabel="predicted", ylabel="actual", title=f"Confusion matrix (accuracy {metrics['accuracy']:.3f})")
+    ax.set_xticks([0, 1], classes)
+    ax.set_yticks([0, 1], classes, rotation=90, va="center")
     plots["confusion"] = png(fig)
 
     attributes = list(report["bias_groups"])
     if attributes:
-        fig = Figure(figsize=(5.2 * len(attributes), 3.6))
+        fig = _figure((5.2 * len(attributes), 3.6))
         axes = np.atleast_1d(fig.subplots(1, len(attributes)))
         for ax, attribute in zip(axes, attributes, strict=True):
             groups = report["bias_groups"][attribute]["groups"]
-            names = list(groups)
-            x = np.arange(len(names))
+            order = ordered_groups(groups, report["bias_groups"][attribute].get("bands"))
+            x = np.arange(len(order))
             for k, (key, colour) in enumerate((("selection_rate", "#4F43DD"), ("tpr", "#2BA84A"),
                                                ("fpr", "#D1495B"))):
-                values = [groups[g][key] if groups[g][key] is not None else 0.0 for g in names]
-                ax.bar(x + (k - 1) * 0.27, values, width=0.27, color=colour, label=key.replace("_", " "))
-            ax.set_xticks(x, [f"{g}\n(n={groups[g]['rows']})" for g in names], fontsize=8)
+                values = [groups[g][key] if groups[g][key] is not None else 0.0 for g in order]
+                ax.bar(x + (k - 1) * 0.27, values, width=0.27, color=colour,
+                       label={"tpr": "true positive rate", "fpr": "false positive rate"}.get(key, "selection rate"))
+            ax.set_xticks(x, [f"{g}\n(n={groups[g]['rows']})" for g in order], fontsize=8)
             gaps = report["fairness"][attribute]
             ax.set(ylim=(0, 1.05), title=f"{attribute}: DP gap {gaps['demographic_parity_difference']:.2f}, "
                                          f"EO gap {gaps['equalized_odds_difference']:.2f}")
-            ax.legend(fontsize=7, loc="upper right")
+            _below(ax, 3)
         plots["groups"] = png(fig)
 
-    fig = Figure(figsize=(4.2, 4))
+    fig = _figure((4.2, 4))
     ax = fig.subplots()
     bins = report["calibration"]["bins"]
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect")
     ax.plot([b["mean_predicted"] for b in bins], [b["observed"] for b in bins], marker="o", color="#4F43DD",
             label=f"model (ECE {metrics['expected_calibration_error']:.3f})")
     ax.set(xlabel="mean predicted probability", ylabel="observed rate", title="Calibration (held-out)")
-    ax.legend(loc="upper left")
+    _below(ax, 2)
     plots["calibration"] = png(fig)
     return plots
 
 
-def markdown(report: Mapping[str, Any], plots: Mapping[str, bytes]) -> str:
-    """A summary for the Dagster UI: the checks, then the plots as embedded PNG images."""
+def markdown(report: Mapping[str, Any], plots: Mapping[str, bytes] | None = None) -> str:
+    """A summary for the Dagster UI: the checks (then ``plots`` as embedded PNG images, when given)."""
+    plots = plots or {}
     metrics = report["metrics"]
     robust = report["robustness"]
     lines = [
