@@ -132,7 +132,7 @@ def registered_model(context: dg.AssetExecutionContext, model_evaluation: dict[s
 
 
 @dg.asset_check(asset=registered_model, blocking=True)
-def registered_model_policy_allows(context: dg.AssetCheckExecutionContext, custody: CustodyResource,
+def policy_allows(context: dg.AssetCheckExecutionContext, custody: CustodyResource,
                                    release: ReleaseResource) -> dg.AssetCheckResult:
     """The promotion policy allows this version everything but the approval (it reached staging or beyond)."""
     recorded = custody.recorded(context.instance, registered_model.key)
@@ -141,12 +141,12 @@ def registered_model_policy_allows(context: dg.AssetCheckExecutionContext, custo
     passed = bool(decision["allowed"]) and version.stage in ("staging", "production")
     reason = (f"{version.version} is {version.stage}: policy allows everything but the approval" if passed else
               f"{version.version} is {version.stage}: " + "; ".join(decision["reasons"]))
-    return verdict(custody, context, check="registered_model_policy_allows", subject=version.version,
+    return verdict(custody, context, check="policy_allows", subject=version.version,
                    passed=passed, reason=reason, metadata={"reasons": dg.MetadataValue.json(decision["reasons"])})
 
 
 @dg.asset_check(asset=registered_model, blocking=True)
-def registered_model_separation_of_duties(context: dg.AssetCheckExecutionContext, custody: CustodyResource,
+def separation_of_duties(context: dg.AssetCheckExecutionContext, custody: CustodyResource,
                                           release: ReleaseResource) -> dg.AssetCheckResult:
     """No recorded approval comes from whoever added the data or trained the model, and every approver
     holds the approver role today."""
@@ -165,7 +165,7 @@ def registered_model_separation_of_duties(context: dg.AssetCheckExecutionContext
     else:
         reason = f"no approvals yet; only an approver other than {', '.join(sorted(conflicted)) or 'the trainer'} " \
                  f"can approve {version.version}"
-    return verdict(custody, context, check="registered_model_separation_of_duties", subject=version.version,
+    return verdict(custody, context, check="separation_of_duties", subject=version.version,
                    passed=not bad, reason=reason,
                    metadata={"pipeline_changers": dg.MetadataValue.json(pipeline_changers(version))})
 
@@ -239,7 +239,7 @@ def deployment_output(custody: CustodyResource, context: Any, service: Release, 
 
 
 @dg.asset_check(asset=deployment, blocking=True)
-def deployment_matches_signed_digest(context: dg.AssetCheckExecutionContext, custody: CustodyResource,
+def deployed_digest_signed(context: dg.AssetCheckExecutionContext, custody: CustodyResource,
                                      release: ReleaseResource) -> dg.AssetCheckResult:
     """The files live on the target hash to the registry's signed digest and the signature verifies
     over them now."""
@@ -247,7 +247,7 @@ def deployment_matches_signed_digest(context: dg.AssetCheckExecutionContext, cus
     target = str((service.config.get("deploy") or {}).get("default_target", "local"))
     current = service.registry.current_deployment(target)
     if current is None:
-        return verdict(custody, context, check="deployment_matches_signed_digest", subject=target, passed=False,
+        return verdict(custody, context, check="deployed_digest_signed", subject=target, passed=False,
                        reason=NOTHING_DEPLOYED, severity=dg.AssetCheckSeverity.WARN)
     location = Path(current.location)
     try:
@@ -260,9 +260,9 @@ def deployment_matches_signed_digest(context: dg.AssetCheckExecutionContext, cus
                                              location / ATTESTATION_FILE, trust=service.trust,
                                              expected_digest=registered)
     except Error as exc:
-        return verdict(custody, context, check="deployment_matches_signed_digest", subject=current.version,
+        return verdict(custody, context, check="deployed_digest_signed", subject=current.version,
                        passed=False, reason=exc.explain())
-    return verdict(custody, context, check="deployment_matches_signed_digest", subject=current.version, passed=True,
+    return verdict(custody, context, check="deployed_digest_signed", subject=current.version, passed=True,
                    reason=f"{current.version} on {target} is sha256:{verified.model_digest[:16]}…, signed and verified")
 
 

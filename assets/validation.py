@@ -195,7 +195,7 @@ def _reject(context: Any, custody: CustodyResource, record: dict[str, Any], meta
         "rejected_record_sha256": evidence.sha256, "rejected_because": failed[0]}))
     custody.record(context, "validation.reject", subject=subject, outcome="fail",
                    details={"record_sha256": evidence.sha256, "reasons": failed})
-    return dg.Failure(description=f"drop rejected: {failed[0]}"[:1000], allow_retries=False,
+    return dg.Failure(description=f"drop rejected: {failed[0]}", allow_retries=False,
                       metadata={"rejected_record_sha256": evidence.sha256})
 
 

@@ -390,7 +390,7 @@ def drop_atomically(landing_dir: Path, name: str, data: bytes) -> None:
 def wait_for_drop_run(instance: dg.DagsterInstance, name: str, timeout: float, log_dir: Path) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        runs = instance.get_runs(filters=dg.RunsFilter(tags={"secure_ml/drop": name}))
+        runs = instance.get_runs(filters=dg.RunsFilter(tags={"secure_ml/drop": name, "secure_ml/trigger": "landing"}))
         if len(runs) > 1:
             raise AssertionError(f"drop {name} ran {len(runs)} times")
         if runs and runs[0].is_finished:
@@ -398,6 +398,21 @@ def wait_for_drop_run(instance: dg.DagsterInstance, name: str, timeout: float, l
         time.sleep(1)
     raise AssertionError(f"no finished run for drop {name} after {timeout:.0f}s; daemon log:\n"
                          f"{read_log(log_dir)}")
+
+
+def wait_for_candidate(instance: dg.DagsterInstance, after_run: str, timeout: float, log_dir: Path) -> list[Any]:
+    """The automation runs that built the candidate after ``after_run``: each stage advances once its
+    upstream checks passed, until ``attestation`` is materialised and every run has finished."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = instance.get_runs(filters=dg.RunsFilter(tags={"secure_ml/trigger": "automation"}))
+        done = instance.fetch_materializations(dg.AssetKey("attestation"), limit=1).records
+        if any(r.status == dg.DagsterRunStatus.FAILURE for r in runs):
+            raise AssertionError(f"an automation run failed; daemon log:\n{read_log(log_dir)}")
+        if done and runs and all(r.is_finished for r in runs):
+            return list(reversed(runs))
+        time.sleep(2)
+    raise AssertionError(f"no candidate after {after_run} in {timeout:.0f}s; daemon log:\n{read_log(log_dir)}")
 
 
 def run_outcome(instance: dg.DagsterInstance, run_id: str) -> tuple[set[str], dict[str, bool]]:
@@ -443,7 +458,7 @@ def test_a_clean_drop_becomes_a_signed_candidate_and_a_poisoned_one_stops_at_val
     graph = build_definitions(home.settings).resolve_asset_graph()
     expected = {k.to_user_string() for k in
                 sensors.landing.landing_selection(home.settings.config.automation).resolve(graph)}
-    missing_stages = [key for key in CANDIDATE if key not in expected]
+    missing_stages = [key for key in CANDIDATE if dg.AssetKey(key) not in graph.get_all_asset_keys()]
     logs = tmp_path / "logs"
     logs.mkdir()
     sample = pd.read_csv(SAMPLE_CSV)
@@ -455,9 +470,24 @@ def test_a_clean_drop_becomes_a_signed_candidate_and_a_poisoned_one_stops_at_val
             clean = wait_for_drop_run(instance, "german_credit-clean.csv", 300, logs)
             materialized, checks = run_outcome(instance, clean.run_id)
             assert clean.status == dg.DagsterRunStatus.SUCCESS, (checks, read_log(logs))
-            assert materialized == expected, f"not materialised: {expected - materialized}"
+            assert clean.job_name == "ingest" and materialized == expected == {"dataset", "validated_dataset"}
             assert checks and all(checks.values()), checks
             assert clean.tags["secure_ml/trigger"] == "landing"
+            # The candidate follows by automation, once every blocking check upstream passed.
+            built = wait_for_candidate(instance, clean.run_id, 480, logs)
+            materialized, checks = set(), {}
+            for run in built:
+                assert run.status == dg.DagsterRunStatus.SUCCESS, read_log(logs)
+                got, verdicts = run_outcome(instance, run.run_id)
+                materialized |= got
+                checks.update(verdicts)
+                tags = instance.get_run_by_id(run.run_id).tags  # type: ignore[union-attr]
+                assert tags["secure_ml/trigger"] == "automation" and tags["secure_ml/model"] == "german_credit"
+                assert tags["secure_ml/drop_sha256"] == clean.tags["secure_ml/drop_sha256"]
+                assert tags["secure_ml/identity"] == "alice"
+            assert set(CANDIDATE) - expected == materialized, materialized
+            assert checks and all(checks.values()), checks
+            built_ids = {run.run_id for run in built}
 
             drop_atomically(home.settings.landing_dir, "german_credit-poisoned.csv",
                             poisoned.to_csv(index=False).encode())
@@ -465,20 +495,20 @@ def test_a_clean_drop_becomes_a_signed_candidate_and_a_poisoned_one_stops_at_val
             materialized, checks = run_outcome(instance, bad.run_id)
             assert bad.status == dg.DagsterRunStatus.FAILURE
             assert checks["validated_dataset:poisoning_score_under_threshold"] is False
-            assert materialized <= {"dataset", "validated_dataset"}, materialized
-            # automation must not pick the poisoned version up afterwards either
+            assert materialized == {"dataset"}, materialized  # the rejected drop never becomes an input
+            # automation must not pick anything up afterwards either
             ticks = automation_ticks_after(instance, bad_finished(instance, bad.run_id), count=2, timeout=60)
             assert all(not tick.run_ids for tick in ticks), [tick.run_ids for tick in ticks]
-            for key in expected - {"dataset", "validated_dataset"}:
+            for key in CANDIDATE[1:]:
                 latest = instance.fetch_materializations(dg.AssetKey(key), limit=1).records
-                assert latest and latest[0].run_id == clean.run_id, f"{key} advanced past a failed check"
+                assert latest and latest[0].run_id in {clean.run_id, *built_ids}, f"{key} moved on a rejected drop"
             deadline = time.monotonic() + 40                  # failure sensors tick every 15 s
             while time.monotonic() < deadline and not (
                     {"run.failed", "check.failed"} <= {e["event"] for e in hook_server.events}):
                 time.sleep(1)
-        # One run per drop, nothing else: automation did not re-run what the landing run produced.
-        extra = [r.run_id for r in instance.get_runs() if r.run_id not in (clean.run_id, bad.run_id)]
-        assert extra == [], f"unexpected runs besides the two drop runs: {extra}"
+        # The two drop runs and the candidate's automation runs, nothing else.
+        extra = [r.run_id for r in instance.get_runs() if r.run_id not in {clean.run_id, bad.run_id, *built_ids}]
+        assert extra == [], f"unexpected runs besides the drop runs and the candidate's: {extra}"
     finally:
         instance.dispose()
     events = {(e["event"], e["details"].get("check", "")) for e in hook_server.events}

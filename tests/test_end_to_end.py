@@ -65,9 +65,15 @@ def test_pipeline_materialises_every_asset_and_passes_every_check(pipeline: dict
     assets = {a["asset"]: a for a in pipeline["assets"]}
     assert list(assets) == ["dataset", "validated_dataset", "trained_model", "model_evaluation", "scan_report",
                             "model_signature", "attestation", "registered_model", "deployment"]
+    # Nothing is deployed before an approval, so deployment is not materialised (and its checks skip).
+    assert not assets.pop("deployment")["materialized"]
     assert all(a["materialized"] and len(a["sha256"]) == 64 for a in assets.values())
     assert pipeline["checks"] and all(c["passed"] for c in pipeline["checks"]), pipeline["checks"]
+    assert not {c["check"] for c in pipeline["checks"]} & {"deployment_healthy", "deployed_digest_signed"}
     assert pipeline["failed_blocking_checks"] == [] and pipeline["step_failures"] == []
+    # One named run per stage of the pipeline, each tagged with its source, drop, identity and model.
+    assert [r["job"] for r in pipeline["runs"]] == ["ingest", "train", "release"]
+    assert all(r["success"] for r in pipeline["runs"])
 
 
 def test_release_needs_a_second_person_and_a_deployer(home: Path, pipeline: dict) -> None:
@@ -97,6 +103,22 @@ def test_release_needs_a_second_person_and_a_deployer(home: Path, pipeline: dict
     assert local["status"] == "deployed" and local["actor"] == "dave"
     assert local["model_digest"] == version["model_digest"]
     assert Path(local["location"], "model", "model.safetensors").is_file()
+    # The deploy made from the CLI is the deployment asset's materialization (its freshness is real).
+    import dagster as dg
+
+    os.environ["DAGSTER_HOME"] = str(home / "dagster")
+    try:
+        with dg.DagsterInstance.get() as instance:
+            event = instance.get_latest_materialization_event(dg.AssetKey("deployment"))
+            runs = {r.run_id: r for r in instance.get_runs()}
+    finally:
+        del os.environ["DAGSTER_HOME"]
+    assert event is not None and event.asset_materialization is not None
+    assert event.asset_materialization.metadata["model_digest"].value == version["model_digest"]
+    for entry in pipeline["runs"]:
+        tags = runs[entry["run_id"]].tags
+        assert tags["secure_ml/trigger"] == "cli" and tags["secure_ml/identity"] == TRAINER
+        assert len(tags["secure_ml/drop_sha256"]) == 64 and tags["secure_ml/model"] == "german_credit"
 
 
 def test_export_verifies_offline_with_the_pinned_digest(home: Path, pipeline: dict, tmp_path: Path) -> None:

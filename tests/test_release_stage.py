@@ -71,8 +71,8 @@ UPSTREAM = [stand_in_trained_model, stand_in_model_evaluation, security.scan_rep
             security.attestation, security.scan_report_clear, security.model_signature_verifies,
             security.attestation_verifies]
 RELEASE = [release_assets.registered_model, release_assets.deployment,
-           release_assets.registered_model_policy_allows, release_assets.registered_model_separation_of_duties,
-           release_assets.deployment_matches_signed_digest, release_assets.deployment_healthy]
+           release_assets.policy_allows, release_assets.separation_of_duties,
+           release_assets.deployed_digest_signed, release_assets.deployment_healthy]
 OWN_CODE = ["secure_ml/release/registry.py", "secure_ml/governance/policy.py", "secure_ml/release/deploy.py", "secure_ml/release/gate.py",
             "secure_ml/release/evidence.py", "secure_ml/release/deployed.py", "secure_ml/release/targets", "secure_ml/release/k8s_render.py",
             "secure_ml/release/serving.py", "assets/release.py", "resources/release.py"]
@@ -163,14 +163,14 @@ def test_the_release_proof(stage: Settings, monkeypatch: pytest.MonkeyPatch, cap
     # Nothing is deployed: deployment is not materialised (no green "deployed"), its checks skip.
     assert "deployment" not in meta
     outcome = checks(first)
-    assert outcome["registered_model_policy_allows"][0] and outcome["registered_model_separation_of_duties"][0]
-    assert "deployment_matches_signed_digest" not in outcome and "deployment_healthy" not in outcome
+    assert outcome["policy_allows"][0] and outcome["separation_of_duties"][0]
+    assert "deployed_digest_signed" not in outcome and "deployment_healthy" not in outcome
     # Run alone (the UI's Execute) before anything is live, they warn; they never pass.
     alone = run(settings, actor="bob", train=False,
                 selection=dg.AssetSelection.checks_for_assets(release_assets.deployment))
     warned = {e.check_name: e for e in alone.get_asset_check_evaluations()}
     assert {n: (e.passed, e.severity) for n, e in warned.items()} == {
-        "deployment_matches_signed_digest": (False, dg.AssetCheckSeverity.WARN),
+        "deployed_digest_signed": (False, dg.AssetCheckSeverity.WARN),
         "deployment_healthy": (False, dg.AssetCheckSeverity.WARN)}
     assert str(warned["deployment_healthy"].metadata["reason"].value) == release_assets.NOTHING_DEPLOYED
 
@@ -188,7 +188,7 @@ def test_the_release_proof(stage: Settings, monkeypatch: pytest.MonkeyPatch, cap
     live = materialized(deployed)["deployment"]
     assert live["deployed_version"] == "v1" and live["deployed_by"] == "dave" and len(live["model_digest"]) == 64
     outcome = checks(deployed)
-    assert outcome["deployment_matches_signed_digest"][0] and outcome["deployment_healthy"][0], outcome
+    assert outcome["deployed_digest_signed"][0] and outcome["deployment_healthy"][0], outcome
     # Run again with nothing new to deploy: no new materialization, so freshness keeps the real date.
     again = run(settings, actor="dave", selection=dg.AssetSelection.assets("deployment"), train=False)
     assert again.success and "deployment" not in materialized(again)
@@ -249,7 +249,7 @@ def test_a_fairness_breach_and_a_blocking_finding_each_stop_the_model(stage: Set
     settings = stage
     breach = run(settings, actor="bob", parity_gap=0.41)
     outcome = checks(breach)
-    passed, reason = outcome["registered_model_policy_allows"]
+    passed, reason = outcome["policy_allows"]
     assert not passed and "fairness breach: demographic_parity_difference for sex is 0.41" in reason
     assert "deployment" not in materialized(breach)  # the blocking check stopped it
     assert Registry.from_settings(settings).get("v1").stage == "candidate"

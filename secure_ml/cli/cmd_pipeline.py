@@ -93,11 +93,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def failure_lines(summary: dict[str, Any]) -> list[str]:
     """One line per failed blocking check (with its reason) and per failed step that is not just
     Dagster stopping a step for a blocking check already reported."""
-    lines = [f"blocking check failed: {c['asset']}:{c['check']}: {c['reason']}"
-             for c in summary["checks"] if c["blocking"] and not c["passed"]]
+    failed = [c for c in summary["checks"] if c["blocking"] and not c["passed"]]
+    lines = [f"blocking check failed: {c['asset']}:{c['check']}: {c['reason']}" for c in failed]
     for failure in summary["step_failures"]:
         if failure["kind"] == "blocking_check" and lines:
             continue
+        if any(f"{c['check']}: {c['reason']}" in failure["error"] for c in failed):
+            continue  # the step that rejected its input, naming a check already reported above
         hint = " (rerun with secure-ml --debug pipeline run)" if failure["kind"] == "internal" else ""
         what = "internal error: " if failure["kind"] == "internal" else ""
         lines.append(f"step {failure['step']} failed: {what}{failure['error']}{hint}")
