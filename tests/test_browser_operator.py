@@ -162,12 +162,19 @@ def test_deployment_is_materialised_only_once_something_is_deployed(page: Any, u
     shoot(page, artifacts_dir, "deployment-after")
 
 
-def test_the_evaluation_plots_are_inline_images(page: Any, ui: str, artifacts_dir: Path) -> None:
-    body_after(page, f"{ui}/assets/model_evaluation", "plot_roc")
-    images = page.locator('img[src^="data:image/png"]')
-    images.first.wait_for()
-    assert images.count() >= 4
-    for name in ("plot_roc", "plot_confusion", "plot_calibration", "plot_groups"):
-        assert name in page.inner_text("body")
-    images.first.scroll_into_view_if_needed()
-    shoot(page, artifacts_dir, "evaluation-plots", full_page=True)
+def test_each_evaluation_plot_is_its_own_entry(page: Any, ui: str, artifacts_dir: Path) -> None:
+    """One named row per plot (Dagster shows long markdown behind its own [Show Markdown] link)."""
+    body = body_after(page, f"{ui}/assets/model_evaluation", "plot_roc")
+    for name in ("plot_roc", "plot_confusion", "plot_calibration", "plot_groups", "verdicts"):
+        assert name in body, name
+    shoot(page, artifacts_dir, "evaluation-entries")
+    for name in ("plot_confusion", "plot_groups"):
+        row = page.locator("tr", has_text=name).first
+        row.get_by_text("[Show Markdown]").first.click()
+        image = page.locator('[role="dialog"] img[src^="data:image/png"]').first
+        image.wait_for()
+        assert image.evaluate("img => img.naturalWidth") > 200
+        page.wait_for_timeout(500)
+        shoot(page, artifacts_dir, f"evaluation-{name}")
+        page.keyboard.press("Escape")
+        page.locator('[role="dialog"]').first.wait_for(state="detached")
