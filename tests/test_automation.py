@@ -447,7 +447,7 @@ def automation_ticks_after(instance: dg.DagsterInstance, after: float, *, count:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1200)  # the candidate follows in several automation runs
 def test_a_clean_drop_becomes_a_signed_candidate_and_a_poisoned_one_stops_at_validation(
         tmp_path: Path, hook_server: Hook) -> None:
     from secure_ml.data.poisoning import flip_labels
@@ -474,7 +474,7 @@ def test_a_clean_drop_becomes_a_signed_candidate_and_a_poisoned_one_stops_at_val
             assert checks and all(checks.values()), checks
             assert clean.tags["secure_ml/trigger"] == "landing"
             # The candidate follows by automation, once every blocking check upstream passed.
-            built = wait_for_candidate(instance, clean.run_id, 480, logs)
+            built = wait_for_candidate(instance, clean.run_id, 720, logs)
             materialized, checks = set(), {}
             for run in built:
                 assert run.status == dg.DagsterRunStatus.SUCCESS, read_log(logs)
