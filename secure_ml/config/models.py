@@ -146,6 +146,9 @@ class AuthFailures(Strict):
 
 
 class Serving(Strict):
+    # The name the one local deployment is served under (/v2/models/{model_name}); per-model
+    # deployments name their own (secure_ml.release.served.deployed_models).
+    model_name: str = Field("german_credit", pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")
     host: str = "127.0.0.1"
     port: int = Field(8765, ge=1, le=65535)
     rate_limit_per_minute: int = Field(120, ge=1)
