@@ -267,3 +267,29 @@ def test_loading_is_all_or_nothing_and_pinned(deployed: dict[str, Any], tmp_path
         served.check_names([older, older])
     with pytest.raises(BadInput, match="must be 1-63 lowercase"):
         served.check_names([served.DeployedModel("../x", "v1", older.directory, older.digest)])
+
+
+def test_the_serve_command_loads_every_model_it_is_given(deployed: dict[str, Any]) -> None:
+    from argparse import Namespace
+
+    from secure_ml.cli.cmd_release import _served_models
+
+    from secure_ml.security.verification import TrustPolicy
+
+    settings, keys, older = deployed["settings"], deployed["keys"], deployed["older"]
+    # Without --model the server trusts what config/security.yaml trusts: here, the test's signing key.
+    [configured] = TrustPolicy.from_config(settings.load_config("security"), settings.home).public_keys
+    configured.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(keys.public, configured)
+    none = Namespace(model=None, model_dir=None, digest=None, public_key=None)
+    assert [(m.name, m.version) for m in _served_models(settings, none, "german_credit")] == [("german_credit", "v2")]
+    pinned = Namespace(model=[["credit_v1", str(older.directory), f"sha256:{older.digest}"]], model_dir=None,
+                       digest=None, public_key=keys.public)
+    [model] = _served_models(settings, pinned, "german_credit")
+    assert (model.name, model.version, model.model_digest) == ("credit_v1", "v1", older.digest)
+    with pytest.raises(BadInput, match="needs a directory and a digest"):
+        _served_models(settings, Namespace(model=[["x", str(older.directory), older.digest]], model_dir=None,
+                                           digest=None, public_key=keys.public), "german_credit")
+    with pytest.raises(BadInput, match="need --public-key"):
+        _served_models(settings, Namespace(model=None, model_dir=older.directory, digest=f"sha256:{older.digest}",
+                                           public_key=None), "german_credit")
