@@ -21,11 +21,12 @@ from typing import Any
 
 from secure_ml.custody.integrity import SHA256_HEX
 from secure_ml.errors import BadInput
+from secure_ml.release.deployed import DEFAULT_MODEL_NAME
 from secure_ml.release.serving.model import LoadedModel, load_deployment
 from secure_ml.security.verification import TrustPolicy
 
 MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
-DEFAULT_MODEL_NAME = "german_credit"
+__all__ = ["DEFAULT_MODEL_NAME", "MODEL_NAME", "DeployedModel", "check_names", "deployed_models", "load_deployed"]
 
 
 @dataclass(frozen=True)
