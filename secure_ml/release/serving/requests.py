@@ -114,7 +114,9 @@ def _column(tensor: Any, spec: FeatureSpec, max_batch: int) -> tuple[str, list[A
     if unknown:
         raise RequestError(422, f"input {shown!r}: unknown key {unknown[0][:40]!r}")
     parameters = tensor.get("parameters") or {}
-    if not isinstance(parameters, Mapping) or "binary_data_size" in parameters:
+    if not isinstance(parameters, Mapping):
+        raise RequestError(422, f"input {shown!r}: parameters must be an object")
+    if "binary_data_size" in parameters:
         # Only JSON tensors: the binary extension would be a second parser to keep safe.
         raise RequestError(400, f"input {shown!r}: binary tensor data is not supported; send the data as JSON")
     if name in spec.numeric:
