@@ -33,6 +33,8 @@ from secure_ml.errors import BadInput, VerificationError
 from secure_ml.release import served, serving
 from secure_ml.settings import Settings, init_home
 
+pytestmark = pytest.mark.slow  # deploys two models through the release workflow, then serves them
+
 ROWS = [{"age": 41, "credit_amount": 2500.0, "sex": "female", "purpose": "car"},
         {"age": 23, "credit_amount": 9100.5, "sex": "male", "purpose": "education"},
         {"age": 67, "credit_amount": 700.0, "sex": "female", "purpose": "other"}]
