@@ -78,7 +78,8 @@ class Server:
 def columns(rows: list[dict[str, Any]], **override: Any) -> dict[str, Any]:
     """A v2 request body, one input per column, the way MLServer's pandas codec encodes a DataFrame."""
     types = {"age": "INT64", "credit_amount": "FP64", "sex": "BYTES", "purpose": "BYTES"}
-    inputs = [{"name": n, "datatype": t, "shape": [len(rows), 1], "data": [r[n] for r in rows]} for n, t in types.items()]
+    inputs = [{"name": n, "datatype": t, "shape": [len(rows), 1], "data": [r[n] for r in rows]}
+              for n, t in types.items()]
     return {"parameters": {"content_type": "pd"}, "inputs": inputs, **override}
 
 

@@ -1,4 +1,5 @@
-"""secure-ml k8s render OUTDIR [--image-digest sha256:…] [--model-digest HEX | --model NAME HEX ...] [--k8s-dir DIR]
+"""secure-ml k8s render OUTDIR [--image-digest sha256:…] [--model-digest HEX | --model NAME HEX ...]
+[--k8s-dir DIR]
 
 Writes every Kubernetes object the project would create, one file per object, after checking all
 of them (secure_ml/release/platform/checks.py): the Helm values for the pinned Dagster chart

@@ -66,7 +66,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     serve.add_argument("--model", nargs=3, action="append", metavar=("NAME", "DIR", "DIGEST"),
                        help="serve the deployed directory DIR as NAME, pinned to DIGEST (sha256:<hex>); repeat per "
                             "model (Kubernetes: on the volume; needs --public-key)")
-    serve.add_argument("--model-dir", type=Path, help="one deployed model directory (as --model with the configured name)")
+    serve.add_argument("--model-dir", type=Path,
+                       help="one deployed model directory (as --model with the configured name)")
     serve.add_argument("--digest", help="sha256:<hex> the model directory must hash to (with --model-dir)")
     serve.add_argument("--public-key", type=Path, help="trusted model-signing public key (with --model/--model-dir)")
     serve.add_argument("--tokens", type=Path, help="hashed bearer tokens file (default: $SECURE_ML_HOME/serving)")
@@ -223,7 +224,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     audit = settings.audit_log()
     models = _served_models(settings, args, str(config.get("model_name") or served.DEFAULT_MODEL_NAME))
     for model in models:
-        audit.record(settings.actor(), "serve.start", subject=f"{model.name} {model.version} sha256:{model.model_digest}")
+        audit.record(settings.actor(), "serve.start",
+                     subject=f"{model.name} {model.version} sha256:{model.model_digest}")
 
     def on_event(client: str, action: str, outcome: str, details: dict[str, Any]) -> None:
         audit.record(client, action, subject=str(details.get("model") or models[0].name), outcome=outcome,

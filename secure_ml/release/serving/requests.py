@@ -98,7 +98,8 @@ def _typed_value(value: Any, datatype: str, name: str) -> Any:
     else:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
     if not ok:
-        raise RequestError(422, f"input {name!r} is {datatype} but holds a {type(value).__name__} ({str(value)[:40]!r})")
+        raise RequestError(422, f"input {name!r} is {datatype} but holds a {type(value).__name__} "
+                                f"({str(value)[:40]!r})")
     return value
 
 
