@@ -296,3 +296,17 @@ def test_the_serve_command_loads_every_model_it_is_given(deployed: dict[str, Any
     with pytest.raises(BadInput, match="need --public-key"):
         _served_models(settings, Namespace(model=None, model_dir=older.directory, digest=f"sha256:{older.digest}",
                                            public_key=None), "german_credit")
+
+
+def test_the_rate_limit_covers_every_v2_path(deployed: dict[str, Any], tmp_path: Path) -> None:
+    from _asgi import call
+
+    tokens = serving.TokenStore(tmp_path / "tokens.json")
+    secret = tokens.issue("frontend")
+    app = serving.create_app(deployed["models"], tokens, rate_per_minute=3)
+    codes = [call(app, "GET", "/v2/models/german_credit", token=secret)[0],
+             call(app, "GET", "/v2/models/credit_v1/ready", token=secret)[0],
+             call(app, "POST", "/v2/models/german_credit/infer", body=columns(ROWS), token=secret)[0]]
+    status, body, headers = call(app, "POST", "/v2/models/german_credit/infer", body=columns(ROWS), token=secret)
+    assert codes == [200, 200, 200] and status == 429 and body["error"] == "rate limit exceeded"
+    assert int(headers["retry-after"]) >= 1
