@@ -117,8 +117,10 @@ def test_the_rejected_drop_touches_only_its_own_run(page: Any, ui: str, state: d
     assert latest.run_id == good["runs"][0]["run_id"]  # the accepted version is still the latest
 
     page.goto(f"{ui}/asset-groups", wait_until="networkidle")
-    page.keyboard.press("Alt+e")
-    page.locator('[class*="AssetNode_assetName"]').first.wait_for()
+    for group in ("data", "training", "security", "release"):
+        page.get_by_text(group, exact=True).first.wait_for(timeout=60_000)
+    page.keyboard.press("Alt+e")                      # "Expand all groups"
+    page.locator('[class*="AssetNode_assetName"]').first.wait_for(timeout=60_000)
     page.wait_for_timeout(2500)
     shoot(page, artifacts_dir, "rejected-drop-graph")
 
