@@ -6,9 +6,11 @@
 Every asset in ``conditions.groups`` (data, training, security) that has upstream assets gets
 
     AutomationCondition.eager() & AutomationCondition.all_deps_blocking_checks_passed()
+        & ~AutomationCondition.execution_failed()
 
 so it is brought up to date when an upstream asset changes, and only when every blocking check
-on its upstream assets passed (or will run first in the same run, where a failure stops it). The
+on its upstream assets passed (or will run first in the same run, where a failure stops it), and
+never to retry a step that failed (a rejected drop stays rejected; it is not re-validated). The
 ``asset_automation`` sensor evaluates these conditions every ``conditions.interval_seconds``.
 Release assets carry no condition: registering and deploying are deliberate, approved acts.
 
@@ -39,9 +41,12 @@ CONTRACT_KINDS: dict[str, set[str]] = {
     "attestation": {"in-toto"}, "registered_model": {"json"}, "deployment": {"kubernetes"},
 }
 
+# ~execution_failed: a step that refused its input (a rejected drop) is not re-run on the same input
+# by automation; the next drop's own run, or a person, runs it again.
 ADVANCE_WHEN_CHECKS_PASS = (
     dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
-).with_label("eager, once every upstream blocking check passed")
+    & ~dg.AutomationCondition.execution_failed()
+).with_label("eager, once every upstream blocking check passed, unless its last run failed")
 
 
 def deployment_freshness(automation: AutomationFile) -> dg.FreshnessPolicy:

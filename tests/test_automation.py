@@ -293,6 +293,32 @@ def test_downstream_advances_only_when_every_upstream_blocking_check_passed() ->
         assert evaluation.get_num_requested(dg.AssetKey("downstream")) == 0
 
 
+REJECT = {"now": False}
+
+
+@dg.asset(group_name="training", deps=[upstream], kinds={"python"}, owners=["team:test"])
+def rejecting() -> int:
+    """Refuses its input when told to, as validated_dataset refuses a poisoned drop."""
+    if REJECT["now"]:
+        raise dg.Failure(description="drop rejected: stand-in", allow_retries=False)
+    return 3
+
+
+def test_a_step_that_refused_its_input_is_not_retried_by_automation() -> None:
+    wired = sensors.conditions.map_assets([upstream, rejecting], Settings.from_env({}).config.automation)
+    definitions = dg.Definitions(assets=wired, asset_checks=[upstream_gate])
+    with dg.instance_for_test() as instance:
+        GATE["passed"], REJECT["now"] = True, False
+        assert dg.materialize([*wired, upstream_gate], instance=instance).success
+        cursor = dg.evaluate_automation_conditions(defs=definitions, instance=instance).cursor
+        REJECT["now"] = True  # the drop's run: upstream materialises and passes, rejecting refuses it
+        assert not dg.materialize([*wired, upstream_gate], instance=instance, raise_on_error=False).success
+        for _ in range(2):
+            evaluation = dg.evaluate_automation_conditions(defs=definitions, instance=instance, cursor=cursor)
+            assert evaluation.get_num_requested(dg.AssetKey("rejecting")) == 0
+            cursor = evaluation.cursor
+
+
 def test_real_graph_carries_conditions_freshness_and_the_cron(settings: Settings, defs: dg.Definitions) -> None:
     graph = defs.resolve_asset_graph()
     for node in graph.asset_nodes:
