@@ -89,9 +89,10 @@ CONSOLE_LEVELS = {"quiet": "CRITICAL", "info": "INFO", "debug": "DEBUG"}
 def run_pipeline(settings: Settings, *, selection: str | None = None,
                  run_config: dict[str, Any] | None = None, tags: dict[str, str] | None = None,
                  console: str = "quiet") -> dict[str, Any]:
-    """Materialise ``selection`` (default: every asset) on the instance under DAGSTER_HOME.
+    """Materialise ``selection`` (default: every asset) on the instance under DAGSTER_HOME, as one
+    run per named job it touches (ingest, train, release), in order, stopping at the first that fails.
 
-    Returns a summary: for each asset, whether it materialised and its digest; for each check,
+    Returns a summary: the runs (job, run id, success); for each asset, whether it materialised and its digest; for each check,
     its result and reason; the names of the blocking checks that failed; and each failed step
     with its one-line reason and whether it was an expected refusal (a denial, bad input, a
     failed blocking check) or an internal error. ``console`` (quiet, info, debug) is how much of
