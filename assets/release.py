@@ -203,16 +203,16 @@ def deployment(context: dg.AssetExecutionContext, custody: CustodyResource,
     if current is None:
         context.log.info(f"nothing is deployed on {target}, so deployment is not materialised: {reason}")
         return
-    if not deployed_now and _recorded_deployment(context.instance) == (current.version, current.model_digest,
-                                                                       current.at):
+    recorded = _recorded_deployment(context.instance, context.asset_key)
+    if not deployed_now and recorded == (current.version, current.model_digest, current.at):
         context.log.info(f"{current.version} is still what is live on {target} (deployed {current.at[:19]} by "
                          f"{current.actor}); nothing new to record{f': {reason}' if reason else ''}")
         return
     yield deployment_output(custody, context, service, target)
 
 
-def _recorded_deployment(instance: dg.DagsterInstance) -> tuple[str, str, str] | None:
-    records = instance.fetch_materializations(dg.AssetKey("deployment"), limit=1).records
+def _recorded_deployment(instance: dg.DagsterInstance, key: dg.AssetKey) -> tuple[str, str, str] | None:
+    records = instance.fetch_materializations(key, limit=1).records
     if not records or records[0].asset_materialization is None:
         return None
     meta = {k: getattr(v, "value", v) for k, v in records[0].asset_materialization.metadata.items()}

@@ -184,13 +184,13 @@ def _reject(context: Any, custody: CustodyResource, record: dict[str, Any], meta
         custody.record(context, f"check.{name}", subject=subject, outcome="pass" if passed else "fail",
                        details={"reason": reason})
         context.log_event(dg.AssetCheckEvaluation(
-            asset_key=VALIDATED, check_name=name, passed=passed, blocking=True,
+            asset_key=context.asset_key, check_name=name, passed=passed, blocking=True,
             severity=dg.AssetCheckSeverity.ERROR,
             metadata={"reason": reason, "subject": subject, "rejected_record_sha256": evidence.sha256,
                       **check_metadata}))
     failed = [f"{name}: {reason}" for name, (passed, reason, _) in verdicts.items() if not passed] or [
         "the drop could not be split (no label column)"]
-    context.log_event(dg.AssetObservation(asset_key=VALIDATED, metadata={
+    context.log_event(dg.AssetObservation(asset_key=context.asset_key, metadata={
         **{k: v for k, v in metadata.items() if k not in ("train_sha256", "test_sha256")},
         "rejected_record_sha256": evidence.sha256, "rejected_because": failed[0]}))
     custody.record(context, "validation.reject", subject=subject, outcome="fail",
