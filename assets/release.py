@@ -167,6 +167,26 @@ def registered_model_separation_of_duties(context: dg.AssetCheckExecutionContext
                    metadata={"pipeline_changers": dg.MetadataValue.json(pipeline_changers(version))})
 
 
+def _deployer(release: ReleaseResource, service: Release, actor: str) -> Any:
+    """Who signs the deployment statement: the identity key in this process's environment, which must be
+    the run's own verified launcher (None before a trust policy exists; the deploy then refuses without one)."""
+    from secure_ml.errors import PolicyDenied
+    from secure_ml.governance import authn
+
+    if service.signed is None:
+        return None
+    settings = release.settings()
+    by = authn.authenticate(settings, service.signed.policy)
+    if by.identity is None:
+        return None  # Release.deploy refuses and audits: a deployment is a signed decision
+    if by.name != actor:
+        settings.audit_log().record(by.name, "access.deny", outcome="deny",
+                                    details={"reason": f"the run was launched by {actor}, the key is {by.name}'s"})
+        raise PolicyDenied(f"the run was launched by {actor} but the identity key here is {by.name}'s: "
+                           "a deployment is signed by whoever launched it")
+    return by
+
+
 @dg.asset(group_name=RELEASE, kinds={"kubernetes", "python"}, owners=["team:ml-platform"], code_version="1",
           deps=[registered_model])
 def deployment(context: dg.AssetExecutionContext, custody: CustodyResource,
@@ -185,13 +205,16 @@ def deployment(context: dg.AssetExecutionContext, custody: CustodyResource,
         status, reason = "awaiting_approval", "no version is in production yet: it needs `secure-ml approve`"
     elif not service.access.decide(actor, "model.deploy").allowed:
         status, reason = "awaiting_deployer", (f"{actor} may not deploy; a deployer runs "
-                                               f"`SECURE_ML_ACTOR=<deployer> secure-ml deploy`")
+                                               f"`SECURE_ML_IDENTITY=<deployer key> secure-ml deploy`")
     else:
         current = service.registry.current_deployment(target)
         if current is None or current.version != production.version:
             try:
-                service.deploy(production.version, actor=actor, target=target)
+                # The same signed path as `secure-ml deploy`: a deployment statement by the run's own signer.
+                service.deploy(production.version, actor=actor, target=target,
+                               by=_deployer(release, service, actor))
             except Error as exc:
+                custody.record(context, "deploy", subject=target, outcome="deny", details={"reason": exc.explain()})
                 raise dg.Failure(exc.explain()) from None
         else:
             status, reason = "deployed", f"{production.version} is already live on {target}"

@@ -169,3 +169,27 @@ def test_cli_exit_codes_and_a_swapped_policy(world: dict[str, Any], settings: Se
     with pytest.raises(SystemExit) as usage:
         main(["revoke", "v1"])
     assert usage.value.code == 2
+
+
+def test_a_deleted_statement_and_an_unsigned_deployment_are_refused(
+        world: dict[str, Any], settings: Settings, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    release, v1 = world["register"](1)
+    release.approve("v1", by=world["actor"]("carol"))
+    # Every deployment is a signed statement: a deployer's name without their key deploys nothing.
+    with pytest.raises(PolicyDenied, match="a deployment is a signed decision"):
+        release.deploy("production", actor="dave", health=False)
+    assert release.registry.current_deployment("local") is None
+    release.deploy("production", actor="dave", by=world["actor"]("dave"), health=False)
+    release.revoke("v1", by=world["actor"]("carol"), reason="withdrawn data")
+    history = release.registry.deployments("local")
+    folder = release.signed.ledger.directory / v1.model_digest
+    indexed = dict(release.registry.indexed_statements(v1.model_digest))
+    revocation = next(sha for sha, kind in indexed.items() if kind == "revocation")
+    (folder / f"{revocation}.json").unlink()  # un-revoke by deleting the statement
+    monkeypatch.setenv("SECURE_ML_IDENTITY", str(world["people"]["dave"]))
+    assert main(["deploy", "v1", "--no-health-check"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "signed revocation statement" in err[0] and "file is gone" in err[0], err
+    assert "deleted decision" in audited(settings, "decision.verify")[-1]["details"]["reason"]
+    assert release.registry.deployments("local") == history  # nothing deployed, nothing recorded

@@ -50,7 +50,8 @@ class SignedDecisions:
             return None
         policy = authn.verified_policy(settings)
         authn.check_config(settings, policy)
-        return cls(settings, policy, Ledger.from_settings(settings))
+        # The registry indexes every statement, so a deleted file (a revocation, an approval) is noticed.
+        return cls(settings, policy, Ledger.from_settings(settings, index=Registry.from_settings(settings)))
 
     # -- pipeline products ---------------------------------------------------------------------
     def sign_products(self, version: ModelVersion, evidence: Mapping[str, Any], *, actor: str) -> list[Fact]:
