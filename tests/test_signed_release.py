@@ -193,3 +193,33 @@ def test_a_deleted_statement_and_an_unsigned_deployment_are_refused(
     assert len(err) == 1 and "signed revocation statement" in err[0] and "file is gone" in err[0], err
     assert "deleted decision" in audited(settings, "decision.verify")[-1]["details"]["reason"]
     assert release.registry.deployments("local") == history  # nothing deployed, nothing recorded
+
+
+def test_kubernetes_admission_admits_only_signed_deployments(world: dict[str, Any], settings: Settings,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    release, v1 = world["register"](1)
+    release.approve("v1", by=world["actor"]("carol"))
+    release.deploy("production", actor="dave", by=world["actor"]("dave"), target="kubernetes", health=False)
+    assert release.signed.admitted_digests("kubernetes") == [v1.model_digest]
+    assert release.signed.admitted_digests("local") == []
+    release, v2 = world["register"](2)
+    # A deployment row inserted into the registry admits nothing: admission reads statements.
+    release.registry.record_deployment(actor="dave", target="kubernetes", version="v2", model_digest=v2.model_digest,
+                                       status="deployed", location="/nowhere", reason="forged row")
+    assert release.signed.admitted_digests("kubernetes") == [v1.model_digest]
+    image = "--image-digest=sha256:" + "1" * 64
+    out = world["tmp"] / "rendered"
+    assert main(["k8s", "render", str(out), image, "--model-digest", v2.model_digest]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"model sha256:{v2.model_digest} is not a signed, verified model" in err[0], err
+    assert not out.exists()
+    # A deployment statement signed by a key the policy does not trust stops admission (audited).
+    stranger = load_identity(new_identity("stranger", world["tmp"] / "stranger")[0])
+    forged = sign_decision("deployment", v2.model_digest, {"version": "v2", "target": "kubernetes"}, stranger.signer)
+    (release.signed.ledger.directory / v2.model_digest / "forged.json").write_bytes(forged)
+    with pytest.raises(VerificationError, match="not signed by a key the trust policy gives the deployer role"):
+        release.signed.admitted_digests("kubernetes")
+    assert audited(settings, "decision.verify")[-1]["actor"] == "admission"
+    (release.signed.ledger.directory / v2.model_digest / "forged.json").unlink()
+    release.revoke("v1", by=world["actor"]("carol"), reason="bias found")
+    assert release.signed.admitted_digests("kubernetes") == []

@@ -57,6 +57,12 @@ class Ledger:
             raise BadInput(f"not a SHA-256 model digest: {model_digest!r}")
         return self.directory / model_digest
 
+    def models(self) -> list[str]:
+        """Every model digest with a statement folder (unverified: read each with :meth:`evidence`)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(p.name for p in self.directory.iterdir() if p.is_dir() and SHA256_HEX.match(p.name))
+
     def envelopes(self, model_digest: str) -> list[bytes]:
         """Every stored envelope about the model, oldest first (unverified)."""
         folder = self._folder(model_digest)

@@ -376,8 +376,11 @@ class Release:
             shutil.copytree(verified.directory, staging / MODEL_DIR)
             (staging / SIGNATURE_FILE).write_bytes(verified.bundle)
             (staging / ATTESTATION_FILE).write_bytes(verified.envelope)
+            config = dict(self.config)
+            if self.signed is not None:  # admission data from verified deployment statements, never registry rows
+                config["admitted_model_digests"] = self.signed.admitted_digests(target.name)
             receipt.update(target.write(staging, version=version.version, model_digest=verified.model_digest,
-                                        config=self.config))
+                                        config=config))
             (staging / RECEIPT_FILE).write_text(json.dumps(receipt, indent=1, sort_keys=True))
             if final.exists():
                 shutil.rmtree(final)  # same version and digest: an identical redeploy replaces it

@@ -5,6 +5,7 @@
     facts = signed.promotion_facts(version)                  # replaces every recorded fact in the policy input
     signed.decide(actor, "approval", version, {...}, permission="model.approve")
     signed.revoked(version)                                  # a verified revocation, or None
+    signed.admitted_digests("kubernetes")                    # what admission may run: signed deployments only
     registry = TrustedRegistry(path, signed)                 # get() returns rows with verified facts only
 
 The registry stays the index (versions, stages, history), but the policy input's evidence,
@@ -82,6 +83,20 @@ class SignedDecisions:
 
     def revoked(self, version: ModelVersion) -> Fact | None:
         return self.evidence(version).revoked
+
+    def admitted_digests(self, target: str) -> list[str]:
+        """Model digests the ``target``'s admission policy may admit, from verified statements alone.
+
+        A model is admitted when a deployer's signed deployment (or rollback) to ``target`` verifies and
+        no revocation does; registry rows play no part. Any forged, moved or deleted statement raises
+        (audited) rather than shrinking the list silently.
+        """
+        admitted = []
+        for digest in self.ledger.models():
+            evidence = self.ledger.evidence(digest, self.policy, actor="admission")
+            if evidence.revoked is None and any(f.predicate.get("target") == target for f in evidence.deployments):
+                admitted.append(digest)
+        return admitted
 
     def canonical(self, name: str) -> str:
         return self.policy.resolve(name) or name
