@@ -36,7 +36,7 @@ RUN_REQUEST_TTL_S = 3600
 OIDC_TOKEN_ENV = "SECURE_ML_OIDC_TOKEN"
 OIDC_ISSUER_ENV = "SECURE_ML_OIDC_ISSUER"
 
-__all__ = ["Actor", "verified_policy", "authenticate", "require", "check_config", "pipeline_signer", "trust_store",
+__all__ = ["Actor", "has_trust_policy", "verified_policy", "authenticate", "require", "check_config", "pipeline_signer", "trust_store",
            "sign_run_request", "run_actor", "RUN_REQUEST_TAG"]
 
 
@@ -62,6 +62,11 @@ class Actor:
 
 def trust_store(settings: Settings) -> TrustStore:
     return TrustStore.from_home(settings.home, settings.environ)
+
+
+def has_trust_policy(settings: Settings) -> bool:
+    """Whether decisions are signed here: a trust policy exists, or one is pinned from elsewhere."""
+    return trust_store(settings).exists() or bool(settings.environ.get("SECURE_ML_TRUST_ROOT"))
 
 
 def verified_policy(settings: Settings, *, audit: bool = True) -> TrustPolicy:
