@@ -72,6 +72,34 @@ def test_least_privilege_and_pinned_actions() -> None:
     assert "secure-ml pipeline run" in pipeline_runs and "audit verify" in pipeline_runs
 
 
+def test_the_pipeline_runs_under_the_workflows_oidc_identity_with_a_trust_policy() -> None:
+    jobs = workflow()["jobs"]
+    steps = jobs["pipeline"]["steps"]
+    policy_step = next(s for s in steps if "trust init" in s.get("run", ""))
+    run_step = next(s for s in steps if "secure-ml pipeline run" in s.get("run", ""))
+    assert steps.index(policy_step) < steps.index(run_step)
+    # The workflow's identity, by issuer and subject; unauthenticated runs get no roles; the owner key goes.
+    assert "trust add ci --role data_steward --role ml_engineer" in policy_step["run"]
+    assert '--oidc-subject "repo:$GITHUB_REPOSITORY:ref:$GITHUB_REF"' in policy_step["run"]
+    assert jobs["pipeline"]["env"]["OIDC_ISSUER"] == "https://token.actions.githubusercontent.com"
+    assert "--unauthenticated-may-train" not in policy_step["run"] and 'rm -rf "$OWNER_DIR"' in policy_step["run"]
+    assert run_step["env"]["SECURE_ML_OIDC_ISSUER"] == "https://token.actions.githubusercontent.com"
+    assert "scripts/ci_oidc_token.py" in run_step["run"] and "::add-mask::" in run_step["run"]
+    assert "SECURE_ML_IDENTITY" not in run_step["run"]
+
+
+def test_the_oidc_token_script_refuses_outside_a_job_that_may_mint_one() -> None:
+    script = str(REPO / "scripts" / "ci_oidc_token.py")
+    env = {"PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 1 and result.stdout == "" and "id-token: write" in result.stderr
+    result = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=60,
+                            env={**env, "ACTIONS_ID_TOKEN_REQUEST_URL": "http://127.0.0.1:9/t?x=1",
+                                 "ACTIONS_ID_TOKEN_REQUEST_TOKEN": "secret-bearer"})
+    assert result.returncode == 1 and "not https" in result.stderr and "secret-bearer" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_ci_config_signs_keyless_for_this_workflow_only(tmp_path: Path) -> None:
     identity = "https://github.com/acme/secure-ml/.github/workflows/pipeline.yml@refs/heads/main"
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "ci_keyless_config.py"), str(tmp_path / "c"),
