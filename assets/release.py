@@ -239,8 +239,8 @@ def deployment(context: dg.AssetExecutionContext, custody: CustodyResource,
 @dg.asset_check(asset=deployment, blocking=True)
 def deployment_matches_signed_digest(context: dg.AssetCheckExecutionContext, custody: CustodyResource,
                                      release: ReleaseResource) -> dg.AssetCheckResult:
-    """The files live on the target hash to the registry's signed digest and the signature verifies
-    over them now."""
+    """The files live on the target hash to the registry's signed digest, the signature verifies over
+    them now, and (with a trust policy) a deployer's signed statement put that version there."""
     service = release.release(custody.actor(context))
     target = str((service.config.get("deploy") or {}).get("default_target", "local"))
     current = service.registry.current_deployment(target)
@@ -248,11 +248,15 @@ def deployment_matches_signed_digest(context: dg.AssetCheckExecutionContext, cus
         return verdict(custody, context, check="deployment_matches_signed_digest", subject=target, passed=True,
                        reason="nothing is deployed yet")
     location = Path(current.location)
+    signer = ""
     try:
-        registered = service.registry.get(current.version).model_digest
+        version = service.registry.get(current.version)
+        registered = version.model_digest
         if current.model_digest != registered:
             raise VerificationError(f"the deployment record says sha256:{current.model_digest[:16]}…, "
                                     f"the registry signed sha256:{registered[:16]}…")
+        if service.signed is not None:  # a deployment row is believed only with a signed statement behind it
+            signer = service.signed.require_signed_deployment(version, target).signer
         # The one chain, over the files live on the target now, pinned to the registry's digest.
         verified = verification.verify_model(location / MODEL_DIR, location / SIGNATURE_FILE,
                                              location / ATTESTATION_FILE, trust=service.trust,
@@ -260,8 +264,10 @@ def deployment_matches_signed_digest(context: dg.AssetCheckExecutionContext, cus
     except Error as exc:
         return verdict(custody, context, check="deployment_matches_signed_digest", subject=current.version,
                        passed=False, reason=exc.explain())
+    deployed_by = f"; deployment signed by {signer}" if service.signed is not None else ""
     return verdict(custody, context, check="deployment_matches_signed_digest", subject=current.version, passed=True,
-                   reason=f"{current.version} on {target} is sha256:{verified.model_digest[:16]}…, signed and verified")
+                   reason=f"{current.version} on {target} is sha256:{verified.model_digest[:16]}…, signed and verified"
+                          f"{deployed_by}")
 
 
 @dg.asset_check(asset=deployment, blocking=True)

@@ -207,6 +207,9 @@ def test_kubernetes_admission_admits_only_signed_deployments(world: dict[str, An
     release.registry.record_deployment(actor="dave", target="kubernetes", version="v2", model_digest=v2.model_digest,
                                        status="deployed", location="/nowhere", reason="forged row")
     assert release.signed.admitted_digests("kubernetes") == [v1.model_digest]
+    assert release.signed.require_signed_deployment(release.registry.get("v1"), "kubernetes").signer == "dave"
+    with pytest.raises(VerificationError, match="no signed deployment or rollback statement says so"):
+        release.signed.require_signed_deployment(release.registry.get("v2"), "kubernetes")
     image = "--image-digest=sha256:" + "1" * 64
     out = world["tmp"] / "rendered"
     assert main(["k8s", "render", str(out), image, "--model-digest", v2.model_digest]) == 1

@@ -98,6 +98,19 @@ class SignedDecisions:
                 admitted.append(digest)
         return admitted
 
+    def require_signed_deployment(self, version: ModelVersion, target: str) -> Fact:
+        """The verified deployment (or rollback) statement that put ``version`` on ``target``; a deployment
+        the registry records without one (an inserted row, a deleted statement) raises VerificationError."""
+        evidence = self.evidence(version)
+        backing = [f for f in evidence.deployments if f.predicate.get("target") == target]
+        if evidence.revoked is not None:
+            why = evidence.revoked.predicate.get("reason", "")
+            raise VerificationError(f"{version.version} on {target} is revoked: {why}")
+        if not backing:
+            raise VerificationError(f"the registry says {version.version} is deployed to {target}, but no signed "
+                                    "deployment or rollback statement says so")
+        return backing[-1]
+
     def canonical(self, name: str) -> str:
         return self.policy.resolve(name) or name
 
