@@ -27,7 +27,8 @@ class KubernetesTarget:
 
     def write(self, staging: Path, *, version: str, model_digest: str, config: Mapping[str, Any]) -> dict[str, str]:
         kubernetes = dict(config.get("kubernetes") or {})
-        manifests = k8s_render.render(kubernetes, version=version, model_digest=model_digest)
+        name = str((config.get("serving") or {}).get("model_name") or k8s_render.DEFAULT_MODEL_NAME)
+        manifests = k8s_render.render(kubernetes, models=[k8s_render.PinnedModel(name, version, model_digest)])
         # With a trust policy, the release passes the digests its verified deployment statements admit
         # (secure_ml.release.signed.SignedDecisions.admitted_digests); before one exists, the one just verified.
         admitted = config.get("admitted_model_digests")
