@@ -1,6 +1,6 @@
 """Scale figures (issue 17): the sample inside Dagster, and large drops up to training.
 
-    python -m bench --only scale              # the sample end to end (seconds, per step)
+    python -m bench --only scale              # the scan cache; the sample end to end (seconds, per step)
     python -m bench.bench_scale --large       # make bench-large: 1M and 10M rows up to training
     python -m bench.bench_scale --rows 20000  # one size, up to training (the smoke in make test)
 
@@ -121,8 +121,29 @@ def large_figures(sizes: tuple[int, int] = (1_000_000, 10_000_000)) -> list[Figu
     ]
 
 
+def scan_cache_figures() -> list[Figure]:
+    """release_scan of the demo model, warm: cache hits (lock, advisories, code unchanged) against no cache."""
+    import yaml
+
+    from bench.bench_security import _best, _demo_model
+    from secure_ml.security import scanning
+    from secure_ml.settings import Settings, init_home
+
+    config = yaml.safe_load((REPO / "secure_ml" / "config" / "security.yaml").read_text())
+    with tempfile.TemporaryDirectory(prefix="bench-scan-cache-") as tmp:
+        settings = Settings.from_env({"SECURE_ML_HOME": str(Path(tmp) / "home"), "SECURE_ML_ACTOR": "bench"})
+        init_home(settings)
+        model = _demo_model(Path(tmp) / "model")
+        cache = scanning.ScanCache(settings.artifact_store(), settings.home / "cache" / "scans")
+        scanning.release_scan(model, config, repo_root=REPO, cache=cache)  # imports, and fills the cache
+        plain = _best(lambda: scanning.release_scan(model, config, repo_root=REPO), 2)
+        cached = _best(lambda: scanning.release_scan(model, config, repo_root=REPO, cache=cache), 2)
+    return [Figure(ISSUE, "release scan, warm, pip-audit + bandit from the cache", cached, "s",
+                   "no cache (s)", plain, "<= 0.5x", cached <= 0.5 * plain)]
+
+
 def run(quick: bool) -> list[Figure]:
-    return sample_figures()
+    return scan_cache_figures() + sample_figures()
 
 
 def main() -> int:
@@ -135,7 +156,7 @@ def main() -> int:
             results = [measure_rows(rows, Path(tmp)) for rows in args.rows]
         print(table(results))
         return 0
-    figures = large_figures() if args.large else sample_figures()
+    figures = large_figures() if args.large else scan_cache_figures() + sample_figures()
     for f in figures:
         print(f"{f.issue:>5}  {f.name:<58} {f.value:>10.4g} {f.unit:<4} {f.baseline} {f.baseline_value:.4g}  "
               f"ratio {f.ratio:.3f}  {f.goal}  {'yes' if f.ok else 'NO'}")
