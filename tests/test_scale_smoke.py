@@ -43,3 +43,16 @@ def test_a_generated_drop_runs_up_to_training_with_timings_and_peak_memory(tmp_p
     assert not list(tmp_path.glob("*.csv"))  # the generated drop is deleted
     rendered = table([result])
     assert "| validated_dataset |" in rendered and "| peak RSS |" in rendered and "5,000 rows" in rendered
+
+
+def test_utf8_is_checked_a_chunk_at_a_time_with_the_exact_offset() -> None:
+    """Large drops are checked without a second, decoded copy; the reported offset stays exact when
+    a character or the bad byte straddles a chunk boundary."""
+    from secure_ml.data.ingest import _first_invalid_utf8
+
+    text = ("aé€😀" * 50).encode()
+    bad = text[:101] + b"\xff" + text[101:]
+    for chunk in (1, 2, 3, 4, 7, 64, 1 << 24):
+        assert _first_invalid_utf8(text, chunk=chunk) is None
+        assert _first_invalid_utf8(bad, chunk=chunk) == 101
+        assert _first_invalid_utf8(text[:-1], chunk=chunk) == len(text) - 4  # a cut 4-byte character
