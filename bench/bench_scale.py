@@ -100,13 +100,13 @@ def sample_figures() -> list[Figure]:
 
 def large_figures(sizes: tuple[int, int] = (1_000_000, 10_000_000)) -> list[Figure]:
     """The 1M run is the 10M run's baseline; peak RSS against 4 GiB."""
-    workdir = Path(tempfile.mkdtemp(prefix="bench-large-", dir=os.environ.get("BENCH_DIR")))
     results = []
-    for rows in sizes:
-        print(f"# scale: {rows:,} rows ...", file=sys.stderr, flush=True)
-        results.append(measure_rows(rows, workdir))
-        print(f"# scale: {rows:,} rows: {results[-1]['seconds']:.1f}s, peak RSS "
-              f"{results[-1]['peak_rss'] / 2**20:.0f} MiB", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-large-", dir=os.environ.get("BENCH_DIR")) as tmp:
+        for rows in sizes:  # each size's drop and home (GBs of ciphertext at 10M) go with the folder
+            print(f"# scale: {rows:,} rows ...", file=sys.stderr, flush=True)
+            results.append(measure_rows(rows, Path(tmp)))
+            print(f"# scale: {rows:,} rows: {results[-1]['seconds']:.1f}s, peak RSS "
+                  f"{results[-1]['peak_rss'] / 2**20:.0f} MiB", file=sys.stderr, flush=True)
     print(table(results), file=sys.stderr)
     small, big = results
     factor = big["rows"] / small["rows"]
