@@ -170,6 +170,26 @@ def separation_of_duties(context: dg.AssetCheckExecutionContext, custody: Custod
                    metadata={"pipeline_changers": dg.MetadataValue.json(pipeline_changers(version))})
 
 
+def _deployer(release: ReleaseResource, service: Release, actor: str) -> Any:
+    """Who signs the deployment statement: the identity key in this process's environment, which must be
+    the run's own verified launcher (None before a trust policy exists; the deploy then refuses without one)."""
+    from secure_ml.errors import PolicyDenied
+    from secure_ml.governance import authn
+
+    if service.signed is None:
+        return None
+    settings = release.settings()
+    by = authn.authenticate(settings, service.signed.policy)
+    if by.identity is None:
+        return None  # Release.deploy refuses and audits: a deployment is a signed decision
+    if by.name != actor:
+        settings.audit_log().record(by.name, "access.deny", outcome="deny",
+                                    details={"reason": f"the run was launched by {actor}, the key is {by.name}'s"})
+        raise PolicyDenied(f"the run was launched by {actor} but the identity key here is {by.name}'s: "
+                           "a deployment is signed by whoever launched it")
+    return by
+
+
 @dg.asset(group_name=RELEASE, kinds={"kubernetes", "python"}, owners=["team:ml-platform"], code_version="1",
           deps=[registered_model], output_required=False)
 def deployment(context: dg.AssetExecutionContext, custody: CustodyResource,
@@ -193,8 +213,11 @@ def deployment(context: dg.AssetExecutionContext, custody: CustodyResource,
         current = service.registry.current_deployment(target)
         if current is None or current.version != production.version:
             try:
-                service.deploy(production.version, actor=actor, target=target)
+                # The same signed path as `secure-ml deploy`: a deployment statement by the run's own signer.
+                service.deploy(production.version, actor=actor, target=target,
+                               by=_deployer(release, service, actor))
             except Error as exc:
+                custody.record(context, "deploy", subject=target, outcome="deny", details={"reason": exc.explain()})
                 raise dg.Failure(description=exc.explain(), allow_retries=False) from None
             deployed_now = True
     if reason:
@@ -241,8 +264,8 @@ def deployment_output(custody: CustodyResource, context: Any, service: Release, 
 @dg.asset_check(asset=deployment, blocking=True)
 def deployed_digest_signed(context: dg.AssetCheckExecutionContext, custody: CustodyResource,
                                      release: ReleaseResource) -> dg.AssetCheckResult:
-    """The files live on the target hash to the registry's signed digest and the signature verifies
-    over them now."""
+    """The files live on the target hash to the registry's signed digest, the signature verifies over
+    them now, and (with a trust policy) a deployer's signed statement put that version there."""
     service = release.release(custody.actor(context))
     target = str((service.config.get("deploy") or {}).get("default_target", "local"))
     current = service.registry.current_deployment(target)
@@ -250,11 +273,15 @@ def deployed_digest_signed(context: dg.AssetCheckExecutionContext, custody: Cust
         return verdict(custody, context, check="deployed_digest_signed", subject=target, passed=False,
                        reason=NOTHING_DEPLOYED, severity=dg.AssetCheckSeverity.WARN)
     location = Path(current.location)
+    signer = ""
     try:
-        registered = service.registry.get(current.version).model_digest
+        version = service.registry.get(current.version)
+        registered = version.model_digest
         if current.model_digest != registered:
             raise VerificationError(f"the deployment record says sha256:{current.model_digest[:16]}…, "
                                     f"the registry signed sha256:{registered[:16]}…")
+        if service.signed is not None:  # a deployment row is believed only with a signed statement behind it
+            signer = service.signed.require_signed_deployment(version, target).signer
         # The one chain, over the files live on the target now, pinned to the registry's digest.
         verified = verification.verify_model(location / MODEL_DIR, location / SIGNATURE_FILE,
                                              location / ATTESTATION_FILE, trust=service.trust,
@@ -262,8 +289,10 @@ def deployed_digest_signed(context: dg.AssetCheckExecutionContext, custody: Cust
     except Error as exc:
         return verdict(custody, context, check="deployed_digest_signed", subject=current.version,
                        passed=False, reason=exc.explain())
+    deployed_by = f"; deployment signed by {signer}" if service.signed is not None else ""
     return verdict(custody, context, check="deployed_digest_signed", subject=current.version, passed=True,
-                   reason=f"{current.version} on {target} is sha256:{verified.model_digest[:16]}…, signed and verified")
+                   reason=f"{current.version} on {target} is sha256:{verified.model_digest[:16]}…, signed and verified"
+                          f"{deployed_by}")
 
 
 @dg.asset_check(asset=deployment, blocking=True)

@@ -126,7 +126,8 @@ def run_pipeline(settings: Settings, *, selection: str | None = None,
             if not result.success:
                 break
         in_pipeline_order = [key for key in graph.toposorted_asset_keys if key in picked]
-        return summarise(results, in_pipeline_order, definitions, instance)
+        return {**summarise(results, in_pipeline_order, definitions, instance),
+                "steps": run_steps(instance, results)}
 
 
 def split_by_job(definitions: dg.Definitions, picked: set[dg.AssetKey] | Any) -> list[tuple[str, set[dg.AssetKey]]]:
@@ -145,6 +146,41 @@ def split_by_job(definitions: dg.Definitions, picked: set[dg.AssetKey] | Any) ->
         names = ", ".join(sorted(k.to_user_string() for k in left if graph.has(k)))
         raise BadInput(f"{names}: in no job of the pipeline (ingest, train, release)")
     return out
+
+
+def step_durations(instance: dg.DagsterInstance, run_id: str) -> list[dict[str, Any]]:
+    """Each step's wall seconds, from the run's event log (start to success or failure), in the
+    order the steps finished; with ``run`` first: the run's own span, first event to last."""
+    records = instance.all_logs(run_id)
+    if not records:
+        return []
+    started: dict[str, float] = {}
+    steps = [{"step": "run", "seconds": round(max(r.timestamp for r in records) - min(r.timestamp for r in records), 3),
+              "outcome": "span"}]
+    for record in records:
+        event = record.dagster_event
+        if event is None or record.step_key is None:
+            continue
+        if event.event_type == dg.DagsterEventType.STEP_START:
+            started[record.step_key] = record.timestamp
+        elif event.event_type in (dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE):
+            begun = started.get(record.step_key, record.timestamp)
+            steps.append({"step": record.step_key, "seconds": round(record.timestamp - begun, 3),
+                          "outcome": "success" if event.event_type == dg.DagsterEventType.STEP_SUCCESS else "failure"})
+    return steps
+
+
+def run_steps(instance: dg.DagsterInstance, results: list[dg.ExecuteInProcessResult]) -> list[dict[str, Any]]:
+    """Every run's step seconds, after one ``run`` entry spanning them all (first event to last) and
+    one ``run:JOB`` span per run."""
+    steps: list[dict[str, Any]] = []
+    for result in results:
+        timed = step_durations(instance, result.run_id)
+        if timed:
+            steps += [{**timed[0], "step": f"run:{result.job_def.name}"}, *timed[1:]]
+    records = [r for result in results for r in instance.all_logs(result.run_id)]
+    whole = round(max(r.timestamp for r in records) - min(r.timestamp for r in records), 3) if records else 0.0
+    return ([{"step": "run", "seconds": whole, "outcome": "span"}] if records else []) + steps
 
 
 def parse_selection(text: str | None) -> dg.AssetSelection:
