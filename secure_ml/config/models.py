@@ -288,7 +288,11 @@ class Watch(Strict):
 
 
 class Reproducible(Strict):
+    """The ``reproducible`` check: re-execute ``segments`` chain segments (Proof-of-Learning) or retrain fully."""
+
     when: Literal["every", "release"] = "every"
+    method: Literal["segments", "full"] = "segments"
+    segments: int = Field(3, ge=1)
 
 
 class Checkpoints(Strict):

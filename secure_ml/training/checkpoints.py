@@ -89,7 +89,8 @@ def fingerprint_of(X: np.ndarray, y: np.ndarray, config: TrainingConfig, device:
 
 
 # -- checkpoint bytes (made and restored inside the training process) ------------------------------
-def make_checkpoint(states: Mapping[int, Mapping[str, Any]], epoch: int, losses: list[float], fingerprint: str) -> bytes:
+def make_checkpoint(states: Mapping[int, Mapping[str, Any]], epoch: int, losses: list[float],
+                    fingerprint: str) -> bytes:
     """Every chain state so far (secure_ml.training.chain; the newest is where training resumes), with
     the run's fingerprint and losses: a resumed run still records the whole chain."""
     from secure_ml.training.chain import pack

@@ -145,7 +145,8 @@ def _arrays(header: Mapping[str, Any], blobs: list[bytes]) -> tuple[np.ndarray, 
 
         if not torch.cuda.is_available():
             raise ConfigurationError("the training process sees no CUDA GPU")
-    return np.frombuffer(blobs[0], dtype=np.float32).reshape(rows, width), np.frombuffer(blobs[1], dtype=np.float32), device
+    X = np.frombuffer(blobs[0], dtype=np.float32).reshape(rows, width)
+    return X, np.frombuffer(blobs[1], dtype=np.float32), device
 
 
 def child_train(header: Mapping[str, Any], blobs: list[bytes], send: Callable[[str, bytes], None],
