@@ -143,6 +143,23 @@ def test_the_fast_loop_is_bit_identical_run_to_run_and_learns_what_the_old_loop_
     np.testing.assert_allclose(first.losses, old_losses, rtol=1e-4)
 
 
+def test_a_run_resumed_between_chain_states_records_the_uninterrupted_chain(train: pd.DataFrame) -> None:
+    from secure_ml.training.loop import fit_arrays
+
+    prep = Preprocessing.fit(train, SPEC)
+    X, y = prep.transform(train)[0], prep.labels(train)
+    config = TrainingConfig(epochs=4, checkpoint_every=1, segment_epochs=2)
+    frames: dict[str, list[bytes]] = {}
+    fit_arrays(X, y, config, device="cpu", fingerprint="f" * 64, resume=None,
+               emit=lambda kind, payload: frames.setdefault(kind, []).append(payload))
+    resumed: dict[str, bytes] = {}
+    fit_arrays(X, y, config, device="cpu", fingerprint="f" * 64, resume=frames["C"][2],  # epoch 3: not a chain state
+               emit=lambda kind, payload: resumed.__setitem__(kind, payload))
+    assert json.loads(resumed["R"])["resumed_from_epoch"] == 3
+    assert resumed["K"] == frames["K"][0] and resumed["W"] == frames["W"][0]
+    assert [e["epoch"] for e in json.loads(resumed["R"])["chain"]] == [0, 2, 4]
+
+
 @pytest.mark.slow  # signs, registers and replays in the training sandbox twice
 def test_verify_training_re_checks_a_registered_version_and_fails_in_one_line_when_tampered(
         settings: Any, train: pd.DataFrame, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

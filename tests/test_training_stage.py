@@ -68,9 +68,9 @@ def test_the_sample_goes_through_training_and_evaluation(fast_config: Path, home
     for name in ("training_record_complete", "reproducible", "sandbox_behaviour_within_bounds", "metrics_over_thresholds",
                  "fairness_within_thresholds", "robustness_within_thresholds"):
         assert checks[name].passed, (name, checks[name].metadata["reason"])
-    # By default reproducible replays chain segments (6 epochs, checkpoint_every 2: 3 segments, k = 3).
+    # By default reproducible replays chain segments (6 epochs, segment_epochs 1: 6 segments, k = 3).
     replayed = checks["reproducible"].metadata
-    assert "re-executed 3 of 3 segments" in replayed["reason"].value and replayed["retrained"].value is False
+    assert "re-executed 3 of 6 segments" in replayed["reason"].value and replayed["retrained"].value is False
     assert replayed["segments_checked"].value == 3 and replayed["detection_formula"].value == "1 - (1 - f)^3"
     assert replayed["detection_probability"].value["f=0.5"] == 0.875
 

@@ -256,6 +256,7 @@ class Training(Strict):
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     cuda_fallback: bool = False
     checkpoint_every: int = Field(5, ge=0)
+    segment_epochs: int = Field(1, ge=1)
     threshold: float = Field(0.5, gt=0, lt=1)
 
 

@@ -6,7 +6,7 @@
     detection_probability(0.1, k=3)                        # 1 - (1 - f)^k = 0.271
 
 After Proof-of-Learning (Jia et al., IEEE S&P 2021). Training records the full state (weights
-and Adam moments) at epoch 0, every ``checkpoint_every`` epochs and at the end; each state's
+and Adam moments) at epoch 0, every ``segment_epochs`` epochs and at the end; each state's
 digest (:func:`state_digest`: SHA-256 over every tensor's name, dtype, shape and bytes, in name
 order) goes into the training record, which the model signature and the attestation cover. A
 segment (one state to the next) is deterministic given its start state, the data and the seeds:

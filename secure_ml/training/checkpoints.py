@@ -91,7 +91,7 @@ def fingerprint_of(X: np.ndarray, y: np.ndarray, config: TrainingConfig, device:
 # -- checkpoint bytes (made and restored inside the training process) ------------------------------
 def make_checkpoint(states: Mapping[int, Mapping[str, Any]], epoch: int, losses: list[float],
                     fingerprint: str) -> bytes:
-    """Every chain state so far (secure_ml.training.chain; the newest is where training resumes), with
+    """Every chain state so far and this epoch's (secure_ml.training.chain; where training resumes), with
     the run's fingerprint and losses: a resumed run still records the whole chain."""
     from secure_ml.training.chain import pack
 
@@ -119,7 +119,7 @@ def restore(data: bytes, model: Any, optimiser: Any, fingerprint: str, config: T
     far, the chain's states so far as CPU tensors)."""
     from safetensors.torch import load as load_tensors
 
-    from secure_ml.training.chain import load_state
+    from secure_ml.training.chain import boundaries, load_state
 
     meta = checkpoint_meta(data)
     # A checkpoint from other data, code, hyper-parameters or fingerprint rules would silently change the model.
@@ -136,7 +136,8 @@ def restore(data: bytes, model: Any, optimiser: Any, fingerprint: str, config: T
     if epoch not in states or 0 not in states:
         raise IntegrityError(f"checkpoint of epoch {epoch} lacks its own state or the chain's start")
     load_state(model, optimiser, states[epoch], device)
-    return epoch, list(json.loads(meta["losses"])), states
+    marks = set(boundaries(config.epochs, config.segment_epochs))
+    return epoch, list(json.loads(meta["losses"])), {e: s for e, s in states.items() if e in marks}
 
 
 # -- the encrypted store -----------------------------------------------------------------------------

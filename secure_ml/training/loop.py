@@ -86,7 +86,7 @@ def fit_arrays(X: np.ndarray, y: np.ndarray, config: TrainingConfig, *, device: 
 
     model, engine = _engine(X, y, config, device)
     optimiser = engine.optimiser
-    marks = set(chain_.boundaries(config.epochs, config.checkpoint_every))
+    marks = set(chain_.boundaries(config.epochs, config.segment_epochs))
     losses: list[float] = []
     states: dict[int, dict[str, Any]] = {}
     start = 0
@@ -107,8 +107,9 @@ def fit_arrays(X: np.ndarray, y: np.ndarray, config: TrainingConfig, *, device: 
         done = epoch + 1
         if done in marks:
             states[done] = chain_.state_tensors(model, optimiser)
-            if done < config.epochs:
-                emit("C", make_checkpoint(states, done, losses, fingerprint))
+        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.epochs:
+            now = states[done] if done in marks else chain_.state_tensors(model, optimiser)
+            emit("C", make_checkpoint({**states, done: now}, done, losses, fingerprint))
     model.eval()
     weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     emit("W", save_tensors(weights, metadata={"format": MODEL_FORMAT}))
