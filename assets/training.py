@@ -319,7 +319,7 @@ def _segments_verdict(context: Any, custody: CustodyResource, model_dir: Path, c
     metadata: dict[str, Any] = {"retrained": False, "method": "segments", "weights_sha256": weights}
     try:
         train = custody.store(context).get_dataframe(str(data["train_sha256"]))
-        report = verify_segments(model_dir, train, k=k, run_id=context.run_id, isolation=chosen["isolation"])
+        report = verify_segments(model_dir, train, k=k, run_id=context.run.run_id, isolation=chosen["isolation"])
     except Error as exc:
         return verdict(custody, context, check=REPRODUCIBLE, subject=subject, passed=False,
                        reason=f"could not re-execute the training chain: {exc.explain()}", metadata=metadata)
