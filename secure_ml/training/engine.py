@@ -7,7 +7,8 @@ Why it is fast (issue 17; at batch 64 the old loop was bound by per-step overhea
 arithmetic): each epoch gathers the shuffled rows once into a preallocated copy, so a batch is a
 view; the forward and backward passes of the Linear/ReLU/Dropout blocks are written out with
 ``out=`` buffers (no autograd graph, no per-step allocation); gradients live in preallocated
-``.grad`` tensors that the fused Adam reads; the epoch's loss is computed once from the logits each
+``.grad`` tensors that the fused Adam kernel reads (called directly: Optimizer.step's wrapper costs
+several times the kernel at batch 64); the epoch's loss is computed once from the logits each
 step wrote into an epoch-long buffer. The same arithmetic as autograd's (BCE-with-logits gradient
 ``sigmoid(z) - y`` over the batch mean, dropout masks ``bernoulli(1 - p) / (1 - p)``), so the loss
 curve matches the old loop's to float rounding; bit-identical run to run on one machine with a
@@ -50,6 +51,11 @@ class Engine:
         self.delta = [torch.empty((batch, h), dtype=torch.float32, device=device) for h in config.hidden]
         self.out_grad = torch.empty((batch, 1), dtype=torch.float32, device=device)
         self.keep = 1.0 - config.dropout
+        self.params = params
+        # Optimizer.step's Python wrapper (hooks, profiler, group set-up) costs several times the fused
+        # kernel at batch 64; the kernel Adam(fused=True) calls is called directly where torch has it,
+        # on the state the optimiser owns (so state_dict, checkpoints and the chain see the same tensors).
+        self._fused = getattr(torch, "_fused_adam_", None)
 
     def epoch(self, epoch: int) -> float:
         """Train one epoch; its mean training loss (float64 sum over the rows / rows)."""
@@ -59,6 +65,7 @@ class Engine:
         torch.index_select(self.features, 0, order, out=self.rows)
         torch.index_select(self.targets, 0, order, out=self.labels.view(n))
         dropout = torch.Generator(device=self.device).manual_seed(config.seed + 1 + epoch)
+        self._bind()
         with torch.no_grad():
             for first in range(0, n, self.batch):
                 self._step(first, min(self.batch, n - first), dropout)
@@ -102,4 +109,27 @@ class Engine:
                 if drop:
                     delta.div_(self.keep)
                 grad = delta
-        self.optimiser.step()
+        if self._fused is None:
+            self.optimiser.step()
+            return
+        torch._foreach_add_(self._steps, 1)
+        self._fused(self.params, self._grads, self._exp_avgs, self._exp_avg_sqs, [], self._steps, amsgrad=False,
+                    lr=self._group["lr"], beta1=self._group["betas"][0], beta2=self._group["betas"][1],
+                    weight_decay=self._group["weight_decay"], eps=self._group["eps"], maximize=False,
+                    grad_scale=None, found_inf=None)
+
+    def _bind(self) -> None:
+        """The optimiser's state tensors as the kernel's lists, created as Adam creates them when new
+        (a fused Adam keeps ``step`` as a float32 tensor on the device); again after a state was loaded."""
+        torch = self.torch
+        self._group = self.optimiser.param_groups[0]
+        states = [self.optimiser.state[p] for p in self.params]
+        for p, state in zip(self.params, states, strict=True):
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        self._grads = [p.grad for p in self.params]
+        self._steps = [s["step"] for s in states]
+        self._exp_avgs = [s["exp_avg"] for s in states]
+        self._exp_avg_sqs = [s["exp_avg_sq"] for s in states]
