@@ -17,8 +17,13 @@ another fingerprint version are reported in the record (``result.checkpoints_sup
 the audit log, and training starts fresh. The model directory and its record are written by
 secure_ml.training.record.
 
+Every ``segment_epochs`` epochs (and at epoch 0 and the end) the full state is recorded: the
+digests go into the record (``result.chain``), the states into ``training_chain.safetensors``, so
+secure_ml.training.proof can later re-execute any segment instead of training again.
+
 The pieces, one concern each: config (settings, device), features (preprocessing), model (the
-network), loop (the training loop and sandbox entry point), checkpoints, record (model directory,
+network), engine (the fast epoch), loop (the training loop and sandbox entry points), chain (the
+recorded states), proof (replaying segments), checkpoints, record (model directory,
 record, model card), predictor (loading), sandbox with policy, confine and child (the isolated
 process), watch (its behaviour against recent runs); this module runs them.
 """
