@@ -130,6 +130,25 @@ def test_a_tampered_chain_wrong_weights_or_other_data_are_refused_in_one_line(
         verify_segments(tampered, train, k=1, run_id="r", isolation=None)
 
 
+def test_the_model_scan_checks_every_recorded_state_against_the_config(trained: Path, tmp_path: Path) -> None:
+    import torch
+
+    from secure_ml.security.scan_safetensors import check_safetensors
+
+    config = json.loads((trained / "config.json").read_text())
+    chain = trained / chain_.CHAIN_FILE
+    assert check_safetensors(chain, chain_.CHAIN_FILE, config=config) == []
+    states, _ = chain_.unpack(chain.read_bytes())
+    as_torch = {e: {k: torch.from_numpy(v.copy()) for k, v in s.items()} for e, s in states.items()}
+    as_torch[2]["model.layers.0.weight"] = torch.zeros(3, 3)   # a state that is not this model's
+    as_torch[3]["payload"] = torch.zeros(1000)                 # a tensor outside the chain's layout
+    odd = tmp_path / chain_.CHAIN_FILE
+    odd.write_bytes(chain_.pack(as_torch))
+    found = [f.why for f in check_safetensors(odd, chain_.CHAIN_FILE, config=config)]
+    assert "tensor '000002.model.layers.0.weight' has shape [3, 3] but config.json says [32, 26]" in found, found
+    assert "tensor '000003.payload' is not in config.json" in found, found
+
+
 def test_the_fast_loop_is_bit_identical_run_to_run_and_learns_what_the_old_loop_learned(train: pd.DataFrame) -> None:
     from bench.baseline_loop import train_baseline
 
