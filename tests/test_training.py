@@ -196,7 +196,8 @@ def test_a_killed_training_process_resumes_to_the_same_weights(split: Any, setti
     # 2, 3 or later: the child runs on until the SIGKILL lands, and checkpoints written meanwhile are kept
     newest_epoch = int(newest.name[6:12])
     assert 2 <= newest_epoch < config.epochs and int(older.name[6:12]) == newest_epoch - 1
-    newest.write_bytes(newest.read_bytes()[:-1] + b"\x00")  # corrupt the newest: its tag fails
+    sealed = newest.read_bytes()
+    newest.write_bytes(sealed[:-1] + bytes([sealed[-1] ^ 0x01]))  # corrupt the newest (a bit always flips): its tag fails
 
     resumed = train_model(train, SPEC, config, settings.home / "b", isolation=isolated, checkpoints=store,
                           provenance=provenance)
