@@ -197,7 +197,7 @@ def test_a_killed_training_process_resumes_to_the_same_weights(split: Any, setti
     newest_epoch = int(newest.name[6:12])
     assert 2 <= newest_epoch < config.epochs and int(older.name[6:12]) == newest_epoch - 1
     sealed = newest.read_bytes()
-    newest.write_bytes(sealed[:-1] + bytes([sealed[-1] ^ 0x01]))  # corrupt the newest (a bit always flips): its tag fails
+    newest.write_bytes(sealed[:-1] + bytes([sealed[-1] ^ 0x01]))  # corrupt the newest: its tag fails
 
     resumed = train_model(train, SPEC, config, settings.home / "b", isolation=isolated, checkpoints=store,
                           provenance=provenance)

@@ -18,7 +18,8 @@ from typing import Any, BinaryIO
 
 from secure_ml.security.scan_findings import Finding
 
-CHAIN_FILE = "training_chain.safetensors"  # secure_ml.training.chain's file (the security stage does not import training)
+# secure_ml.training.chain's file (the security stage does not import training)
+CHAIN_FILE = "training_chain.safetensors"
 
 DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
