@@ -1,11 +1,11 @@
-"""1,000,000 rows from drop to registered candidate, against one plain torch training (issue 17).
+"""1,000,000 rows from drop to signed candidate, against one plain torch training (issue 17).
 
     python -m bench --only candidate [--quick]          # quick: 100,000 rows, 2 epochs
     BENCH_CANDIDATE_EPOCHS=2 python -m bench --only candidate     # 1,000,000 rows, 2 epochs each side
 
 A German-credit-shaped drop (the sample bootstrapped, numerics jittered; bench_data's generator)
-lands in a fresh SECURE_ML_HOME and the landing selection (dataset -> ... -> registered_model, the
-signed and registered candidate) is materialised with ``dg.materialize``, checks included
+lands in a fresh SECURE_ML_HOME and the landing selection (dataset -> ... -> attestation: the
+signed candidate; registration is the release group's) is materialised with ``dg.materialize``, checks included
 (``reproducible`` replays chain segments). Baseline, in the same run: one plain torch training
 of the same MLP (bench/baseline_loop.py: today's loop before issue 17, the shipped batch size,
 epochs, seed and one thread) on the train split of the same drop, preprocessed the same way;
@@ -130,7 +130,7 @@ def run(quick: bool) -> list[Figure]:
     peak = max(float(pipeline["rss"]), float(pipeline["rss_child"])) / 2**30  # type: ignore[arg-type]
     seconds, plain_s = float(pipeline["seconds"]), float(plain["seconds"])  # type: ignore[arg-type]
     return [
-        Figure(ISSUE, f"{label}: drop -> registered candidate (checks included)", seconds, "s",
+        Figure(ISSUE, f"{label}: drop -> signed candidate (landing selection, checks included)", seconds, "s",
                "one plain torch training (s)", plain_s, "<= 1.3x", seconds <= 1.3 * plain_s),
         Figure(ISSUE, f"{label}: peak RSS, pipeline process or its largest child", peak, "GiB",
                "plain training peak RSS (GiB)", float(plain["rss"]) / 2**30,  # type: ignore[arg-type]
