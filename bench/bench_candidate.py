@@ -5,8 +5,8 @@
 
 A German-credit-shaped drop (the sample bootstrapped, numerics jittered; bench_data's generator)
 lands in a fresh SECURE_ML_HOME and the landing selection (dataset -> ... -> attestation: the
-signed candidate; registration is the release group's) is materialised with ``dg.materialize``, checks included
-(``reproducible`` replays chain segments). Baseline, in the same run: one plain torch training
+signed candidate; registration is the release group's) is materialised with ``dg.materialize``,
+checks included (``reproducible`` replays chain segments). Baseline, in the same run: one plain torch training
 of the same MLP (bench/baseline_loop.py: today's loop before issue 17, the shipped batch size,
 epochs, seed and one thread) on the train split of the same drop, preprocessed the same way;
 only the training is timed. Each side runs in its own fresh Python process, so each peak RSS
