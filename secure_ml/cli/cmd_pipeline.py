@@ -1,10 +1,12 @@
-"""secure-ml pipeline run [--data FILE] [--select SELECTION] [--json] [-v].
+"""secure-ml pipeline run [--data FILE] [--select SELECTION] [--json] [--timings] [-v].
 
 The run's summary goes to stdout (a table, or JSON with ``--json``). Each expected failure (a
 denial, bad input, a failed blocking check) is ONE line on stderr, ``secure-ml: ...``; Dagster's
 own log lines and stack traces stay in the instance's event log (the UI shows them). ``-v`` adds
 Dagster's log at INFO on stderr; ``secure-ml --debug pipeline run`` shows it at DEBUG, with
 tracebacks. An internal error (a bug) is one line too, naming the exception, and asks for --debug.
+``--timings`` adds each step's seconds from the run's event log (slowest first; the JSON summary
+always carries them under ``steps``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     run.add_argument("--data", type=Path, help=f"data drop to land (default: {SAMPLE.name})")
     run.add_argument("--select", help="Dagster asset selection (default: everything)")
     run.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    run.add_argument("--timings", action="store_true", help="print each step's seconds (from the event log)")
     run.add_argument("-v", "--verbose", action="store_true", help="show Dagster's event log (INFO) on stderr")
     run.set_defaults(handler=cmd_run)
 
@@ -77,6 +80,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"  check {name:<52} {mark}  {check['reason']}")
         for failure in summary["step_failures"]:
             print(f"  step {failure['step']} failed: {failure['error']}")
+        if args.timings:
+            for step in sorted(summary["steps"], key=lambda s: -s["seconds"]):
+                print(f"  time  {step['step']:<52} {step['seconds']:7.2f}s  {step['outcome']}")
     sys.stdout.flush()
     problems = failure_lines(summary)
     if not problems and not summary["success"]:
