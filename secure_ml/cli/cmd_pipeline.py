@@ -104,7 +104,7 @@ def failure_lines(summary: dict[str, Any]) -> list[str]:
     for failure in summary["step_failures"]:
         if failure["kind"] == "blocking_check" and lines:
             continue
-        if any(f"{c['check']}: {c['reason']}" in failure["error"] for c in failed):
+        if failure["kind"] == "refused" and any(f"rejected: {c['check']}: " in failure["error"] for c in failed):
             continue  # the step that rejected its input, naming a check already reported above
         hint = " (rerun with secure-ml --debug pipeline run)" if failure["kind"] == "internal" else ""
         what = "internal error: " if failure["kind"] == "internal" else ""
