@@ -20,8 +20,9 @@ from typing import Any
 
 import dagster as dg
 
-from assets import data, release, security, training, validation
+from assets import data, per_model, release, security, training, validation
 from resources import build_resources
+from resources.custody import model_selection
 from secure_ml.errors import BadInput
 from secure_ml.settings import Settings
 from sensors import conditions, failures, landing
@@ -38,12 +39,15 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     """The code location for ``settings`` (default: from the environment)."""
     settings = settings or Settings.from_env()
     automation = settings.config.automation
+    assets, checks = per_model.for_models(dg.load_assets_from_modules(STAGES), dg.load_asset_checks_from_modules(STAGES),
+                                          models=list(settings.config.models()),
+                                          default=settings.config.default_model)
     return dg.Definitions(
-        assets=conditions.map_assets(dg.load_assets_from_modules(STAGES), automation),
-        asset_checks=dg.load_asset_checks_from_modules(STAGES),
+        assets=conditions.map_assets(assets, automation),
+        asset_checks=checks,
         sensors=[landing.landing_sensor(settings), conditions.asset_automation_sensor(settings),
                  *failures.failure_sensors(settings)],
-        schedules=[landing.retraining_schedule(settings)],
+        schedules=landing.retraining_schedules(settings),
         resources=build_resources(settings),
         executor=executor_for(settings),
     )
@@ -86,8 +90,11 @@ CONSOLE_LEVELS = {"quiet": "CRITICAL", "info": "INFO", "debug": "DEBUG"}
 
 def run_pipeline(settings: Settings, *, selection: str | None = None,
                  run_config: dict[str, Any] | None = None, tags: dict[str, str] | None = None,
-                 console: str = "quiet") -> dict[str, Any]:
+                 console: str = "quiet", model: str | None = None) -> dict[str, Any]:
     """Materialise ``selection`` (default: every asset) on the instance under DAGSTER_HOME.
+
+    ``model`` confines the run to that model's assets: names in ``selection`` are its stage names
+    (``dataset+``), prefixed here for a model other than the default one.
 
     Returns a summary: for each asset, whether it materialised and its digest; for each check,
     its result and reason; the names of the blocking checks that failed; and each failed step
@@ -99,7 +106,14 @@ def run_pipeline(settings: Settings, *, selection: str | None = None,
         raise BadInput(f"console must be one of {', '.join(CONSOLE_LEVELS)}, not {console!r}")
     definitions = build_definitions(settings)
     graph = definitions.resolve_asset_graph()
+    default = settings.config.default_model
+    if model is not None:
+        settings.for_model(model)  # an unknown model is refused, naming the known ones
+        if model != default and selection:
+            selection = ",".join(_prefix_name(part, model) for part in selection.split(","))
     chosen = parse_selection(selection)
+    if model is not None:
+        chosen = chosen & model_selection(model) if selection else model_selection(model)
     known = {key.to_user_string() for key in graph.get_all_asset_keys()}
     unknown = [name for name in (part.strip().strip("+") for part in (selection or "").split(","))
                if name and name != "*" and name not in known]
@@ -121,6 +135,14 @@ def run_pipeline(settings: Settings, *, selection: str | None = None,
         )
         in_pipeline_order = [key for key in graph.toposorted_asset_keys if key in picked]
         return summarise(result, in_pipeline_order, definitions)
+
+
+def _prefix_name(part: str, model: str) -> str:
+    """``dataset+`` -> ``breast_cancer/dataset+`` (a name already prefixed is kept)."""
+    name = part.strip().strip("+")
+    if not name or name == "*" or "/" in name:
+        return part
+    return part.replace(name, f"{model}/{name}", 1)
 
 
 def parse_selection(text: str | None) -> dg.AssetSelection:

@@ -19,6 +19,12 @@ check upstream passed.
 The ``weekly_retraining`` schedule (``retraining.cron``) retrains and re-signs on the latest
 validated data: the training and security groups in one run.
 
+Many models: each drop is routed to its model by the approved source its name matches
+(models/NAME.yaml ``sources``); its run materialises that model's assets only. A drop that
+matches the sources of two models is refused (audited, named) and runs nothing; a drop matching
+no source still gets its run, whose ``dataset`` refuses it (as before). Each model has its own
+retraining schedule (``weekly_retraining`` for the default model, ``NAME_weekly_retraining``).
+
     landing_sensor(settings), retraining_schedule(settings)   # secure_ml/definitions.py builds them
     landing_selection(settings.config.automation)              # what one drop's run materialises
 
@@ -33,6 +39,7 @@ import time
 import dagster as dg
 
 from resources import CustodyResource
+from resources.custody import MODEL_TAG, model_asset_key, model_selection
 from secure_ml.config.models import AutomationFile
 from secure_ml.data import landing
 from secure_ml.errors import Error
@@ -40,22 +47,46 @@ from secure_ml.settings import Settings
 from sensors._shared import DROP_SHA_TAG, DROP_TAG, TRIGGER_TAG, schedule_status, sensor_status
 
 
-def landing_selection(automation: AutomationFile) -> dg.AssetSelection:
-    """``dataset`` and everything downstream of it in ``landing.groups`` (lazy: grows with the graph)."""
-    return dg.AssetSelection.assets("dataset").downstream() & dg.AssetSelection.groups(*automation.landing.groups)
+def _models(settings: Settings) -> list[str]:
+    return list(dict.fromkeys([settings.config.default_model, *settings.config.models()]))
+
+
+def landing_selection(automation: AutomationFile, datasets: list[dg.AssetKey] | None = None) -> dg.AssetSelection:
+    """Each model's ``dataset`` and everything downstream of it in ``landing.groups`` (lazy: grows with the graph)."""
+    return (dg.AssetSelection.assets(*(datasets or [dg.AssetKey("dataset")])).downstream()
+            & dg.AssetSelection.groups(*automation.landing.groups))
 
 
 def retraining_selection(automation: AutomationFile) -> dg.AssetSelection:
     return dg.AssetSelection.groups(*automation.retraining.groups)
 
 
-def drop_run_request(drop: landing.Drop) -> dg.RunRequest:
+def drop_run_request(drop: landing.Drop, model: str | None = None,
+                     asset_selection: list[dg.AssetKey] | None = None) -> dg.RunRequest:
     """The run for one complete drop: keyed by its digest, so the same bytes never run twice."""
+    tags = {TRIGGER_TAG: "landing", DROP_TAG: drop.name, DROP_SHA_TAG: drop.sha256}
     return dg.RunRequest(
         run_key=drop.run_key,
         run_config={"ops": {"dataset": {"config": {"drop": drop.name}}}},
-        tags={TRIGGER_TAG: "landing", DROP_TAG: drop.name, DROP_SHA_TAG: drop.sha256},
+        tags={**tags, MODEL_TAG: model} if model else tags,
+        asset_selection=asset_selection,
     )
+
+
+def _routed_request(context: dg.SensorEvaluationContext, current: Settings, drop: landing.Drop) -> dg.RunRequest:
+    """The drop's run, confined to the model its source feeds (when the project has several models)."""
+    from secure_ml.governance.sources import ApprovedSources
+
+    models = _models(current)
+    if len(models) == 1:
+        return drop_run_request(drop)
+    default = current.config.default_model
+    model = ApprovedSources.from_settings(current).route(drop.name) or default
+    selection = (landing_selection(current.config.automation, [model_asset_key("dataset", model, default)])
+                 & model_selection(model))
+    repository = getattr(context, "repository_def", None)
+    keys = sorted(selection.resolve(repository.asset_graph)) if repository is not None else None
+    return drop_run_request(drop, model, keys)
 
 
 def settle_seconds(current: Settings) -> float:
@@ -83,8 +114,13 @@ def scan_landing(context: dg.SensorEvaluationContext, custody: CustodyResource) 
                 break
             time.sleep(recheck)
         for drop in landing.scan(current.landing_dir, cursor, settle_seconds=settle):
-            requests.append(drop_run_request(drop))
             cursor.mark_done(drop)
+            try:
+                requests.append(_routed_request(context, current, drop))
+            except Error as exc:  # e.g. the drop matches two models' sources: refused, named, no run
+                custody.record(None, "automation.landing", subject=f"sha256:{drop.sha256}", outcome="deny",
+                               details={"drop": drop.name, "reason": exc.explain()})
+                continue
             custody.record(None, "automation.landing", subject=f"sha256:{drop.sha256}",
                            details={"drop": drop.name, "bytes": drop.size, "run_key": drop.run_key})
     pending = sorted(cursor.pending)
@@ -96,9 +132,10 @@ def scan_landing(context: dg.SensorEvaluationContext, custody: CustodyResource) 
 def landing_sensor(settings: Settings) -> dg.SensorDefinition:
     """``landing_drops``: scans the landing area every ``landing.interval_seconds``."""
     automation = settings.config.automation
+    default = settings.config.default_model
     return dg.sensor(
         name="landing_drops",
-        target=landing_selection(automation),
+        target=landing_selection(automation, [model_asset_key("dataset", m, default) for m in _models(settings)]),
         minimum_interval_seconds=automation.landing.interval_seconds,
         default_status=sensor_status(settings),
         description="New complete CSV/Parquet drops in the landing area become dataset versions; each drop "
@@ -106,12 +143,20 @@ def landing_sensor(settings: Settings) -> dg.SensorDefinition:
     )(scan_landing)
 
 
-def retraining_schedule(settings: Settings) -> dg.ScheduleDefinition:
-    """``weekly_retraining`` on ``retraining.cron``."""
+def retraining_schedules(settings: Settings) -> list[dg.ScheduleDefinition]:
+    """One retraining schedule per model (each model retrains in its own run)."""
+    default = settings.config.default_model
+    return [retraining_schedule(settings, None if m == default else m) for m in _models(settings)]
+
+
+def retraining_schedule(settings: Settings, model: str | None = None) -> dg.ScheduleDefinition:
+    """``weekly_retraining`` on ``retraining.cron`` (``NAME_weekly_retraining`` for another model)."""
     automation = settings.config.automation
+    default = settings.config.default_model
+    target = retraining_selection(automation) & model_selection(model or default)
     return dg.ScheduleDefinition(
-        name="weekly_retraining",
-        target=retraining_selection(automation),
+        name=f"{model}_weekly_retraining" if model else "weekly_retraining",
+        target=target if len(_models(settings)) > 1 else retraining_selection(automation),
         cron_schedule=automation.retraining.cron,
         execution_timezone=automation.retraining.timezone,
         default_status=schedule_status(settings),
