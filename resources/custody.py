@@ -6,7 +6,7 @@ assets receive their inputs through :class:`EncryptedIOManager`, which loads by 
 recorded on the upstream materialization and never by a path.
 
 Many models (docs/ARCHITECTURE.md, "Many models"): the stages' asset bodies are written once, for
-unprefixed keys; each further model gets copies prefixed with its name (assets/per_model.py). A body
+unprefixed keys; each further model gets copies prefixed with its name (assets/_per_model.py). A body
 finds its model from the asset key it is running for (:func:`current_model`): ``custody.settings()``
 then acts for that model (its spec's schema, training, thresholds, promotion), and
 ``custody.recorded(instance, TRAINED)`` reads that model's ``NAME/trained_model`` (:func:`model_key`).
@@ -48,7 +48,7 @@ def model_key(key: dg.AssetKey, model: str | None = None) -> dg.AssetKey:
     return dg.AssetKey([model, *key.path])
 
 
-#: The tag every asset carries with its model's name (assets/per_model.py sets it).
+#: The tag every asset carries with its model's name (assets/_per_model.py sets it).
 MODEL_TAG = "secure_ml/model"
 
 
@@ -60,6 +60,15 @@ def model_selection(model: str) -> dg.AssetSelection:
 def model_asset_key(name: str, model: str, default: str) -> dg.AssetKey:
     """The key of stage asset ``name`` for ``model``: ``dataset`` or ``breast_cancer/dataset``."""
     return dg.AssetKey(name) if model == default else dg.AssetKey([model, name])
+
+
+def op_name(graph: Any, key: dg.AssetKey, selection: dg.AssetSelection | None = None) -> str:
+    """The op that computes ``key`` in a job over ``selection`` (default: every asset). Each model's copy of a
+    stage shares its op's name, which Dagster numbers within one job (``dataset``, ``dataset_2``), so run
+    configuration for an asset (the drop a ``dataset`` ingests) is addressed through this, never by stage name."""
+    job = dg.define_asset_job("__secure_ml_probe", selection=selection or dg.AssetSelection.all()).resolve(
+        asset_graph=graph)
+    return str(job.asset_layer.get_op_output_handle(key).node_handle.name)
 
 
 # The newest checkpoint this process signed, per log: the next one re-verifies only what came after.

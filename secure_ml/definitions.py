@@ -20,9 +20,10 @@ from typing import Any
 
 import dagster as dg
 
-from assets import data, per_model, release, security, training, validation
+from assets import _per_model as per_model
+from assets import data, release, security, training, validation
 from resources import build_resources
-from resources.custody import model_selection
+from resources.custody import model_selection, op_name
 from secure_ml.errors import BadInput
 from secure_ml.settings import Settings
 from sensors import conditions, failures, landing
@@ -90,11 +91,12 @@ CONSOLE_LEVELS = {"quiet": "CRITICAL", "info": "INFO", "debug": "DEBUG"}
 
 def run_pipeline(settings: Settings, *, selection: str | None = None,
                  run_config: dict[str, Any] | None = None, tags: dict[str, str] | None = None,
-                 console: str = "quiet", model: str | None = None) -> dict[str, Any]:
+                 console: str = "quiet", model: str | None = None, drop: str | None = None) -> dict[str, Any]:
     """Materialise ``selection`` (default: every asset) on the instance under DAGSTER_HOME.
 
     ``model`` confines the run to that model's assets: names in ``selection`` are its stage names
-    (``dataset+``), prefixed here for a model other than the default one.
+    (``dataset+``), prefixed here for a model other than the default one. ``drop`` is the landed file
+    the model's ``dataset`` ingests (when the run includes it).
 
     Returns a summary: for each asset, whether it materialised and its digest; for each check,
     its result and reason; the names of the blocking checks that failed; and each failed step
@@ -123,6 +125,9 @@ def run_pipeline(settings: Settings, *, selection: str | None = None,
     picked = chosen.resolve(graph)
     everything = [*(definitions.assets or []), *(definitions.asset_checks or [])]
     config = {"loggers": {"console": {"config": {"log_level": CONSOLE_LEVELS[console]}}}, **(run_config or {})}
+    dataset = dg.AssetKey("dataset") if model in (None, default) else dg.AssetKey([str(model), "dataset"])
+    if drop is not None and dataset in picked:
+        config["ops"] = {**config.get("ops", {}), op_name(graph, dataset): {"config": {"drop": drop}}}
     with dg.DagsterInstance.get() as instance:
         result = dg.materialize(
             everything,  # type: ignore[arg-type]

@@ -39,10 +39,10 @@ import time
 import dagster as dg
 
 from resources import CustodyResource
-from resources.custody import MODEL_TAG, model_asset_key, model_selection
+from resources.custody import MODEL_TAG, model_asset_key, model_selection, op_name
 from secure_ml.config.models import AutomationFile
 from secure_ml.data import landing
-from secure_ml.errors import Error
+from secure_ml.errors import ConfigurationError, Error
 from secure_ml.settings import Settings
 from sensors._shared import DROP_SHA_TAG, DROP_TAG, TRIGGER_TAG, schedule_status, sensor_status
 
@@ -62,12 +62,13 @@ def retraining_selection(automation: AutomationFile) -> dg.AssetSelection:
 
 
 def drop_run_request(drop: landing.Drop, model: str | None = None,
-                     asset_selection: list[dg.AssetKey] | None = None) -> dg.RunRequest:
-    """The run for one complete drop: keyed by its digest, so the same bytes never run twice."""
+                     asset_selection: list[dg.AssetKey] | None = None, op: str = "dataset") -> dg.RunRequest:
+    """The run for one complete drop: keyed by its digest, so the same bytes never run twice. ``op``: the op
+    of the model's ``dataset`` in the sensor's job (each model's copy is numbered: dataset, dataset_2)."""
     tags = {TRIGGER_TAG: "landing", DROP_TAG: drop.name, DROP_SHA_TAG: drop.sha256}
     return dg.RunRequest(
         run_key=drop.run_key,
-        run_config={"ops": {"dataset": {"config": {"drop": drop.name}}}},
+        run_config={"ops": {op: {"config": {"drop": drop.name}}}},
         tags={**tags, MODEL_TAG: model} if model else tags,
         asset_selection=asset_selection,
     )
@@ -82,11 +83,14 @@ def _routed_request(context: dg.SensorEvaluationContext, current: Settings, drop
         return drop_run_request(drop)
     default = current.config.default_model
     model = ApprovedSources.from_settings(current).route(drop.name) or default
-    selection = (landing_selection(current.config.automation, [model_asset_key("dataset", model, default)])
-                 & model_selection(model))
+    dataset = model_asset_key("dataset", model, default)
+    selection = landing_selection(current.config.automation, [dataset]) & model_selection(model)
     repository = getattr(context, "repository_def", None)
-    keys = sorted(selection.resolve(repository.asset_graph)) if repository is not None else None
-    return drop_run_request(drop, model, keys)
+    if repository is None:
+        raise ConfigurationError("the landing sensor needs its code location to route a drop to its model")
+    graph = repository.asset_graph
+    everything = landing_selection(current.config.automation, [model_asset_key("dataset", m, default) for m in models])
+    return drop_run_request(drop, model, sorted(selection.resolve(graph)), op_name(graph, dataset, everything))
 
 
 def settle_seconds(current: Settings) -> float:

@@ -64,9 +64,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     model = route(settings, drop, args.model)
     from secure_ml.definitions import run_pipeline  # Dagster is imported only for this command
 
-    summary = run_pipeline(settings, selection=args.select, model=model,
-                           run_config={"ops": {"dataset": {"config": {"drop": drop}}}}
-                           if _selects_dataset(args.select) else None,
+    summary = run_pipeline(settings, selection=args.select, model=model, drop=drop,
                            tags=_run_request(settings),
                            console="debug" if args.debug else "info" if args.verbose else "quiet")
     if args.json:
@@ -130,6 +128,3 @@ def _run_request(settings: Settings) -> dict[str, str]:
     actor = authn.authenticate(settings, authn.verified_policy(settings))
     return {authn.RUN_REQUEST_TAG: authn.sign_run_request(actor)}
 
-
-def _selects_dataset(selection: str | None) -> bool:
-    return not selection or "dataset" in selection.replace("validated_dataset", "")
