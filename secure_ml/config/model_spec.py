@@ -28,7 +28,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, model_validator
 
-from secure_ml.config.loader import load_file
+from secure_ml.config.loader import load_file, safe_load
 from secure_ml.config.models import Strict
 from secure_ml.errors import BadInput, ConfigurationError
 
@@ -144,7 +144,7 @@ def load_spec(config_dir: Path, name: str, *, shown: str | None = None,
 
 def _schema_columns(path: Path, named: str, shown: str) -> tuple[set[str], str]:
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigurationError(f"{shown}: schema: {named} not found") from None
     except (yaml.YAMLError, UnicodeDecodeError):
