@@ -39,12 +39,19 @@ STAGES: dict[str, list[str]] = {
     "training": ["pipeline", "run", "--select", "trained_model"],
     "signing": ["pipeline", "run", "--select", "model_signature"],
     "registering": ["pipeline", "run", "--select", "registered_model"],
-    "approving": ["approve", "v1", "--as", "carol"],
+    "approving": ["approve", "v1"],
     "deploying": ["deploy", "v1"],
 }
 # What has to exist before a stage can run: the whole pipeline for the release stages.
 # (validation follows ingest's first whole run, so it needs nothing more.)
 NEEDS_PIPELINE = {"training", "signing", "registering", "approving", "deploying"}
+# Who runs each command: identities are keys (issue 13). bob lands data and trains, carol approves,
+# dave deploys; key rotation is the owner's.
+# Each approving kill is a fresh approver's first approval of the staging version (a decision is
+# taken once): approver{n} for kill n, so every kill lands on the write path, not on a denial.
+ACTOR = {"approving": "carol", "deploying": "dave", "rotation": "owner"}
+PEOPLE = {"bob": ["data_steward", "ml_engineer"], "carol": ["approver"], "dave": ["deployer"]}
+APPROVERS = 60
 
 
 @dataclass
@@ -66,24 +73,30 @@ class Home:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.ids = root / "identities"      # private keys never live under SECURE_ML_HOME
         self.env = {**os.environ, "SECURE_ML_HOME": str(root / "home"), "DAGSTER_HOME": str(root / "home" / "dagster"),
-                    "SECURE_ML_ACTOR": "crash-harness", "PYTHONPATH": str(REPO), "DAGSTER_DISABLE_TELEMETRY": "1",
-                    "DVC_NO_ANALYTICS": "1"}
-        self.env.pop("SECURE_ML_KEK", None)
+                    "PYTHONPATH": str(REPO), "DAGSTER_DISABLE_TELEMETRY": "1", "DVC_NO_ANALYTICS": "1"}
+        for name in ("SECURE_ML_KEK", "SECURE_ML_ACTOR", "SECURE_ML_IDENTITY"):
+            self.env.pop(name, None)
 
-    def command(self, args: list[str]) -> tuple[list[str], dict[str, str]]:
+    def key(self, who: str) -> Path:
+        return self.ids / who / f"{who}.key"
+
+    def command(self, args: list[str], stage: str | None = None, who: str | None = None) -> tuple[list[str], dict[str, str]]:
         env = dict(self.env)
-        if args[0] in ("deploy",):
-            env["SECURE_ML_ACTOR"] = "dave"
+        who = who or ACTOR.get(stage or "", "bob")
+        if self.key(who).exists():
+            env["SECURE_ML_IDENTITY"] = str(self.key(who))
         return [sys.executable, "-m", "secure_ml", *args], env
 
-    def run(self, args: list[str], timeout: float = 1800) -> subprocess.CompletedProcess[str]:
-        argv, env = self.command(args)
+    def run(self, args: list[str], timeout: float = 1800, stage: str | None = None,
+            who: str | None = None) -> subprocess.CompletedProcess[str]:
+        argv, env = self.command(args, stage, who)
         return subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
-    def run_killed(self, args: list[str], delay: float) -> bool:
+    def run_killed(self, args: list[str], delay: float, stage: str | None = None, who: str | None = None) -> bool:
         """Start ``args``, SIGKILL its process group after ``delay`` s; False if it finished first."""
-        argv, env = self.command(args)
+        argv, env = self.command(args, stage, who)
         process = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                    start_new_session=True)
         try:
@@ -136,8 +149,18 @@ def check_home(home: Path) -> dict[str, list[str]]:
 
 
 def prepare(home: Home, stages: list[str]) -> None:
-    """init, and the whole pipeline once when a release stage is exercised."""
-    for args in (["init"], *([["pipeline", "run"]] if set(stages) & NEEDS_PIPELINE else [])):
+    """init, the people's keys and the signed trust policy, and the whole pipeline once when a release
+    stage is exercised."""
+    people = dict(PEOPLE)
+    if "approving" in stages:
+        people.update({f"approver{n}": ["approver"] for n in range(1, APPROVERS + 1)})
+    for who in ("owner", *people):
+        home.run(["identity", "new", who, "--out", str(home.ids / who)])
+    owner = ["--owner-key", str(home.key("owner"))]
+    setup = [["init"], ["trust", "init", *owner]]
+    setup += [["trust", "add", who, *[a for r in roles for a in ("--role", r)], "--public-key",
+               str(home.ids / who / f"{who}.pub"), *owner] for who, roles in people.items()]
+    for args in (*setup, *([["pipeline", "run"]] if set(stages) & NEEDS_PIPELINE else [])):
         result = home.run(args)
         if result.returncode != 0:   # once more: a loaded machine can fail a run for reasons of its own
             result = home.run(args)
@@ -156,16 +179,24 @@ def kill_once(home: Home, stage: str, result: StageResult, estimate: dict[str, f
               leftovers: set[str]) -> None:
     """One kill of ``stage`` at a random point, the next run, and the checks."""
     args = STAGES[stage]
+    who = None
+    if stage == "approving":
+        if result.kills + result.finished_before_kill >= APPROVERS:
+            result.problems.append("no fresh approver left")
+            return
+        who = f"approver{result.kills + result.finished_before_kill + 1}"
     started = time.monotonic()
-    if not home.run_killed(args, rng.uniform(0.05, 0.95) * estimate[stage]):
+    if not home.run_killed(args, rng.uniform(0.05, 0.95) * estimate[stage], stage, who):
         result.finished_before_kill += 1
         estimate[stage] = time.monotonic() - started
         return
     result.kills += 1
     started = time.monotonic()
-    again = home.run(args)
+    again = home.run(args, stage=stage, who=who)
     estimate[stage] = time.monotonic() - started      # how long a whole run takes: the next kill lands inside it
-    if again.returncode == 0:
+    # A decision that had landed before the kill is refused the second time: that is a completed run.
+    landed = again.returncode == 1 and "has already approved" in again.stderr
+    if again.returncode == 0 or landed:
         result.recoveries += 1
     else:
         result.problems.append(f"kill {result.kills}: next run exit {again.returncode}: "
@@ -183,26 +214,31 @@ def kill_once(home: Home, stage: str, result: StageResult, estimate: dict[str, f
 
 def exercise(home: Home, stages: list[str], kills: int, rng: random.Random, deadline: float,
              report: Path | None = None) -> list[StageResult]:
-    """Round-robin over ``stages`` (one kill each per round) until ``kills`` or the deadline."""
+    """Each stage in turn (its share of ``kills``), in pipeline order so that approvals land on a
+    staging version before the deploy kills make it production; until ``kills`` or the deadline."""
     results = {stage: StageResult(stage) for stage in stages}
     estimate: dict[str, float] = {}
     leftovers: set[str] = set()
-    for stage in stages:    # one whole run each: it must work unkilled, and it says how long a run takes
-        started = time.monotonic()
-        first = home.run(STAGES[stage])
+    share = -(-kills // max(len(stages), 1))
+    stage_deadline = time.monotonic()
+    order = [s for s in STAGES if s in stages]
+    for index, stage in enumerate(order):
+        stage_deadline += (deadline - stage_deadline) / (len(order) - index)    # an equal share of the time left
+        started = time.monotonic()     # one whole run first: it must work unkilled, and says how long a run takes
+        first = home.run(STAGES[stage], stage=stage)
         estimate[stage] = time.monotonic() - started
         if first.returncode != 0:
             results[stage].problems.append(f"unkilled run failed: {(first.stderr or first.stdout).strip()[-200:]}")
-    live = [s for s in stages if not results[s].problems]
-    attempts = 0
-    while live and sum(r.kills for r in results.values()) < kills and time.monotonic() < deadline:
-        stage = live[attempts % len(live)]
-        attempts += 1
-        started = time.monotonic()
-        kill_once(home, stage, results[stage], estimate, rng, leftovers)
-        results[stage].seconds = round(results[stage].seconds + time.monotonic() - started, 1)
-        if report is not None:
-            report.write_text(json.dumps([asdict(r) for r in results.values()], indent=1))
+            continue
+        attempts = 0
+        while results[stage].kills < share and time.monotonic() < stage_deadline and attempts < 3 * share:
+            attempts += 1
+            started = time.monotonic()
+            kill_once(home, stage, results[stage], estimate, rng, leftovers)
+            results[stage].seconds = round(results[stage].seconds + time.monotonic() - started, 1)
+            if report is not None:
+                report.write_text(json.dumps([asdict(r) for r in results.values()], indent=1))
+        stage_deadline = time.monotonic()
     return list(results.values())
 
 
