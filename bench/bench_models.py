@@ -29,11 +29,11 @@ REPO = Path(__file__).resolve().parents[1]
 REASON = "tumour measurements: no attribute of a person"
 
 
-def _config(root: Path, sample: Path, extra_models: int) -> Path:
+def _config(root: Path, sample: Path, extra_models: int, tag: str = "") -> Path:
     from secure_ml.config import SHIPPED_DIR
     from secure_ml.data.onboarding import draft_model
 
-    config = root / f"config-{extra_models}"
+    config = root / f"config-{extra_models}{tag}"
     shutil.copytree(SHIPPED_DIR, config, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
     for i in range(extra_models):
         name = f"model_{i:02d}"
@@ -95,7 +95,7 @@ def run(quick: bool) -> list[Figure]:
                               "1 model", alone, "reported", True))
         if quick:
             return figures
-        config = _config(root, sample, 0)
+        config = _config(root, sample, 0, "-onboarding")
         home = root / "home-bc"
         started = time.perf_counter()
         added = _cli(home, config, "model", "add", "breast_cancer", "--data", str(sample), "--label", "target",
@@ -119,7 +119,7 @@ def run(quick: bool) -> list[Figure]:
 
 
 def main(argv: list[str] | None = None) -> Any:
-    for figure in run("--quick" in (argv or sys.argv[1:])):
+    for figure in run("--quick" in (argv or sys.argv[1:])):  # `python -m bench --only models` prints the table
         print(f"{figure.name}: {figure.value:.3f} {figure.unit}; {figure.baseline} {figure.baseline_value:.3f}; "
               f"ratio {figure.ratio:.2f} ({figure.goal}: {'met' if figure.ok else 'NOT met'})")
 

@@ -144,16 +144,19 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     if not status["versions"]:
         print("no model versions registered yet (run `secure-ml pipeline run`)")
+    # One model (the demo): versions print as before; several: each as MODEL:VERSION.
+    several = len({v["model"] for v in status["versions"]} | set(status["deployed_by_model"])) > 1
     for v in status["versions"]:
         approvers = ", ".join(a["identity"] for a in v["approvals"]) or "none"
-        print(f"{v['name']:<20} {v['stage']:<11} sha256:{v['model_digest'][:16]}…  registered by "
+        print(f"{v['name'] if several else v['version']:<{20 if several else 5}} {v['stage']:<11} sha256:{v['model_digest'][:16]}…  registered by "
               f"{v['registered_by']}; approvals: {approvers}")
         policy = v.get("policy") or {}
         for reason in policy.get("reasons", []) if not policy.get("allowed") else []:
             print(f"      waiting: {reason}")
     for model, live in status["deployed_by_model"].items():
         for target, deployed in live.items():
-            print(f"deployed to {target}: {model}:{deployed['version']} sha256:{deployed['model_digest'][:16]}… "
+            named = f"{model}:{deployed['version']}" if several else deployed["version"]
+            print(f"deployed to {target}: {named} sha256:{deployed['model_digest'][:16]}… "
                   f"by {deployed['actor']} at {deployed['at'][:19]} ({deployed['status']})")
     if not any(status["deployed_by_model"].values()):
         for target in status["deployed"]:
