@@ -124,7 +124,8 @@ def load_spec(config_dir: Path, name: str, *, shown: str | None = None,
     path = spec_path(config_dir, name)
     shown = shown or str(path)
     spec = load_file(path, ModelSpec, shown=shown)
-    assert isinstance(spec, ModelSpec)
+    if not isinstance(spec, ModelSpec):  # load_file returns the model it was given
+        raise ConfigurationError(f"{shown}: not a model spec")
     if spec.name != name:
         raise ConfigurationError(f"{shown}: name: must be the file's name {name!r}, not {spec.name!r}")
     if known_sources is not None:
