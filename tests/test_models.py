@@ -310,7 +310,13 @@ def test_registry_versions_production_and_deployments_are_per_model(tmp_path: Pa
     assert demo.get("v1").stage == "archived" and breast.get("v2").stage == "production"
     assert demo.production().version == "v3" and breast.production().version == "v2"  # type: ignore[union-attr]
     assert breast.resolve("production") == "v2" and demo.resolve("german_credit:production") == "v3"
-    assert demo.resolve("breast_cancer:v2") == "v2"
+    assert breast.resolve("breast_cancer:v2") == "v2" == Registry(path).resolve("breast_cancer:v2")
+    with pytest.raises(BadInput, match=r"v2 is a version of model 'breast_cancer', not of 'german_credit' "
+                                       r"\(name it breast_cancer:v2\)"):
+        demo.get("v2")  # refused before anything is read or written for the wrong model
+    with pytest.raises(BadInput, match="v2 is a version of model 'breast_cancer'"):
+        demo.set_stage("v2", "archived", actor="carol")
+    assert breast.get("v2").stage == "production"
     with pytest.raises(BadInput, match="v3 is a version of model 'german_credit', not of 'breast_cancer'"):
         demo.resolve("breast_cancer:v3")
     with pytest.raises(BadInput, match="not a model name"):

@@ -167,7 +167,7 @@ def _stored_digests(settings: Settings, version: str | None) -> tuple[str, str, 
     if version:
         from secure_ml.release.registry import Registry
 
-        found = Registry.from_settings(settings).get(version)
+        found = Registry.from_settings(settings).for_model(None).get(version)
         stored = found.evidence.get("store") or {}
         if not all(stored.get(k) for k in ("model_tree", "signature", "attestation")):
             raise VerificationError(f"{version} has no stored model, signature and attestation")

@@ -262,12 +262,8 @@ class Registry:
             model, _, rest = ref.partition(":")
             if not re.fullmatch(r"[a-z][a-z0-9_]{0,39}", model):
                 raise BadInput(f"not a model name in {ref[:60]!r} (expected MODEL:VERSION, e.g. german_credit:v1)")
-            version = self.for_model(model).resolve(rest)
-            with self._connect() as db:
-                row = db.execute("SELECT model FROM versions WHERE version = ?", (version,)).fetchone()
-            if row is not None and row["model"] != model:
-                raise BadInput(f"{version} is a version of model {row['model']!r}, not of {model!r}")
-            return version
+            version = self.for_model(model).resolve(rest)  # refused when it is another model's
+            return self._own(version)
         if ref in STAGES:
             with self._connect() as db:
                 rows = db.execute("SELECT version FROM versions WHERE stage = ? AND (? IS NULL OR model = ?) "
@@ -284,8 +280,19 @@ class Registry:
                                   (prefix + "%",)).fetchall()
             if len(rows) != 1:
                 raise BadInput(f"{ref[:24]}… names {len(rows)} model versions, not one")
-            return str(rows[0]["version"])
-        return check_version(ref)
+            return self._own(str(rows[0]["version"]))
+        return self._own(check_version(ref))
+
+    def _own(self, version: str) -> str:
+        """``version``, refused when this registry acts for another model than the version's (before any write)."""
+        if self.model is None:
+            return version
+        with self._connect() as db:
+            row = db.execute("SELECT model FROM versions WHERE version = ?", (version,)).fetchone()
+        if row is not None and row["model"] != self.model:
+            raise BadInput(f"{version} is a version of model {row['model']!r}, not of {self.model!r} "
+                           f"(name it {row['model']}:{version})")
+        return version
 
     def get(self, ref: str) -> ModelVersion:
         version = self.resolve(ref)
