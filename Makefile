@@ -12,7 +12,7 @@ export DVC_NO_ANALYTICS := 1
 export DAGSTER_DISABLE_TELEMETRY := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help install init demo test test-fast lint fuzz crash ui bench lock system-deps clean image test-image k8s-tools k8s-check
+.PHONY: help install init demo test test-fast lint fuzz crash ui bench bench-large lock system-deps clean image test-image k8s-tools k8s-check
 
 help:
 	@echo "make demo    set up and run the whole pipeline on the bundled sample data"
@@ -20,6 +20,7 @@ help:
 	@echo "make test-fast  the unit lane (no browser, daemon, end-to-end or subprocess-heavy tests; about 50 s)"
 	@echo "make ui      the Dagster UI on http://127.0.0.1:3000 (sensors and schedules on)"
 	@echo "make bench   the benchmarks (figures as ratios to same-run baselines)"
+	@echo "make bench-large  1M and 10M generated rows up to training: time, peak RSS (long)"
 	@echo "make fuzz    the property-based tests of the parsers we own, with long runs"
 	@echo "make crash   SIGKILL the CLI 200+ times across every stage, check recovery (long)"
 	@echo "make lock    re-resolve requirements.in into requirements.lock (hashed)"
@@ -87,6 +88,12 @@ ui: init
 
 bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# Not in `make test` (its smoke is tests/test_scale_smoke.py): generates 1M and 10M German-credit-shaped
+# rows (~50 MB and ~500 MB of CSV, under $$BENCH_DIR or the temp dir, deleted after) and runs the
+# pipeline up to training on each, at low priority. About 30 minutes on the shared 2-core machine.
+bench-large: install
+	nice -n 10 $(BIN)/python -m bench.bench_scale --large
 
 
 # Not in `make test`: hours on a loaded two-core machine. Prints the README's table.

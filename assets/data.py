@@ -90,12 +90,13 @@ def _accept(context: Any, custody: CustodyResource, versions: DatasetVersions, f
     store = custody.store(context)
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False, engine="pyarrow")
-    data = buffer.getvalue()
-    digest = sha256_bytes(data)
+    with buffer.getbuffer() as view:  # hashed and stored from the buffer: the Parquet bytes are held once
+        digest = sha256_bytes(view)  # type: ignore[arg-type]
     created: list[str] = [] if store.exists(digest) else [digest]
     tracked = False
     try:
-        ref = store.put_bytes(data, kind="parquet", details={"role": "dataset", "source": source.name})
+        buffer.seek(0)
+        ref = store.put_stream(buffer, kind="parquet", details={"role": "dataset", "source": source.name})
         version = versions.track(source.sha256, store.path_for(ref.sha256))
         tracked = True
         record = ingest.provenance(source, frame, actor=actor, artifact_sha256=ref.sha256,

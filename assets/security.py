@@ -69,10 +69,13 @@ def scan_report(context: dg.AssetExecutionContext, trained_model: dict[str, Any]
     tree = str(trained_model["sha256"])
     config = signing.config()
     datasets = _dataset_refs(custody, context)
+    store = custody.store(context)
+    # Dependency audit and bandit results are reused while the lock, advisories and code are unchanged.
+    cache = scanning.ScanCache(store, custody.settings().home / "cache" / "scans")
     try:
         with _model_dir(context, custody, tree) as model_dir:
             report, sbom_document = scanning.release_scan(
-                model_dir, config, repo_root=REPO, model_name=f"secure-ml-model@{tree[:12]}",
+                model_dir, config, repo_root=REPO, model_name=f"secure-ml-model@{tree[:12]}", cache=cache,
                 datasets=[DatasetRef(d["name"], d["digest"]["sha256"], d["annotations"]["dvc_version"]) for d in datasets])
     except Error as exc:
         custody.record(context, "scan.model", subject=f"sha256:{tree}", outcome="fail", details={"reason": exc.explain()})
@@ -89,6 +92,7 @@ def scan_report(context: dg.AssetExecutionContext, trained_model: dict[str, Any]
         "sbom_sha256": sbom.sha256,
         "sbom_components": sbom_document.count('"bom-ref"'),
         "vulnerability_source": report["vulnerability_source"],
+        "scan_cache": dg.MetadataValue.json(cache.summary()),
     })
 
 

@@ -139,7 +139,30 @@ def run_pipeline(settings: Settings, *, selection: str | None = None,
             raise_on_error=False,
         )
         in_pipeline_order = [key for key in graph.toposorted_asset_keys if key in picked]
-        return summarise(result, in_pipeline_order, definitions)
+        return {**summarise(result, in_pipeline_order, definitions),
+                "steps": step_durations(instance, result.run_id)}
+
+
+def step_durations(instance: dg.DagsterInstance, run_id: str) -> list[dict[str, Any]]:
+    """Each step's wall seconds, from the run's event log (start to success or failure), in the
+    order the steps finished; with ``run`` first: the run's own span, first event to last."""
+    records = instance.all_logs(run_id)
+    if not records:
+        return []
+    started: dict[str, float] = {}
+    steps = [{"step": "run", "seconds": round(max(r.timestamp for r in records) - min(r.timestamp for r in records), 3),
+              "outcome": "span"}]
+    for record in records:
+        event = record.dagster_event
+        if event is None or record.step_key is None:
+            continue
+        if event.event_type == dg.DagsterEventType.STEP_START:
+            started[record.step_key] = record.timestamp
+        elif event.event_type in (dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE):
+            begun = started.get(record.step_key, record.timestamp)
+            steps.append({"step": record.step_key, "seconds": round(record.timestamp - begun, 3),
+                          "outcome": "success" if event.event_type == dg.DagsterEventType.STEP_SUCCESS else "failure"})
+    return steps
 
 
 def _prefix_name(part: str, model: str) -> str:

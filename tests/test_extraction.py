@@ -5,9 +5,12 @@ format (safetensors + preprocessing.json, loaded by the training stage's loader)
 Starlette app in-process with the extraction detector, budget and throttle on. The attacker queries
 uniformly over the training ranges (every category equally) and trains a surrogate (scikit-learn
 Ridge on the logits of the answers); after each request we measure the surrogate's agreement with the
-model on the test split. Honest traffic is the test split itself, replayed by another token.
-Does not touch: an attacker with in-distribution seed data (see README: the detector measures the
-distance from the training distribution; a PRADA-style distance test is not implemented).
+model on the test split. A second attacker holds 10 real training rows and queries perturbations of
+them (the Jacobian-style augmentation near-data extraction uses; every query in-distribution), which
+only the PRADA test (Shapiro-Wilk over the minimum distances between a token's queries) can see.
+Honest traffic is the test split itself, replayed by another token (and in shuffled orders).
+Does not touch: an attacker who spreads seed perturbations over many tokens (the budget per token and
+the rounding are what remain; see README).
 """
 
 from __future__ import annotations
@@ -133,3 +136,55 @@ def test_the_detector_is_bounded_and_sticky(trained: dict[str, Any]) -> None:
     for client in ("b", "c", "d"):
         detector.observe(client, [spec.validate(spec.example(), 0)])
     assert len(detector._recent) <= 2
+
+
+def _surrogate_agreement(trained: dict[str, Any], queries: list[dict[str, Any]], answers: list[float]) -> float:
+    import pandas as pd
+    from sklearn.linear_model import Ridge
+
+    X, _ = trained["prep"].transform(pd.DataFrame(queries))
+    p = np.clip(np.array(answers), 1e-6, 1 - 1e-6)
+    surrogate = Ridge(alpha=1e-3).fit(X, np.log(p / (1 - p)))
+    return float(((surrogate.predict(trained["X_test"]) >= 0) == trained["truth"]).mean())
+
+
+def test_prada_flags_a_seed_perturbation_attack_before_90_percent_agreement(trained: dict[str, Any]) -> None:
+    train = trained["train"]
+    secret = trained["tokens"].issue("near-data")
+    events: list[Any] = []
+    app = app_for(trained, events)
+    rng = np.random.default_rng(2)
+    seeds = train.drop(columns=[SPEC.label]).sample(10, random_state=1).to_dict("records")
+    std = train[list(SPEC.numeric)].std()
+    queries: list[dict[str, Any]] = []
+    answers: list[float] = []
+    agreement_at_flag, history = None, []
+    for step in range(40):       # 200 queries, 5 a request, each a seed row with its numbers nudged
+        batch = [{**seed, **{c: float(seed[c]) + float(rng.normal(0, 0.3 * std[c])) for c in SPEC.numeric}}
+                 for seed in (seeds[(5 * step + i) % len(seeds)] for i in range(5))]
+        status, body, _ = call(app, "POST", "/v1/predict", body={"instances": batch}, token=secret)
+        assert status == 200, body
+        queries += batch
+        answers += [p["probability"] for p in body["predictions"]]
+        history.append(_surrogate_agreement(trained, queries, answers))
+        if agreement_at_flag is None and any(e[1] == "serve.extraction" for e in events):
+            agreement_at_flag = history[-1]
+    flags = [e for e in events if e[1] == "serve.extraction"]
+    assert len(flags) == 1 and flags[0][0] == "near-data" and flags[0][3]["test"] == "prada", flags
+    assert flags[0][3]["shapiro_w"] < 0.70 and flags[0][3]["queries"] <= 100, flags[0][3]
+    assert agreement_at_flag is not None and agreement_at_flag < 0.9, history
+    # The distribution test alone never sees it: the same traffic with PRADA off is not flagged.
+    plain = serving.ExtractionDetector(trained["model"].spec, prada=False)
+    assert plain.observe("near-data", [trained["model"].spec.validate(q, i) for i, q in enumerate(queries)]) is None
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_honest_traffic_in_any_order_passes_prada(trained: dict[str, Any], seed: int) -> None:
+    spec = trained["model"].spec
+    rows = [spec.validate(r, i) for i, r in enumerate(trained["rows"])]
+    order = np.random.default_rng(seed).permutation(len(rows))
+    detector = serving.ExtractionDetector(spec)
+    assert all(detector.observe("honest", [rows[i] for i in order[start:start + 5]]) is None
+               for start in range(0, len(rows), 5))
+    # A monitor repeating one row is not an extraction either (repeats are not counted).
+    assert detector.observe("monitor", [rows[0]] * 150) is None and not detector.flagged("monitor")

@@ -169,3 +169,21 @@ def test_the_request_parser(data: bytes) -> None:
         assert exc.status in (400, 413, 422) and "\n" not in str(exc)
         return
     assert 1 <= len(rows) <= 8 and all(set(row) == set(SPEC.order) for row in rows)
+
+
+V2_TYPES = {"age": "INT64", "credit_amount": "FP64", "sex": "BYTES", "purpose": "BYTES"}
+V2_TENSOR = st.fixed_dictionaries({"name": st.sampled_from([*V2_TYPES, "x"]),
+                                   "datatype": st.sampled_from(["INT64", "FP64", "BYTES", "FP32", "BOOL"]),
+                                   "shape": st.lists(st.integers(-1, 3), max_size=3), "data": JSON})
+
+
+@FUZZ
+@given(data=st.one_of(st.binary(max_size=300), JSON.map(lambda v: json.dumps({"inputs": v}).encode()),
+                      st.lists(V2_TENSOR, max_size=5).map(lambda v: json.dumps({"inputs": v}).encode())))
+def test_the_v2_request_parser(data: bytes) -> None:
+    try:
+        request = serving.parse_v2_infer(data, SPEC, max_batch=8)
+    except serving.RequestError as exc:
+        assert exc.status in (400, 413, 422) and "\n" not in str(exc)
+        return
+    assert 1 <= len(request.rows) <= 8 and all(set(row) == set(SPEC.order) for row in request.rows)

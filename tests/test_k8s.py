@@ -171,6 +171,35 @@ def test_render_refuses_bad_inputs() -> None:
         k8s_render.render({**RELEASE["kubernetes"], "image": "secure-ml:latest"}, version="v1", model_digest=DIGEST)
 
 
+def test_one_server_serves_every_deployed_model_each_pinned_by_digest() -> None:
+    models = [k8s_render.PinnedModel("german_credit", "v7", DIGEST),
+              k8s_render.PinnedModel("breast_cancer", "v2", OTHER)]
+    manifests = k8s_render.render(RELEASE["kubernetes"], models=models)
+    k8s_render.validate(manifests, signed_digests=[DIGEST, OTHER])
+    deployment = by_kind(manifests, "Deployment")
+    pod = deployment["spec"]["template"]
+    assert pod["metadata"]["annotations"]["secure-ml.dev/model-digest"] == f"sha256:{DIGEST},sha256:{OTHER}"
+    checked = {c["args"][c["args"].index("--digest") + 1]: c["args"][1] for c in pod["spec"]["initContainers"]}
+    assert checked == {f"sha256:{DIGEST}": f"/models/sha256-{DIGEST}/model",
+                       f"sha256:{OTHER}": f"/models/sha256-{OTHER}/model"}
+    args = _server(deployment)["args"]
+    assert [args[i + 1:i + 4] for i, a in enumerate(args) if a == "--model"] == [
+        ["german_credit", f"/models/sha256-{DIGEST}", f"sha256:{DIGEST}"],
+        ["breast_cancer", f"/models/sha256-{OTHER}", f"sha256:{OTHER}"]]
+    assert _server(deployment)["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    # One digest that did not verify, or one model without its own init container, refuses the pod.
+    with pytest.raises(PolicyDenied, match=f"model sha256:{OTHER} is not a signed"):
+        k8s_render.validate(manifests, signed_digests=[DIGEST])
+    _pod(deployment)["initContainers"].pop()
+    missing = f"no init container runs `secure-ml verify-model --digest sha256:{OTHER}`"
+    with pytest.raises(PolicyDenied, match=missing):
+        k8s_render.validate([deployment], signed_digests=[DIGEST, OTHER])
+    with pytest.raises(BadInput, match="served once"):
+        k8s_render.render(RELEASE["kubernetes"], models=[models[0], models[0]])
+    with pytest.raises(BadInput, match="lowercase"):
+        k8s_render.render(RELEASE["kubernetes"], models=[k8s_render.PinnedModel("../x", "v1", DIGEST)])
+
+
 # -- the k8s/ directory: running the Dagster code location with dagster-k8s --------------------------
 def _yaml_docs(path: Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]

@@ -320,3 +320,20 @@ def test_checkov_finds_nothing_beyond_the_listed_exceptions(tmp_path: Path) -> N
         found.add((failed["check_id"], kind) if (failed["check_id"], kind) in CHECKOV_ALLOWED
                   else (failed["check_id"], f"{kind}.{role}"))
     assert found <= CHECKOV_ALLOWED, sorted(found - CHECKOV_ALLOWED)
+
+
+def test_one_server_for_several_models_renders_and_passes_every_check(tmp_path: Path, cfg: objects.RenderConfig,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    other = "ef" * 32
+    assert main(["k8s", "render", str(tmp_path / "out"), "--image-digest", IMAGE,
+                 "--model", "german_credit", MODEL, "--model", "breast_cancer", f"sha256:{other}"]) == 0
+    objs = [yaml.safe_load(p.read_text()) for p in sorted((tmp_path / "out").glob("*-deployment-*.yaml"))]
+    [server] = [o for o in objs if o["metadata"]["name"] == "secure-ml-model"]
+    pod = server["spec"]["template"]
+    assert pod["metadata"]["annotations"]["secure-ml.dev/model-digest"] == f"sha256:{MODEL},sha256:{other}"
+    assert len(pod["spec"]["initContainers"]) == 2
+    assert pod["spec"]["containers"][0]["args"].count("--model") == 2
+    # Both flags at once is refused in one line.
+    assert main(["k8s", "render", str(tmp_path / "out2"), "--image-digest", IMAGE, "--model-digest", MODEL,
+                 "--model", "german_credit", MODEL]) != 0
+    assert "not both" in capsys.readouterr().err

@@ -126,6 +126,7 @@ def test_clean_model_is_scanned_signed_and_attested(settings: Settings, tmp_path
     report = store.get_json(meta["sha256"])
     assert report["blocking"] is False and report["sbom_valid"] is True
     assert json.loads(store.get_bytes(meta["sbom_sha256"]))["bomFormat"] == "CycloneDX"
+    assert meta["scan_cache"] == {"hits": 0, "misses": 2}  # pip-audit and bandit ran, and were cached
     with dg.DagsterInstance.get() as instance:
         envelope_meta = CustodyResource(home=str(settings.home)).recorded(instance, dg.AssetKey("attestation"))
     envelope = json.loads(store.get_bytes(envelope_meta["sha256"]))
@@ -164,6 +165,13 @@ def test_clean_model_is_scanned_signed_and_attested(settings: Settings, tmp_path
     assert failed[-1]["outcome"] == "fail" and "changed after signing" in failed[-1]["details"]["reason"]
     assert cli(["model", "export", str(tmp_path / "export2")]) == 1  # export verifies first, and refuses
     assert not (tmp_path / "export2").exists()
+
+    # The next scan (of the new model) takes pip-audit and bandit from the cache: nothing they read changed.
+    rescanned = run_stage(Settings.from_env(), selection=dg.AssetSelection.assets(security.scan_report))
+    assert rescanned.success
+    with dg.DagsterInstance.get() as instance:
+        again = CustodyResource(home=str(settings.home)).recorded(instance, dg.AssetKey("scan_report"))
+    assert again["scan_cache"] == {"hits": 2, "misses": 0} and again["counts"] == meta["counts"]
 
 
 def test_smuggled_pickle_blocks_signing_with_reason_in_ui_and_audit(settings: Settings, tmp_path: Path,

@@ -1,11 +1,12 @@
-"""secure-ml k8s render OUTDIR [--image-digest sha256:…] [--model-digest HEX] [--k8s-dir DIR]
+"""secure-ml k8s render OUTDIR [--image-digest sha256:…] [--model-digest HEX | --model NAME HEX ...]
+[--k8s-dir DIR]
 
 Writes every Kubernetes object the project would create, one file per object, after checking all
 of them (secure_ml/release/platform/checks.py): the Helm values for the pinned Dagster chart
 (``helm-values.yaml``), the namespaces, service accounts and NetworkPolicies, the Secrets (no
 values: each names where its keys come from) and the artifacts volume claim, the code location's
 Deployment and Service, the run worker's Job and each asset's step Job (built by dagster-k8s), and
-the model server. The image digest comes from ``build/image.digest`` (``make image``) unless
+the model server (one server for every model given, each pinned by digest). The image digest comes from ``build/image.digest`` (``make image``) unless
 ``--image-digest`` is given; it is never written by hand. Nothing is written if any check fails.
 """
 
@@ -36,6 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     render.add_argument("--image-digest", help="sha256:<hex> of the image (default: build/image.digest)")
     render.add_argument("--model-digest", help="the model server's signed model digest (64 hex; default: a "
                         "placeholder the init container refuses; `secure-ml deploy --target kubernetes` pins the real one)")
+    render.add_argument("--model", nargs=2, action="append", metavar=("NAME", "DIGEST"),
+                        help="a model the one server serves, pinned to DIGEST (64 hex); repeat per deployed model "
+                             "(instead of --model-digest)")
     render.add_argument("--k8s-dir", type=Path, default=REPO / "k8s", help="the k8s/ directory")
     render.set_defaults(handler=cmd_k8s_render)
 
@@ -52,8 +56,10 @@ def image_digest(given: str | None, repo: Path = REPO) -> str:
     return given
 
 
-def render_all(k8s_dir: Path, digest: str, model_digest: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(Helm values, every object), checked; VerificationError lists what is wrong."""
+def render_all(k8s_dir: Path, digest: str, model_digest: str,
+               models: list[tuple[str, str]] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(Helm values, every object), checked; VerificationError lists what is wrong. ``models``: (name,
+    digest) of every model the server serves; default one, ``model_digest``, under the configured name."""
     from secure_ml.cli import _k8s_jobs
     from secure_ml.governance.policy import POLICY_DIR
     from secure_ml.release import k8s_render
@@ -65,17 +71,19 @@ def render_all(k8s_dir: Path, digest: str, model_digest: str) -> tuple[dict[str,
     image = helm_values.image_ref(cfg.image_repository, digest)
     executor = (cfg.load_yaml("job_executor.yaml") or {}).get("execution", {}).get("config") or {}
     release = yaml.safe_load((POLICY_DIR.parents[1] / "config" / "release.yaml").read_text())
+    name = str((release.get("serving") or {}).get("model_name") or k8s_render.DEFAULT_MODEL_NAME)
+    pinned = [k8s_render.PinnedModel(n, "rendered", d) for n, d in (models or [(name, model_digest)])]
     rendered = [
         *objects.static_manifests(cfg),
         *objects.network_policies(cfg),
         *objects.secrets_and_config_maps(cfg, values),
         *objects.code_location_objects(cfg, values),
         *_k8s_jobs.run_and_step_jobs(values, executor, image=image, namespace=cfg.namespace, steps=cfg.steps),
-        *k8s_render.render({**release["kubernetes"], "image": image}, version="rendered", model_digest=model_digest),
+        *k8s_render.render({**release["kubernetes"], "image": image}, models=pinned),
         *objects.model_server_inputs(cfg, release["kubernetes"]),
     ]
     problems = checks.check_objects(rendered, kubernetes_version=cfg.kubernetes_version,
-                                    signed_model_digests=[f"sha256:{model_digest}"],
+                                    signed_model_digests=[f"sha256:{m.digest}" for m in pinned],
                                     api_server_endpoints=cfg.api_server_endpoints, pipeline_namespace=cfg.namespace)
     # The chart renders the webserver, daemon and code location from these sections: their
     # Kubernetes parts must be valid Kubernetes too.
@@ -129,9 +137,13 @@ def cmd_k8s_render(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     digest = image_digest(args.image_digest)
     model_digest = args.model_digest or PLACEHOLDER_MODEL
-    if not SHA256_HEX.match(model_digest.removeprefix("sha256:")):
-        raise BadInput(f"not a model digest (64 hex): {model_digest[:80]!r}")
-    values, rendered = render_all(args.k8s_dir, digest, model_digest.removeprefix("sha256:"))
+    models = [(name, d.removeprefix("sha256:")) for name, d in args.model or []]
+    for given in [model_digest, *(d for _, d in models)]:
+        if not SHA256_HEX.match(given.removeprefix("sha256:")):
+            raise BadInput(f"not a model digest (64 hex): {given[:80]!r}")
+    if models and args.model_digest:
+        raise BadInput("give --model NAME DIGEST (repeated) or --model-digest, not both")
+    values, rendered = render_all(args.k8s_dir, digest, model_digest.removeprefix("sha256:"), models or None)
     names = write_outdir(args.outdir, values, rendered)
     print(f"{len(names)} files in {args.outdir} (image {digest[:19]}…), every object checked: "
           f"schema (strict), admission policy, pod rules, chart values; {time.perf_counter() - started:.1f} s")

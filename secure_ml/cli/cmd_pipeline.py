@@ -1,4 +1,4 @@
-"""secure-ml pipeline run [--data FILE] [--model NAME] [--select SELECTION] [--json] [-v].
+"""secure-ml pipeline run [--data FILE] [--model NAME] [--select SELECTION] [--json] [--timings] [-v].
 
 Many models: the drop is routed to the model whose source its name matches (``--model`` says it
 instead), and the run materialises that model's assets only; ``--select`` names them by stage
@@ -9,6 +9,8 @@ denial, bad input, a failed blocking check) is ONE line on stderr, ``secure-ml: 
 own log lines and stack traces stay in the instance's event log (the UI shows them). ``-v`` adds
 Dagster's log at INFO on stderr; ``secure-ml --debug pipeline run`` shows it at DEBUG, with
 tracebacks. An internal error (a bug) is one line too, naming the exception, and asks for --debug.
+``--timings`` adds each step's seconds from the run's event log (slowest first; the JSON summary
+always carries them under ``steps``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     run.add_argument("--select", help="Dagster asset selection (default: everything)")
     run.add_argument("--model", help="the model to run (default: the model whose source the drop matches)")
     run.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    run.add_argument("--timings", action="store_true", help="print each step's seconds (from the event log)")
     run.add_argument("-v", "--verbose", action="store_true", help="show Dagster's event log (INFO) on stderr")
     run.set_defaults(handler=cmd_run)
 
@@ -81,6 +84,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"  check {name:<52} {mark}  {check['reason']}")
         for failure in summary["step_failures"]:
             print(f"  step {failure['step']} failed: {failure['error']}")
+        if args.timings:
+            for step in sorted(summary["steps"], key=lambda s: -s["seconds"]):
+                print(f"  time  {step['step']:<52} {step['seconds']:7.2f}s  {step['outcome']}")
     sys.stdout.flush()
     problems = failure_lines(summary)
     if not problems and not summary["success"]:

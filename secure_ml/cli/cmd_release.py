@@ -6,7 +6,7 @@
     SECURE_ML_IDENTITY=dave.key secure-ml deploy [VERSION] [--target TARGET]
     SECURE_ML_IDENTITY=dave.key secure-ml rollback [--target local] [--reason TEXT]
     SECURE_ML_IDENTITY=carol.key secure-ml revoke v3 --reason TEXT
-    secure-ml serve [--issue-token NAME]                  serve the verified local deployment
+    secure-ml serve [--issue-token NAME]                  serve every verified deployed model (/v1, /v2)
 
 Many models: a version is named ``MODEL:VERSION`` (``breast_cancer:v3``) or by its bare number
 (``v3``; versions are numbered across the project, so that is never ambiguous). A stage name
@@ -68,9 +68,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     revoke.set_defaults(handler=cmd_revoke)
 
     serve = sub.add_parser("serve", help="serve the verified local deployment (or a pinned model dir)")
-    serve.add_argument("--model-dir", type=Path, help="a deployed model directory (Kubernetes: on the volume)")
+    serve.add_argument("--model", nargs=3, action="append", metavar=("NAME", "DIR", "DIGEST"),
+                       help="serve the deployed directory DIR as NAME, pinned to DIGEST (sha256:<hex>); repeat per "
+                            "model (Kubernetes: on the volume; needs --public-key)")
+    serve.add_argument("--model-dir", type=Path,
+                       help="one deployed model directory (as --model with the configured name)")
     serve.add_argument("--digest", help="sha256:<hex> the model directory must hash to (with --model-dir)")
-    serve.add_argument("--public-key", type=Path, help="trusted model-signing public key (with --model-dir)")
+    serve.add_argument("--public-key", type=Path, help="trusted model-signing public key (with --model/--model-dir)")
     serve.add_argument("--tokens", type=Path, help="hashed bearer tokens file (default: $SECURE_ML_HOME/serving)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
@@ -225,8 +229,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from secure_ml.release import serving
-    from secure_ml.security.verification import TrustPolicy
+    from secure_ml.release import served, serving
 
     settings = Settings.from_env()
     config = settings.load_config("release").get("serving") or {}
@@ -245,45 +248,57 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not tokens.names():
         raise BadInput(f"no bearer tokens in {tokens.path}: create one with `secure-ml serve --issue-token NAME`")
     audit = settings.audit_log()
-    if args.model_dir:
-        if not (args.digest and args.digest.startswith("sha256:") and args.public_key):
-            raise BadInput("--model-dir needs --digest sha256:<hex> and --public-key")
-        if not args.public_key.is_file():
-            raise BadInput(f"public key not found: {args.public_key}")
-        model = serving.load_deployment(args.model_dir, expected_digest=args.digest[len("sha256:"):],
-                                        trust=TrustPolicy.of(public_keys=[args.public_key]))
-    else:
-        model = _local_deployment(settings)
-    audit.record(settings.actor(), "serve.start", subject=f"{model.version} sha256:{model.model_digest}")
+    models = _served_models(settings, args, str(config.get("model_name") or served.DEFAULT_MODEL_NAME))
+    for model in models:
+        audit.record(settings.actor(), "serve.start",
+                     subject=f"{model.name} {model.version} sha256:{model.model_digest}")
 
     def on_event(client: str, action: str, outcome: str, details: dict[str, Any]) -> None:
-        audit.record(client, action, subject=model.version, outcome=outcome, details=details)
+        audit.record(client, action, subject=str(details.get("model") or models[0].name), outcome=outcome,
+                     details=details)
 
     auth = config.get("auth_failures") or {}
     detector = config.get("extraction_detector") or {}
+    detectors = {} if detector.get("enabled") is False else {
+        m.name: serving.ExtractionDetector(m.spec, **{k: v for k, v in detector.items() if k != "enabled"})
+        for m in models}
     app = serving.create_app(
-        model, tokens, rate_per_minute=int(config.get("rate_limit_per_minute", 120)),
+        models, tokens, rate_per_minute=int(config.get("rate_limit_per_minute", 120)),
         max_batch=int(config.get("max_batch", 256)), max_body_bytes=int(config.get("max_body_bytes", 1 << 20)),
         on_event=on_event, daily_budget=int(config["daily_query_budget"]) if config.get("daily_query_budget") else None,
-        output=serving.OutputPolicy.from_config(config.get("output")),
-        detector=None if detector.get("enabled") is False else serving.ExtractionDetector(
-            model.spec, **{k: v for k, v in detector.items() if k != "enabled"}),
+        output=serving.OutputPolicy.from_config(config.get("output")), detectors=detectors,
         auth_failures=serving.AuthFailures(window_s=float(auth.get("window_seconds", 60)),
                                            max_per_window=int(auth.get("max_per_window", 20))))
     host = args.host or str(config.get("host", "127.0.0.1"))
     port = args.port or int(config.get("port", 8765))
-    print(f"serving {model.version} sha256:{model.model_digest[:16]}… on http://{host}:{port}", flush=True)
+    for model in models:
+        print(f"serving {model.name} {model.version} sha256:{model.model_digest[:16]}… "
+              f"on http://{host}:{port}/v2/models/{model.name}", flush=True)
     serving.serve(app, host=host, port=port)
     return 0
 
 
-def _local_deployment(settings: Settings) -> Any:
-    """The current local deployment, re-verified by the chain, pinned to the registry's digest."""
-    from secure_ml.release import serving
+def _served_models(settings: Settings, args: argparse.Namespace, default_name: str) -> list[Any]:
+    """Every model to serve, each loaded through the verification chain pinned to its digest."""
+    from secure_ml.release import served
     from secure_ml.release.deploy import Release
+    from secure_ml.security.verification import TrustPolicy
 
-    release = Release.from_settings(settings)
-    current = release.registry.current_deployment("local")
-    if current is None:
-        raise BadInput("nothing is deployed locally: run `secure-ml deploy` first")
-    return serving.load_deployment(current.location, expected_digest=current.model_digest, trust=release.trust)
+    given = [(name, Path(directory), digest) for name, directory, digest in args.model or []]
+    if args.model_dir or args.digest:
+        given.append((default_name, args.model_dir, args.digest or ""))
+    if not given:
+        deployed = served.deployed_models(settings)
+        if not deployed:
+            raise BadInput("nothing is deployed locally: run `secure-ml deploy` first")
+        return served.load_deployed(deployed, trust=Release.from_settings(settings).trust)
+    if not args.public_key:
+        raise BadInput("--model and --model-dir need --public-key")
+    if not args.public_key.is_file():
+        raise BadInput(f"public key not found: {args.public_key}")
+    deployed = []
+    for name, directory, digest in given:
+        if directory is None or not digest.startswith("sha256:"):
+            raise BadInput(f"model {name!r} needs a directory and a digest sha256:<hex>")
+        deployed.append(served.DeployedModel(name, "", directory, digest.removeprefix("sha256:")))
+    return served.load_deployed(deployed, trust=TrustPolicy.of(public_keys=[args.public_key]))

@@ -141,6 +141,12 @@ class ExtractionDetector(Strict):
     min_queries: int = Field(20, ge=1)
     z_limit: float = Field(3.0, gt=0)
     max_atypical_share: float = Field(0.3, gt=0, lt=1)
+    # PRADA: Shapiro-Wilk W of the minimum distances between a token's queries (serving/extraction.py).
+    prada: bool = True
+    prada_w: float = Field(0.70, gt=0, lt=1)
+    prada_min_distances: int = Field(40, ge=3)
+    prada_window: int = Field(100, ge=3)
+    prada_history: int = Field(200, ge=2)
 
 
 class AuthFailures(Strict):
@@ -149,6 +155,9 @@ class AuthFailures(Strict):
 
 
 class Serving(Strict):
+    # The name the one local deployment is served under (/v2/models/{model_name}); per-model
+    # deployments name their own (secure_ml.release.served.deployed_models).
+    model_name: str = Field("german_credit", pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")
     host: str = "127.0.0.1"
     port: int = Field(8765, ge=1, le=65535)
     rate_limit_per_minute: int = Field(120, ge=1)

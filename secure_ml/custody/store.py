@@ -190,7 +190,8 @@ class ArtifactStore:
     def put_dataframe(self, frame: Any, *, details: dict[str, Any] | None = None) -> ArtifactRef:
         buffer = io.BytesIO()
         frame.to_parquet(buffer, index=False, engine="pyarrow")
-        return self.put_bytes(buffer.getvalue(), kind="parquet", details=details)
+        buffer.seek(0)  # streamed from the buffer itself: no second copy of the Parquet bytes
+        return self.put_stream(buffer, kind="parquet", details=details)
 
     def put_tree(self, directory: Path | str, *, details: dict[str, Any] | None = None) -> ArtifactRef:
         """Store each file of a directory, then a manifest of them; the manifest's ref names the tree."""
@@ -250,7 +251,10 @@ class ArtifactStore:
     def get_dataframe(self, digest: str) -> Any:
         import pandas as pd
 
-        return pd.read_parquet(io.BytesIO(self.get_bytes(digest)), engine="pyarrow")
+        buffer = io.BytesIO()
+        self.read_into(digest, buffer)
+        buffer.seek(0)
+        return pd.read_parquet(buffer, engine="pyarrow")
 
     def tree_files(self, digest: str) -> dict[str, str]:
         """A stored tree's ``{relative path: sha256}``, read from its (verified) manifest alone.

@@ -17,6 +17,7 @@ pandas' usual dtypes; date and time columns stay text, as pandas would read them
 
 from __future__ import annotations
 
+import codecs
 import errno
 import fcntl
 import io
@@ -155,13 +156,28 @@ def _open_for_writing(fd: int) -> bool:
 def parse_drop(data: bytes, source: Source) -> pd.DataFrame:
     """Parse a drop's bytes strictly into a DataFrame; every malformed input is one clear BadInput."""
     parse = _parse_parquet if source.format == "parquet" else _parse_csv
-    return _check_table(parse(data, source.name), source.name).to_pandas()
+    # self_destruct frees each Arrow column once pandas has it: the drop is never held twice in full.
+    return _check_table(parse(data, source.name), source.name).to_pandas(self_destruct=True, split_blocks=True)
 
 
 def read_drop(path: Path) -> tuple[pd.DataFrame, Source]:
     """Read and parse a resolved drop in one call."""
     data, source = read_drop_bytes(path)
     return parse_drop(data, source), source
+
+
+def _first_invalid_utf8(data: bytes, *, chunk: int = 1 << 24) -> int | None:
+    """The offset of the first byte that is not valid UTF-8, or None; decoded a chunk at a time, so
+    a large drop is never held a second time as text."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    view = memoryview(data)
+    for start in range(0, len(data), chunk):
+        pending = len(decoder.getstate()[0])  # bytes of a character split across the chunk boundary
+        try:
+            decoder.decode(view[start:start + chunk], final=start + chunk >= len(data))
+        except UnicodeDecodeError as exc:
+            return start - pending + exc.start
+    return None
 
 
 def _longest_line(data: bytes) -> tuple[int, int]:
@@ -183,11 +199,10 @@ def _parse_csv(data: bytes, name: str) -> pa.Table:
     if NUL in data:
         raise BadInput(f"drop {name!r} contains NUL bytes at offset {data.find(NUL)} "
                        "(binary data, or a wrong encoding such as UTF-16)")
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise BadInput(f"drop {name!r} is not valid UTF-8 (byte {exc.start} is 0x{data[exc.start]:02x}); "
-                       "re-encode it as UTF-8") from None
+    bad = _first_invalid_utf8(data)
+    if bad is not None:
+        raise BadInput(f"drop {name!r} is not valid UTF-8 (byte {bad} is 0x{data[bad]:02x}); "
+                       "re-encode it as UTF-8")
     longest, line = _longest_line(data)
     if longest > MAX_ROW_BYTES:
         raise BadInput(f"drop {name!r} has a line of {longest} bytes (line {line}), over the "

@@ -14,6 +14,8 @@ MODEL_DIR = "model"
 SIGNATURE_FILE = "model.sig"
 ATTESTATION_FILE = "attestation.dsse.json"
 RECEIPT_FILE = "DEPLOYMENT.json"
+# The name a target's single deployment is served under unless release.yaml serving.model_name says otherwise.
+DEFAULT_MODEL_NAME = "german_credit"
 
 
 @dataclass

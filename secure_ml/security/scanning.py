@@ -1,6 +1,8 @@
 """Security scans for a model release: model files, dependencies, pipeline code, SBOM.
 
     report, sbom_json = release_scan(model_dir, security_cfg)   # everything, for a release
+    report, sbom_json = release_scan(model_dir, security_cfg, cache=ScanCache(store, index_dir))
+                          # the dependency audit and the code scan reused while their inputs are unchanged
 
 The controls live in one module each, and are importable from here too:
 
@@ -17,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from secure_ml.security.scan_cache import ScanCache, code_scan_key, dependency_audit_key
 from secure_ml.security.scan_code import scan_code
 from secure_ml.security.scan_deps import (
     OfflineOsvDatabase,
@@ -38,7 +41,7 @@ from secure_ml.security.scan_safetensors import SafetensorsLimits, check_safeten
 from secure_ml.security.scan_sniff import looks_like_pickle, sniff
 
 __all__ = [
-    "SEVERITIES", "Finding", "OfflineOsvDatabase", "SafetensorsLimits", "ScanPolicy", "audit_dependencies",
+    "SEVERITIES", "Finding", "OfflineOsvDatabase", "SafetensorsLimits", "ScanCache", "ScanPolicy", "audit_dependencies",
     "check_safetensors", "iter_blocking", "looks_like_pickle", "rank", "read_lock", "read_safetensors_header",
     "release_scan", "scan_code", "scan_foreign", "scan_foreign_file", "scan_model_dir", "sniff",
     "summary_markdown", "vulnerability_service",
@@ -54,10 +57,12 @@ def _repo_path(value: str | Path, repo_root: Path) -> Path:
 
 def release_scan(model_dir: Path | str, config: dict[str, Any], *, repo_root: Path = REPO_ROOT,
                  datasets: Sequence[Any] = (), model_name: str = "secure-ml-model",
-                 code: bool = True) -> tuple[dict[str, Any], str]:
+                 code: bool = True, cache: ScanCache | None = None) -> tuple[dict[str, Any], str]:
     """Model files, dependency audit, code scan and SBOM: (report, CycloneDX JSON).
 
     ``config`` is the parsed security.yaml. The SBOM's validation failure is itself a finding.
+    With ``cache``, the dependency audit and the code scan are taken from it while the lock file,
+    the offline advisory database and the scanned code are unchanged (the model is always scanned).
     """
     from secure_ml.security import sbom
 
@@ -74,12 +79,21 @@ def release_scan(model_dir: Path | str, config: dict[str, Any], *, repo_root: Pa
     deps = scan.get("dependencies", {})
     lock = _repo_path(deps.get("lock_file", "requirements.lock"), repo_root)
     source = str(deps.get("source", "offline"))
-    service = vulnerability_service(source, offline_db=_repo_path(deps.get("offline_db", "data/osv/pypi-advisories.json"),
-                                                                  repo_root))
-    findings += audit_dependencies(lock, service, severity=str(deps.get("severity", "high")))
+    offline_db = _repo_path(deps.get("offline_db", "data/osv/pypi-advisories.json"), repo_root)
+    severity = str(deps.get("severity", "high"))
+
+    def audit() -> list[Finding]:
+        return audit_dependencies(lock, vulnerability_service(source, offline_db=offline_db), severity=severity)
+
+    if cache is None:
+        findings += audit()
+    else:
+        findings += cache.findings(dependency_audit_key(lock, source=source, offline_db=offline_db,
+                                                        severity=severity), audit)
     if code:
         paths = [_repo_path(p, repo_root) for p in scan.get("code", {}).get("paths", ["secure_ml", "assets", "resources", "sensors"])]
-        findings += scan_code(paths, root=repo_root)
+        findings += (scan_code(paths, root=repo_root) if cache is None
+                     else cache.findings(code_scan_key(paths), lambda: scan_code(paths, root=repo_root)))
     document = sbom.model_sbom(model_dir, lock, model_name=model_name, datasets=datasets)
     try:
         sbom.validate(document)

@@ -2,8 +2,9 @@
 #
 # Input: one Kubernetes object, bare or as an AdmissionReview (`input.request.object`).
 # Data: data.secure_ml_config.admission.signed_model_digests (digests of signed, verified models),
-#       .model_digest_annotation, .model_namespaces (where only signed models may run; an object
-#       with no namespace counts as being there, so leaving it out never skips the rule).
+#       .model_digest_annotation (on the pod: every model digest it serves, comma-separated),
+#       .model_namespaces (where only signed models may run; an object with no namespace counts
+#       as being there, so leaving it out never skips the rule).
 # The hardening rules apply to every pod (model server and Dagster run/step pods alike).
 # `deny` holds one reason per violated rule; an object is admitted only when it is empty.
 package secure_ml.admission
@@ -140,34 +141,37 @@ serves_models if obj.metadata.namespace in object.get(adm, "model_namespaces", [
 
 model_digest := object.get(object.get(pod_meta, "annotations", {}), adm.model_digest_annotation, "")
 
+# One server may serve several models: the annotation lists each pinned digest, comma-separated.
+model_digests := [d | some d in split(model_digest, ","); d != ""]
+
 deny contains msg if {
 	pod_spec
 	serves_models
-	model_digest == ""
+	count(model_digests) == 0
 	msg := concat("", [name, sprintf(": no model digest pinned (annotation %s)", [adm.model_digest_annotation])])
 }
 
 deny contains msg if {
 	pod_spec
 	serves_models
-	model_digest != ""
-	not model_digest in adm.signed_model_digests
-	msg := concat("", [name, sprintf(": model %s is not a signed, verified model", [model_digest])])
+	some d in model_digests
+	not d in adm.signed_model_digests
+	msg := concat("", [name, sprintf(": model %s is not a signed, verified model", [d])])
 }
 
-verifies_model(c) if {
+verifies_model(c, d) if {
 	"verify-model" in c.args
 	some i, arg in c.args
 	arg == "--digest"
-	c.args[i + 1] == model_digest
+	c.args[i + 1] == d
 }
 
 deny contains msg if {
 	pod_spec
 	serves_models
-	model_digest != ""
-	count([c | some c in pod_spec.initContainers; verifies_model(c)]) == 0
-	msg := concat("", [name, sprintf(": no init container runs `secure-ml verify-model --digest %s`", [model_digest])])
+	some d in model_digests
+	count([c | some c in pod_spec.initContainers; verifies_model(c, d)]) == 0
+	msg := concat("", [name, sprintf(": no init container runs `secure-ml verify-model --digest %s`", [d])])
 }
 
 # -- exposure ----------------------------------------------------------------------------------

@@ -9,8 +9,9 @@
 
 One concern per module: ``model`` (verified loading, the input contract, the health probe),
 ``tokens`` (hashed bearer tokens), ``limits`` (rate, daily budget, authentication failures),
-``requests`` (the request parser and the OpenAPI document), ``extraction`` (output precision and the
-extraction detector), ``app`` (the Starlette app and the Guard every route calls).
+``requests`` (the /v1 and Open Inference Protocol v2 request parsers and the OpenAPI document),
+``oip`` (v2 metadata and responses), ``extraction`` (output precision and the extraction detector),
+``app`` (the Starlette app and the Guard every route calls).
 """
 
 from secure_ml.release.serving.app import Guard, create_app, serve
@@ -25,12 +26,19 @@ from secure_ml.release.serving.model import (
     load_deployment,
     load_verified,
 )
-from secure_ml.release.serving.requests import RequestError, openapi_document, parse_instances, parse_json
+from secure_ml.release.serving.requests import (
+    RequestError,
+    V2Request,
+    openapi_document,
+    parse_instances,
+    parse_json,
+    parse_v2_infer,
+)
 from secure_ml.release.serving.tokens import TokenStore, tokens_path
 
 __all__ = [
     "ALLOWED_FILES", "AuthFailures", "DailyBudget", "ExtractionDetector", "ExtractionVerdict", "FeatureSpec",
     "Guard", "LoadedModel", "OutputPolicy", "Predictor", "RateLimiter", "RequestError", "TokenStore",
     "create_app", "health_probe", "load_deployment", "load_verified", "openapi_document", "parse_instances",
-    "parse_json", "serve", "tokens_path",
+    "parse_json", "parse_v2_infer", "serve", "tokens_path", "V2Request",
 ]

@@ -121,6 +121,7 @@ class LoadedModel:
     predict: Predictor
     threshold: float = 0.5
     details: dict[str, Any] = field(default_factory=dict)
+    name: str = "model"        # what the Open Inference Protocol routes call it (/v2/models/{name})
 
 
 def load_verified(model_dir: Path | str, *, trust: TrustPolicy, expected_digest: str, bundle: bytes | Path,

@@ -27,7 +27,8 @@ class KubernetesTarget:
 
     def write(self, staging: Path, *, version: str, model_digest: str, config: Mapping[str, Any]) -> dict[str, str]:
         kubernetes = dict(config.get("kubernetes") or {})
-        manifests = k8s_render.render(kubernetes, version=version, model_digest=model_digest)
+        name = str((config.get("serving") or {}).get("model_name") or k8s_render.DEFAULT_MODEL_NAME)
+        manifests = k8s_render.render(kubernetes, models=[k8s_render.PinnedModel(name, version, model_digest)])
         k8s_render.validate(manifests, signed_digests=[model_digest],
                             kubernetes_version=str(kubernetes.get("kubernetes_version", "1.33")))
         (staging / MANIFESTS).write_text(k8s_render.to_yaml(manifests))
