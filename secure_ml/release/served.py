@@ -4,9 +4,10 @@
     models = load_deployed(deployed, trust=release.trust)   # each through the one verification chain
 
 ``deployed_models`` is the one place that says what is deployed for serving: ``secure-ml serve`` and
-the Kubernetes rendering both take their list from it. Today a target holds one deployment, served
-the default model under the configured name (release.yaml ``serving.model_name``, default
-``german_credit``), every other model under its own (``Registry.live``: one live deployment per model). ``load_deployed`` loads each one only through
+the Kubernetes rendering both take their list from it: one live deployment per model
+(``Registry.live``), the default model served under the configured name (release.yaml
+``serving.model_name``, default ``german_credit``), every other model under its own. ``load_deployed``
+loads each one only through
 :func:`secure_ml.release.serving.load_deployment` (signature, files pinned to the registry's digest,
 attestation), and refuses the whole list if any model fails: a server never starts half-verified.
 """
