@@ -109,10 +109,11 @@ def run(quick: bool) -> list[Figure]:
             print(added.stderr[-800:], ran.stdout[-1500:], ran.stderr[-800:], file=sys.stderr)
         demo_home = root / "home-gc"
         started = time.perf_counter()
-        _cli(demo_home, config, "pipeline", "run", "--select",
+        demo_run = _cli(demo_home, config, "pipeline", "run", "--select",
              "dataset,validated_dataset,trained_model,model_evaluation,scan_report,model_signature,attestation,"
              "registered_model")
         demo = time.perf_counter() - started
+        ok = ok and demo_run.returncode == 0
         figures.append(Figure(16, "onboarding: model add + pipeline run -> signed candidate (breast cancer)",
                               onboarding, "s", "German credit pipeline run, same stages", demo, "reported", ok))
     return figures
