@@ -63,9 +63,10 @@ def model_asset_key(name: str, model: str, default: str) -> dg.AssetKey:
 
 
 def op_name(graph: Any, key: dg.AssetKey, selection: dg.AssetSelection | None = None) -> str:
-    """The op that computes ``key`` in a job over ``selection`` (default: every asset). Each model's copy of a
-    stage shares its op's name, which Dagster numbers within one job (``dataset``, ``dataset_2``), so run
-    configuration for an asset (the drop a ``dataset`` ingests) is addressed through this, never by stage name."""
+    """The op that computes ``key`` in a run of ``selection`` (default: every asset). Each model's copy of a
+    stage shares its op's name, which Dagster numbers within one job (``dataset``, ``dataset_2``), and a run
+    of a subset names its ops from the subset's own assets; so run configuration for an asset (the drop a
+    ``dataset`` ingests) is addressed through this, over exactly the run's selection, never by stage name."""
     job = dg.define_asset_job("__secure_ml_probe", selection=selection or dg.AssetSelection.all()).resolve(
         asset_graph=graph)
     return str(job.asset_layer.get_op_output_handle(key).node_handle.name)

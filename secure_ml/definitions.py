@@ -127,7 +127,7 @@ def run_pipeline(settings: Settings, *, selection: str | None = None,
     config = {"loggers": {"console": {"config": {"log_level": CONSOLE_LEVELS[console]}}}, **(run_config or {})}
     dataset = dg.AssetKey("dataset") if model in (None, default) else dg.AssetKey([str(model), "dataset"])
     if drop is not None and dataset in picked:
-        config["ops"] = {**config.get("ops", {}), op_name(graph, dataset): {"config": {"drop": drop}}}
+        config["ops"] = {**config.get("ops", {}), op_name(graph, dataset, chosen): {"config": {"drop": drop}}}
     with dg.DagsterInstance.get() as instance:
         result = dg.materialize(
             everything,  # type: ignore[arg-type]

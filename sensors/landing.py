@@ -89,8 +89,9 @@ def _routed_request(context: dg.SensorEvaluationContext, current: Settings, drop
     if repository is None:
         raise ConfigurationError("the landing sensor needs its code location to route a drop to its model")
     graph = repository.asset_graph
-    everything = landing_selection(current.config.automation, [model_asset_key("dataset", m, default) for m in models])
-    return drop_run_request(drop, model, sorted(selection.resolve(graph)), op_name(graph, dataset, everything))
+    keys = sorted(selection.resolve(graph))
+    # The run is the sensor's job subset to these keys, and Dagster names a subset's ops from its own assets.
+    return drop_run_request(drop, model, keys, op_name(graph, dataset, dg.AssetSelection.assets(*keys)))
 
 
 def settle_seconds(current: Settings) -> float:

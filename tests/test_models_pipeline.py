@@ -68,10 +68,14 @@ def test_each_drop_runs_its_own_models_assets_and_one_matching_two_models_runs_n
     assert {k.to_user_string() for k in runs["german_credit-v1.csv"].asset_selection or []} == {
         "dataset", "validated_dataset", "trained_model", "model_evaluation", "scan_report", "model_signature",
         "attestation"}
-    graph = defs.resolve_asset_graph()
-    ops = {drop: next(iter(r.run_config["ops"])) for drop, r in runs.items()}
-    assert ops["breast_cancer-v1.csv"] == op_name(graph, dg.AssetKey(["breast_cancer", "dataset"]))
-    assert ops["german_credit-v1.csv"] == op_name(graph, dg.AssetKey("dataset")) != ops["breast_cancer-v1.csv"]
+    # Each run is the sensor's job subset to one model's assets: its config names the op of that subset.
+    repository = defs.get_repository_def()
+    job = repository.get_job(defs.resolve_sensor_def("landing_drops").job_name)
+    for request in runs.values():
+        subset = job.get_subset(asset_selection=set(request.asset_selection or []))
+        assert set(request.run_config["ops"]) <= set(subset.graph.node_dict)
+        dataset = next(k for k in request.asset_selection or [] if k.path[-1] == "dataset")
+        assert subset.asset_layer.get_op_output_handle(dataset).node_handle.name in request.run_config["ops"]
     refused = [e for e in settings.audit_log().entries() if e.get("action") == "automation.landing"
                and e.get("outcome") == "deny"]
     assert len(refused) == 1
@@ -111,3 +115,17 @@ def test_a_failed_blocking_check_stops_only_its_own_models_downstream(two: tuple
     with dg.DagsterInstance.get() as instance:
         assert recorded(instance, dg.AssetKey(["breast_cancer", "dataset"]))["source"] == "breast_cancer-bad.csv"
         assert recorded(instance, dg.AssetKey("dataset"))["source"] == "german_credit-v1.csv"
+
+
+def test_pipeline_run_gives_each_models_dataset_its_drop(two: tuple[Settings, Path]) -> None:
+    """`secure-ml pipeline run`'s path: a run confined to one model addresses that run's own dataset op."""
+    from secure_ml.cli.cmd_pipeline import route
+    from secure_ml.definitions import run_pipeline
+
+    settings, sample = two
+    for drop in (land_file(settings, SAMPLE_CSV, "german_credit-v1.csv"), land_file(settings, sample)):
+        model = route(settings, drop, None)
+        summary = run_pipeline(settings, selection="dataset", model=model, drop=drop)
+        assert summary["success"], summary
+        assert [a["asset"] for a in summary["assets"] if a["materialized"]] == [
+            "dataset" if model == "german_credit" else f"{model}/dataset"]
