@@ -167,6 +167,26 @@ def registered_model_separation_of_duties(context: dg.AssetCheckExecutionContext
                    metadata={"pipeline_changers": dg.MetadataValue.json(pipeline_changers(version))})
 
 
+def _deployer(release: ReleaseResource, service: Release, actor: str) -> Any:
+    """Who signs the deployment statement: the identity key in this process's environment, which must be
+    the run's own verified launcher (None before a trust policy exists; the deploy then refuses without one)."""
+    from secure_ml.errors import PolicyDenied
+    from secure_ml.governance import authn
+
+    if service.signed is None:
+        return None
+    settings = release.settings()
+    by = authn.authenticate(settings, service.signed.policy)
+    if by.identity is None:
+        return None  # Release.deploy refuses and audits: a deployment is a signed decision
+    if by.name != actor:
+        settings.audit_log().record(by.name, "access.deny", outcome="deny",
+                                    details={"reason": f"the run was launched by {actor}, the key is {by.name}'s"})
+        raise PolicyDenied(f"the run was launched by {actor} but the identity key here is {by.name}'s: "
+                           "a deployment is signed by whoever launched it")
+    return by
+
+
 @dg.asset(group_name=RELEASE, kinds={"kubernetes", "python"}, owners=["team:ml-platform"], code_version="1",
           deps=[registered_model])
 def deployment(context: dg.AssetExecutionContext, custody: CustodyResource,
@@ -185,13 +205,16 @@ def deployment(context: dg.AssetExecutionContext, custody: CustodyResource,
         status, reason = "awaiting_approval", "no version is in production yet: it needs `secure-ml approve`"
     elif not service.access.decide(actor, "model.deploy").allowed:
         status, reason = "awaiting_deployer", (f"{actor} may not deploy; a deployer runs "
-                                               f"`SECURE_ML_ACTOR=<deployer> secure-ml deploy`")
+                                               f"`SECURE_ML_IDENTITY=<deployer key> secure-ml deploy`")
     else:
         current = service.registry.current_deployment(target)
         if current is None or current.version != production.version:
             try:
-                service.deploy(production.version, actor=actor, target=target)
+                # The same signed path as `secure-ml deploy`: a deployment statement by the run's own signer.
+                service.deploy(production.version, actor=actor, target=target,
+                               by=_deployer(release, service, actor))
             except Error as exc:
+                custody.record(context, "deploy", subject=target, outcome="deny", details={"reason": exc.explain()})
                 raise dg.Failure(exc.explain()) from None
         else:
             status, reason = "deployed", f"{production.version} is already live on {target}"
@@ -216,8 +239,8 @@ def deployment(context: dg.AssetExecutionContext, custody: CustodyResource,
 @dg.asset_check(asset=deployment, blocking=True)
 def deployment_matches_signed_digest(context: dg.AssetCheckExecutionContext, custody: CustodyResource,
                                      release: ReleaseResource) -> dg.AssetCheckResult:
-    """The files live on the target hash to the registry's signed digest and the signature verifies
-    over them now."""
+    """The files live on the target hash to the registry's signed digest, the signature verifies over
+    them now, and (with a trust policy) a deployer's signed statement put that version there."""
     service = release.release(custody.actor(context))
     target = str((service.config.get("deploy") or {}).get("default_target", "local"))
     current = service.registry.current_deployment(target)
@@ -225,11 +248,15 @@ def deployment_matches_signed_digest(context: dg.AssetCheckExecutionContext, cus
         return verdict(custody, context, check="deployment_matches_signed_digest", subject=target, passed=True,
                        reason="nothing is deployed yet")
     location = Path(current.location)
+    signer = ""
     try:
-        registered = service.registry.get(current.version).model_digest
+        version = service.registry.get(current.version)
+        registered = version.model_digest
         if current.model_digest != registered:
             raise VerificationError(f"the deployment record says sha256:{current.model_digest[:16]}…, "
                                     f"the registry signed sha256:{registered[:16]}…")
+        if service.signed is not None:  # a deployment row is believed only with a signed statement behind it
+            signer = service.signed.require_signed_deployment(version, target).signer
         # The one chain, over the files live on the target now, pinned to the registry's digest.
         verified = verification.verify_model(location / MODEL_DIR, location / SIGNATURE_FILE,
                                              location / ATTESTATION_FILE, trust=service.trust,
@@ -237,8 +264,10 @@ def deployment_matches_signed_digest(context: dg.AssetCheckExecutionContext, cus
     except Error as exc:
         return verdict(custody, context, check="deployment_matches_signed_digest", subject=current.version,
                        passed=False, reason=exc.explain())
+    deployed_by = f"; deployment signed by {signer}" if service.signed is not None else ""
     return verdict(custody, context, check="deployment_matches_signed_digest", subject=current.version, passed=True,
-                   reason=f"{current.version} on {target} is sha256:{verified.model_digest[:16]}…, signed and verified")
+                   reason=f"{current.version} on {target} is sha256:{verified.model_digest[:16]}…, signed and verified"
+                          f"{deployed_by}")
 
 
 @dg.asset_check(asset=deployment, blocking=True)

@@ -9,9 +9,10 @@ stored with the asset (the report holds each threshold's verdict).
 Every check is a separate ``@dg.asset_check(blocking=True)`` that reads back what the asset
 stored (by the digest of its latest materialization) and judges it, so each can run alone:
 ``training_record_complete`` (the stored record is complete and matches the stored weights),
-``reproducible`` (a second training from scratch, on the train split the record names, gives the
-stored weights), ``sandbox_behaviour_within_bounds`` (the record's sandbox measures against recent
-runs), and one per evaluation area (``metrics_over_thresholds``, ``fairness_within_thresholds``,
+``reproducible`` (Proof-of-Learning: k segments of the recorded training chain, chosen by the
+check's run id hashed with the data digest, re-executed from their start states reach the recorded
+states; release runs, or ``reproducible.method: full``, train again from scratch and compare weights),
+``sandbox_behaviour_within_bounds`` (the record's sandbox measures against recent runs), and one per evaluation area (``metrics_over_thresholds``, ``fairness_within_thresholds``,
 ``robustness_within_thresholds``): blocking on a breach of a ``block`` threshold, a warning for
 ``warn`` ones (training.yaml).
 """
@@ -32,6 +33,7 @@ from secure_ml.training.checkpoints import CheckpointStore
 from secure_ml.training.config import TrainingConfig
 from secure_ml.training.features import DataSpec
 from secure_ml.training.predictor import load_model
+from secure_ml.training.proof import verify_segments
 from secure_ml.training.record import record_problems
 from secure_ml.training.sandbox import IsolationPolicy
 from secure_ml.training.trainer import train_model
@@ -57,13 +59,18 @@ def _fail(custody: CustodyResource, context: Any, action: str, subject: str, exc
 
 def _settings(custody: CustodyResource) -> dict[str, Any]:
     config = custody.settings().load_config("training")
-    when = str((config.get("reproducible") or {}).get("when", "every"))
+    checked = dict(config.get("reproducible") or {})
+    when, method = str(checked.get("when", "every")), str(checked.get("method", "segments"))
     if when not in ("every", "release"):
         raise ConfigurationError(f"training.yaml reproducible.when must be every or release, not {when!r}")
+    if method not in ("segments", "full"):
+        raise ConfigurationError(f"training.yaml reproducible.method must be segments or full, not {method!r}")
     return {
         "training": TrainingConfig.from_mapping(config.get("training")),
         "isolation": IsolationPolicy.from_mapping(config.get("isolation")),
         "reproducible": when,
+        "method": method,
+        "segments": int(checked.get("segments", 3)),
         "keep": int((config.get("checkpoints") or {}).get("keep", 2)),
         "evaluation": evaluation_core.EvaluationConfig.from_mapping(config.get("evaluation")),
         "watch": WatchBounds.from_mapping(config.get("watch")),
@@ -89,8 +96,8 @@ def trained_model(context: dg.AssetExecutionContext, validated_dataset: dict[str
                   custody: CustodyResource) -> dg.Output[Any]:
     """An MLP for the tabular data (safetensors weights, JSON config and preprocessing, training record,
     model card), trained deterministically in an isolated process without network, secrets or keys, on
-    the validated training split. Guarded by: training record complete, reproducible (retrain gives
-    identical weights)."""
+    the validated training split, with its chain of state digests (Proof-of-Learning). Guarded by: training
+    record complete, reproducible (re-executed chain segments reach the recorded states)."""
     _validated(validated_dataset)
     subject = f"sha256:{validated_dataset['train_sha256']}"
     settings = custody.settings()
@@ -216,12 +223,13 @@ def model_evaluation(context: dg.AssetExecutionContext, trained_model: dict[str,
 
 
 # -- the checks: each runs alone, judging what the asset stored (read back by its recorded digest) ----------
-def _stored_model(context: Any, custody: CustodyResource) -> tuple[str, dict[str, Any], str]:
+def _stored_model(context: Any, custody: CustodyResource, *,
+                  keep: Path | None = None) -> tuple[str, dict[str, Any], str]:
     """(tree digest, training record, weights sha256) of the latest trained_model, its files decrypted
-    and verified from the store by the digest its materialization recorded."""
+    and verified from the store by the digest its materialization recorded (left in ``keep`` if given)."""
     tree = str(custody.recorded(context.instance, TRAINED)["sha256"])
     with tempfile.TemporaryDirectory(prefix="secure-ml-check-") as tmp:
-        model_dir = Path(tmp) / "model"
+        model_dir = keep or Path(tmp) / "model"
         custody.store(context).get_tree(tree, model_dir)
         try:
             record = json.loads((model_dir / "training_record.json").read_text())
@@ -258,27 +266,31 @@ def training_record_complete(context: dg.AssetCheckExecutionContext,
 
 
 @dg.asset_check(asset=trained_model, blocking=True,
-                description="Training again from scratch, isolated, on the train split named by the stored "
-                            "record, gives bit-identical weights to the stored model.safetensors.")
+                description="Proof-of-Learning: k randomly chosen segments of the signed training chain, re-executed "
+                            "isolated from their recorded start states on the train split the record names, reach "
+                            "the recorded states (detection probability 1-(1-f)^k against f faked segments); release "
+                            "runs, or reproducible.method full, retrain from scratch and compare the weights.")
 def reproducible(context: dg.AssetCheckExecutionContext, custody: CustodyResource) -> dg.AssetCheckResult:
     release = str(context.run.tags.get(RELEASE_TAG, "")).lower() == "true"
-    try:
-        chosen = _settings(custody)
-        tree, record, weights = _stored_model(context, custody)
-        data = record.get("data") or {}
-        spec = DataSpec.from_validated(data)
-        if not SHA256_HEX.fullmatch(str(data.get("train_sha256") or "")):
-            raise BadInput("the training record names no train split digest (data.train_sha256)")
-    except Error as exc:
-        return _unreadable(custody, context, REPRODUCIBLE, exc)
-    subject = f"sha256:{tree}"
-    if chosen["reproducible"] == "release" and not release:
-        reason = (f"not retrained: reproducible.when is 'release' and this run is not tagged {RELEASE_TAG}=true "
-                  "(release runs retrain and compare)")
-        return verdict(custody, context, check=REPRODUCIBLE, subject=subject, passed=True, reason=reason,
-                       metadata={"retrained": False})
-    context.log.info("reproducible: training again from scratch to compare the weights digest")
     with tempfile.TemporaryDirectory(prefix="secure-ml-retrain-") as tmp:
+        try:
+            chosen = _settings(custody)
+            tree, record, weights = _stored_model(context, custody, keep=Path(tmp) / "stored")
+            data = record.get("data") or {}
+            spec = DataSpec.from_validated(data)
+            if not SHA256_HEX.fullmatch(str(data.get("train_sha256") or "")):
+                raise BadInput("the training record names no train split digest (data.train_sha256)")
+        except Error as exc:
+            return _unreadable(custody, context, REPRODUCIBLE, exc)
+        subject = f"sha256:{tree}"
+        if chosen["reproducible"] == "release" and not release:
+            reason = (f"not retrained: reproducible.when is 'release' and this run is not tagged {RELEASE_TAG}=true "
+                      "(release runs retrain and compare)")
+            return verdict(custody, context, check=REPRODUCIBLE, subject=subject, passed=True, reason=reason,
+                           metadata={"retrained": False})
+        if chosen["method"] == "segments" and not release:
+            return _segments_verdict(context, custody, Path(tmp) / "stored", chosen, subject, weights, data)
+        context.log.info("reproducible: training again from scratch to compare the weights digest")
         try:
             train = custody.store(context).get_dataframe(str(data["train_sha256"]))
             again = train_model(train, spec, chosen["training"], Path(tmp) / "model",
@@ -295,7 +307,31 @@ def reproducible(context: dg.AssetCheckExecutionContext, custody: CustodyResourc
         reason = (f"retrained from scratch: weights sha256 {digest[:16]}… differ from the stored model's "
                   f"{weights[:16]}… (non-deterministic training, or the data or code changed meanwhile)")
     return verdict(custody, context, check=REPRODUCIBLE, subject=subject, passed=same and not error, reason=reason,
-                   metadata={"retrained": True, "weights_sha256": weights, "retrained_sha256": digest})
+                   metadata={"retrained": True, "method": "full", "weights_sha256": weights,
+                             "retrained_sha256": digest})
+
+
+def _segments_verdict(context: Any, custody: CustodyResource, model_dir: Path, chosen: dict[str, Any], subject: str,
+                      weights: str, data: dict[str, Any]) -> dg.AssetCheckResult:
+    """Re-execute k chain segments chosen by this check's run id hashed with the data digest."""
+    k = int(chosen["segments"])
+    context.log.info(f"reproducible: re-executing {k} segment(s) of the training chain")
+    metadata: dict[str, Any] = {"retrained": False, "method": "segments", "weights_sha256": weights}
+    try:
+        train = custody.store(context).get_dataframe(str(data["train_sha256"]))
+        report = verify_segments(model_dir, train, k=k, run_id=context.run.run_id, isolation=chosen["isolation"])
+    except Error as exc:
+        return verdict(custody, context, check=REPRODUCIBLE, subject=subject, passed=False,
+                       reason=f"could not re-execute the training chain: {exc.explain()}", metadata=metadata)
+    facts = report.metadata()
+    metadata.update({"segments_total": facts["segments_total"], "segments_checked": facts["segments_checked"],
+                     "detection_formula": facts["detection_formula"],
+                     "detection_probability": dg.MetadataValue.json(facts["detection_probability"]),
+                     "segments": dg.MetadataValue.json({"checked": facts["checked"],
+                                                        "mismatched": facts["mismatched"]}),
+                     "replay_seconds": facts["seconds"]})
+    return verdict(custody, context, check=REPRODUCIBLE, subject=subject, passed=report.passed,
+                   reason=report.reason(), metadata=metadata)
 
 
 @dg.asset_check(asset=trained_model, blocking=True,

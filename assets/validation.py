@@ -29,10 +29,11 @@ from resources import CustodyResource, model_key, verdict
 from secure_ml.data import pii
 from secure_ml.data import splitting
 from secure_ml.data import validation as gx_validation
+from secure_ml.governance import authn
 from secure_ml.governance.access import AccessPolicy
 from secure_ml.errors import BadInput, Error
 from secure_ml.data.poisoning import PoisoningReport, ScreeningConfig, screen
-from secure_ml.data.poisoning_reference import find_sign_off, reference_drift
+from secure_ml.data.poisoning_reference import find_sign_off, find_signed_sign_off, reference_drift
 from secure_ml.data.schema import Schema, load_reference, load_schema, select_schema
 
 DATA = "data"
@@ -201,11 +202,16 @@ def _screen(context: Any, custody: CustodyResource, frame: pd.DataFrame, schema:
         found = None
         if reference is None:
             settings = custody.settings()
-            found = find_sign_off(settings.home, dataset=schema.dataset, drop_sha256=dataset_sha,
-                                  policy=AccessPolicy.from_settings(settings), audit=settings.audit_log())
+            if authn.has_trust_policy(settings):  # only a signed data_signoff statement counts
+                found = find_signed_sign_off(settings, dataset=schema.dataset, drop_sha256=dataset_sha)
+            else:
+                found = find_sign_off(settings.home, dataset=schema.dataset, drop_sha256=dataset_sha,
+                                      policy=AccessPolicy.from_settings(settings), audit=settings.audit_log())
             if found.valid:
-                note = (f"none: first version of this dataset, accepted on the sign-off of "
-                        f"{found.record['actor']} (audit entry {found.record['audit_seq']})")  # type: ignore[index]
+                record = found.record or {}
+                proof = (f"signed statement, key {str(record['keyid'])[:16]}…" if record.get("signed")
+                         else f"audit entry {record.get('audit_seq')}")
+                note = f"none: first version of this dataset, accepted on the sign-off of {record['actor']} ({proof})"
         report = screen(frame, reference, label=schema.label, numeric=schema.numeric,
                         categorical=schema.categorical, config=config,
                         sign_off=found.record if found is not None else None)

@@ -9,6 +9,10 @@
 - Isolation overhead: the same training on the same derived data, isolated vs in this process,
   measured back to back (goal <= 1.2x); the two must give the same weights digest.
 - CUDA: the same rows/s figure on a GPU where there is one; "n/a (no GPU)" otherwise.
+- Loop throughput (issue 17): rows/s per epoch at the configured batch size, the training loop
+  (secure_ml.training.loop, in this process) against today's loop before issue 17
+  (bench/baseline_loop.py) on the same derived arrays, alternated, best epoch of each; goal >= 3x,
+  and two runs of the new loop must give bit-identical weights.
 - Sandbox set-up: starting ``true`` through the sandbox (secure_ml.training.sandbox.run_command, the
   path training and ``secure-ml sandbox run`` take) against starting it bare; median of 15 each,
   goal <= 100 ms over bare.
@@ -97,10 +101,31 @@ def run(quick: bool) -> list[Figure]:
                           isolated_s, "s", "in-process s", in_process_s, "<= 1.2x",
                           same and isolated_s <= 1.2 * in_process_s))
 
-    # 4. CUDA, where there is one.
+    # 4. The loop against today's loop before issue 17, same arrays, same run.
+    figures.append(loop_throughput(X[: 100_000 if quick else 300_000], y[: 100_000 if quick else 300_000], config))
+    # 5. CUDA, where there is one.
     figures.append(_cuda(X, y, scaled, policy, rate, label))
     figures.append(sandbox_overhead())
     return figures
+
+
+def loop_throughput(X: Any, y: Any, config: TrainingConfig, rounds: int = 2) -> Figure:
+    """Best rows/s per epoch of the new loop and of the old one, alternated ``rounds`` times (1 epoch each)."""
+    from bench.baseline_loop import train_baseline
+
+    one = TrainingConfig.from_mapping({**config.hyperparameters(), "epochs": 1, "checkpoint_every": 0})
+    new_rates: list[float] = []
+    old_rates: list[float] = []
+    digests = set()
+    for _ in range(rounds):
+        result = fit(X, y, one, on_progress=lambda e: new_rates.append(float(e["rows_per_s"] or 0)))
+        digests.add(result.weights_sha256)
+        old_rates.extend(train_baseline(X, y, one)[2])
+    new, old = max(new_rates), max(old_rates)
+    same = len(digests) == 1
+    return Figure(17, f"loop rows/s, {len(X):,} rows, batch {config.batch_size}, 1 thread"
+                      f"{'' if same else ' (WEIGHTS DIFFER RUN TO RUN)'}",
+                  new, "rows/s", "pre-issue-17 loop rows/s", old, ">= 3x", same and new >= 3 * old)
 
 
 def sandbox_overhead(runs: int = 15) -> Figure:

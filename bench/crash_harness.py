@@ -37,9 +37,9 @@ STAGES: dict[str, list[str]] = {
     "ingest": ["pipeline", "run", "--select", "dataset"],
     "validation": ["pipeline", "run", "--select", "validated_dataset"],
     "training": ["pipeline", "run", "--select", "trained_model"],
-    "signing": ["pipeline", "run", "--select", "model_signature"],
+    "signing": ["pipeline", "run", "--select", "scan_report model_signature"],
     "registering": ["pipeline", "run", "--select", "registered_model"],
-    "approving": ["approve", "v1"],
+    "approving": ["approve", "{candidate}"],
     "deploying": ["deploy", "v1"],
 }
 # What has to exist before a stage can run: the whole pipeline for the release stages.
@@ -47,8 +47,8 @@ STAGES: dict[str, list[str]] = {
 NEEDS_PIPELINE = {"training", "signing", "registering", "approving", "deploying"}
 # Who runs each command: identities are keys (issue 13). bob lands data and trains, carol approves,
 # dave deploys; key rotation is the owner's.
-# Each approving kill is a fresh approver's first approval of the staging version (a decision is
-# taken once): approver{n} for kill n, so every kill lands on the write path, not on a denial.
+# A decision is taken once, so each approving kill is on a fresh candidate (one whole pipeline run
+# registers it first, not timed) by a fresh approver: every kill lands on the write path.
 ACTOR = {"approving": "carol", "deploying": "dave", "rotation": "owner"}
 PEOPLE = {"bob": ["data_steward", "ml_engineer"], "carol": ["approver"], "dave": ["deployer"]}
 APPROVERS = 60
@@ -175,6 +175,18 @@ def prepare(home: Home, stages: list[str]) -> None:
             store.put_bytes(os.urandom(1 << 16) + str(i).encode())
 
 
+def fresh_candidate(home: Home) -> str:
+    """Run the whole pipeline once more (a new training, so a new model digest) and name the new candidate."""
+    run = home.run(["pipeline", "run"])
+    if run.returncode != 0:
+        raise SystemExit(f"pipeline run for a fresh candidate failed: {(run.stderr or run.stdout).strip()[-300:]}")
+    status = json.loads(home.run(["status", "--json"]).stdout)
+    candidates = [v["version"] for v in status["versions"] if v.get("stage") == "candidate"]
+    if not candidates:
+        raise SystemExit("the pipeline run registered no new candidate")
+    return max(candidates, key=lambda v: int(str(v).lstrip("v").split(":")[-1].lstrip("v") or 0))
+
+
 def kill_once(home: Home, stage: str, result: StageResult, estimate: dict[str, float], rng: random.Random,
               leftovers: set[str]) -> None:
     """One kill of ``stage`` at a random point, the next run, and the checks."""
@@ -185,6 +197,7 @@ def kill_once(home: Home, stage: str, result: StageResult, estimate: dict[str, f
             result.problems.append("no fresh approver left")
             return
         who = f"approver{result.kills + result.finished_before_kill + 1}"
+        args = [fresh_candidate(home) if a == "{candidate}" else a for a in args]
     started = time.monotonic()
     if not home.run_killed(args, rng.uniform(0.05, 0.95) * estimate[stage], stage, who):
         result.finished_before_kill += 1
@@ -224,8 +237,13 @@ def exercise(home: Home, stages: list[str], kills: int, rng: random.Random, dead
     order = [s for s in STAGES if s in stages]
     for index, stage in enumerate(order):
         stage_deadline += (deadline - stage_deadline) / (len(order) - index)    # an equal share of the time left
+        if stage in ("signing", "registering"):   # killed training left a newer model: bring the graph level
+            home.run(["pipeline", "run"])
+        args = STAGES[stage]
+        if stage == "approving":
+            args = [fresh_candidate(home) if a == "{candidate}" else a for a in args]
         started = time.monotonic()     # one whole run first: it must work unkilled, and says how long a run takes
-        first = home.run(STAGES[stage], stage=stage)
+        first = home.run(args, stage=stage)
         estimate[stage] = time.monotonic() - started
         if first.returncode != 0:
             results[stage].problems.append(f"unkilled run failed: {(first.stderr or first.stdout).strip()[-200:]}")

@@ -69,3 +69,41 @@ def test_unauthenticated_runs_train_only_if_the_policy_says_so(settings: Setting
     assert summary["success"] is True
     allowed = [e for e in settings.audit_log().entries() if e["action"] == "access.allow"]
     assert allowed[-1]["actor"] == "unauthenticated"
+
+
+def test_a_ci_run_acts_as_its_verified_oidc_identity_and_nothing_else(
+        settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_oidc import Issuer
+
+    from secure_ml.errors import VerificationError
+    from secure_ml.governance import authn
+
+    issuer = Issuer()
+    try:
+        subject = "repo:org/secure-ml:ref:refs/heads/main"
+        owner = tmp_path / "o" / "owner.key"
+        assert run(capsys, "identity", "new", "owner", "--out", str(owner.parent))[0] == 0
+        assert run(capsys, "trust", "init", "--owner-key", str(owner))[0] == 0  # no roles without an identity
+        assert run(capsys, "trust", "add", "ci", "--role", "data_steward", "--role", "ml_engineer",
+                   "--oidc-issuer", issuer.url, "--oidc-subject", subject, "--owner-key", str(owner))[0] == 0
+        monkeypatch.setenv("SECURE_ML_OIDC_ISSUER", issuer.url)
+        monkeypatch.setenv("SECURE_ML_OIDC_TOKEN", issuer.token(exp=int(__import__("time").time()) - 3600))
+        code, _, err = run(capsys, "pipeline", "run", "--select", "dataset", "--json")
+        assert code == 1 and len(err.strip().splitlines()) == 1 and "the OIDC token has expired" in err, err
+        token = issuer.token()
+        monkeypatch.setenv("SECURE_ML_OIDC_TOKEN", token)
+        code, out, err = run(capsys, "pipeline", "run", "--select", "dataset", "--json")
+        assert code == 0, err
+        allowed = [e for e in settings.audit_log().entries() if e["action"] == "access.allow"]
+        assert allowed[-1]["actor"] == "ci" and allowed[-1]["details"]["permission"] == "data.add"
+        runs = __import__("dagster").DagsterInstance.get().get_runs(limit=1)
+        tag = json.loads(runs[0].tags[authn.RUN_OIDC_TAG])
+        assert tag["actor"] == "ci" and tag["subject"] == subject and token not in json.dumps(runs[0].tags)
+        # The tag alone proves nothing: a process without that token is refused (audited).
+        monkeypatch.setenv("SECURE_ML_OIDC_TOKEN", issuer.token(sub="repo:org/secure-ml:ref:refs/heads/evil"))
+        with pytest.raises(VerificationError, match="the run claims the OIDC identity ci"):
+            authn.run_actor(Settings.from_env(), runs[0].tags)
+        assert [e for e in settings.audit_log().entries() if e["action"] == "identity.deny"]
+    finally:
+        issuer.server.shutdown()

@@ -31,6 +31,7 @@ from assets import security
 from resources import CustodyResource
 from secure_ml.cli import main as cli
 from secure_ml.release.registry import Registry
+from secure_ml.release.signed import SignedDecisions
 from secure_ml.governance import authn
 from secure_ml.settings import Settings
 
@@ -164,10 +165,23 @@ def test_the_release_proof(stage: Settings, monkeypatch: pytest.MonkeyPatch, cap
     assert cli(["approve", "v1", *key("carol")]) == 0
     assert "v1 is now production" in capsys.readouterr().out
 
-    # 2. The deployment asset deploys it through the gate when a deployer runs it.
-    deployed = run(settings, actor="dave", selection=dg.AssetSelection.assets("deployment"), train=False)
+    # 2. The deployment asset deploys it through the gate, signed like `secure-ml deploy`: only with the
+    #    launcher's own identity key at hand (no key, or someone else's key, deploys nothing).
+    only_deployment = dg.AssetSelection.assets("deployment")
+    unsigned = run(settings, actor="dave", selection=only_deployment, train=False)
+    assert not unsigned.success and "a deployment is a signed decision" in step_errors(unsigned)
+    monkeypatch.setenv("SECURE_ML_IDENTITY", str(KEYS["erin"]))
+    borrowed = run(settings, actor="dave", selection=only_deployment, train=False)
+    assert not borrowed.success and "launched by dave but the identity key here is erin's" in step_errors(borrowed)
+    assert Registry.from_settings(settings).current_deployment("local") is None
+    monkeypatch.setenv("SECURE_ML_IDENTITY", str(KEYS["dave"]))
+    deployed = run(settings, actor="dave", selection=only_deployment, train=False)
     assert deployed.success, step_errors(deployed)
     assert materialized(deployed)["deployment"]["deployed_version"] == "v1"
+    deployment_statements = [f for f in SignedDecisions.for_settings(settings).evidence(  # type: ignore[union-attr]
+        Registry.from_settings(settings).get("v1")).facts if f.kind == "deployment"]
+    assert [(f.signer, f.predicate["target"]) for f in deployment_statements] == [("dave", "local")]
+    monkeypatch.delenv("SECURE_ML_IDENTITY")
     outcome = checks(deployed)
     assert outcome["deployment_matches_signed_digest"][0] and outcome["deployment_healthy"][0], outcome
 

@@ -169,3 +169,60 @@ def test_cli_exit_codes_and_a_swapped_policy(world: dict[str, Any], settings: Se
     with pytest.raises(SystemExit) as usage:
         main(["revoke", "v1"])
     assert usage.value.code == 2
+
+
+def test_a_deleted_statement_and_an_unsigned_deployment_are_refused(
+        world: dict[str, Any], settings: Settings, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    release, v1 = world["register"](1)
+    release.approve("v1", by=world["actor"]("carol"))
+    # Every deployment is a signed statement: a deployer's name without their key deploys nothing.
+    with pytest.raises(PolicyDenied, match="a deployment is a signed decision"):
+        release.deploy("production", actor="dave", health=False)
+    assert release.registry.current_deployment("local") is None
+    release.deploy("production", actor="dave", by=world["actor"]("dave"), health=False)
+    release.revoke("v1", by=world["actor"]("carol"), reason="withdrawn data")
+    history = release.registry.deployments("local")
+    folder = release.signed.ledger.directory / v1.model_digest
+    indexed = dict(release.registry.indexed_statements(v1.model_digest))
+    revocation = next(sha for sha, kind in indexed.items() if kind == "revocation")
+    (folder / f"{revocation}.json").unlink()  # un-revoke by deleting the statement
+    monkeypatch.setenv("SECURE_ML_IDENTITY", str(world["people"]["dave"]))
+    assert main(["deploy", "v1", "--no-health-check"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "signed revocation statement" in err[0] and "file is gone" in err[0], err
+    assert "deleted decision" in audited(settings, "decision.verify")[-1]["details"]["reason"]
+    assert release.registry.deployments("local") == history  # nothing deployed, nothing recorded
+
+
+def test_kubernetes_admission_admits_only_signed_deployments(world: dict[str, Any], settings: Settings,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    release, v1 = world["register"](1)
+    release.approve("v1", by=world["actor"]("carol"))
+    release.deploy("production", actor="dave", by=world["actor"]("dave"), target="kubernetes", health=False)
+    assert release.signed.admitted_digests("kubernetes") == [v1.model_digest]
+    assert release.signed.admitted_digests("local") == []
+    release, v2 = world["register"](2)
+    # A deployment row inserted into the registry admits nothing: admission reads statements.
+    release.registry.record_deployment(actor="dave", target="kubernetes", version="v2", model_digest=v2.model_digest,
+                                       status="deployed", location="/nowhere", reason="forged row")
+    assert release.signed.admitted_digests("kubernetes") == [v1.model_digest]
+    assert release.signed.require_signed_deployment(release.registry.get("v1"), "kubernetes").signer == "dave"
+    with pytest.raises(VerificationError, match="no signed deployment or rollback statement says so"):
+        release.signed.require_signed_deployment(release.registry.get("v2"), "kubernetes")
+    image = "--image-digest=sha256:" + "1" * 64
+    out = world["tmp"] / "rendered"
+    assert main(["k8s", "render", str(out), image, "--model-digest", v2.model_digest]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"model sha256:{v2.model_digest} is not a signed, verified model" in err[0], err
+    assert not out.exists()
+    # A deployment statement signed by a key the policy does not trust stops admission (audited).
+    stranger = load_identity(new_identity("stranger", world["tmp"] / "stranger")[0])
+    forged = sign_decision("deployment", v2.model_digest, {"version": "v2", "target": "kubernetes"}, stranger.signer)
+    (release.signed.ledger.directory / v2.model_digest / "forged.json").write_bytes(forged)
+    with pytest.raises(VerificationError, match="not signed by a key the trust policy gives the deployer role"):
+        release.signed.admitted_digests("kubernetes")
+    assert audited(settings, "decision.verify")[-1]["actor"] == "admission"
+    (release.signed.ledger.directory / v2.model_digest / "forged.json").unlink()
+    release.revoke("v1", by=world["actor"]("carol"), reason="bias found")
+    assert release.signed.admitted_digests("kubernetes") == []

@@ -196,12 +196,16 @@ def test_a_killed_training_process_resumes_to_the_same_weights(split: Any, setti
     # 2, 3 or later: the child runs on until the SIGKILL lands, and checkpoints written meanwhile are kept
     newest_epoch = int(newest.name[6:12])
     assert 2 <= newest_epoch < config.epochs and int(older.name[6:12]) == newest_epoch - 1
-    newest.write_bytes(newest.read_bytes()[:-1] + b"\x00")  # corrupt the newest: its tag fails
+    sealed = newest.read_bytes()
+    newest.write_bytes(sealed[:-1] + bytes([sealed[-1] ^ 0x01]))  # corrupt the newest: its tag fails
 
     resumed = train_model(train, SPEC, config, settings.home / "b", isolation=isolated, checkpoints=store,
                           provenance=provenance)
     assert resumed.record["result"]["resumed_from_epoch"] == newest_epoch - 1  # the last *good* checkpoint
     assert resumed.weights_sha256 == uninterrupted.weights_sha256
+    # The checkpoint carried the chain so far: the resumed run records the same chain of states.
+    assert resumed.record["result"]["chain"] == uninterrupted.record["result"]["chain"]
+    assert [e["epoch"] for e in resumed.record["result"]["chain"]] == list(range(config.epochs + 1))
     assert not run_dir.exists()  # checkpoints are removed once training finished
 
     # And isolated training gives the very weights in-process training gives.
@@ -216,7 +220,8 @@ def test_a_killed_training_process_resumes_to_the_same_weights(split: Any, setti
     assert record["code"]["commit"] and record["code"]["dirty"] in (True, False)
     assert record["seeds"]["seed"] == config.seed and record["hyperparameters"]["epochs"] == 10
     assert sorted(p.name for p in (settings.home / "b").iterdir()) == sorted(
-        ["MODEL_CARD.md", "config.json", "model.safetensors", "preprocessing.json", "training_record.json"])
+        ["MODEL_CARD.md", "config.json", "model.safetensors", "preprocessing.json", "training_record.json",
+         "training_chain.safetensors"])
     assert "Intended use" in (settings.home / "b" / "MODEL_CARD.md").read_text()
     assert record_problems({**record, "isolation": {"isolated": False}}, resumed.weights_sha256) == [
         "the model was not trained in the isolated process"]

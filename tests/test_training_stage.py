@@ -68,7 +68,11 @@ def test_the_sample_goes_through_training_and_evaluation(fast_config: Path, home
     for name in ("training_record_complete", "reproducible", "sandbox_behaviour_within_bounds", "metrics_over_thresholds",
                  "fairness_within_thresholds", "robustness_within_thresholds"):
         assert checks[name].passed, (name, checks[name].metadata["reason"])
-    assert "identical weights" in checks["reproducible"].metadata["reason"].value
+    # By default reproducible replays chain segments (6 epochs, segment_epochs 1: 6 segments, k = 3).
+    replayed = checks["reproducible"].metadata
+    assert "re-executed 3 of 6 segments" in replayed["reason"].value and replayed["retrained"].value is False
+    assert replayed["segments_checked"].value == 3 and replayed["detection_formula"].value == "1 - (1 - f)^3"
+    assert replayed["detection_probability"].value["f=0.5"] == 0.875
 
     events = {e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
     trained = events["trained_model"]
@@ -84,7 +88,7 @@ def test_the_sample_goes_through_training_and_evaluation(fast_config: Path, home
     model_dir = home / "model"
     files = store.get_tree(trained["sha256"].value, model_dir)
     assert sorted(files) == sorted(["model.safetensors", "config.json", "preprocessing.json",
-                                    "training_record.json", "MODEL_CARD.md"])
+                                    "training_record.json", "MODEL_CARD.md", "training_chain.safetensors"])
     record = json.loads((model_dir / "training_record.json").read_text())
     assert record["result"]["weights_sha256"] == trained["weights_sha256"].value
     assert record["data"]["dataset_sha256"] == validated["dataset_sha256"].value
@@ -122,7 +126,16 @@ def test_the_sample_goes_through_training_and_evaluation(fast_config: Path, home
     assert all(e.passed for e in rechecked.values()), {n: e.metadata["reason"].value for n, e in rechecked.items()}
     assert rechecked["reproducible"].metadata["weights_sha256"].value == trained["weights_sha256"].value
     assert rechecked["sandbox_behaviour_within_bounds"].metadata["compared_with_runs"].value == 0
-    assert "identical weights" in rechecked["reproducible"].metadata["reason"].value
+    assert "each reached the state the chain records" in rechecked["reproducible"].metadata["reason"].value
+
+    # reproducible.method full retrains from scratch instead, and compares the weights digest.
+    config = yaml.safe_load((fast_config / "training.yaml").read_text())
+    config["reproducible"]["method"] = "full"
+    (fast_config / "training.yaml").write_text(yaml.safe_dump(config))
+    full = _materialize(settings, drop, selection=dg.AssetSelection.checks_for_assets(training_stage.trained_model))
+    retrained = {e.check_name: e for e in full.get_asset_check_evaluations()}["reproducible"]
+    assert retrained.passed and retrained.metadata["retrained"].value is True
+    assert "identical weights" in retrained.metadata["reason"].value
 
     # Configured to prove reproducibility only on release, an ordinary run says it did not retrain.
     config = yaml.safe_load((fast_config / "training.yaml").read_text())

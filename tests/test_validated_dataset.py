@@ -268,6 +268,40 @@ def test_first_version_without_a_reference_needs_a_data_stewards_audited_sign_of
         _checks(_materialize(settings, other))["poisoning_score_under_threshold"].metadata["reference"].value)
 
 
+def test_with_a_trust_policy_only_the_stewards_signed_sign_off_accepts_a_first_version(
+        home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from _identities import trust_people
+
+    from secure_ml.cli import main
+    from secure_ml.governance.decisions import sign_decision
+    from secure_ml.governance.identity import load_identity
+
+    _config_copy(tmp_path, monkeypatch, reference=False)
+    settings = Settings.from_env()
+    keys = trust_people(settings, tmp_path / "ids")
+    first = _materialize(settings, land_file(settings, SAMPLE_CSV, "german_credit-v1.csv"))
+    assert not _checks(first)["poisoning_score_under_threshold"].passed
+    digest = _record(settings, first)["dataset_sha256"]
+    # An ML engineer's key signing a data_signoff statement straight into the ledger is not a sign-off.
+    forged = sign_decision("data_signoff", digest, {"dataset": "german_credit", "reason": "x"},
+                           load_identity(keys["bob"]).signer)
+    (settings.home / "statements" / digest).mkdir(parents=True)
+    (settings.home / "statements" / digest / "forged.json").write_bytes(forged)
+    again = _materialize(settings, land_file(settings, SAMPLE_CSV, "german_credit-v1-b.csv"))
+    reason = _reason(_checks(again)["poisoning_score_under_threshold"])
+    assert "signed by bob, who does not hold the data_steward role" in reason and "training_stand_in" not in \
+        _materialized(again)
+    (settings.home / "statements" / digest / "forged.json").unlink()
+    # alice's key signs it off; the same bytes are then accepted, on the signed statement.
+    assert main(["data", "sign-off", "german_credit", "--drop", digest, "--reason", "checked against the source",
+                 "--identity", str(keys["alice"])]) == 0
+    accepted = _materialize(settings, land_file(settings, SAMPLE_CSV, "german_credit-v1-c.csv"))
+    checks = _checks(accepted)
+    assert all(c.passed for c in checks.values()), {k: _reason(c) for k, c in checks.items()}
+    assert "sign-off of alice (signed statement" in str(
+        checks["poisoning_score_under_threshold"].metadata["reference"].value)
+
+
 def test_a_sign_off_record_without_its_audit_entry_does_not_count(settings: Settings) -> None:
     from secure_ml.governance.access import AccessPolicy
     from secure_ml.data.poisoning_reference import find_sign_off, sign_off, sign_off_path

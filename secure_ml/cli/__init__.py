@@ -8,6 +8,7 @@
     secure-ml identity | trust          identity keys; the signed trust policy
     secure-ml pipeline run              materialise the pipeline on the Dagster instance
     secure-ml sandbox run -- CMD ...    run CMD in the training sandbox (no network, keys or secrets)
+    secure-ml verify-training VERSION   re-execute K segments of its training chain (--segments K)
     secure-ml k8s render OUTDIR         every Kubernetes object the project would create, checked
 
 Exit codes: 0 ok; 1 verification failed or denied; 2 bad usage or bad input. Errors are one
@@ -25,11 +26,11 @@ import traceback
 from collections.abc import Sequence
 
 from secure_ml.cli import (cmd_audit, cmd_data, cmd_identity, cmd_k8s, cmd_keys, cmd_model, cmd_pipeline,
-                           cmd_release, cmd_sandbox, cmd_schema, cmd_trust)
+                           cmd_release, cmd_sandbox, cmd_schema, cmd_training, cmd_trust)
 from secure_ml.errors import Error
 
 COMMAND_GROUPS = (cmd_audit, cmd_data, cmd_identity, cmd_k8s, cmd_keys, cmd_model, cmd_pipeline, cmd_release,
-                  cmd_sandbox, cmd_schema, cmd_trust)
+                  cmd_sandbox, cmd_schema, cmd_training, cmd_trust)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -8,6 +8,8 @@ values: each names where its keys come from) and the artifacts volume claim, the
 Deployment and Service, the run worker's Job and each asset's step Job (built by dagster-k8s), and
 the model server (one server for every model given, each pinned by digest). The image digest comes from ``build/image.digest`` (``make image``) unless
 ``--image-digest`` is given; it is never written by hand. Nothing is written if any check fails.
+Once a trust policy exists, ``--model-digest`` (or ``--model``) renders only models whose signed deployment to
+``kubernetes`` verifies (and no revocation does): the admission data comes from the statements.
 """
 
 from __future__ import annotations
@@ -57,9 +59,13 @@ def image_digest(given: str | None, repo: Path = REPO) -> str:
 
 
 def render_all(k8s_dir: Path, digest: str, model_digest: str,
-               models: list[tuple[str, str]] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+               models: list[tuple[str, str]] | None = None,
+               admitted: list[str] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(Helm values, every object), checked; VerificationError lists what is wrong. ``models``: (name,
-    digest) of every model the server serves; default one, ``model_digest``, under the configured name."""
+    digest) of every model the server serves; default one, ``model_digest``, under the configured name.
+
+    ``admitted``: the model digests the admission policy may admit (from verified deployment
+    statements, :func:`admitted_models`); None admits the digests rendered (no trust policy yet)."""
     from secure_ml.cli import _k8s_jobs
     from secure_ml.governance.policy import POLICY_DIR
     from secure_ml.release import k8s_render
@@ -83,7 +89,9 @@ def render_all(k8s_dir: Path, digest: str, model_digest: str,
         *objects.model_server_inputs(cfg, release["kubernetes"]),
     ]
     problems = checks.check_objects(rendered, kubernetes_version=cfg.kubernetes_version,
-                                    signed_model_digests=[f"sha256:{m.digest}" for m in pinned],
+                                    signed_model_digests=[f"sha256:{d}" for d in
+                                                          (admitted if admitted is not None
+                                                           else [m.digest for m in pinned])],
                                     api_server_endpoints=cfg.api_server_endpoints, pipeline_namespace=cfg.namespace)
     # The chart renders the webserver, daemon and code location from these sections: their
     # Kubernetes parts must be valid Kubernetes too.
@@ -101,6 +109,15 @@ def render_all(k8s_dir: Path, digest: str, model_digest: str,
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise VerificationError(f"{problems[0]}{more}")
     return values, rendered
+
+
+def admitted_models() -> list[str] | None:
+    """With a trust policy, the digests whose signed deployment to ``kubernetes`` verifies (not registry rows)."""
+    from secure_ml.release.signed import SignedDecisions
+    from secure_ml.settings import Settings
+
+    signed = SignedDecisions.for_settings(Settings.from_env())
+    return None if signed is None else signed.admitted_digests("kubernetes")
 
 
 def file_name(index: int, obj: dict[str, Any]) -> str:
@@ -143,7 +160,9 @@ def cmd_k8s_render(args: argparse.Namespace) -> int:
             raise BadInput(f"not a model digest (64 hex): {given[:80]!r}")
     if models and args.model_digest:
         raise BadInput("give --model NAME DIGEST (repeated) or --model-digest, not both")
-    values, rendered = render_all(args.k8s_dir, digest, model_digest.removeprefix("sha256:"), models or None)
+    admitted = admitted_models() if (args.model_digest or models) else None
+    values, rendered = render_all(args.k8s_dir, digest, model_digest.removeprefix("sha256:"), models or None,
+                                  admitted=admitted)
     names = write_outdir(args.outdir, values, rendered)
     print(f"{len(names)} files in {args.outdir} (image {digest[:19]}…), every object checked: "
           f"schema (strict), admission policy, pod rules, chart values; {time.perf_counter() - started:.1f} s")

@@ -126,11 +126,14 @@ def failure_lines(summary: dict[str, Any]) -> list[str]:
 
 
 def _run_request(settings: Settings) -> dict[str, str]:
-    """The launcher's signed run request (SECURE_ML_IDENTITY), or no tag: an unauthenticated run."""
+    """The launcher's signed run request (SECURE_ML_IDENTITY); in CI, its verified OIDC identity
+    (SECURE_ML_OIDC_TOKEN, bound by the token's digest); else no tag: an unauthenticated run."""
     from secure_ml.governance import authn
 
-    if not settings.environ.get("SECURE_ML_IDENTITY"):
-        return {}
-    actor = authn.authenticate(settings, authn.verified_policy(settings))
-    return {authn.RUN_REQUEST_TAG: authn.sign_run_request(actor)}
+    if settings.environ.get("SECURE_ML_IDENTITY"):
+        actor = authn.authenticate(settings, authn.verified_policy(settings))
+        return {authn.RUN_REQUEST_TAG: authn.sign_run_request(actor)}
+    if settings.environ.get(authn.OIDC_TOKEN_ENV) and authn.has_trust_policy(settings):
+        return {authn.RUN_OIDC_TAG: authn.oidc_run_request(settings, authn.verified_policy(settings))}
+    return {}
 

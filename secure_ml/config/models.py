@@ -268,6 +268,7 @@ class Training(Strict):
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     cuda_fallback: bool = False
     checkpoint_every: int = Field(5, ge=0)
+    segment_epochs: int = Field(1, ge=1)
     threshold: float = Field(0.5, gt=0, lt=1)
 
 
@@ -300,7 +301,11 @@ class Watch(Strict):
 
 
 class Reproducible(Strict):
+    """The ``reproducible`` check: re-execute ``segments`` chain segments (Proof-of-Learning) or retrain fully."""
+
     when: Literal["every", "release"] = "every"
+    method: Literal["segments", "full"] = "segments"
+    segments: int = Field(3, ge=1)
 
 
 class Checkpoints(Strict):

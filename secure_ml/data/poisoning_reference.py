@@ -5,6 +5,10 @@
     found = find_sign_off(home, dataset="loans", drop_sha256=digest, policy=policy, audit=log)
     found.record if found.valid else found.why                # the record, or why it does not count
 
+    # Once a trust policy exists the sign-off is a signed decision, and only that counts:
+    record = signed_sign_off(settings, actor, dataset="loans", drop_sha256=digest, reason="...")
+    found = find_signed_sign_off(settings, dataset="loans", drop_sha256=digest)
+
     drift = reference_drift(pinned, last_accepted, label="risk", numeric=[...], categorical=[...],
                             max_psi=0.25, max_label_shift=0.10)
     drift.within, drift.worst, drift.describe()
@@ -16,9 +20,12 @@ steward (``data.sign_off`` in roles.yaml) names the drop by its digest, the deci
 the audit log, and a record of it (carrying that audit entry's sequence number and hash) is written
 under ``$SECURE_ML_HOME/signoffs/DATASET/DIGEST.json``. ``validated_dataset`` accepts the record only
 while the audit chain verifies, the entry it names is there unaltered, and its actor still holds
-the permission. Once the trust issue lands this record becomes a signed decision (an in-toto
-Statement about the drop's digest, signed by the steward's key); until then the audit log is what
-makes it tamper-evident.
+the permission. Once a trust policy exists (``secure-ml trust init``) the sign-off is a signed
+decision instead: an in-toto Statement (``data_signoff``) in a DSSE envelope whose subject is the
+drop's digest, signed by the steward's identity key and stored in the ledger of signed statements
+(``$SECURE_ML_HOME/statements/DIGEST/``). ``validated_dataset`` then believes only a statement that
+verifies against the trust policy, by a key holding the data steward role, about this very drop and
+dataset; a forged, moved or garbled one is named, audited, and the drop stays blocked.
 
 The drift bound keeps the yardstick from walking: each accepted version becomes the next drop's
 reference, so small accepted poisonings could compound. The last accepted version is used only
@@ -43,6 +50,7 @@ from secure_ml.errors import BadInput
 from secure_ml.custody.integrity import atomic_write
 
 FORMAT = "secure-ml-signoff/1"
+SIGNED_FORMAT = "secure-ml-signoff/2"  # a view of a verified data_signoff statement
 PERMISSION = "data.sign_off"
 ACTION = "data.sign_off"
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
@@ -104,6 +112,56 @@ def sign_off(home: Path, *, dataset: str, drop_sha256: str, actor: str, policy: 
     with atomic_write(path, mode=0o644) as out:
         out.write(json.dumps(record, indent=2, sort_keys=True).encode("utf-8"))
     return record
+
+
+def signed_sign_off(settings: Any, actor: Any, *, dataset: str, drop_sha256: str, reason: str) -> dict[str, Any]:
+    """The steward ``actor`` (secure_ml.governance.authn.Actor) signs the drop off: a signed, stored, audited
+    ``data_signoff`` statement about the drop's digest. PolicyDenied (audited) without a key or the role."""
+    from secure_ml.errors import PolicyDenied
+    from secure_ml.governance import authn
+    from secure_ml.governance.ledger import Ledger
+
+    digest = _check(dataset, drop_sha256)
+    if not reason.strip():
+        raise BadInput("a sign-off needs a reason (what was checked, against what)")
+    policy = authn.verified_policy(settings)
+    if actor.identity is None:  # a name (SECURE_ML_ACTOR) proves nothing: the sign-off is signed
+        settings.audit_log().record(authn.claimed(settings), "access.deny", subject=f"sha256:{digest}",
+                                    outcome="deny", details={"permission": PERMISSION,
+                                                             "reason": "a data sign-off without an identity key"})
+        raise PolicyDenied("a data sign-off is a signed decision: set SECURE_ML_IDENTITY to your identity key file")
+    fact = Ledger.from_settings(settings).decide(settings, policy, actor, "data_signoff", digest,
+                                                 {"dataset": dataset, "reason": reason}, permission=PERMISSION)
+    return _signed_record(fact, dataset, digest)
+
+
+def _signed_record(fact: Any, dataset: str, digest: str) -> dict[str, Any]:
+    return {"format": SIGNED_FORMAT, "dataset": dataset, "drop_sha256": digest, "actor": fact.signer,
+            "keyid": fact.keyid, "time": str(fact.predicate.get("time", "")),
+            "reason": str(fact.predicate.get("reason", "")), "signed": True}
+
+
+def find_signed_sign_off(settings: Any, *, dataset: str, drop_sha256: str) -> FoundSignOff:
+    """The newest verified ``data_signoff`` statement about this drop and dataset (never raises on a bad one:
+    the ledger audits it and ``why`` names it)."""
+    from secure_ml.errors import Error
+    from secure_ml.governance import authn
+    from secure_ml.governance.access import AccessPolicy
+    from secure_ml.governance.ledger import Ledger
+
+    try:
+        digest = _check(dataset, drop_sha256)
+        policy = authn.verified_policy(settings)
+        evidence = Ledger.from_settings(settings).evidence(digest, policy, actor="validation")
+    except Error as exc:
+        return FoundSignOff(None, exc.explain())
+    facts = [f for f in evidence.facts if f.kind == "data_signoff" and f.predicate.get("dataset") == dataset]
+    if not facts:
+        return FoundSignOff(None, "no data steward has signed this drop off (a signed data_signoff statement)")
+    decision = AccessPolicy(policy.access_config()).decide(facts[-1].signer, PERMISSION)
+    if not decision.allowed:
+        return FoundSignOff(None, f"{facts[-1].signer} no longer holds {PERMISSION}: {decision.reason}")
+    return FoundSignOff(_signed_record(facts[-1], dataset, digest))
 
 
 @dataclass(frozen=True)

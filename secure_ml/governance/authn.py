@@ -7,13 +7,16 @@
 
 ``SECURE_ML_IDENTITY=FILE`` (or ``--identity FILE``) names the private key; the trust policy says
 whose it is. ``SECURE_ML_OIDC_TOKEN`` (with ``SECURE_ML_OIDC_ISSUER``) is a CI identity: verified
-against the issuer's published keys and mapped by issuer and subject. Names typed anywhere else
+against the issuer's published keys and mapped by issuer and subject; a pipeline run launched so
+carries the token's SHA-256 (``RUN_OIDC_TAG``) and its steps act as that identity only while their
+process holds the same, verified token. Names typed anywhere else
 (``SECURE_ML_ACTOR``, ``GITHUB_ACTOR``, run tags) grant nothing: without a key or token the actor
 is ``unauthenticated`` and holds only the roles the trust policy gives unauthenticated runs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import time
@@ -31,13 +34,14 @@ from secure_ml.settings import Settings
 
 PIPELINE_KEY = Path("keys") / "model-signing.pem"
 RUN_REQUEST_TAG = "secure_ml/run_request"
+RUN_OIDC_TAG = "secure_ml/run_oidc"
 RUN_REQUEST_TYPE = "application/vnd.secure-ml.run-request+json"
 RUN_REQUEST_TTL_S = 3600
 OIDC_TOKEN_ENV = "SECURE_ML_OIDC_TOKEN"
 OIDC_ISSUER_ENV = "SECURE_ML_OIDC_ISSUER"
 
-__all__ = ["Actor", "verified_policy", "authenticate", "require", "check_config", "pipeline_signer", "trust_store",
-           "sign_run_request", "run_actor", "RUN_REQUEST_TAG"]
+__all__ = ["Actor", "has_trust_policy", "verified_policy", "authenticate", "require", "check_config", "pipeline_signer", "trust_store",
+           "sign_run_request", "run_actor", "RUN_REQUEST_TAG", "RUN_OIDC_TAG", "oidc_actor", "oidc_run_request"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,11 @@ class Actor:
 
 def trust_store(settings: Settings) -> TrustStore:
     return TrustStore.from_home(settings.home, settings.environ)
+
+
+def has_trust_policy(settings: Settings) -> bool:
+    """Whether decisions are signed here: a trust policy exists, or one is pinned from elsewhere."""
+    return trust_store(settings).exists() or bool(settings.environ.get("SECURE_ML_TRUST_ROOT"))
 
 
 def verified_policy(settings: Settings, *, audit: bool = True) -> TrustPolicy:
@@ -91,24 +100,50 @@ def authenticate(settings: Settings, policy: TrustPolicy, *, identity_file: Path
             raise PolicyDenied(f"the key {identity.path} ({identity.keyid[:16]}…) belongs to nobody in the trust "
                                f"policy (version {policy.version}): ask its owner to `secure-ml trust add` it")
         return Actor(name, "key", identity.keyid, identity)
-    token = settings.environ.get(OIDC_TOKEN_ENV)
-    if token:
-        from secure_ml.governance.oidc import verify_token
-
-        issuer = settings.environ.get(OIDC_ISSUER_ENV) or ""
-        if not issuer:
-            raise ConfigurationError(f"{OIDC_TOKEN_ENV} needs {OIDC_ISSUER_ENV} (the issuer to verify it against)")
-        try:
-            claims = verify_token(token, issuer=issuer)
-            name = policy.name_of_oidc(issuer, str(claims["sub"]))
-            if name is None:
-                raise PolicyDenied(f"the OIDC subject {claims['sub']} of {issuer} is nobody in the trust policy")
-        except (VerificationError, PolicyDenied) as exc:
-            settings.audit_log().record(claimed(settings), "identity.deny", outcome="deny",
-                                        details={"issuer": issuer, "reason": exc.explain()})
-            raise
-        return Actor(name, "oidc")
+    if settings.environ.get(OIDC_TOKEN_ENV):
+        return oidc_actor(settings, policy)[0]
     return Actor(UNAUTHENTICATED, "none")
+
+
+# Tokens verified in this process (sha256 of the token -> issuer, subject): a pipeline run verifies its
+# CI token when it starts and its steps may outlive the token's few minutes; a fresh process verifies again.
+_VERIFIED_OIDC: dict[str, tuple[str, str]] = {}
+
+
+def oidc_actor(settings: Settings, policy: TrustPolicy) -> tuple[Actor, str, str]:
+    """(actor, issuer, subject) proven by ``SECURE_ML_OIDC_TOKEN``; refused (audited) otherwise."""
+    token = settings.environ.get(OIDC_TOKEN_ENV) or ""
+    issuer = settings.environ.get(OIDC_ISSUER_ENV) or ""
+    if not token:
+        raise PolicyDenied(f"no OIDC token ({OIDC_TOKEN_ENV}) in this process")
+    if not issuer:
+        raise ConfigurationError(f"{OIDC_TOKEN_ENV} needs {OIDC_ISSUER_ENV} (the issuer to verify it against)")
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    try:
+        seen = _VERIFIED_OIDC.get(digest)
+        if seen is None or seen[0] != issuer:
+            from secure_ml.governance.oidc import verify_token
+
+            seen = (issuer, str(verify_token(token, issuer=issuer)["sub"]))
+            _VERIFIED_OIDC[digest] = seen
+        name = policy.name_of_oidc(issuer, seen[1])  # mapped by the policy in force now, every time
+        if name is None:
+            raise PolicyDenied(f"the OIDC subject {seen[1]} of {issuer} is nobody in the trust policy")
+    except (VerificationError, PolicyDenied) as exc:
+        settings.audit_log().record(claimed(settings), "identity.deny", outcome="deny",
+                                    details={"issuer": issuer, "reason": exc.explain()})
+        raise
+    return Actor(name, "oidc"), issuer, seen[1]
+
+
+def oidc_run_request(settings: Settings, policy: TrustPolicy) -> str:
+    """The run tag of a run launched under an OIDC identity: who, and the SHA-256 of the token (never the token).
+
+    The run's steps believe it only while their own process holds that very token and it verified."""
+    actor, issuer, subject = oidc_actor(settings, policy)
+    token = settings.environ.get(OIDC_TOKEN_ENV) or ""
+    return json.dumps({"actor": actor.name, "issuer": issuer, "subject": subject,
+                       "token_sha256": hashlib.sha256(token.encode()).hexdigest()}, sort_keys=True)
 
 
 def require(settings: Settings, policy: TrustPolicy, actor: Actor, permission: str, *,
@@ -169,6 +204,8 @@ def run_actor(settings: Settings, tags: Mapping[str, str] | None) -> str:
         return settings.actor(tags)
     policy = verified_policy(settings)
     request = (tags or {}).get(RUN_REQUEST_TAG)
+    if not request and (tags or {}).get(RUN_OIDC_TAG):
+        return _oidc_run_actor(settings, policy, str((tags or {})[RUN_OIDC_TAG]))
     if not request:
         return UNAUTHENTICATED
     keys = [key for name in policy.identities for key in policy.keys_of(name)]
@@ -178,3 +215,19 @@ def run_actor(settings: Settings, tags: Mapping[str, str] | None) -> str:
     if not 0 - 60 <= age <= RUN_REQUEST_TTL_S:
         raise VerificationError("the run request is stale or dated in the future: launch the run again")
     return str(policy.name_of_key(verified.keyids[0]))
+
+
+def _oidc_run_actor(settings: Settings, policy: TrustPolicy, tag: str) -> str:
+    """A run launched under an OIDC identity acts as it only where the token itself is at hand and verifies."""
+    try:
+        claim = json.loads(tag)
+        wanted = str(claim["token_sha256"])
+    except (ValueError, KeyError, TypeError):
+        raise VerificationError("the run's OIDC tag is garbled: launch the run again") from None
+    token = settings.environ.get(OIDC_TOKEN_ENV) or ""
+    if not token or hashlib.sha256(token.encode()).hexdigest() != wanted:
+        reason = (f"the run claims the OIDC identity {str(claim.get('actor'))[:64]}, but this process "
+                  "holds no matching token")
+        settings.audit_log().record(claimed(settings), "identity.deny", outcome="deny", details={"reason": reason})
+        raise VerificationError(reason)
+    return oidc_actor(settings, policy)[0].name

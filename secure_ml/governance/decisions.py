@@ -4,7 +4,8 @@
     fact = verify_decision(envelope, policy, model_digest=digest)       # Fact(kind, signer, predicate)
     evidence = Evidence.build(envelopes, policy, model_digest=digest)    # what the gates may believe
 
-People sign approvals, promotions, deployments, rollbacks and revocations with their identity key;
+People sign approvals, promotions, deployments, rollbacks and revocations with their identity key
+(and data stewards sign a data drop off: ``data_signoff``, subject = the drop's digest);
 the pipeline signs what it produces (training record, evaluation, scan report, provenance) with
 its own identity. A statement is believed only when its signer's key belongs to an identity in the
 verified trust policy that holds the role its kind needs (:data:`SIGNER_ROLE`), and its subject is
@@ -31,9 +32,11 @@ from secure_ml.governance.trust import PIPELINE_ROLE, TrustPolicy
 
 PREDICATE_PREFIX = "https://secure-ml.dev/decision/"
 KINDS = ("approval", "promotion", "deployment", "rollback", "revocation",
-         "training", "evaluation", "scan", "provenance")
+         "training", "evaluation", "scan", "provenance", "data_signoff")
 PIPELINE_KINDS = frozenset({"training", "evaluation", "scan", "provenance"})
 SUBJECT_NAME = "model"
+# A data steward's sign-off is about a data drop (its dataset digest), not a model.
+SUBJECT_NAMES = {"data_signoff": "drop"}
 
 __all__ = ["KINDS", "Fact", "Evidence", "predicate_type", "sign_decision", "verify_decision", "signer_role"]
 
@@ -51,6 +54,8 @@ def signer_role(kind: str, policy: TrustPolicy) -> str:
         return PIPELINE_ROLE
     if kind in ("approval", "revocation", "promotion"):
         return str(promotion.get("approver_role", "approver"))
+    if kind == "data_signoff":
+        return str(promotion.get("data_steward_role", "data_steward"))
     return str(promotion.get("deployer_role", "deployer"))
 
 
@@ -58,7 +63,8 @@ def decision_statement(kind: str, model_digest: str, predicate: Mapping[str, Any
     if not SHA256_HEX.match(model_digest or ""):
         raise BadInput(f"a decision's subject must be a SHA-256 model digest, not {model_digest!r}")
     body = {"time": datetime.now(UTC).isoformat(timespec="microseconds"), **dict(predicate)}
-    return {"_type": STATEMENT_TYPE, "subject": [{"name": SUBJECT_NAME, "digest": {"sha256": model_digest}}],
+    name = SUBJECT_NAMES.get(kind, SUBJECT_NAME)
+    return {"_type": STATEMENT_TYPE, "subject": [{"name": name, "digest": {"sha256": model_digest}}],
             "predicateType": predicate_type(kind), "predicate": body}
 
 

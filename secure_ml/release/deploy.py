@@ -226,11 +226,22 @@ class Release:
     def deploy(self, ref: str = "production", *, actor: str, target: str = "local",
                health: bool = True, _action: str = "deployed", _permission: str = "model.deploy",
                _reason: str = "", by: Any = None) -> Deployment:
-        """Gate, then write the verified model to ``target``; health-check it; roll back on failure."""
+        """Gate, then write the verified model to ``target``; health-check it; roll back on failure.
+
+        With a trust policy every deployment is a deployment statement signed by ``by`` (the CLI, the
+        ``deployment`` asset and the automatic rollback all come through here); without ``by`` it is
+        refused (audited) before the gate runs."""
+        if self.signed is not None:
+            by = self.signed.require_actor(by, "a deployment")
+            actor = by.name  # the signer is who deploys: a name passed alongside counts for nothing
         verified = self.gate(ref, actor=actor, target=target, permission=_permission)
-        if self.signed is not None and by is not None and _action == "deployed":
-            self.signed.decide(by, "deployment", self.registry.get(verified.version),
-                               {"target": target}, permission=_permission)
+        if self.signed is not None and _action == "deployed":
+            try:
+                self.signed.decide(by, "deployment", self.registry.get(verified.version),
+                                   {"target": target}, permission=_permission)
+            except BaseException:
+                shutil.rmtree(verified.directory.parent, ignore_errors=True)
+                raise
         version = self.registry.get(verified.version)
         where = targets.get(target)
         try:
@@ -244,7 +255,7 @@ class Release:
                           details={"location": str(location), "status": _action})
         result = self._health(where, location) if health else None
         if result is not None and not result.healthy:
-            return self._automatic_rollback(record, result, actor=actor)
+            return self._automatic_rollback(record, result, actor=actor, by=by)
         return record
 
     def _health(self, target: DeployTarget, location: Path) -> HealthResult | None:
@@ -255,7 +266,8 @@ class Release:
         except Exception as exc:  # a crash in the health check is an unhealthy deployment
             return HealthResult(False, f"health check crashed: {type(exc).__name__}: {str(exc)[:160]}")
 
-    def _automatic_rollback(self, failed: Deployment, result: HealthResult, *, actor: str) -> Deployment:
+    def _automatic_rollback(self, failed: Deployment, result: HealthResult, *, actor: str,
+                            by: Any = None) -> Deployment:
         reason = f"health check failed after deploying {failed.version}: {result.reason}"
         self.registry.record_deployment(actor=actor, target=failed.target, version=failed.version,
                                         model_digest=failed.model_digest, status="rolled_back",
@@ -270,9 +282,13 @@ class Release:
             raise VerificationError(reason + "; no earlier verified version to restore, nothing is live")
         self.audit.record(actor, "deploy.rollback", subject=f"{failed.version} -> {previous.version}",
                           details={"reason": reason, "automatic": True})
+        if self.signed is not None:  # the deployer's own signed rollback, like `secure-ml rollback`
+            self.signed.decide(by, "rollback", self.registry.get(previous.version),
+                               {"target": failed.target, "from": failed.version, "reason": reason,
+                                "automatic": True}, permission="model.rollback")
         self._restore_stage(previous.version, failed.version, actor=actor, reason=reason)
         restored = self.deploy(previous.version, actor=actor, target=failed.target, health=False,
-                               _action="rollback", _permission="model.rollback", _reason=reason)
+                               _action="rollback", _permission="model.rollback", _reason=reason, by=by)
         raise VerificationError(f"{reason}; rolled back to {restored.version}")
 
     def rollback(self, *, actor: str, target: str = "local", reason: str = "requested", by: Any = None) -> Deployment:
@@ -292,7 +308,7 @@ class Release:
         self._restore_stage(previous.version, current.version, actor=actor, reason=reason)
         try:
             record = self.deploy(previous.version, actor=actor, target=target, _action="rollback",
-                                 _permission="model.rollback", _reason=reason)
+                                 _permission="model.rollback", _reason=reason, by=by)
         except Error as exc:
             if replaced_stage == "production":  # nothing changed on the target: the registry says so too
                 self.registry.set_stage(current.version, "production", actor=actor, action="rollback.failed",
@@ -369,8 +385,11 @@ class Release:
             shutil.copytree(verified.directory, staging / MODEL_DIR)
             (staging / SIGNATURE_FILE).write_bytes(verified.bundle)
             (staging / ATTESTATION_FILE).write_bytes(verified.envelope)
+            config = dict(self.config)
+            if self.signed is not None:  # admission data from verified deployment statements, never registry rows
+                config["admitted_model_digests"] = self.signed.admitted_digests(target.name)
             receipt.update(target.write(staging, version=version.version, model_digest=verified.model_digest,
-                                        config=self.config))
+                                        config=config))
             (staging / RECEIPT_FILE).write_text(json.dumps(receipt, indent=1, sort_keys=True))
             if final.exists():
                 shutil.rmtree(final)  # same version and digest: an identical redeploy replaces it

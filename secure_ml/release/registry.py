@@ -92,6 +92,12 @@ CREATE TABLE IF NOT EXISTS deployments (
     location TEXT NOT NULL,
     reason TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS statements (
+    sha256 TEXT PRIMARY KEY,
+    model_digest TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    at TEXT NOT NULL
+);
 """
 
 
@@ -358,6 +364,20 @@ class Registry:
                 raise PolicyDenied(f"{identity} has already approved {version}") from None
             self._event(db, identity, "approve", version, {"roles": list(roles)})
         return self.get(version)
+
+    # -- the index of signed statements (secure_ml.governance.ledger.StatementIndex) ----------
+    def index_statement(self, model_digest: str, sha256: str, kind: str) -> None:
+        """Remember that a signed ``kind`` statement about the model is stored (its envelope's SHA-256)."""
+        with self._write() as db:
+            db.execute("INSERT OR IGNORE INTO statements (sha256, model_digest, kind, at) VALUES (?, ?, ?, ?)",
+                       (sha256, model_digest, kind, _now()))
+
+    def indexed_statements(self, model_digest: str) -> list[tuple[str, str]]:
+        """(envelope sha256, kind) of every statement indexed about the model, oldest first."""
+        with self._connect() as db:
+            rows = db.execute("SELECT sha256, kind FROM statements WHERE model_digest = ? ORDER BY at, sha256",
+                              (model_digest,)).fetchall()
+        return [(str(r["sha256"]), str(r["kind"])) for r in rows]
 
     def record_event(self, actor: str, action: str, version: str | None, details: Mapping[str, Any]) -> None:
         """A decision that changed nothing (a denial) still belongs in the version's history."""

@@ -5,6 +5,7 @@
     facts = signed.promotion_facts(version)                  # replaces every recorded fact in the policy input
     signed.decide(actor, "approval", version, {...}, permission="model.approve")
     signed.revoked(version)                                  # a verified revocation, or None
+    signed.admitted_digests("kubernetes")                    # what admission may run: signed deployments only
     registry = TrustedRegistry(path, signed)                 # get() returns rows with verified facts only
 
 The registry stays the index (versions, stages, history), but the policy input's evidence,
@@ -50,7 +51,8 @@ class SignedDecisions:
             return None
         policy = authn.verified_policy(settings)
         authn.check_config(settings, policy)
-        return cls(settings, policy, Ledger.from_settings(settings))
+        # The registry indexes every statement, so a deleted file (a revocation, an approval) is noticed.
+        return cls(settings, policy, Ledger.from_settings(settings, index=Registry.from_settings(settings)))
 
     # -- pipeline products ---------------------------------------------------------------------
     def sign_products(self, version: ModelVersion, evidence: Mapping[str, Any], *, actor: str) -> list[Fact]:
@@ -81,6 +83,33 @@ class SignedDecisions:
 
     def revoked(self, version: ModelVersion) -> Fact | None:
         return self.evidence(version).revoked
+
+    def admitted_digests(self, target: str) -> list[str]:
+        """Model digests the ``target``'s admission policy may admit, from verified statements alone.
+
+        A model is admitted when a deployer's signed deployment (or rollback) to ``target`` verifies and
+        no revocation does; registry rows play no part. Any forged, moved or deleted statement raises
+        (audited) rather than shrinking the list silently.
+        """
+        admitted = []
+        for digest in self.ledger.models():
+            evidence = self.ledger.evidence(digest, self.policy, actor="admission")
+            if evidence.revoked is None and any(f.predicate.get("target") == target for f in evidence.deployments):
+                admitted.append(digest)
+        return admitted
+
+    def require_signed_deployment(self, version: ModelVersion, target: str) -> Fact:
+        """The verified deployment (or rollback) statement that put ``version`` on ``target``; a deployment
+        the registry records without one (an inserted row, a deleted statement) raises VerificationError."""
+        evidence = self.evidence(version)
+        backing = [f for f in evidence.deployments if f.predicate.get("target") == target]
+        if evidence.revoked is not None:
+            why = evidence.revoked.predicate.get("reason", "")
+            raise VerificationError(f"{version.version} on {target} is revoked: {why}")
+        if not backing:
+            raise VerificationError(f"the registry says {version.version} is deployed to {target}, but no signed "
+                                    "deployment or rollback statement says so")
+        return backing[-1]
 
     def canonical(self, name: str) -> str:
         return self.policy.resolve(name) or name

@@ -5,7 +5,7 @@
 
 Size bounds, dtypes, shapes times dtype sizes against the offsets, offsets contiguous and
 non-overlapping, no bytes after the last tensor, no duplicate keys, and the shapes against
-``config.json`` where it names them.
+``config.json`` where it names them (``training_chain.safetensors``: every recorded state's).
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from secure_ml.security.scan_findings import Finding
+
+# secure_ml.training.chain's file (the security stage does not import training)
+CHAIN_FILE = "training_chain.safetensors"
 
 DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -142,6 +145,28 @@ def _expected_shapes(config: Any) -> dict[str, list[int]]:
     return shapes
 
 
+def _chain_shapes(names: list[str], weights: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Shapes the training chain (secure_ml.training.chain) implies: per recorded epoch
+    ``NNNNNN.model.<weight>`` as in config.json, ``NNNNNN.optim.<i>.exp_avg`` / ``exp_avg_sq`` as
+    the i-th weight, ``NNNNNN.optim.<i>.step`` a scalar. A tensor outside that layout gets no shape,
+    so it is reported as not in config.json."""
+    order = list(weights)
+    shapes: dict[str, list[int]] = {}
+    for name in names:
+        epoch, _, rest = name.partition(".")
+        if len(epoch) != 6 or not epoch.isdigit():
+            continue
+        for weight, shape in weights.items():
+            shapes[f"{epoch}.model.{weight}"] = shape
+        parts = rest.split(".")
+        if len(parts) == 3 and parts[0] == "optim" and parts[1].isdigit() and int(parts[1]) < len(order):
+            if parts[2] in ("exp_avg", "exp_avg_sq"):
+                shapes[name] = weights[order[int(parts[1])]]
+            elif parts[2] == "step":
+                shapes[name] = []
+    return shapes
+
+
 def check_safetensors(path: Path, where: str, *, config: Any = None,
                       limits: SafetensorsLimits = SafetensorsLimits()) -> list[Finding]:
     header, problems = read_safetensors_header(path, limits)
@@ -150,6 +175,8 @@ def check_safetensors(path: Path, where: str, *, config: Any = None,
     expected = _expected_shapes(config)
     if header and expected:
         actual = {name: info.get("shape") for name, info in header.items() if isinstance(info, dict)}
+        if Path(where).name == CHAIN_FILE:  # the recorded training states: every one must fit config.json too
+            expected = _chain_shapes(sorted(actual), expected)
         for name in sorted(set(expected) | set(actual)):
             if name not in actual:
                 findings.append(Finding("model", "high", where, "safetensors-shape",

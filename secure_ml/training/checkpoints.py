@@ -26,7 +26,7 @@ import io
 import json
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,9 +40,9 @@ from secure_ml.custody.keys import KeyProvider
 from secure_ml.errors import BadInput, Error, IntegrityError
 from secure_ml.training.config import TrainingConfig
 
-CHECKPOINT_FORMAT = "secure-ml-checkpoint/1"
+CHECKPOINT_FORMAT = "secure-ml-checkpoint/2"  # /2: every chain state so far
 # Bump whenever what goes into a fingerprint, or how, changes: old checkpoints are then reported, not resumed.
-FINGERPRINT_VERSION = 2
+FINGERPRINT_VERSION = 3
 SIDECAR = "fingerprint.json"
 PACKAGE = Path(__file__).resolve().parent
 
@@ -89,16 +89,15 @@ def fingerprint_of(X: np.ndarray, y: np.ndarray, config: TrainingConfig, device:
 
 
 # -- checkpoint bytes (made and restored inside the training process) ------------------------------
-def make_checkpoint(model: Any, optimiser: Any, epoch: int, losses: list[float], fingerprint: str) -> bytes:
-    from safetensors.torch import save as save_tensors
+def make_checkpoint(states: Mapping[int, Mapping[str, Any]], epoch: int, losses: list[float],
+                    fingerprint: str) -> bytes:
+    """Every chain state so far and this epoch's (secure_ml.training.chain; where training resumes), with
+    the run's fingerprint and losses: a resumed run still records the whole chain."""
+    from secure_ml.training.chain import pack
 
-    tensors = {f"model.{k}": v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    for index, state in optimiser.state_dict()["state"].items():
-        for name, value in state.items():
-            tensors[f"optim.{index}.{name}"] = value.detach().to("cpu").contiguous()
     meta = {"format": CHECKPOINT_FORMAT, "epoch": str(epoch), "losses": json.dumps(losses),
             "fingerprint": fingerprint, "fingerprint_version": str(FINGERPRINT_VERSION)}
-    return save_tensors(tensors, metadata=meta)
+    return pack(states, meta)
 
 
 def checkpoint_meta(data: bytes) -> dict[str, str]:
@@ -115,9 +114,12 @@ def checkpoint_meta(data: bytes) -> dict[str, str]:
 
 
 def restore(data: bytes, model: Any, optimiser: Any, fingerprint: str, config: TrainingConfig,
-            device: str) -> tuple[int, list[float]]:
-    """Load a checkpoint into ``model`` and ``optimiser``; (epoch to start from, losses so far)."""
+            device: str) -> tuple[int, list[float], dict[int, dict[str, Any]]]:
+    """Load a checkpoint's newest state into ``model`` and ``optimiser``; (epoch to start from, losses so
+    far, the chain's states so far as CPU tensors)."""
     from safetensors.torch import load as load_tensors
+
+    from secure_ml.training.chain import boundaries, load_state
 
     meta = checkpoint_meta(data)
     # A checkpoint from other data, code, hyper-parameters or fingerprint rules would silently change the model.
@@ -127,16 +129,15 @@ def restore(data: bytes, model: Any, optimiser: Any, fingerprint: str, config: T
     epoch = int(meta["epoch"])
     if not 0 < epoch < config.epochs:
         raise IntegrityError(f"checkpoint epoch {epoch} is outside this run's 1..{config.epochs - 1}")
-    tensors = load_tensors(data)
-    model.load_state_dict({k[6:]: v.to(device) for k, v in tensors.items() if k.startswith("model.")})
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value.to(device) if name != "step" else value
-    groups = optimiser.state_dict()["param_groups"]
-    optimiser.load_state_dict({"state": state, "param_groups": groups})
-    return epoch, list(json.loads(meta["losses"]))
+    states: dict[int, dict[str, Any]] = {}
+    for key, value in load_tensors(data).items():
+        mark, _, name = key.partition(".")
+        states.setdefault(int(mark), {})[name] = value
+    if epoch not in states or 0 not in states:
+        raise IntegrityError(f"checkpoint of epoch {epoch} lacks its own state or the chain's start")
+    load_state(model, optimiser, states[epoch], device)
+    marks = set(boundaries(config.epochs, config.segment_epochs))
+    return epoch, list(json.loads(meta["losses"])), {e: s for e, s in states.items() if e in marks}
 
 
 # -- the encrypted store -----------------------------------------------------------------------------

@@ -33,6 +33,7 @@ class TrainingConfig:
     device: str = "cpu"
     cuda_fallback: bool = False
     checkpoint_every: int = 5
+    segment_epochs: int = 1      # the training chain records the state every this many epochs
     threshold: float = 0.5
 
     @classmethod
@@ -55,6 +56,7 @@ class TrainingConfig:
                 device=str(data.get("device", cls.device)),
                 cuda_fallback=bool(data.get("cuda_fallback", cls.cuda_fallback)),
                 checkpoint_every=int(data.get("checkpoint_every", cls.checkpoint_every)),
+                segment_epochs=int(data.get("segment_epochs", cls.segment_epochs)),
                 threshold=float(data.get("threshold", cls.threshold)),
             )
         except (TypeError, ValueError) as exc:
@@ -72,6 +74,7 @@ class TrainingConfig:
             (self.threads < 1, "threads must be at least 1"),
             (self.device not in DEVICES, f"device must be one of {', '.join(DEVICES)}"),
             (self.checkpoint_every < 0, "checkpoint_every must be 0 (never) or more"),
+            (self.segment_epochs < 1, "segment_epochs must be at least 1"),
             (not 0 < self.threshold < 1, "threshold must be in (0, 1)"),
         ]
         for bad, message in problems:

@@ -1,13 +1,15 @@
 """The model directory and its training record: what was trained, on what, by what, how.
 
-    write_model_dir(out_dir, weights, prep, config, record)    # the five files, each written atomically
+    write_model_dir(out_dir, weights, prep, config, record, chain=states)   # the six files, each atomically
     record_problems(record, weights_sha256)                    # [] when complete and matching the weights
     code_version(), environment(), hardware("cpu")             # the record's facts
 
 ``out_dir`` receives ``model.safetensors`` (weights; never a pickle), ``config.json``
 (architecture, decision threshold), ``preprocessing.json``, ``training_record.json`` (seeds,
 hyper-parameters, data digests, code commit and dirty flag, Python/torch/package versions from
-requirements.lock, hardware, device, isolation facts, start/end, actor) and ``MODEL_CARD.md``.
+requirements.lock, hardware, device, isolation facts, start/end, actor, and ``result.chain``: the
+digest of each segment boundary's state), ``MODEL_CARD.md`` and ``training_chain.safetensors``
+(those states, secure_ml.training.chain).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 from secure_ml.custody.integrity import atomic_write_bytes, sha256_bytes
 from secure_ml.governance import code_identity
+from secure_ml.training.chain import CHAIN_FILE
 from secure_ml.training.checkpoints import code_digest
 from secure_ml.training.config import TrainingConfig
 from secure_ml.training.features import Preprocessing
@@ -30,13 +33,14 @@ from secure_ml.training.model import MODEL_FORMAT
 
 REPO = Path(__file__).resolve().parents[2]
 RECORD_FORMAT = "secure-ml-training-record/1"
-MODEL_FILES = ("model.safetensors", "config.json", "preprocessing.json", "training_record.json", "MODEL_CARD.md")
+MODEL_FILES = ("model.safetensors", "config.json", "preprocessing.json", "training_record.json", "MODEL_CARD.md",
+               CHAIN_FILE)
 RECORD_REQUIRED = ("format", "seeds", "hyperparameters", "data", "code", "environment", "hardware", "device",
                    "isolation", "started_at", "finished_at", "actor", "result")
 
 
 def write_model_dir(out_dir: Path, weights: bytes, prep: Preprocessing, config: TrainingConfig,
-                    record: Mapping[str, Any]) -> None:
+                    record: Mapping[str, Any], *, chain: bytes) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     model_config = {
         "format": MODEL_FORMAT,
@@ -54,6 +58,7 @@ def write_model_dir(out_dir: Path, weights: bytes, prep: Preprocessing, config: 
     atomic_write_bytes(out_dir / "preprocessing.json", _json(prep.to_json()), mode=0o644)
     atomic_write_bytes(out_dir / "training_record.json", _json(record), mode=0o644)
     atomic_write_bytes(out_dir / "MODEL_CARD.md", model_card(record, prep, config).encode(), mode=0o644)
+    atomic_write_bytes(out_dir / CHAIN_FILE, chain, mode=0o644)
 
 
 def _json(obj: Any) -> bytes:
@@ -68,6 +73,8 @@ def record_problems(record: Mapping[str, Any], weights_sha256: str) -> list[str]
     result = record.get("result") or {}
     if result and result.get("weights_sha256") != weights_sha256:
         problems.append("result.weights_sha256 does not match model.safetensors")
+    if result and len(result.get("chain") or []) < 2:
+        problems.append("missing result.chain (the digests of the training states, at least start and end)")
     for key in ("train_sha256", "dataset_sha256"):
         if not (record.get("data") or {}).get(key):
             problems.append(f"missing data.{key}")

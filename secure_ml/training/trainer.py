@@ -17,8 +17,13 @@ another fingerprint version are reported in the record (``result.checkpoints_sup
 the audit log, and training starts fresh. The model directory and its record are written by
 secure_ml.training.record.
 
+Every ``segment_epochs`` epochs (and at epoch 0 and the end) the full state is recorded: the
+digests go into the record (``result.chain``), the states into ``training_chain.safetensors``, so
+secure_ml.training.proof can later re-execute any segment instead of training again.
+
 The pieces, one concern each: config (settings, device), features (preprocessing), model (the
-network), loop (the training loop and sandbox entry point), checkpoints, record (model directory,
+network), engine (the fast epoch), loop (the training loop and sandbox entry points), chain (the
+recorded states), proof (replaying segments), checkpoints, record (model directory,
 record, model card), predictor (loading), sandbox with policy, confine and child (the isolated
 process), watch (its behaviour against recent runs); this module runs them.
 """
@@ -37,6 +42,7 @@ import numpy as np
 
 from secure_ml.custody.integrity import sha256_bytes
 from secure_ml.errors import IntegrityError
+from secure_ml.training.chain import CHAIN_FILE
 from secure_ml.training.checkpoints import CheckpointStore, checkpoint_meta, run_fingerprint
 from secure_ml.training.config import TrainingConfig, resolve_device
 from secure_ml.training.features import DataSpec, Preprocessing
@@ -58,6 +64,8 @@ class FitResult:
     checkpoints_written: int = 0
     checkpoints_superseded: list[dict[str, Any]] = field(default_factory=list)
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    chain: bytes = b""                                       # the chain's states (training_chain.safetensors)
+    chain_entries: list[dict[str, Any]] = field(default_factory=list)   # epoch and state digest of each
 
     @property
     def weights_sha256(self) -> str:
@@ -87,6 +95,8 @@ def fit(X: np.ndarray, y: np.ndarray, config: TrainingConfig, *, device: str = "
             got["checkpoints"] += 1
         elif kind == "W":
             got["weights"] = payload
+        elif kind == "K":
+            got["chain"] = payload
         elif kind == "R":
             got["result"] = json.loads(payload)
 
@@ -109,7 +119,7 @@ def fit(X: np.ndarray, y: np.ndarray, config: TrainingConfig, *, device: str = "
         child = got.get("facts") or {}
         facts.update({"uid": child.get("uid"), "interfaces": child.get("interfaces"),
                       "environment": child.get("env")})
-    if "weights" not in got or "result" not in got:
+    if "weights" not in got or "result" not in got or "chain" not in got:
         raise IntegrityError("the training process ended without returning weights")
     if checkpoints is not None:
         checkpoints.clear(fp.digest)
@@ -118,7 +128,7 @@ def fit(X: np.ndarray, y: np.ndarray, config: TrainingConfig, *, device: str = "
     result = got["result"]
     return FitResult(got["weights"], list(result["losses"]), str(result["device"]), result.get("resumed_from_epoch"),
                      facts, time.perf_counter() - started, got["checkpoints"], superseded,
-                     {"digest": fp.digest, **fp.facts()})
+                     {"digest": fp.digest, **fp.facts()}, got["chain"], list(result["chain"]))
 
 
 @dataclass
@@ -153,7 +163,7 @@ def train_model(frame: Any, spec: DataSpec, config: TrainingConfig, out_dir: Pat
         "format": RECORD_FORMAT,
         "seeds": {"seed": config.seed, "torch_manual_seed": config.seed,
                   "epoch_dropout_seed": "seed + 1 + epoch", "epoch_shuffle_seed": "seed * 1009 + epoch"},
-        "hyperparameters": {**config.hyperparameters(), "optimizer": "Adam", "loss": "binary cross-entropy",
+        "hyperparameters": {**config.hyperparameters(), "optimizer": "Adam (fused)", "loss": "binary cross-entropy",
                             "architecture": "MLP (Linear-ReLU-Dropout)*, single logit"},
         "determinism": {"torch.use_deterministic_algorithms": True, "threads": config.threads,
                         "CUBLAS_WORKSPACE_CONFIG": ":4096:8"},
@@ -177,8 +187,10 @@ def train_model(frame: Any, spec: DataSpec, config: TrainingConfig, out_dir: Pat
                    "losses": result.losses, "resumed_from_epoch": result.resumed_from_epoch,
                    "checkpoints_written": result.checkpoints_written,
                    "checkpoint_fingerprint": result.fingerprint,
-                   "checkpoints_superseded": result.checkpoints_superseded},
+                   "checkpoints_superseded": result.checkpoints_superseded,
+                   # Proof-of-Learning: the digest of every segment boundary's state (secure_ml.training.chain)
+                   "chain": result.chain_entries, "chain_file": CHAIN_FILE},
     }
-    write_model_dir(out_dir, result.weights, prep, config, record)
+    write_model_dir(out_dir, result.weights, prep, config, record, chain=result.chain)
     return TrainingResult(out_dir, weights_sha, device, config.epochs, result.losses[-1], len(frame), record)
 

@@ -29,7 +29,10 @@ class KubernetesTarget:
         kubernetes = dict(config.get("kubernetes") or {})
         name = str((config.get("serving") or {}).get("model_name") or k8s_render.DEFAULT_MODEL_NAME)
         manifests = k8s_render.render(kubernetes, models=[k8s_render.PinnedModel(name, version, model_digest)])
-        k8s_render.validate(manifests, signed_digests=[model_digest],
+        # With a trust policy, the release passes the digests its verified deployment statements admit
+        # (secure_ml.release.signed.SignedDecisions.admitted_digests); before one exists, the one just verified.
+        admitted = config.get("admitted_model_digests")
+        k8s_render.validate(manifests, signed_digests=list(admitted) if admitted is not None else [model_digest],
                             kubernetes_version=str(kubernetes.get("kubernetes_version", "1.33")))
         (staging / MANIFESTS).write_text(k8s_render.to_yaml(manifests))
         return {"manifests": MANIFESTS}
