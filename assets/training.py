@@ -25,7 +25,7 @@ from typing import Any
 
 import dagster as dg
 
-from resources import CustodyResource, verdict
+from resources import CustodyResource, model_key, verdict
 from resources.metadata import plot_metadata
 from secure_ml.custody.integrity import SHA256_HEX, sha256_file
 from secure_ml.errors import BadInput, ConfigurationError, Error
@@ -352,7 +352,7 @@ def sandbox_behaviour_within_bounds(context: dg.AssetCheckExecutionContext,
 
 def _recent_watches(context: Any, window: int) -> list[dict[str, Any]]:
     """The sandbox measures of the ``window`` materializations before the latest one (newest first)."""
-    records = context.instance.fetch_materializations(TRAINED, limit=window + 1).records[1:]
+    records = context.instance.fetch_materializations(model_key(TRAINED), limit=window + 1).records[1:]
     out = []
     for event in records:
         metadata = event.asset_materialization.metadata if event.asset_materialization else {}

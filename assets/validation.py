@@ -25,7 +25,7 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from resources import CustodyResource, verdict
+from resources import CustodyResource, model_key, verdict
 from resources.custody import MODEL_TAG
 from resources.metadata import standard_metadata
 from secure_ml.data import pii
@@ -266,7 +266,7 @@ def _reference(context: Any, custody: CustodyResource, schema: Schema,
     """The last accepted version of this dataset (decrypted, digest-checked) while it stays within the
     drift bounds of the pinned sample, else the pinned sample (digest-checked; a tampered one raises)."""
     pinned = load_reference(schema)
-    records = context.instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=VALIDATED),
+    records = context.instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=model_key(VALIDATED)),
                                                       limit=max(bounds.lookback, 1)).records
     for record in records:
         materialization = record.asset_materialization

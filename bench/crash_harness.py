@@ -37,7 +37,7 @@ STAGES: dict[str, list[str]] = {
     "ingest": ["pipeline", "run", "--select", "dataset"],
     "validation": ["pipeline", "run", "--select", "validated_dataset"],
     "training": ["pipeline", "run", "--select", "trained_model"],
-    "signing": ["pipeline", "run", "--select", "scan_report model_signature"],
+    "signing": ["pipeline", "run", "--select", "scan_report,model_signature"],
     "registering": ["pipeline", "run", "--select", "registered_model"],
     "approving": ["approve", "{candidate}"],
     "deploying": ["deploy", "v1"],

@@ -14,6 +14,8 @@ from resources.custody import (
     CustodyResource,
     EncryptedIOManager,
     Sealed,
+    current_model,
+    model_key,
     sealed_output,
     verdict,
 )
@@ -29,4 +31,5 @@ def build_resources(settings: Settings) -> dict[str, Any]:
     return built
 
 
-__all__ = ["CustodyResource", "EncryptedIOManager", "Sealed", "build_resources", "sealed_output", "verdict"]
+__all__ = ["CustodyResource", "EncryptedIOManager", "Sealed", "build_resources", "current_model", "model_key",
+           "sealed_output", "verdict"]

@@ -4,6 +4,12 @@ Assets seal what they produce (``custody.output(frame)``), which encrypts it int
 returns a ``dg.Output`` whose metadata and data version carry the plaintext SHA-256. Downstream
 assets receive their inputs through :class:`EncryptedIOManager`, which loads by the digest
 recorded on the upstream materialization and never by a path.
+
+Many models (docs/ARCHITECTURE.md, "Many models"): the stages' asset bodies are written once, for
+unprefixed keys; each further model gets copies prefixed with its name (assets/_per_model.py). A body
+finds its model from the asset key it is running for (:func:`current_model`): ``custody.settings()``
+then acts for that model (its spec's schema, training, thresholds, promotion), and
+``custody.recorded(instance, TRAINED)`` reads that model's ``NAME/trained_model`` (:func:`model_key`).
 """
 
 import json
@@ -19,6 +25,53 @@ from secure_ml.custody.store import ArtifactRef, ArtifactStore
 from secure_ml.settings import Settings
 
 
+def current_model() -> str | None:
+    """The model whose asset or check is running now (its key prefix); None for the default model or
+    outside a step."""
+    key: dg.AssetKey | None = None
+    try:
+        key = dg.AssetExecutionContext.get().asset_key
+    except Exception:  # not in an asset's body: maybe a check's
+        try:
+            specs = dg.AssetCheckExecutionContext.get().check_specs
+            key = specs[0].asset_key if specs else None
+        except Exception:
+            key = None
+    return key.path[0] if key is not None and len(key.path) > 1 else None
+
+
+def model_key(key: dg.AssetKey, model: str | None = None) -> dg.AssetKey:
+    """``key`` as the running model names it: ``trained_model`` -> ``breast_cancer/trained_model``."""
+    model = model if model is not None else current_model()
+    if model is None or len(key.path) > 1:
+        return key
+    return dg.AssetKey([model, *key.path])
+
+
+#: The tag every asset carries with its model's name (assets/_per_model.py sets it).
+MODEL_TAG = "secure_ml/model"
+
+
+def model_selection(model: str) -> dg.AssetSelection:
+    """Every asset of ``model`` (its checks come with them)."""
+    return dg.AssetSelection.tag(MODEL_TAG, model)
+
+
+def model_asset_key(name: str, model: str, default: str) -> dg.AssetKey:
+    """The key of stage asset ``name`` for ``model``: ``dataset`` or ``breast_cancer/dataset``."""
+    return dg.AssetKey(name) if model == default else dg.AssetKey([model, name])
+
+
+def op_name(graph: Any, key: dg.AssetKey, selection: dg.AssetSelection | None = None) -> str:
+    """The op that computes ``key`` in a run of ``selection`` (default: every asset). Each model's copy of a
+    stage shares its op's name, which Dagster numbers within one job (``dataset``, ``dataset_2``), and a run
+    of a subset names its ops from the subset's own assets; so run configuration for an asset (the drop a
+    ``dataset`` ingests) is addressed through this, over exactly the run's selection, never by stage name."""
+    job = dg.define_asset_job("__secure_ml_probe", selection=selection or dg.AssetSelection.all()).resolve(
+        asset_graph=graph)
+    return str(job.asset_layer.get_op_output_handle(key).node_handle.name)
+
+
 # The newest checkpoint this process signed, per log: the next one re-verifies only what came after.
 _LAST_CHECKPOINT: dict[str, Any] = {}
 
@@ -28,7 +81,6 @@ TRIGGER_TAG = "secure_ml/trigger"         # source: cli, landing, schedule, auto
 DROP_TAG = "secure_ml/drop"               # the drop's file name in the landing area
 DROP_SHA_TAG = "secure_ml/drop_sha256"    # the drop's content digest
 IDENTITY_TAG = "secure_ml/identity"       # who the run acts as (verified; informational, never a claim)
-MODEL_TAG = "secure_ml/model"             # the model (the dataset's schema name) the run works on
 _LABELLED: set[str] = set()               # runs this process already labelled
 
 
@@ -53,7 +105,7 @@ class CustodyResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     def settings(self) -> Settings:
         """Fresh settings per call (the environment as it is now), with this resource's home,
         environment and configuration directory: the one factory, Settings.from_env."""
-        return Settings.from_env(home=self.home, env=self.env, config_dir=self.config_dir)
+        return Settings.from_env(home=self.home, env=self.env, config_dir=self.config_dir).for_model(current_model())
 
     def actor(self, context: Any = None) -> str:
         tags = getattr(getattr(context, "run", None), "tags", None)
@@ -161,7 +213,9 @@ class CustodyResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     # -- reading what upstream recorded ---------------------------------------------------
     def recorded(self, instance: dg.DagsterInstance, asset_key: dg.AssetKey,
                  partition: str | None = None) -> dict[str, Any]:
-        """Metadata of the latest materialization of ``asset_key`` (values unwrapped)."""
+        """Metadata of the latest materialization of ``asset_key`` (values unwrapped); an unprefixed key
+        names the running model's asset."""
+        asset_key = model_key(asset_key)
         records = instance.fetch_materializations(
             dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=[partition] if partition else None),
             limit=1,

@@ -11,6 +11,7 @@ from typing import Any
 
 import dagster as dg
 
+from resources.custody import current_model
 from secure_ml.release.deploy import Release
 from secure_ml.settings import Settings
 
@@ -23,7 +24,8 @@ class ReleaseResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     config_dir: str = ""
 
     def settings(self) -> Settings:
-        return Settings.from_env(home=self.home, env=self.env, config_dir=self.config_dir)
+        """Acting for the model whose asset or check runs now (its registry rows, promotion parameters)."""
+        return Settings.from_env(home=self.home, env=self.env, config_dir=self.config_dir).for_model(current_model())
 
     def release(self, actor: str) -> Release:
         return Release.from_settings(self.settings(), actor=actor)

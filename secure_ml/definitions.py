@@ -20,8 +20,10 @@ from typing import Any
 
 import dagster as dg
 
+from assets import _per_model as per_model
 from assets import data, release, security, training, validation
 from resources import build_resources
+from resources.custody import model_selection, op_name
 from secure_ml.errors import BadInput
 from secure_ml.settings import Settings
 from sensors import conditions, failures, jobs, landing
@@ -39,13 +41,16 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     """The code location for ``settings`` (default: from the environment)."""
     settings = settings or Settings.from_env()
     automation = settings.config.automation
+    assets, checks = per_model.for_models(dg.load_assets_from_modules(STAGES), dg.load_asset_checks_from_modules(STAGES),
+                                          models=list(settings.config.models()),
+                                          default=settings.config.default_model)
     return dg.Definitions(
-        assets=conditions.map_assets(dg.load_assets_from_modules(STAGES), automation),
-        asset_checks=dg.load_asset_checks_from_modules(STAGES),
+        assets=conditions.map_assets(assets, automation),
+        asset_checks=checks,
         jobs=jobs.pipeline_jobs(automation),
         sensors=[landing.landing_sensor(settings), conditions.asset_automation_sensor(settings),
                  *failures.failure_sensors(settings)],
-        schedules=[landing.retraining_schedule(settings)],
+        schedules=landing.retraining_schedules(settings),
         resources=build_resources(settings),
         executor=executor_for(settings),
     )
@@ -88,9 +93,13 @@ CONSOLE_LEVELS = {"quiet": "CRITICAL", "info": "INFO", "debug": "DEBUG"}
 
 def run_pipeline(settings: Settings, *, selection: str | None = None,
                  run_config: dict[str, Any] | None = None, tags: dict[str, str] | None = None,
-                 console: str = "quiet") -> dict[str, Any]:
+                 console: str = "quiet", model: str | None = None, drop: str | None = None) -> dict[str, Any]:
     """Materialise ``selection`` (default: every asset) on the instance under DAGSTER_HOME, as one
     run per named job it touches (ingest, train, release), in order, stopping at the first that fails.
+
+    ``model`` confines the run to that model's assets: names in ``selection`` are its stage names
+    (``dataset+``), prefixed here for a model other than the default one. ``drop`` is the landed file
+    the model's ``dataset`` ingests (when the run includes it).
 
     Returns a summary: the runs (job, run id, success); for each asset, whether it materialised and its digest; for each check,
     its result and reason; the names of the blocking checks that failed; and each failed step
@@ -102,7 +111,14 @@ def run_pipeline(settings: Settings, *, selection: str | None = None,
         raise BadInput(f"console must be one of {', '.join(CONSOLE_LEVELS)}, not {console!r}")
     definitions = build_definitions(settings)
     graph = definitions.resolve_asset_graph()
+    default = settings.config.default_model
+    if model is not None:
+        settings.for_model(model)  # an unknown model is refused, naming the known ones
+        if model != default and selection:
+            selection = ",".join(_prefix_name(part, model) for part in selection.split(","))
     chosen = parse_selection(selection)
+    if model is not None:
+        chosen = chosen & model_selection(model) if selection else model_selection(model)
     known = {key.to_user_string() for key in graph.get_all_asset_keys()}
     unknown = [name for name in (part.strip().strip("+") for part in (selection or "").split(","))
                if name and name != "*" and name not in known]
@@ -111,14 +127,17 @@ def run_pipeline(settings: Settings, *, selection: str | None = None,
                        f"(assets: {', '.join(sorted(known))})")
     picked = chosen.resolve(graph)
     config = {"loggers": {"console": {"config": {"log_level": CONSOLE_LEVELS[console]}}}}
+    dataset = dg.AssetKey("dataset") if model in (None, default) else dg.AssetKey([str(model), "dataset"])
     results: list[dg.ExecuteInProcessResult] = []
     with dg.DagsterInstance.get() as instance:
         # One named run per job (ingest, train, release), in order, stopping at the first that fails:
         # a rejected drop ends its ingest run and touches nothing downstream.
         for job_name, keys in split_by_job(definitions, picked):
-            job_config = dict(config)
-            if dg.AssetKey("dataset") in keys and run_config:
-                job_config.update(run_config)
+            job_config: dict[str, Any] = {**config, **(run_config or {})} if dataset in keys else dict(config)
+            if drop is not None and dataset in keys:
+                # ops of a subset are named from its own assets: address the model's dataset through them
+                name = op_name(graph, dataset, dg.AssetSelection.assets(*keys))
+                job_config["ops"] = {**job_config.get("ops", {}), name: {"config": {"drop": drop}}}
             result = definitions.resolve_job_def(job_name).execute_in_process(
                 run_config=job_config, instance=instance, tags={TRIGGER_TAG: "cli", **(tags or {})},
                 asset_selection=sorted(keys, key=lambda k: k.to_user_string()), raise_on_error=False)
@@ -181,6 +200,14 @@ def run_steps(instance: dg.DagsterInstance, results: list[dg.ExecuteInProcessRes
     records = [r for result in results for r in instance.all_logs(result.run_id)]
     whole = round(max(r.timestamp for r in records) - min(r.timestamp for r in records), 3) if records else 0.0
     return ([{"step": "run", "seconds": whole, "outcome": "span"}] if records else []) + steps
+
+
+def _prefix_name(part: str, model: str) -> str:
+    """``dataset+`` -> ``breast_cancer/dataset+`` (a name already prefixed is kept)."""
+    name = part.strip().strip("+")
+    if not name or name == "*" or "/" in name:
+        return part
+    return part.replace(name, f"{model}/{name}", 1)
 
 
 def parse_selection(text: str | None) -> dg.AssetSelection:

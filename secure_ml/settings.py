@@ -4,6 +4,7 @@
     store = settings.artifact_store(actor=settings.actor())
     settings.config.training.training.epochs            # typed configuration (secure_ml.config)
     Settings.from_env(home=..., env=..., config_dir=...)  # what a Dagster resource was given
+    settings.for_model("breast_cancer").load_config("training")   # training.yaml as that model's spec sees it
 
 ``Settings.from_env`` is the one factory: the CLI, the resources and the sensors all build their
 settings with it, so one rule decides home, environment and configuration directory everywhere.
@@ -38,6 +39,8 @@ class Settings:
     home: Path
     env: str = "local"
     environ: Mapping[str, str] = field(default_factory=dict, repr=False)
+    #: The model these settings act for (None: the default model); see :meth:`for_model`.
+    model: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *, home: str | Path | None = None,
@@ -93,8 +96,27 @@ class Settings:
         return str(self.environ.get("SECURE_ML_CONFIG") or "")
 
     def load_config(self, name: str) -> dict[str, Any]:
-        """``config_dir/NAME.yaml`` as a dict, validated by its model (once per Settings); a copy."""
-        return self.config.as_dict(name)
+        """``config_dir/NAME.yaml`` as a dict, validated by its model (once per Settings); a copy.
+
+        For a model with a spec (models/NAME.yaml), the file as that model sees it: its training
+        settings, evaluation thresholds, promotion parameters and schema laid over the shared file."""
+        data = self.config.as_dict(name)
+        spec = self.config.models().get(self.model_name)
+        return spec.overlay(name, data) if spec is not None else data
+
+    @property
+    def model_name(self) -> str:
+        """The model these settings act for: :attr:`model`, else the default model."""
+        return self.model or self.config.default_model
+
+    def for_model(self, name: str | None) -> Settings:
+        """The same settings acting for model ``name`` (None: the default model); an unknown name is refused."""
+        if name is not None and name != self.config.default_model and name not in self.config.models():
+            known = ", ".join(sorted(self.config.models())) or self.config.default_model
+            raise ConfigurationError(f"no model named {name!r} (models: {known})")
+        chosen = Settings(home=self.home, env=self.env, environ=self.environ, model=name)
+        chosen.__dict__["config"] = self.config  # parsed once, shared
+        return chosen
 
     @property
     def dagster_home(self) -> Path:

@@ -33,7 +33,8 @@ from secure_ml.config.models import AutomationFile
 from secure_ml.settings import Settings
 from sensors._shared import TRIGGER_TAG, sensor_status
 
-FRESH_ASSETS = (dg.AssetKey("deployment"),)
+#: Stage names (a key's last part: every model's ``deployment`` is fresh or stale on its own).
+FRESH_ASSETS = ("deployment",)
 #: Kinds from the stage contract (assets/__init__.py) for an asset whose stage set none.
 CONTRACT_KINDS: dict[str, set[str]] = {
     "dataset": {"parquet"}, "validated_dataset": {"json"}, "trained_model": {"pytorch", "safetensors"},
@@ -66,12 +67,12 @@ def map_assets(assets: Sequence[Any], automation: AutomationFile) -> list[Any]:
         changes: dict[str, Any] = {}
         if spec.group_name in automated and spec.deps and spec.automation_condition is None:
             changes["automation_condition"] = ADVANCE_WHEN_CHECKS_PASS
-        if spec.key in FRESH_ASSETS and spec.freshness_policy is None:
+        if spec.key.path[-1] in FRESH_ASSETS and spec.freshness_policy is None:
             changes["freshness_policy"] = freshness
         if not spec.owners and owners.get(spec.group_name or ""):
             changes["owners"] = list(owners[spec.group_name or ""])
-        if not spec.kinds and spec.key.to_user_string() in CONTRACT_KINDS:
-            changes["kinds"] = CONTRACT_KINDS[spec.key.to_user_string()]
+        if not spec.kinds and spec.key.path[-1] in CONTRACT_KINDS:
+            changes["kinds"] = CONTRACT_KINDS[spec.key.path[-1]]
         return spec.replace_attributes(**changes) if changes else spec
 
     out: list[Any] = []

@@ -24,8 +24,8 @@ _UI = {"secure_ml/trigger": "ui"}
 
 
 def ingest_selection(automation: AutomationFile) -> dg.AssetSelection:
-    """``dataset`` and everything downstream of it in ``landing.groups`` (lazy: grows with the graph)."""
-    return dg.AssetSelection.assets("dataset").downstream() & dg.AssetSelection.groups(*automation.landing.groups)
+    """Every model's assets in ``landing.groups`` (``dataset``, ``validated_dataset``; lazy: grows with the graph)."""
+    return dg.AssetSelection.groups(*automation.landing.groups)  # every model's dataset and validated_dataset
 
 
 def train_selection(automation: AutomationFile) -> dg.AssetSelection:

@@ -16,6 +16,12 @@ them (sensors/conditions.py): eager, and only once every blocking check upstream
 The ``weekly_retraining`` schedule (``retraining.cron``) retrains and re-signs on the latest
 validated data: the ``train`` job (training and security groups) in one run.
 
+Many models: each drop is routed to its model by the approved source its name matches
+(models/NAME.yaml ``sources``); its run materialises that model's assets only. A drop that
+matches the sources of two models is refused (audited, named) and runs nothing; a drop matching
+no source still gets its run, whose ``dataset`` refuses it (as before). Each model has its own
+retraining schedule (``weekly_retraining`` for the default model, ``NAME_weekly_retraining``).
+
     landing_sensor(settings), retraining_schedule(settings)   # secure_ml/definitions.py builds them
     landing_selection(settings.config.automation)              # what one drop's run materialises
 
@@ -30,31 +36,61 @@ import time
 import dagster as dg
 
 from resources import CustodyResource
+from resources.custody import MODEL_TAG, model_asset_key, model_selection, op_name
 from secure_ml.config.models import AutomationFile
 from secure_ml.data import landing
-from secure_ml.errors import Error
+from secure_ml.errors import ConfigurationError, Error
 from secure_ml.settings import Settings
 from sensors import jobs
 from sensors._shared import DROP_SHA_TAG, DROP_TAG, TRIGGER_TAG, schedule_status, sensor_status
 
 
-def landing_selection(automation: AutomationFile) -> dg.AssetSelection:
-    """What one drop's run (the ``ingest`` job) materialises: ``dataset`` and what follows it in
+def _models(settings: Settings) -> list[str]:
+    return list(dict.fromkeys([settings.config.default_model, *settings.config.models()]))
+
+
+def landing_selection(automation: AutomationFile, datasets: list[dg.AssetKey] | None = None) -> dg.AssetSelection:
+    """What a drop's run (the ``ingest`` job) materialises: each model's ``dataset`` and what follows it in
     ``landing.groups``."""
-    return jobs.ingest_selection(automation)
+    return (dg.AssetSelection.assets(*(datasets or [dg.AssetKey("dataset")])).downstream()
+            & jobs.ingest_selection(automation))
 
 
 def retraining_selection(automation: AutomationFile) -> dg.AssetSelection:
     return jobs.train_selection(automation)
 
 
-def drop_run_request(drop: landing.Drop) -> dg.RunRequest:
-    """The run for one complete drop: keyed by its digest, so the same bytes never run twice."""
+def drop_run_request(drop: landing.Drop, model: str | None = None,
+                     asset_selection: list[dg.AssetKey] | None = None, op: str = "dataset") -> dg.RunRequest:
+    """The run for one complete drop: keyed by its digest, so the same bytes never run twice. ``op``: the op
+    of the model's ``dataset`` in the sensor's job (each model's copy is numbered: dataset, dataset_2)."""
+    tags = {TRIGGER_TAG: "landing", DROP_TAG: drop.name, DROP_SHA_TAG: drop.sha256}
     return dg.RunRequest(
         run_key=drop.run_key,
-        run_config={"ops": {"dataset": {"config": {"drop": drop.name}}}},
-        tags={TRIGGER_TAG: "landing", DROP_TAG: drop.name, DROP_SHA_TAG: drop.sha256},
+        run_config={"ops": {op: {"config": {"drop": drop.name}}}},
+        tags={**tags, MODEL_TAG: model} if model else tags,
+        asset_selection=asset_selection,
     )
+
+
+def _routed_request(context: dg.SensorEvaluationContext, current: Settings, drop: landing.Drop) -> dg.RunRequest:
+    """The drop's run, confined to the model its source feeds (when the project has several models)."""
+    from secure_ml.governance.sources import ApprovedSources
+
+    models = _models(current)
+    if len(models) == 1:
+        return drop_run_request(drop)
+    default = current.config.default_model
+    model = ApprovedSources.from_settings(current).route(drop.name) or default
+    dataset = model_asset_key("dataset", model, default)
+    selection = landing_selection(current.config.automation, [dataset]) & model_selection(model)
+    repository = getattr(context, "repository_def", None)
+    if repository is None:
+        raise ConfigurationError("the landing sensor needs its code location to route a drop to its model")
+    graph = repository.asset_graph
+    keys = sorted(selection.resolve(graph))
+    # The run is the sensor's job subset to these keys, and Dagster names a subset's ops from its own assets.
+    return drop_run_request(drop, model, keys, op_name(graph, dataset, dg.AssetSelection.assets(*keys)))
 
 
 def settle_seconds(current: Settings) -> float:
@@ -82,8 +118,13 @@ def scan_landing(context: dg.SensorEvaluationContext, custody: CustodyResource) 
                 break
             time.sleep(recheck)
         for drop in landing.scan(current.landing_dir, cursor, settle_seconds=settle):
-            requests.append(drop_run_request(drop))
             cursor.mark_done(drop)
+            try:
+                requests.append(_routed_request(context, current, drop))
+            except Error as exc:  # e.g. the drop matches two models' sources: refused, named, no run
+                custody.record(None, "automation.landing", subject=f"sha256:{drop.sha256}", outcome="deny",
+                               details={"drop": drop.name, "reason": exc.explain()})
+                continue
             custody.record(None, "automation.landing", subject=f"sha256:{drop.sha256}",
                            details={"drop": drop.name, "bytes": drop.size, "run_key": drop.run_key})
     pending = sorted(cursor.pending)
@@ -95,6 +136,7 @@ def scan_landing(context: dg.SensorEvaluationContext, custody: CustodyResource) 
 def landing_sensor(settings: Settings) -> dg.SensorDefinition:
     """``landing_drops``: scans the landing area every ``landing.interval_seconds``."""
     automation = settings.config.automation
+    default = settings.config.default_model
     return dg.sensor(
         name="landing_drops",
         job_name=jobs.INGEST,
@@ -106,12 +148,20 @@ def landing_sensor(settings: Settings) -> dg.SensorDefinition:
     )(scan_landing)
 
 
-def retraining_schedule(settings: Settings) -> dg.ScheduleDefinition:
-    """``weekly_retraining`` on ``retraining.cron``."""
+def retraining_schedules(settings: Settings) -> list[dg.ScheduleDefinition]:
+    """One retraining schedule per model (each model retrains in its own run)."""
+    default = settings.config.default_model
+    return [retraining_schedule(settings, None if m == default else m) for m in _models(settings)]
+
+
+def retraining_schedule(settings: Settings, model: str | None = None) -> dg.ScheduleDefinition:
+    """``weekly_retraining`` on ``retraining.cron`` (``NAME_weekly_retraining`` for another model)."""
     automation = settings.config.automation
+    default = settings.config.default_model
+    target = retraining_selection(automation) & model_selection(model or default)
     return dg.ScheduleDefinition(
-        name="weekly_retraining",
-        job_name=jobs.TRAIN,
+        name=f"{model}_weekly_retraining" if model else "weekly_retraining",
+        **({"target": target} if len(_models(settings)) > 1 else {"job_name": jobs.TRAIN}),
         cron_schedule=automation.retraining.cron,
         execution_timezone=automation.retraining.timezone,
         default_status=schedule_status(settings),

@@ -5,6 +5,7 @@
                            [--digest sha256:<hex>]   also pin the directory's tree digest (k8s init container)
     secure-ml verify-attestation ENVELOPE --model MODEL_DIR --signature SIG [--public-key PEM]
     secure-ml model export [VERSION] DIR              decrypt, verify, write model + bundle + attestation + key
+    secure-ml model add NAME --data SAMPLE --label COL (--protected A,B | --no-protected REASON)   (model_add.py)
 
 verify-model, verify-attestation and export run the one verification chain
 (secure_ml.security.verification), the same the deploy gate, the security checks and the server run.
@@ -24,6 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from secure_ml.cli import model_add
 from secure_ml.custody.integrity import SHA256_HEX, tree_digest
 from secure_ml.errors import BadInput, VerificationError
 from secure_ml.security import scanning, signing, verification
@@ -58,6 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     export = model_sub.add_parser("export", help="write a verified model with its signature, attestation and key")
     export.add_argument("args", nargs="+", metavar="[VERSION] DIR")
     export.set_defaults(handler=cmd_export)
+    model_add.register(model_sub)
 
 
 def _trust_args(parser: argparse.ArgumentParser) -> None:
@@ -164,7 +167,7 @@ def _stored_digests(settings: Settings, version: str | None) -> tuple[str, str, 
     if version:
         from secure_ml.release.registry import Registry
 
-        found = Registry.from_settings(settings).get(version)
+        found = Registry.from_settings(settings).for_model(None).get(version)
         stored = found.evidence.get("store") or {}
         if not all(stored.get(k) for k in ("model_tree", "signature", "attestation")):
             raise VerificationError(f"{version} has no stored model, signature and attestation")

@@ -1,4 +1,8 @@
-"""secure-ml pipeline run [--data FILE] [--select SELECTION] [--json] [--timings] [-v].
+"""secure-ml pipeline run [--data FILE] [--model NAME] [--select SELECTION] [--json] [--timings] [-v].
+
+Many models: the drop is routed to the model whose source its name matches (``--model`` says it
+instead), and the run materialises that model's assets only; ``--select`` names them by stage
+(``dataset+``). A drop matching the sources of two models is refused, naming both.
 
 The run's summary goes to stdout (a table, or JSON with ``--json``). Each expected failure (a
 denial, bad input, a failed blocking check) is ONE line on stderr, ``secure-ml: ...``; Dagster's
@@ -33,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     run = pipeline_sub.add_parser("run", help="land a drop and materialise the pipeline")
     run.add_argument("--data", type=Path, help=f"data drop to land (default: {SAMPLE.name})")
     run.add_argument("--select", help="Dagster asset selection (default: everything)")
+    run.add_argument("--model", help="the model to run (default: the model whose source the drop matches)")
     run.add_argument("--json", action="store_true", help="print a machine-readable summary")
     run.add_argument("--timings", action="store_true", help="print each step's seconds (from the event log)")
     run.add_argument("-v", "--verbose", action="store_true", help="show Dagster's event log (INFO) on stderr")
@@ -59,13 +64,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("DAGSTER_HOME", str(settings.dagster_home))
     init_home(settings)
     drop = land(settings, args.data or SAMPLE)
+    model = route(settings, drop, args.model)
     # Dagster is imported only for this command
     from secure_ml.definitions import DROP_SHA_TAG, DROP_TAG, run_pipeline
 
     ingesting = _selects_dataset(args.select)
     drop_tags = {DROP_TAG: drop, DROP_SHA_TAG: sha256_file(settings.landing_dir / drop)} if ingesting else {}
-    summary = run_pipeline(settings, selection=args.select,
-                           run_config={"ops": {"dataset": {"config": {"drop": drop}}}} if ingesting else None,
+    summary = run_pipeline(settings, selection=args.select, model=model, drop=drop,
                            tags={**drop_tags, **_run_request(settings)},
                            console="debug" if args.debug else "info" if args.verbose else "quiet")
     if args.json:
@@ -96,6 +101,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def route(settings: Settings, drop: str, model: str | None) -> str | None:
+    """The model a drop's run is for: ``model``, else the one whose source matches the drop (None while
+    the project has one model: the run is the whole pipeline, as before)."""
+    from secure_ml.governance.sources import ApprovedSources
+
+    models = settings.config.models()
+    if model is not None:
+        settings.for_model(model)  # an unknown name is refused, naming the known ones
+        return model
+    if len(set(models) | {settings.config.default_model}) == 1:
+        return None
+    return ApprovedSources.from_settings(settings).route(drop) or settings.config.default_model
+
+
 def failure_lines(summary: dict[str, Any]) -> list[str]:
     """One line per failed blocking check (with its reason) and per failed step that is not just
     Dagster stopping a step for a blocking check already reported."""
@@ -124,6 +143,3 @@ def _run_request(settings: Settings) -> dict[str, str]:
         return {authn.RUN_OIDC_TAG: authn.oidc_run_request(settings, authn.verified_policy(settings))}
     return {}
 
-
-def _selects_dataset(selection: str | None) -> bool:
-    return not selection or "dataset" in selection.replace("validated_dataset", "")

@@ -8,6 +8,11 @@
     SECURE_ML_IDENTITY=carol.key secure-ml revoke v3 --reason TEXT
     secure-ml serve [--issue-token NAME]                  serve every verified deployed model (/v1, /v2)
 
+Many models: a version is named ``MODEL:VERSION`` (``breast_cancer:v3``) or by its bare number
+(``v3``; versions are numbered across the project, so that is never ambiguous). A stage name
+(``production``, ``staging``) and ``deploy``/``rollback`` without a version act for ``--model NAME``
+(default: the default model). ``status --json`` gives each version's ``model``.
+
 Who acts is the holder of the identity key (``SECURE_ML_IDENTITY`` or ``--identity FILE``) as the
 signed trust policy names it; every decision is a signed statement. A name typed anywhere
 (``SECURE_ML_ACTOR``, CI variables) grants nothing. Denials and forgeries exit 1 with every reason.
@@ -34,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     status.set_defaults(handler=cmd_status)
 
     approve = sub.add_parser("approve", help="approve a model version (a second identity)")
-    approve.add_argument("version", help="v1, sha256:<prefix>, or a stage (staging: the newest awaiting approval)")
+    approve.add_argument("version", help="[MODEL:]v1, sha256:<prefix>, or a stage (staging: the newest awaiting approval)")
     _identity_option(approve)
     approve.set_defaults(handler=cmd_approve)
 
@@ -81,6 +86,22 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def _identity_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--identity", type=Path, help="your identity key file (default: $SECURE_ML_IDENTITY)")
+    parser.add_argument("--model", help="the model a stage name or a bare deploy/rollback acts for "
+                                        "(default: the default model; MODEL:VERSION says it too)")
+
+
+def for_version(settings: Settings, ref: str | None, model: str | None = None) -> Settings:
+    """The settings acting for the model ``ref`` names: ``MODEL:VERSION``, a version's own model, or ``model``."""
+    from secure_ml.config.model_spec import split_ref
+    from secure_ml.release.registry import STAGES, Registry
+
+    named, rest = split_ref(ref or "")
+    if named is not None and model is not None and named != model:
+        raise BadInput(f"{ref} names model {named!r} but --model says {model!r}")
+    chosen = named or model
+    if chosen is None and rest and rest not in STAGES:
+        chosen = Registry.from_settings(settings).for_model(None).model_of(rest)
+    return settings.for_model(chosen)
 
 
 def _release(settings: Settings, actor: str | None = None) -> Any:
@@ -105,7 +126,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from secure_ml.release.signed import SignedDecisions, TrustedRegistry
 
     settings = Settings.from_env()
-    registry = Registry.from_settings(settings)
+    registry = Registry.from_settings(settings).for_model(None)  # every model's versions
     signed = SignedDecisions.for_settings(settings)
     if signed is not None:  # stages, approvals and trainers as the signed statements say
         registry = TrustedRegistry(registry.path, signed)
@@ -115,7 +136,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(data, indent=1, default=str))
             return 0
-        print(f"{version.version}  sha256:{version.model_digest}  {version.stage}  registered by {version.registered_by}")
+        print(f"{version.model}:{version.version}  sha256:{version.model_digest}  {version.stage}  "
+              f"registered by {version.registered_by}")
         for event in data["history"]:
             reasons = event["details"].get("reasons")
             extra = f"  ({'; '.join(reasons)})" if reasons else ""
@@ -127,24 +149,28 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     if not status["versions"]:
         print("no model versions registered yet (run `secure-ml pipeline run`)")
+    # One model (the demo): versions print as before; several: each as MODEL:VERSION.
+    several = len({v["model"] for v in status["versions"]} | set(status["deployed_by_model"])) > 1
     for v in status["versions"]:
         approvers = ", ".join(a["identity"] for a in v["approvals"]) or "none"
-        print(f"{v['version']:<5} {v['stage']:<11} sha256:{v['model_digest'][:16]}…  registered by "
+        print(f"{v['name'] if several else v['version']:<{20 if several else 5}} {v['stage']:<11} sha256:{v['model_digest'][:16]}…  registered by "
               f"{v['registered_by']}; approvals: {approvers}")
         policy = v.get("policy") or {}
         for reason in policy.get("reasons", []) if not policy.get("allowed") else []:
             print(f"      waiting: {reason}")
-    for target, deployed in status["deployed"].items():
-        if deployed:
-            print(f"deployed to {target}: {deployed['version']} sha256:{deployed['model_digest'][:16]}… "
+    for model, live in status["deployed_by_model"].items():
+        for target, deployed in live.items():
+            named = f"{model}:{deployed['version']}" if several else deployed["version"]
+            print(f"deployed to {target}: {named} sha256:{deployed['model_digest'][:16]}… "
                   f"by {deployed['actor']} at {deployed['at'][:19]} ({deployed['status']})")
-        else:
+    if not any(status["deployed_by_model"].values()):
+        for target in status["deployed"]:
             print(f"deployed to {target}: nothing")
     return 0
 
 
 def cmd_approve(args: argparse.Namespace) -> int:
-    settings = Settings.from_env()
+    settings = for_version(Settings.from_env(), args.version, args.model)
     actor = _actor(settings, args)
     release = _release(settings, actor=actor.name)
     if args.version == "staging" and not any(v.stage == "staging" for v in release.registry.versions()):
@@ -165,7 +191,7 @@ def cmd_approve(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    settings = Settings.from_env()
+    settings = for_version(Settings.from_env(), args.version, args.model)
     actor = _actor(settings, args)
     release = _release(settings, actor=actor.name)
     version, decision = release.promote(args.version, actor=actor.name, stage=args.stage, by=actor)
@@ -175,7 +201,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    settings = Settings.from_env()
+    settings = for_version(Settings.from_env(), args.version, args.model)
     actor = _actor(settings, args)
     release = _release(settings, actor=actor.name)
     target = args.target or str((release.config.get("deploy") or {}).get("default_target", "local"))
@@ -196,7 +222,7 @@ def _report(settings: Settings, target: str) -> None:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    settings = Settings.from_env()
+    settings = for_version(Settings.from_env(), None, args.model)
     actor = _actor(settings, args)
     record = _release(settings, actor=actor.name).rollback(actor=actor.name, target=args.target, reason=args.reason,
                                                            by=actor)
@@ -206,7 +232,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
-    settings = Settings.from_env()
+    settings = for_version(Settings.from_env(), args.version, args.model)
     actor = _actor(settings, args)
     done = _release(settings, actor=actor.name).revoke(args.version, by=actor, reason=args.reason)
     print(f"{actor.name} revoked {args.version} (signed): {args.reason}")

@@ -45,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     add.add_argument("--model-signer", action="store_true", help="trust this key's model signatures")
     add.add_argument("--owner-key", type=Path, action="append", required=True)
     add.set_defaults(handler=cmd_add)
+    models = trust_sub.add_parser("models", help="sign the model specs' promotion parameters into a new version")
+    models.add_argument("--owner-key", type=Path, action="append", required=True, help="an owner's private key")
+    models.set_defaults(handler=cmd_models)
     show = trust_sub.add_parser("show", help="the verified policy")
     show.add_argument("--json", action="store_true")
     show.set_defaults(handler=cmd_show)
@@ -68,13 +71,38 @@ def cmd_init(args: argparse.Namespace) -> int:
     doc = TrustPolicy.new_document([o.key for o in owners], threshold=args.threshold or len(owners),
                                    roles_config=settings.load_config("roles"),
                                    release_config=settings.load_config("release"),
-                                   unauthenticated_roles=TRAINING_ROLES if args.unauthenticated_may_train else ())
+                                   unauthenticated_roles=TRAINING_ROLES if args.unauthenticated_may_train else (),
+                                   model_promotion=model_promotion(settings))
     pipeline_key = ensure_signing_key(settings.home / "keys" / "model-signing.pem")
     add_identity(doc, "pipeline", roles=["pipeline"], key=public_key(public_key_path(pipeline_key)), model_signer=True)
     policy = trust_store(settings).init(doc, [o.signer for o in owners])
     settings.audit_log().record(owners[0].keyid[:16], "trust.init", subject=f"trust-policy v{policy.version}",
                                 details={"digest": policy.digest, "owners": [o.keyid for o in owners]})
     print(f"trust policy v{policy.version} signed by {len(owners)} owner key(s): {trust_store(settings).policy_path}")
+    return 0
+
+
+def model_promotion(settings: Settings) -> dict[str, dict[str, object]]:
+    """Each model spec's promotion overrides: what the owners sign into the trust policy."""
+    return {name: spec.promotion_overrides() for name, spec in settings.config.models().items()
+            if spec.promotion_overrides()}
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from secure_ml.governance.authn import trust_store
+
+    settings = Settings.from_env()
+    owners = _owners(settings, args.owner_key)
+    wanted = model_promotion(settings)
+
+    def change(doc: dict[str, object]) -> None:
+        doc["model_promotion"] = wanted
+
+    policy = trust_store(settings).update(change, [o.signer for o in owners])
+    settings.audit_log().record(owners[0].keyid[:16], "trust.models", subject=f"trust-policy v{policy.version}",
+                                details={"models": sorted(wanted)})
+    print(f"trust policy v{policy.version}: promotion parameters of {len(wanted)} model(s) signed: "
+          f"{', '.join(sorted(wanted)) or 'none differ from release.yaml'}")
     return 0
 
 

@@ -2,6 +2,7 @@
 
     settings.config.training.training.epochs          # typed (Settings.config is a Config)
     settings.load_config("training")                   # the same file as a validated dict
+    settings.config.models()                           # {name: ModelSpec}: models/NAME.yaml (model_spec.py)
     Config(directory).check_all()                      # every file, e.g. before a deploy
 
 The YAML files in this directory are the shipped defaults; ``$SECURE_ML_CONFIG`` names a copy
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from secure_ml.config.loader import load_file
+from secure_ml.config.model_spec import DEFAULT_MODEL, ModelSpec, load_spec, model_names
 from secure_ml.config.models import (
     FILES,
     AutomationFile,
@@ -45,6 +47,7 @@ class Config:
         self.directory = Path(directory)
         self._models: dict[str, Strict] = {}
         self._dicts: dict[str, dict[str, Any]] = {}
+        self._specs: dict[str, ModelSpec] | None = None
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -76,9 +79,40 @@ class Config:
             return copy.deepcopy(self._dicts[name])
 
     def check_all(self) -> None:
-        """Validate every file (the first problem raises)."""
+        """Validate every file and every model spec (the first problem raises)."""
         for name in FILES:
             self.file(name)
+        self.models()
+
+    # -- models (models/NAME.yaml) ---------------------------------------------------------
+    def models(self) -> dict[str, ModelSpec]:
+        """Every model spec, validated against sources.yaml and its schema; {} before specs existed."""
+        if self._specs is None:
+            known = {source.name for source in self.sources.sources}
+            specs = {name: load_spec(self.directory, name, shown=self.shown(f"models/{name}"), known_sources=known)
+                     for name in model_names(self.directory)}
+            claimed: dict[str, str] = {}
+            for spec in specs.values():
+                for source in spec.sources:
+                    if source in claimed:
+                        raise ConfigurationError(f"{self.shown(f'models/{spec.name}')}: sources: {source!r} is "
+                                                 f"already the source of model {claimed[source]!r}")
+                    claimed[source] = spec.name
+            with self._lock:
+                self._specs = specs
+        return dict(self._specs)
+
+    @property
+    def default_model(self) -> str:
+        """The model whose assets keep the unprefixed keys (pipeline.yaml ``default_model``)."""
+        return self.pipeline.default_model
+
+    def model_of_source(self, source: str) -> str:
+        """The model an approved source feeds (the default model when no spec claims it)."""
+        for spec in self.models().values():
+            if source in spec.sources:
+                return spec.name
+        return self.default_model
 
     # -- typed access, one property per file ---------------------------------------------------
     @property
@@ -119,4 +153,4 @@ class Config:
         return loaded
 
 
-__all__ = ["FILES", "SHIPPED_DIR", "Config"]
+__all__ = ["DEFAULT_MODEL", "FILES", "SHIPPED_DIR", "Config", "ModelSpec"]

@@ -89,6 +89,9 @@ class DatasetSection(Strict):
 
 class PipelineFile(Strict):
     dataset: DatasetSection = DatasetSection()
+    # The model whose assets keep the unprefixed keys (dataset, trained_model, ...); every other
+    # model in models/ gets its name as a key prefix (breast_cancer/dataset).
+    default_model: str = "german_credit"
 
 
 # -- release.yaml ------------------------------------------------------------------------------

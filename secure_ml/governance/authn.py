@@ -165,10 +165,11 @@ def require(settings: Settings, policy: TrustPolicy, actor: Actor, permission: s
 
 def check_config(settings: Settings, policy: TrustPolicy) -> None:
     """Refuse configuration whose gate data differs from the signed policy's (a swapped config dir)."""
-    release = settings.load_config("release")
+    release = settings.load_config("release")  # the acting model's view (its spec's promotion overrides)
     roles = settings.load_config("roles")
-    diffs = [f"promotion.{k}" for k in sorted(set(policy.promotion) | set(release.get("promotion") or {}))
-             if policy.promotion.get(k) != (release.get("promotion") or {}).get(k)]
+    signed = policy.promotion_for(settings.model_name)
+    diffs = [f"promotion.{k}" for k in sorted(set(signed) | set(release.get("promotion") or {}))
+             if signed.get(k) != (release.get("promotion") or {}).get(k)]
     signed_roles: Mapping[str, Any] = policy.doc.get("roles") or {}
     diffs += [f"roles.{k}" for k in sorted(roles.get("roles") or {})
               if dict(signed_roles.get(k) or {}) != dict((roles.get("roles") or {})[k] or {})]

@@ -58,8 +58,12 @@ class ApprovedSources:
     """The approved sources from configuration, in order."""
 
     def __init__(self, config: Mapping[str, Any], *, classifications: Sequence[str] = DEFAULT_CLASSIFICATIONS,
-                 origin: str = "sources configuration") -> None:
+                 origin: str = "sources configuration", model_of: Mapping[str, str] | None = None,
+                 model: str | None = None) -> None:
         self.origin = origin
+        # Many models: which model each source feeds (models/NAME.yaml `sources`), and the model acting.
+        self.model_of = dict(model_of or {})
+        self.model = model
         self.classifications = tuple(classifications)
         entries = config.get("sources") if isinstance(config, Mapping) else None
         if not isinstance(entries, list):
@@ -112,11 +116,29 @@ class ApprovedSources:
             raise ConfigurationError(f"approved sources file {path} is not valid YAML") from None
         roles = settings.load_config("roles")
         classifications = roles.get("classifications") or DEFAULT_CLASSIFICATIONS
-        return cls(config or {}, classifications=classifications, origin=path.name)
+        sources = cls(config or {}, classifications=classifications, origin=path.name)
+        chosen = getattr(settings, "config", None)
+        if chosen is not None and hasattr(chosen, "model_of_source"):
+            sources.model_of = {s.name: chosen.model_of_source(s.name) for s in sources.sources}
+            sources.model = getattr(settings, "model_name", None)
+        return sources
+
+    def route(self, drop_name: str) -> str | None:
+        """The model a drop feeds (by the source its name matches), None when no source matches.
+        A drop matching the sources of two models is refused, naming both."""
+        found = [s for s in self.sources if s.matches(drop_name)]
+        models = sorted({self.model_of.get(s.name, "") for s in found})
+        if len(models) > 1:
+            named = " and ".join(f"{self.model_of.get(s.name)!r} (source {s.name!r})" for s in found[:2])
+            raise ConfigurationError(f"drop {drop_name!r} matches the sources of models {named}; refused: "
+                                     "make their patterns disjoint")
+        return self.model_of.get(found[0].name) if len(found) == 1 else None
 
     def match(self, drop_name: str) -> ApprovedSource | None:
         """The source a drop belongs to, or None; ConfigurationError if two sources claim it."""
         found = [s for s in self.sources if s.matches(drop_name)]
+        if len({self.model_of.get(s.name) for s in found}) > 1:
+            self.route(drop_name)  # names the two models
         if len(found) > 1:
             raise ConfigurationError(f"drop {drop_name!r} matches sources {found[0].name!r} and "
                                      f"{found[1].name!r} in {self.origin}; make their patterns disjoint")
@@ -128,6 +150,11 @@ class ApprovedSources:
         if source is None:
             raise PolicyDenied(f"drop {drop_name!r} is not from an approved source: no source in "
                                f"{self.origin} matches its name (approved: {self.describe()})")
+        owner = self.model_of.get(source.name)
+        if self.model is not None and owner is not None and owner != self.model:
+            # A drop is one model's data: another model's pipeline never ingests it.
+            raise PolicyDenied(f"drop {drop_name!r} is from source {source.name!r} of model {owner!r}, "
+                               f"not of model {self.model!r}")
         return source
 
     def describe(self) -> str:

@@ -68,6 +68,12 @@ class TrustPolicy:
     def promotion(self) -> dict[str, Any]:
         return dict(self.doc.get("promotion") or {})
 
+    def promotion_for(self, model: str) -> dict[str, Any]:
+        """The promotion data for ``model``: the shared parameters with that model's signed overrides
+        (``model_promotion``, from its spec; e.g. no bias metrics for a model without protected attributes)."""
+        overrides = dict((self.doc.get("model_promotion") or {}).get(model) or {})
+        return {**self.promotion, **overrides}
+
     @property
     def admission(self) -> dict[str, Any]:
         return dict(self.doc.get("admission") or {})
@@ -138,13 +144,15 @@ class TrustPolicy:
                                for n, s in self.identities.items()},
                 "unauthenticated_roles": list(self.roles_of(UNAUTHENTICATED)),
                 "model_signers": list(self.doc.get("model_signers", [])),
-                "promotion": self.promotion}
+                "promotion": self.promotion, "model_promotion": dict(self.doc.get("model_promotion") or {})}
 
     # -- building --------------------------------------------------------------------------
     @staticmethod
     def new_document(owners: Sequence[Key], *, threshold: int, roles_config: Mapping[str, Any],
-                     release_config: Mapping[str, Any], unauthenticated_roles: Iterable[str] = ()) -> dict[str, Any]:
-        """Version 1 from the shipped roles and release configuration; no identities yet."""
+                     release_config: Mapping[str, Any], unauthenticated_roles: Iterable[str] = (),
+                     model_promotion: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+        """Version 1 from the shipped roles and release configuration; no identities yet.
+        ``model_promotion``: each model's promotion overrides (ModelSpec.promotion_overrides)."""
         if not owners:
             raise BadInput("a trust policy needs at least one owner key")
         if not 1 <= threshold <= len(owners):
@@ -163,6 +171,7 @@ class TrustPolicy:
             "classifications": list(roles_config.get("classifications") or []),
             "unauthenticated": {"roles": unauth},
             "promotion": dict(release_config.get("promotion") or {}),
+            "model_promotion": {str(k): dict(v) for k, v in (model_promotion or {}).items() if v},
             "admission": {k: v for k, v in dict(release_config.get("admission") or {}).items()
                           if k != "signed_model_digests"},
             "model_signers": [],

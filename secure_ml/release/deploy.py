@@ -68,6 +68,7 @@ class Release:
         self.store = store
         self.audit = audit
         self.config = dict(config or {})
+        self.default_model: str | None = None  # from_settings sets it (deployments_dir)
         self.gatekeeper = DeployGate(home=self.home, registry=registry, engine=engine, access=access, store=store,
                                      audit=audit, trust=trust)
 
@@ -81,12 +82,15 @@ class Release:
         signed = SignedDecisions.for_settings(settings) if isinstance(settings, Settings) else None
         registry = Registry.from_settings(settings)
         if signed is not None:
-            registry = TrustedRegistry(registry.path, signed)
-        return cls(home=settings.home, registry=registry, signed=signed,
+            registry = TrustedRegistry(registry.path, signed, model=registry.model)
+        release = cls(home=settings.home, registry=registry, signed=signed,
                    engine=PolicyEngine.from_settings(settings), access=AccessPolicy.from_settings(settings),
                    store=settings.artifact_store(actor=actor), audit=settings.audit_log(),
                    trust=trust or (lambda: TrustPolicy.from_config(settings.load_config("security"), settings.home)),
                    config=config)
+        chosen = getattr(settings, "config", None)
+        release.default_model = getattr(chosen, "default_model", None)
+        return release
 
     @property
     def trust(self) -> TrustPolicy:
@@ -95,7 +99,12 @@ class Release:
 
     @property
     def deployments_dir(self) -> Path:
-        return self.home / "deployments"
+        """Where this model's deployments live: ``deployments/`` for the default model (as before),
+        ``deployments/models/NAME/`` for another, so two models never share a target directory."""
+        model, default = self.registry.model, getattr(self, "default_model", None)
+        if model is None or default is None or model == default:
+            return self.home / "deployments"
+        return self.home / "deployments" / "models" / model
 
     def verify(self, version: ModelVersion, *, actor: str) -> VerifiedVersion:
         """The version's stored bytes through the verification chain (:meth:`DeployGate.verify`)."""

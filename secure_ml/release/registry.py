@@ -6,6 +6,14 @@
     registry.add_approval("v1", "carol", roles=["approver"])
     registry.get("v1").stage; registry.production(); registry.history("v1")
     registry.record_deployment(...); registry.deployments(target="local")
+    Registry.from_settings(settings.for_model("breast_cancer"))  # one model's versions, production, deployments
+    registry.live(target="local")              # what is live for every model: the server's list
+
+Many models: each version belongs to one model (``model``). Versions are numbered across the
+project (v1, v2, ... whatever the model), so a bare ``v3`` is never ambiguous; ``MODEL:VERSION``
+(``breast_cancer:v3``) names it with its model and is refused when the version is another model's.
+A registry opened for a model (``model=``) has that model's production version, its stage names
+(``production``) and its deployments; one opened without a model lists everything.
 
 A version is named ``v<N>`` for people and addressed by ``model_digest``: the digest over the
 model's files (``integrity.tree_digest``) that the model signature covers. Registering the same
@@ -23,6 +31,7 @@ from several processes are serialised by SQLite's lock and readers never see hal
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -41,6 +50,12 @@ from secure_ml.errors import BadInput, ConfigurationError, PolicyDenied
 STAGES = ("candidate", "staging", "production", "archived")
 _VERSION = re.compile(r"^v[1-9][0-9]{0,8}$")
 _DIGEST = SHA256_HEX
+#: Rows written before models had names belong to the demo model.
+LEGACY_MODEL = "german_credit"
+_MIGRATIONS = {
+    "versions": f"ALTER TABLE versions ADD COLUMN model TEXT NOT NULL DEFAULT '{LEGACY_MODEL}'",
+    "deployments": f"ALTER TABLE deployments ADD COLUMN model TEXT NOT NULL DEFAULT '{LEGACY_MODEL}'",
+}
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
     version TEXT PRIMARY KEY,
@@ -106,6 +121,7 @@ class ModelVersion:
     registered_at: str
     evidence: dict[str, Any] = field(default_factory=dict)
     approvals: tuple[dict[str, Any], ...] = ()
+    model: str = LEGACY_MODEL
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "approvals": list(self.approvals)}
@@ -122,6 +138,7 @@ class Deployment:
     status: str       # deployed | failed | rolled_back | rollback
     location: str
     reason: str
+    model: str = LEGACY_MODEL
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -136,18 +153,42 @@ def check_version(version: str) -> str:
 class Registry:
     """Model versions, their stages, approvals, history and deployments in one SQLite file."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, model: str | None = None) -> None:
         self.path = Path(path)
+        self.model = model
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fresh = not self.path.exists()
         with self._connect() as db:
             db.executescript(_SCHEMA)
+            for table, alter in _MIGRATIONS.items():  # registries from before models had names
+                if "model" not in {r["name"] for r in db.execute("SELECT name FROM pragma_table_info(?)", (table,))}:
+                    db.execute(alter)
         if fresh:
             os.chmod(self.path, 0o600)
 
     @classmethod
     def from_settings(cls, settings: _HasHome) -> Registry:
-        return cls(settings.home / "registry" / "registry.db")
+        """The registry acting for the settings' model (``settings.model_name``)."""
+        return cls(settings.home / "registry" / "registry.db", model=getattr(settings, "model_name", None))
+
+    def for_model(self, model: str | None) -> Registry:
+        """The same registry (file, class, trust), acting for ``model`` (None: every model)."""
+        other = copy.copy(self)
+        other.model = model
+        return other
+
+    def _model_args(self) -> tuple[str | None, str | None]:
+        """The parameters of a query's ``(? IS NULL OR model = ?)``: every model's rows when the registry has none."""
+        return (self.model, self.model)
+
+    def model_of(self, ref: str) -> str:
+        """The model a version belongs to (``MODEL:VERSION`` or any ref :meth:`resolve` takes)."""
+        version = self.resolve(ref)
+        with self._connect() as db:
+            row = db.execute("SELECT model FROM versions WHERE version = ?", (version,)).fetchone()
+        if row is None:
+            raise BadInput(f"no model version {version} in the registry")
+        return str(row["model"])
 
     def __repr__(self) -> str:
         return f"Registry({str(self.path)!r})"
@@ -210,19 +251,29 @@ class Registry:
             else:
                 number = db.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM versions").fetchone()[0]
                 existing = f"v{number}"
-                db.execute("INSERT INTO versions VALUES (?, ?, ?, 'candidate', ?, ?, ?)",
-                           (existing, number, model_digest, actor, _now(), payload))
-                self._event(db, actor, "register", existing, {"model_digest": model_digest, "stage": "candidate"})
+                model = self.model or LEGACY_MODEL
+                db.execute("INSERT INTO versions (version, number, model_digest, stage, registered_by, registered_at, "
+                           "evidence, model) VALUES (?, ?, ?, 'candidate', ?, ?, ?, ?)",
+                           (existing, number, model_digest, actor, _now(), payload, model))
+                self._event(db, actor, "register", existing, {"model_digest": model_digest, "stage": "candidate",
+                                                              "model": model})
                 created = True
         return self.get(existing), created
 
     def resolve(self, ref: str) -> str:
-        """A version name from ``v3``, ``sha256:<digest or unique prefix>`` or ``production``."""
+        """A version name from ``v3``, ``sha256:<digest or unique prefix>`` or ``production``, each
+        optionally as ``MODEL:REF`` (refused when the version is another model's)."""
         ref = (ref or "").strip()
+        if ":" in ref and not ref.startswith("sha256:"):
+            model, _, rest = ref.partition(":")
+            if not re.fullmatch(r"[a-z][a-z0-9_]{0,39}", model):
+                raise BadInput(f"not a model name in {ref[:60]!r} (expected MODEL:VERSION, e.g. german_credit:v1)")
+            version = self.for_model(model).resolve(rest)  # refused when it is another model's
+            return self._own(version)
         if ref in STAGES:
             with self._connect() as db:
-                rows = db.execute("SELECT version FROM versions WHERE stage = ? ORDER BY number DESC",
-                                  (ref,)).fetchall()
+                rows = db.execute("SELECT version FROM versions WHERE stage = ? AND (? IS NULL OR model = ?) "
+                                  "ORDER BY number DESC", (ref, *self._model_args())).fetchall()
             if not rows:
                 raise BadInput(f"no model version is in {ref}")
             return str(rows[0]["version"])
@@ -235,8 +286,19 @@ class Registry:
                                   (prefix + "%",)).fetchall()
             if len(rows) != 1:
                 raise BadInput(f"{ref[:24]}… names {len(rows)} model versions, not one")
-            return str(rows[0]["version"])
-        return check_version(ref)
+            return self._own(str(rows[0]["version"]))
+        return self._own(check_version(ref))
+
+    def _own(self, version: str) -> str:
+        """``version``, refused when this registry acts for another model than the version's (before any write)."""
+        if self.model is None:
+            return version
+        with self._connect() as db:
+            row = db.execute("SELECT model FROM versions WHERE version = ?", (version,)).fetchone()
+        if row is not None and row["model"] != self.model:
+            raise BadInput(f"{version} is a version of model {row['model']!r}, not of {self.model!r} "
+                           f"(name it {row['model']}:{version})")
+        return version
 
     def get(self, ref: str) -> ModelVersion:
         version = self.resolve(ref)
@@ -247,7 +309,7 @@ class Registry:
             approvals = db.execute("SELECT identity, roles, at FROM approvals WHERE version = ? ORDER BY at",
                                    (version,)).fetchall()
         return ModelVersion(
-            version=row["version"], model_digest=row["model_digest"], stage=row["stage"],
+            version=row["version"], model_digest=row["model_digest"], stage=row["stage"], model=row["model"],
             registered_by=row["registered_by"], registered_at=row["registered_at"],
             evidence=json.loads(row["evidence"]),
             approvals=tuple({"identity": a["identity"], "roles": json.loads(a["roles"]), "at": a["at"]}
@@ -256,12 +318,14 @@ class Registry:
 
     def versions(self) -> list[ModelVersion]:
         with self._connect() as db:
-            names = [r["version"] for r in db.execute("SELECT version FROM versions ORDER BY number")]
+            names = [r["version"] for r in db.execute("SELECT version FROM versions WHERE (? IS NULL OR model = ?) "
+                                                      "ORDER BY number", self._model_args())]
         return [self.get(name) for name in names]
 
     def production(self) -> ModelVersion | None:
         with self._connect() as db:
-            row = db.execute("SELECT version FROM versions WHERE stage = 'production'").fetchone()
+            row = db.execute("SELECT version FROM versions WHERE stage = 'production' AND (? IS NULL OR model = ?)",
+                             self._model_args()).fetchone()
         return self.get(row["version"]) if row else None
 
     def set_stage(self, ref: str, stage: str, *, actor: str, action: str = "promote",
@@ -279,8 +343,10 @@ class Registry:
                 # Another writer moved it since the caller decided: refuse rather than act on stale state.
                 raise PolicyDenied(f"{version} is {before} now, not {' or '.join(expect)}; decide again")
             if stage == "production":
-                for old in db.execute("SELECT version FROM versions WHERE stage = 'production' AND version != ?",
-                                      (version,)).fetchall():
+                # At most one production version per model: another model's production is not touched.
+                for old in db.execute("SELECT version FROM versions WHERE stage = 'production' AND version != ? "
+                                      "AND model = (SELECT model FROM versions WHERE version = ?)",
+                                      (version, version)).fetchall():
                     db.execute("UPDATE versions SET stage = 'archived' WHERE version = ?", (old["version"],))
                     self._event(db, actor, "archive", old["version"],
                                 {"from": "production", "to": "archived", "replaced_by": version})
@@ -330,22 +396,37 @@ class Registry:
     def record_deployment(self, *, actor: str, target: str, version: str, model_digest: str, status: str,
                           location: str = "", reason: str = "") -> Deployment:
         with self._write() as db:
+            row = db.execute("SELECT model FROM versions WHERE version = ?", (version,)).fetchone()
+            model = str(row["model"]) if row is not None else (self.model or LEGACY_MODEL)
             cursor = db.execute(
-                "INSERT INTO deployments (at, actor, target, version, model_digest, status, location, reason) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (_now(), actor, target, version, model_digest, status, location, reason))
+                "INSERT INTO deployments (at, actor, target, version, model_digest, status, location, reason, model) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (_now(), actor, target, version, model_digest, status, location, reason, model))
             self._event(db, actor, f"deploy.{status}", version,
                         {"target": target, "model_digest": model_digest, "location": location, "reason": reason})
             seq = cursor.lastrowid
-        return next(d for d in self.deployments(target) if d.seq == seq)
+        return next(d for d in self.for_model(model).deployments(target) if d.seq == seq)
 
     def deployments(self, target: str | None = None) -> list[Deployment]:
+        """This model's deployments (every model's for a registry opened without one), oldest first."""
         with self._connect() as db:
             if target is None:
-                rows = db.execute("SELECT * FROM deployments ORDER BY seq").fetchall()
+                rows = db.execute("SELECT * FROM deployments WHERE (? IS NULL OR model = ?) ORDER BY seq",
+                                  self._model_args()).fetchall()
             else:
-                rows = db.execute("SELECT * FROM deployments WHERE target = ? ORDER BY seq", (target,)).fetchall()
+                rows = db.execute("SELECT * FROM deployments WHERE target = ? AND (? IS NULL OR model = ?) ORDER BY seq",
+                                  (target, *self._model_args())).fetchall()
         return [Deployment(**dict(r)) for r in rows]
+
+    def models(self) -> list[str]:
+        """Every model with a registered version, sorted."""
+        with self._connect() as db:
+            return sorted(str(r["model"]) for r in db.execute("SELECT DISTINCT model FROM versions"))
+
+    def live(self, target: str = "local") -> list[Deployment]:
+        """What is live on ``target`` for every model (one per model, by model name): what a server serves."""
+        live = (self.for_model(model).current_deployment(target) for model in self.models())
+        return [d for d in live if d is not None]
 
     def current_deployment(self, target: str) -> Deployment | None:
         """What is live on ``target`` now: the latest successful deploy or rollback."""
@@ -374,14 +455,19 @@ class Registry:
     def status(self) -> dict[str, Any]:
         """Everything `secure-ml status` shows: versions, stages, approvals, what is deployed."""
         targets = sorted({d.target for d in self.deployments()})
+        everything = self.for_model(None)
         return {
             "registry": str(self.path),
             "versions": [
-                {"version": v.version, "model_digest": v.model_digest, "stage": v.stage,
+                {"model": v.model, "version": v.version, "name": f"{v.model}:{v.version}",
+                 "model_digest": v.model_digest, "stage": v.stage,
                  "registered_by": v.registered_by, "registered_at": v.registered_at,
                  "approvals": list(v.approvals),
                  "policy": self._last_decision(v.version)}
-                for v in self.versions()
+                for v in everything.versions()
             ],
             "deployed": {t: (d.as_dict() if (d := self.current_deployment(t)) else None) for t in targets},
+            "deployed_by_model": {model: {t: d.as_dict() for t in sorted({x.target for x in everything.deployments()})
+                                          if (d := everything.for_model(model).current_deployment(t))}
+                                  for model in everything.models()},
         }

@@ -4,9 +4,10 @@
     models = load_deployed(deployed, trust=release.trust)   # each through the one verification chain
 
 ``deployed_models`` is the one place that says what is deployed for serving: ``secure-ml serve`` and
-the Kubernetes rendering both take their list from it. Today a target holds one deployment, served
-under the configured name (release.yaml ``serving.model_name``, default ``german_credit``); per-model
-deployments only change this function. ``load_deployed`` loads each one only through
+the Kubernetes rendering both take their list from it: one live deployment per model
+(``Registry.live``), the default model served under the configured name (release.yaml
+``serving.model_name``, default ``german_credit``), every other model under its own. ``load_deployed``
+loads each one only through
 :func:`secure_ml.release.serving.load_deployment` (signature, files pinned to the registry's digest,
 attestation), and refuses the whole list if any model fails: a server never starts half-verified.
 """
@@ -44,11 +45,12 @@ def deployed_models(settings: Any, *, target: str = "local") -> list[DeployedMod
     from secure_ml.release.deploy import Release
 
     release = Release.from_settings(settings)
-    current = release.registry.current_deployment(target)
-    if current is None:
-        return []
+    # Per model (registry.live): the default model under serving.model_name, every other under its own name.
     name = str((settings.load_config("release").get("serving") or {}).get("model_name") or DEFAULT_MODEL_NAME)
-    return [DeployedModel(name, current.version, Path(current.location), current.model_digest)]
+    default = getattr(getattr(settings, "config", None), "default_model", DEFAULT_MODEL_NAME)
+    return [DeployedModel(name if live.model == default else live.model, live.version, Path(live.location),
+                          live.model_digest)
+            for live in release.registry.for_model(None).live(target)]
 
 
 def check_names(models: Sequence[DeployedModel]) -> None:

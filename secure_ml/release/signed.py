@@ -200,8 +200,8 @@ class SignedDecisions:
 class TrustedRegistry(Registry):
     """The registry as an index: every version read back carries verified facts only."""
 
-    def __init__(self, path: Path | str, signed: SignedDecisions) -> None:
-        super().__init__(path)
+    def __init__(self, path: Path | str, signed: SignedDecisions, *, model: str | None = None) -> None:
+        super().__init__(path, model=model)
         self.signed = signed
 
     def get(self, ref: str) -> ModelVersion:
