@@ -143,3 +143,7 @@ def _run_request(settings: Settings) -> dict[str, str]:
         return {authn.RUN_OIDC_TAG: authn.oidc_run_request(settings, authn.verified_policy(settings))}
     return {}
 
+
+
+def _selects_dataset(selection: str | None) -> bool:
+    return not selection or "dataset" in selection.replace("validated_dataset", "")
