@@ -128,9 +128,11 @@ class CustodyResource(dg.ConfigurableResource):  # type: ignore[type-arg]
             return
         _LABELLED.add(run.run_id)
         wanted = {TRIGGER_TAG: "ui", **tags}
-        ingesting = dg.AssetKey("dataset") in _step_keys(context)  # it tags the drop it resolves itself
+        keys = _step_keys(context)
+        prefix = list(next(iter(keys)).path[:-1]) if keys else []  # another model's assets: its key prefix
+        ingesting = any(k.path[-1] == "dataset" for k in keys)  # it tags the drop it resolves itself
         if not ingesting and (DROP_SHA_TAG not in run.tags or MODEL_TAG not in run.tags):
-            wanted.update(self._data_tags(instance))
+            wanted.update(self._data_tags(instance, prefix))
         self.tag_run(context, wanted)
 
     @staticmethod
@@ -146,11 +148,12 @@ class CustodyResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         if missing:
             instance.add_run_tags(run.run_id, missing)
 
-    def _data_tags(self, instance: dg.DagsterInstance) -> dict[str, str]:
-        """The drop (name, digest) and model of the latest accepted validated dataset, else of the latest dataset."""
+    def _data_tags(self, instance: dg.DagsterInstance, prefix: list[str] | None = None) -> dict[str, str]:
+        """The drop (name, digest) and model of the latest accepted validated dataset, else of the latest
+        dataset (of the model whose keys carry ``prefix``)."""
         out: dict[str, str] = {}
         for key in ("validated_dataset", "dataset"):
-            records = instance.fetch_materializations(dg.AssetKey(key), limit=1).records
+            records = instance.fetch_materializations(dg.AssetKey([*(prefix or []), key]), limit=1).records
             meta = records[0].asset_materialization.metadata if records and records[0].asset_materialization else {}
             value = {k: getattr(v, "value", v) for k, v in meta.items()}
             if key == "validated_dataset" and value:

@@ -27,7 +27,7 @@ from resources.custody import model_selection, op_name
 from secure_ml.errors import BadInput
 from secure_ml.settings import Settings
 from sensors import conditions, failures, jobs, landing
-from sensors._shared import DROP_SHA_TAG, DROP_TAG, TRIGGER_TAG
+from sensors._shared import DROP_SHA_TAG, DROP_TAG, MODEL_TAG, TRIGGER_TAG
 
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)

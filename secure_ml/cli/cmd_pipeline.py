@@ -66,10 +66,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     drop = land(settings, args.data or SAMPLE)
     model = route(settings, drop, args.model)
     # Dagster is imported only for this command
-    from secure_ml.definitions import DROP_SHA_TAG, DROP_TAG, run_pipeline
+    from secure_ml.definitions import DROP_SHA_TAG, DROP_TAG, MODEL_TAG, run_pipeline
 
     ingesting = _selects_dataset(args.select)
     drop_tags = {DROP_TAG: drop, DROP_SHA_TAG: sha256_file(settings.landing_dir / drop)} if ingesting else {}
+    if model:
+        drop_tags[MODEL_TAG] = model
     summary = run_pipeline(settings, selection=args.select, model=model, drop=drop,
                            tags={**drop_tags, **_run_request(settings)},
                            console="debug" if args.debug else "info" if args.verbose else "quiet")
