@@ -29,6 +29,14 @@ def test_a_run_like_the_recent_ones_passes_and_one_far_off_or_denied_fails() -> 
     # Too little history: only denied attempts are judged.
     assert deviations({**RUN, "cpu_seconds": 1e6}, history[:2], bounds) == []
     assert deviations({**RUN, "denied": ["open /keys"]}, [], bounds) == ["denied attempt: open /keys"]
+    # A cold page cache after warm ones (median 0 bytes read) is noise, not a deviation; a gigabyte is not.
+    assert deviations({**RUN, "block_read_bytes": 651264}, history, bounds) == []
+    assert deviations({**RUN, "block_read_bytes": 1 << 30}, history, bounds) == [
+        "block_read_bytes 1.07374e+09 is over 3x the median of the last 3 runs (0)"]
+    tight = WatchBounds.from_mapping({"floors": {"block_read_bytes": 0}})
+    assert deviations({**RUN, "block_read_bytes": 651264}, history, tight) != []
+    with pytest.raises(ConfigurationError, match="unknown measure 'gpu'"):
+        WatchBounds.from_mapping({"floors": {"gpu": 1}})
     with pytest.raises(ConfigurationError, match="unknown setting 'ratio'"):
         WatchBounds.from_mapping({"ratio": 2})
     with pytest.raises(ConfigurationError, match="max_ratio above 1"):

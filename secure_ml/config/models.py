@@ -298,6 +298,9 @@ class Watch(Strict):
     window: int = Field(10, ge=1)
     min_history: int = Field(3, ge=1)
     max_ratio: float = Field(3.0, gt=1)
+    # Per-measure noise floors (absolute: seconds, bytes, tasks); unset measures keep the defaults.
+    floors: dict[Literal["cpu_seconds", "peak_memory_bytes", "block_read_bytes", "block_written_bytes",
+                         "bytes_from_child", "tasks_started"], float] = Field(default_factory=dict)
 
 
 class Reproducible(Strict):
