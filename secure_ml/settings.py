@@ -101,7 +101,8 @@ class Settings:
         For a model with a spec (models/NAME.yaml), the file as that model sees it: its training
         settings, evaluation thresholds, promotion parameters and schema laid over the shared file."""
         data = self.config.as_dict(name)
-        spec = self.config.models().get(self.model_name)
+        specs = self.config.models()        # none in a directory without models/: the file as it is
+        spec = specs.get(self.model_name) if specs else None
         return spec.overlay(name, data) if spec is not None else data
 
     @property

@@ -74,7 +74,9 @@ def state(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     drop = base / "german_credit-flipped.csv"
     poisoned.to_csv(drop, index=False)
     bad = cli(home, "pipeline", "run", "--data", str(drop), "--json", actor="pat")
-    assert bad.returncode == 1 and "drop rejected: poisoning_score_under_threshold" in bad.stderr, bad.stderr[-3000:]
+    # The CLI's one line names the failed check (the step's own "drop rejected: ..." is on the run page).
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1, bad.stderr[-3000:]
+    assert "poisoning_score_under_threshold" in bad.stderr, bad.stderr[-3000:]
     return {"home": home, "good": json.loads(good.stdout), "bad": json.loads(bad.stdout)}
 
 

@@ -299,7 +299,9 @@ def test_pipeline_run_refusals_are_one_line_each_and_debug_shows_everything(home
     assert err.count("\n") == 1 and not dagster_noise(err), err
     assert err.startswith("secure-ml: step dataset failed: denied: drop 'partner_feed-") and "approved source" in err
     assert b"NOT materialized" in denied.stdout
-    run_id = denied.stdout.decode().split()[1]
+    import re
+
+    run_id = re.search(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", denied.stdout.decode())[0]
     with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:  # the full story stays here
         failures = instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
     assert [e.dagster_event.step_key for e in failures] == ["dataset"]  # type: ignore[union-attr]

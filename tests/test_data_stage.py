@@ -231,7 +231,9 @@ def test_checks_fail_when_the_configuration_no_longer_allows_the_version(setting
     assert not evaluation.passed
     assert "but its approved source is now german_credit (restricted" in evaluation.metadata["reason"].value
 
-    (config / "sources.yaml").write_text("sources: []\n")
+    # The source still exists (the model spec names it) but no longer approves this file name.
+    (config / "sources.yaml").write_text(shipped_sources.replace(
+        '["german_credit.csv", "german_credit.parquet", "german_credit-*", "german_credit_*"]', '["credit-*.csv"]'))
     evaluation = run_checks(settings, data_stage.source_approved)
     assert not evaluation.passed
     assert evaluation.metadata["reason"].value == (

@@ -267,14 +267,15 @@ def test_a_resume_across_a_fingerprint_version_change_is_reported_and_starts_fre
 
     old = interrupted()
     uninterrupted = fit(X, y, config)
+    before = checkpoints_module.FINGERPRINT_VERSION
     monkeypatch.setattr(checkpoints_module, "FINGERPRINT_VERSION", checkpoints_module.FINGERPRINT_VERSION + 1)
     fresh = fit(X, y, config, checkpoints=store)
     assert fresh.resumed_from_epoch is None  # not resumed from the old version's checkpoint
     assert fresh.weights_sha256 == uninterrupted.weights_sha256
     (stale,) = fresh.checkpoints_superseded  # ... and not silently ignored either
     assert stale["checkpoints"] == old and stale["files"] == 2
-    assert stale["reason"].startswith("not resumed: fingerprint version 2, this code makes version 3")
-    assert fresh.fingerprint["fingerprint_version"] == 3 and fresh.fingerprint["digest"] != old
+    assert stale["reason"].startswith(f"not resumed: fingerprint version {before}, this code makes version {before + 1}")
+    assert fresh.fingerprint["fingerprint_version"] == before + 1 and fresh.fingerprint["digest"] != old
     entries = [json.loads(line) for line in settings.audit_path.read_text().splitlines()]
     assert [e["details"]["checkpoints"] for e in entries if e["action"] == "training.checkpoint.superseded"] == [old]
     assert not (settings.home / "checkpoints" / old).exists()  # reported once, then removed

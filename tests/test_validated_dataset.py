@@ -222,12 +222,17 @@ def test_broken_validation_config_fails_the_asset_with_one_reason(
     config = tmp_path / "config"
     shutil.copytree(Path(validation_stage.__file__).parents[1] / "secure_ml" / "config", config)
     (config / "validation.yaml").write_text("schemas: {default: schemas/missing.yaml}\n")
+    spec = config / "models" / "german_credit.yaml"    # the model's own spec names its schema too
+    spec.write_text(spec.read_text().replace("schema: schemas/german_credit.yaml", "schema: schemas/missing.yaml"))
     monkeypatch.setenv("SECURE_ML_CONFIG", str(config))
     settings = Settings.from_env()
     result = _materialize(settings, land_file(settings, SAMPLE_CSV, "german_credit-v1.csv"))
-    assert "validated_dataset" not in _materialized(result)
-    failure = next(e for e in result.get_step_failure_events() if e.step_key == "validated_dataset")
-    assert "schema file not found" in str(failure.step_failure_data.error.message)
+    # The model spec is checked (schema included) before any step acts: nothing is materialised, and
+    # the first failure names the file and the missing schema in one line.
+    assert not {"dataset", "validated_dataset"} & _materialized(result)
+    failure = result.get_step_failure_events()[0]
+    message = str(failure.step_failure_data.error.message)
+    assert "models/german_credit.yaml: schema: schemas/missing.yaml not found" in message
 
 
 # -- the trusted reference: no unguarded first version, bounded drift (issue 20) -----------------------

@@ -88,9 +88,10 @@ class Config:
     def models(self) -> dict[str, ModelSpec]:
         """Every model spec, validated against sources.yaml and its schema; {} before specs existed."""
         if self._specs is None:
-            known = {source.name for source in self.sources.sources}
+            names = model_names(self.directory)
+            known = {source.name for source in self.sources.sources} if names else set()
             specs = {name: load_spec(self.directory, name, shown=self.shown(f"models/{name}"), known_sources=known)
-                     for name in model_names(self.directory)}
+                     for name in names}
             claimed: dict[str, str] = {}
             for spec in specs.values():
                 for source in spec.sources:

@@ -30,7 +30,7 @@ from secure_ml.security.verification import TrustPolicy
 from secure_ml.training.predictor import load_predictor
 
 FLOAT32_MAX = 3.4028234663852886e38
-ALLOWED_FILES = re.compile(r"^(model\.safetensors|config\.json|preprocessing\.json|training_record\.json|MODEL_CARD\.md)$")
+ALLOWED_FILES = re.compile(r"^(model\.safetensors|config\.json|preprocessing\.json|training_record\.json|training_chain\.safetensors|MODEL_CARD\.md)$")
 
 
 # -- the model ------------------------------------------------------------------------------------------
