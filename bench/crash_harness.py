@@ -74,6 +74,7 @@ class Home:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.ids = root / "identities"      # private keys never live under SECURE_ML_HOME
+        self.drops = 0
         self.env = {**os.environ, "SECURE_ML_HOME": str(root / "home"), "DAGSTER_HOME": str(root / "home" / "dagster"),
                     "PYTHONPATH": str(REPO), "DAGSTER_DISABLE_TELEMETRY": "1", "DVC_NO_ANALYTICS": "1"}
         for name in ("SECURE_ML_KEK", "SECURE_ML_ACTOR", "SECURE_ML_IDENTITY"):
@@ -176,8 +177,13 @@ def prepare(home: Home, stages: list[str]) -> None:
 
 
 def fresh_candidate(home: Home) -> str:
-    """Run the whole pipeline once more (a new training, so a new model digest) and name the new candidate."""
-    run = home.run(["pipeline", "run"])
+    """Land a new drop (the sample less a few rows, so training is deterministic yet gives a new model
+    digest), run the whole pipeline on it, and name the new candidate."""
+    lines = (REPO / "data" / "sample" / "german_credit.csv").read_text().splitlines(keepends=True)
+    home.drops += 1
+    drop = home.root / f"german_credit-crash{home.drops}.csv"
+    drop.write_text("".join(line for i, line in enumerate(lines) if i == 0 or i % 97 != home.drops % 97))
+    run = home.run(["pipeline", "run", "--data", str(drop)])
     if run.returncode != 0:
         raise SystemExit(f"pipeline run for a fresh candidate failed: {(run.stderr or run.stdout).strip()[-300:]}")
     status = json.loads(home.run(["status", "--json"]).stdout)
