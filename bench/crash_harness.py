@@ -187,7 +187,7 @@ def fresh_candidate(home: Home) -> str:
     if run.returncode != 0:
         raise SystemExit(f"pipeline run for a fresh candidate failed: {(run.stderr or run.stdout).strip()[-300:]}")
     status = json.loads(home.run(["status", "--json"]).stdout)
-    candidates = [v["version"] for v in status["versions"] if v.get("stage") == "candidate"]
+    candidates = [v["version"] for v in status["versions"] if v.get("stage") in ("candidate", "staging")]
     if not candidates:
         raise SystemExit("the pipeline run registered no new candidate")
     return max(candidates, key=lambda v: int(str(v).lstrip("v").split(":")[-1].lstrip("v") or 0))
