@@ -442,9 +442,13 @@ class Registry:
         # Walk back past the current version and past versions later rolled back from.
         failed = {d.version for d in self.deployments(target) if d.status == "rolled_back"}
         for earlier in reversed(live[:-1]):
-            if earlier.version != current.version and earlier.version not in failed:
+            if earlier.version != current.version and earlier.version not in failed and self._restorable(earlier):
                 return earlier
         return None
+
+    def _restorable(self, deployment: Deployment) -> bool:
+        """Whether rollback may restore ``deployment`` (the trusted registry refuses revoked versions)."""
+        return True
 
     def _last_decision(self, version: str) -> dict[str, Any]:
         with self._connect() as db:

@@ -210,16 +210,6 @@ class TrustedRegistry(Registry):
     def versions(self) -> list[ModelVersion]:
         return [self.signed.trusted(v, strict=False) for v in super().versions()]
 
-    def previous_deployment(self, target: str) -> Deployment | None:
-        """As the base, but a revoked version is never a rollback target."""
-        live = [d for d in self.deployments(target) if d.status in ("deployed", "rollback")]
-        if not live:
-            return None
-        current = live[-1]
-        failed = {d.version for d in self.deployments(target) if d.status == "rolled_back"}
-        for earlier in reversed(live[:-1]):
-            if earlier.version in (current.version, *failed):
-                continue
-            if self.signed.revoked(Registry.get(self, earlier.version)) is None:
-                return earlier
-        return None
+    def _restorable(self, deployment: Deployment) -> bool:
+        """A revoked version is never a rollback target."""
+        return self.signed.revoked(Registry.get(self, deployment.version)) is None
