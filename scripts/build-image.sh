@@ -13,6 +13,10 @@
 # (2) in it, a venv from requirements.lock with --require-hashes and the project (as `make install`);
 # (3) a non-root user (UID 10001), the tree packed as one OCI layer with umoci, archived by skopeo.
 # Needs root (chroot) and `apt-get install mmdebstrap umoci skopeo`.
+#
+# The Containerfile at the top of the repository is the same recipe for `docker build` / `buildah`
+# elsewhere (a registry base pinned by digest); tests/test_containerfile.py keeps the two in step:
+# the Debian packages, the project files, the lock install, the user and the image config below.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUITE=${SUITE:-bookworm}                      # Debian 12: python3.11, the lock's interpreter
@@ -21,6 +25,9 @@ OUT=build
 WORK=$OUT/image-work
 ROOT=$WORK/bundle/rootfs
 PY=${PYTHON:-python3}
+PACKAGES=python3,python3-venv,ca-certificates,git   # the whole base: no compiler
+PROJECT_FILES=(pyproject.toml requirements.lock workspace.yaml secure_ml assets resources sensors k8s data/sample)
+APP_UID=10001
 started=$(date +%s)
 
 for tool in mmdebstrap umoci skopeo chroot; do
@@ -34,7 +41,7 @@ trap cleanup EXIT
 rm -rf "$WORK" && mkdir -p "$WORK/bundle"
 
 echo "image: base from Debian $SUITE packages"
-mmdebstrap --quiet --variant=minbase --mode=root --include=python3,python3-venv,ca-certificates,git \
+mmdebstrap --quiet --variant=minbase --mode=root --include="$PACKAGES" \
   "$SUITE" "$ROOT" "$MIRROR"
 chroot "$ROOT" dpkg-query -W -f '${Package}=${Version}\n' | sort > "$OUT/image-base.packages"
 echo "sha256:$(tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$ROOT" -cf - . | sha256sum | cut -d' ' -f1)" \
@@ -42,7 +49,7 @@ echo "sha256:$(tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C
 
 echo "image: the lock's packages (--require-hashes) and the project"
 mkdir -p "$ROOT/opt/secure-ml"
-git ls-files -z -- pyproject.toml requirements.lock workspace.yaml secure_ml assets resources sensors k8s data/sample \
+git ls-files -z -- "${PROJECT_FILES[@]}" \
   | xargs -0 cp --parents -t "$ROOT/opt/secure-ml"
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
 mount -t proc proc "$ROOT/proc"
@@ -72,10 +79,10 @@ rm -f "$ROOT/tmp/build-ca.pem"
 rm -rf "$ROOT/root/.cache" "$ROOT/var/cache/apt"/*.bin "$ROOT/var/lib/apt/lists"/*
 
 echo "image: non-root user 10001, no compiler"
-echo "secure-ml:x:10001:10001:secure-ml:/home/secure-ml:/usr/sbin/nologin" >> "$ROOT/etc/passwd"
-echo "secure-ml:x:10001:" >> "$ROOT/etc/group"
+echo "secure-ml:x:$APP_UID:$APP_UID:secure-ml:/home/secure-ml:/usr/sbin/nologin" >> "$ROOT/etc/passwd"
+echo "secure-ml:x:$APP_UID:" >> "$ROOT/etc/group"
 mkdir -p "$ROOT/home/secure-ml" "$ROOT/var/lib/secure-ml" "$ROOT/opt/dagster/dagster_home"
-chown 10001:10001 "$ROOT/home/secure-ml" "$ROOT/var/lib/secure-ml"
+chown "$APP_UID:$APP_UID" "$ROOT/home/secure-ml" "$ROOT/var/lib/secure-ml"
 for cc in gcc cc c++ g++ clang ld as make; do
   if [ -e "$ROOT/usr/bin/$cc" ]; then echo "make image: $cc is in the image" >&2; exit 1; fi
 done
@@ -88,7 +95,7 @@ cp "$WORK/empty/config.json" "$WORK/bundle/config.json"
 cp -a "$WORK/empty/umoci.json" "$WORK/bundle/" 2>/dev/null || true
 cp -a "$WORK/empty/"sha256_*.mtree "$WORK/bundle/" 2>/dev/null || true
 umoci repack --image "$WORK/oci:secure-ml" "$WORK/bundle"
-umoci config --image "$WORK/oci:secure-ml" --config.user 10001:10001 --config.workingdir /opt/secure-ml \
+umoci config --image "$WORK/oci:secure-ml" --config.user "$APP_UID:$APP_UID" --config.workingdir /opt/secure-ml \
   --config.env PATH=/opt/venv/bin:/usr/local/bin:/usr/bin:/bin --config.env SECURE_ML_HOME=/var/lib/secure-ml \
   --config.env DAGSTER_DISABLE_TELEMETRY=1 --config.env DVC_NO_ANALYTICS=1 --config.env HOME=/home/secure-ml \
   --config.cmd secure-ml --config.cmd --help \
