@@ -3,13 +3,15 @@
 Touches: the real renderer (secure_ml/release/platform/, secure_ml/cli/_k8s_jobs.py, cmd_k8s.py)
 over the real k8s/ files; dagster-k8s's own Job construction and container-context merging;
 kubernetes-validate (strict); the Rego admission policy through regopy; the code location's asset
-graph. Does not touch: a cluster, helm or the chart itself (neither can be had from the package
-registries here: the chart's values schema is checked through a strict model of it).
+graph; the chart's own values.schema.json (vendored, k8s/vendor/dagster-chart/) with jsonschema.
+Does not touch: a cluster.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import re
 import shutil
 import time
 from pathlib import Path
@@ -212,24 +214,56 @@ def test_every_secret_and_config_map_a_pod_names_is_rendered_or_made_by_the_char
             assert obj["metadata"]["annotations"][objects.SOURCE_ANNOTATION]
 
 
+def check(values: dict[str, Any]) -> None:
+    helm_values.check_values(values, k8s_dir=K8S, kubernetes_version="1.33")
+
+
 def test_helm_values_are_what_the_chart_accepts(rendered: Any) -> None:
     values = rendered[0]
-    helm_values.check_values(values)
+    check(values)
+    assert helm_values.chart_schema_problems(values, k8s_dir=K8S, kubernetes_version="1.33") == []
     assert values["dagsterWebserver"]["service"]["port"] > 1024  # non-root, no capabilities: no port 80
     for section in ("dagsterWebserver", "dagsterDaemon"):
         assert {"name": "tmp", "mountPath": "/tmp"} in values[section]["volumeMounts"]
-    broken = copy.deepcopy(values)
-    broken["runLauncher"]["config"]["k8sRunLauncher"]["runK8sConfigMerge"] = True  # what main shipped
-    with pytest.raises(ConfigurationError, match="runK8sConfigMerge: Extra inputs are not permitted"):
-        helm_values.check_values(broken)
-    broken = copy.deepcopy(values)
-    broken["dagsterWebserver"]["podSecurityContxt"] = {}
-    with pytest.raises(ConfigurationError, match="dagsterWebserver.podSecurityContxt"):
-        helm_values.check_values(broken)
-    broken = copy.deepcopy(values)
-    broken["generatePostgresqlPasswordSecret"] = True  # the password would be in the values
-    with pytest.raises(ConfigurationError, match="generatePostgresqlPasswordSecret"):
-        helm_values.check_values(broken)
+    # The chart's own schema refuses these (what main shipped; a misspelt key; a wrong type; a bad
+    # Kubernetes object reached through the schema's Kubernetes $refs).
+    for where, change, says in [
+        (("runLauncher", "config", "k8sRunLauncher"), {"runK8sConfigMerge": True},
+         "runLauncher.config.k8sRunLauncher: Additional properties are not allowed ('runK8sConfigMerge'"),
+        (("dagsterWebserver",), {"podSecurityContxt": {}}, "dagsterWebserver: Additional properties"),
+        (("dagsterDaemon",), {"heartbeatTolerance": "soon"}, "dagsterDaemon.heartbeatTolerance: 'soon' is not of type"),
+        (("dagsterWebserver", "image"), {"pullPolicy": "Sometimes"}, "dagsterWebserver.image.pullPolicy"),
+        (("dagsterWebserver",), {"volumes": [{"name": "tmp", "emptyDir": "memory"}]},
+         "dagsterWebserver.volumes.0.emptyDir: 'memory' is not of type 'object'"),
+    ]:
+        broken = copy.deepcopy(values)
+        node = broken
+        for key in where:
+            node = node[key]
+        node.update(change)
+        with pytest.raises(ConfigurationError, match=re.escape(says)):
+            check(broken)
+    # What the chart's schema leaves open (helm would silently ignore it) the strict model refuses.
+    for where, change, says in [
+        ((), {"generatePostgresqlPasswordSecret": True}, "generatePostgresqlPasswordSecret"),  # password in values
+        (("global",), {"serviceAcountName": "x"}, "global.serviceAcountName: Extra inputs"),
+        (("dagster-user-deployments", "deployments", 0), {"envSecret": []}, "deployments.0.envSecret: Extra inputs"),
+    ]:
+        broken = copy.deepcopy(values)
+        node = broken
+        for key in where:
+            node = node[key]
+        node.update(change)
+        assert helm_values.chart_schema_problems(broken, k8s_dir=K8S, kubernetes_version="1.33") == []
+        with pytest.raises(ConfigurationError, match=re.escape(says)):
+            check(broken)
+
+
+def test_the_vendored_chart_schema_is_the_one_its_source_note_names() -> None:
+    vendor = K8S / "vendor" / "dagster-chart"
+    source = (vendor / "SOURCE.md").read_text()
+    digest = hashlib.sha256((vendor / "values.schema.json").read_bytes()).hexdigest()
+    assert f"sha256 {digest}" in source and "Apache-2.0" in source and "dagster-io/dagster" in source
 
 
 def test_launcher_values_match_dagster_k8s_launcher_schema(rendered: Any) -> None:

@@ -73,7 +73,7 @@ def render_all(k8s_dir: Path, digest: str, model_digest: str,
 
     cfg = objects.RenderConfig.load(k8s_dir)
     values = helm_values.pin_images(cfg.load_yaml("values.yaml"), cfg.image_repository, digest)
-    helm_values.check_values(values)
+    helm_values.check_values(values, k8s_dir=k8s_dir, kubernetes_version=cfg.kubernetes_version)
     image = helm_values.image_ref(cfg.image_repository, digest)
     executor = (cfg.load_yaml("job_executor.yaml") or {}).get("execution", {}).get("config") or {}
     release = yaml.safe_load((POLICY_DIR.parents[1] / "config" / "release.yaml").read_text())

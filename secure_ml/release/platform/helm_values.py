@@ -1,16 +1,20 @@
 """The Dagster Helm chart's values: pinned to our image, checked against the chart's values schema.
 
     values = pin_images(yaml.safe_load(Path("k8s/values.yaml").read_text()), repository, "sha256:…")
-    check_values(values)             # raises ConfigurationError naming the first key the chart refuses
+    check_values(values, k8s_dir=Path("k8s"), kubernetes_version="1.33")   # ConfigurationError names the first refusal
     context = code_location_context(values, namespace="secure-ml-pipeline")
 
-``ChartValues`` is a strict model (unknown keys refused) of the chart's ``values.schema.json`` for the
-chart version in k8s/render.yaml, written from the chart's own schema source
-(``helm/dagster/schema/schema/charts`` in the dagster repository, the pydantic models the chart's
-values.schema.json is generated from). Neither helm nor the chart can be had from the package
-registries this project uses, so the schema is modelled, not vendored: k8s/README.md says so.
+Two checks. (1) The chart's own ``values.schema.json``, vendored under k8s/vendor/dagster-chart/ (its
+SOURCE.md says from where), with jsonschema, as helm validates it: Draft 7, its Kubernetes
+``$ref``s (kubernetesjsonschema.dev, which cannot be reached here) resolved to kubernetes-validate's
+bundled definitions for our Kubernetes version. Helm validates the chart's defaults with our values
+laid over them; we check our values alone, so the schema's ``required`` lists (which the chart's
+defaults fill) are not applied: every key we set must be one the chart accepts, of the right type.
+(2) ``ChartValues``, a strict model of the sections we set (unknown keys refused, the keys we rely on
+required): the chart's schema leaves ``global``, the top level and each code location open to
+unknown keys, which helm would silently ignore, so a misspelt key there is caught only here.
 Kubernetes sub-objects (security contexts, volumes, resources) are checked by
-``kubernetes_parts_as_pod`` against Kubernetes' own schema instead.
+``kubernetes_parts_as_pod`` against Kubernetes' own strict schema as well.
 
 ``code_location_context`` is the container context the chart hands to the code location
 (``DAGSTER_CLI_API_GRPC_CONTAINER_CONTEXT``, template ``dagsterUserDeployments.k8sContainerContext``)
@@ -20,7 +24,10 @@ and that dagster-k8s merges into every run and step pod.
 from __future__ import annotations
 
 import copy
+import functools
+import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -29,6 +36,9 @@ from secure_ml.custody.integrity import SHA256_HEX
 from secure_ml.errors import BadInput, ConfigurationError
 
 IMAGE_PLACEHOLDER = ("IMAGE_REPOSITORY", "IMAGE_DIGEST")
+# The chart's values schema, under the k8s/ directory, and the Kubernetes definitions it refers to.
+CHART_SCHEMA = Path("vendor") / "dagster-chart" / "values.schema.json"
+K8S_DEFINITIONS_URL = "https://kubernetesjsonschema.dev/v1.18.0/_definitions.json"
 # The chart's fullname for release `dagster` of chart `dagster` (release name contains the chart name).
 RELEASE = "dagster"
 
@@ -223,14 +233,62 @@ class ChartValues(_Strict):
     additionalInstanceConfig: Obj | None = None
 
 
-def check_values(values: Mapping[str, Any]) -> ChartValues:
-    """The values as the chart would accept them, or ConfigurationError naming the first bad key."""
+def check_values(values: Mapping[str, Any], *, k8s_dir: Path, kubernetes_version: str) -> ChartValues:
+    """The values as the chart would accept them, or ConfigurationError naming the first refusal."""
+    problems = chart_schema_problems(values, k8s_dir=k8s_dir, kubernetes_version=kubernetes_version)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ConfigurationError(f"Helm values: {problems[0]} (the chart's values.schema.json){more}")
     try:
         return ChartValues.model_validate(dict(values))
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]).replace("global_", "global")
-        raise ConfigurationError(f"Helm values: {where}: {first['msg']} (chart schema)") from None
+        raise ConfigurationError(f"Helm values: {where}: {first['msg']} (strict model of the chart's values)") from None
+
+
+def chart_schema_problems(values: Mapping[str, Any], *, k8s_dir: Path, kubernetes_version: str) -> list[str]:
+    """Each place the chart's vendored values.schema.json refuses ``values`` (``required`` aside), as one line."""
+    from jsonschema.exceptions import best_match
+
+    validator = _chart_validator(str(k8s_dir / CHART_SCHEMA), kubernetes_version)
+    problems = []
+    for error in sorted(validator.iter_errors(dict(values)), key=lambda e: [str(p) for p in e.absolute_path]):
+        error = best_match([error])  # into anyOf (a section or null): the branch that explains it
+        where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+        problems.append(f"{where}: {error.message[:200]}")
+    return problems
+
+
+def _without_required(node: Any) -> Any:
+    """The schema with every ``required`` list dropped: the chart's defaults supply those keys."""
+    if isinstance(node, dict):
+        return {k: _without_required(v) for k, v in node.items() if not (k == "required" and isinstance(v, list))}
+    if isinstance(node, list):
+        return [_without_required(v) for v in node]
+    return node
+
+
+@functools.lru_cache(maxsize=4)
+def _chart_validator(schema_path: str, kubernetes_version: str) -> Any:
+    import jsonschema
+    import kubernetes_validate
+    from referencing import Registry
+    from referencing.jsonschema import DRAFT7
+
+    path = Path(schema_path)
+    if not path.is_file():
+        raise ConfigurationError(f"the chart's values schema is missing: {path} (k8s/vendor/dagster-chart/SOURCE.md)")
+    schema = _without_required(json.loads(path.read_text()))
+    bundled = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
+    definitions_file = bundled / f"v{kubernetes_version}.0-local" / "_definitions.json"
+    if not definitions_file.is_file():
+        raise ConfigurationError(f"kubernetes-validate has no definitions for Kubernetes {kubernetes_version}")
+    # The chart refers to `#/definitions/...` (Kubernetes' old layout); the bundled file has `$defs`.
+    definitions = json.loads(definitions_file.read_text())["$defs"]
+    registry = Registry().with_resource(
+        K8S_DEFINITIONS_URL, DRAFT7.create_resource({"definitions": definitions, "$defs": definitions}))
+    return jsonschema.Draft7Validator(schema, registry=registry)
 
 
 def image_ref(repository: str, digest: str) -> str:
