@@ -25,7 +25,7 @@ OUT=build
 WORK=$OUT/image-work
 ROOT=$WORK/bundle/rootfs
 PY=${PYTHON:-python3}
-PACKAGES=python3,python3-venv,ca-certificates,git   # the whole base: no compiler
+PACKAGES=python3,python3-venv,ca-certificates,git,libatomic1   # the whole base: no compiler (regopy needs libatomic)
 PROJECT_FILES=(pyproject.toml requirements.lock workspace.yaml secure_ml assets resources sensors k8s data/sample)
 APP_UID=10001
 started=$(date +%s)
@@ -71,6 +71,12 @@ in_root python3 -m venv /opt/venv
 in_root pip install -q --no-cache-dir --require-hashes --no-deps -r /opt/secure-ml/requirements.lock
 in_root pip install -q --no-cache-dir --no-deps --no-build-isolation --no-index -e /opt/secure-ml >/dev/null
 in_root pip check
+# Every shared library a compiled module in the venv links must be in the image (regopy needs
+# libatomic.so.1); a library a wheel bundles next to it (scipy.libs) counts as present.
+missing=$(cd "$ROOT" && find opt/venv -name '*.so*' -type f | while read -r so; do
+  chroot "$ROOT" /usr/bin/ldd "/$so" 2>/dev/null | awk '/=> not found/ {print $1}' | while read -r lib; do
+    [ -n "$(find "$ROOT/opt/venv" -name "$lib" -print -quit)" ] || echo "/$so needs $lib"; done; done | sort -u)
+if [ -n "$missing" ]; then echo "make image: shared libraries missing from the image:" >&2; echo "$missing" >&2; exit 1; fi
 cleanup
 if grep -q " $(realpath "$ROOT")/mnt" /proc/mounts; then echo "make image: a bind mount is still there" >&2; exit 1; fi
 find "$ROOT/mnt" -mindepth 1 -depth -type d -empty -delete   # only the empty mount points
