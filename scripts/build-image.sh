@@ -74,7 +74,7 @@ in_root pip check
 # Every shared library a compiled module in the venv links must be in the image (regopy needs
 # libatomic.so.1); a library a wheel bundles next to it (scipy.libs) counts as present.
 missing=$(cd "$ROOT" && find opt/venv -name '*.so*' -type f | while read -r so; do
-  chroot "$ROOT" /usr/bin/ldd "/$so" 2>/dev/null | awk '/=> not found/ {print $1}' | while read -r lib; do
+  { chroot "$ROOT" /usr/bin/ldd "/$so" 2>/dev/null || true; } | awk '/=> not found/ {print $1}' | while read -r lib; do
     [ -n "$(find "$ROOT/opt/venv" -name "$lib" -print -quit)" ] || echo "/$so needs $lib"; done; done | sort -u)
 if [ -n "$missing" ]; then echo "make image: shared libraries missing from the image:" >&2; echo "$missing" >&2; exit 1; fi
 cleanup
