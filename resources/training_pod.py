@@ -105,7 +105,10 @@ class KubernetesLauncher:
         try:
             kubernetes.config.load_incluster_config()
         except kubernetes.config.ConfigException:
-            kubernetes.config.load_kube_config()
+            try:
+                kubernetes.config.load_kube_config()
+            except (kubernetes.config.ConfigException, OSError) as exc:
+                raise SandboxError(f"isolation.backend kubernetes, but no cluster is configured here ({exc})") from None
         core, batch = kubernetes.client.CoreV1Api(), kubernetes.client.BatchV1Api()
         try:
             core.create_namespaced_secret(namespace, secret)

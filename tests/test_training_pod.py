@@ -30,7 +30,9 @@ from secure_ml.training import handover
 from secure_ml.training.config import TrainingConfig
 from secure_ml.training.policy import IsolationPolicy, TrainingPod
 from secure_ml.training.sandbox import CODE_ROOT, SandboxError
+from secure_ml.settings import Settings
 from secure_ml.training.trainer import fit
+from tests.conftest import SAMPLE_CSV, land_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # trains real models in subprocesses
 CONFIG = TrainingConfig(hidden=(6,), epochs=3, batch_size=16, checkpoint_every=0)
@@ -188,3 +190,44 @@ def test_isolation_backend_is_typed_and_refuses_unknown_settings() -> None:
                       ({"kubernetes": {"namespace": "Bad_Name"}}, "Kubernetes name")):
         with pytest.raises(ConfigurationError, match=says):
             IsolationPolicy.from_mapping(bad)
+
+
+def test_the_trained_model_step_on_kubernetes_without_a_cluster_fails_in_one_line_and_registers_nothing(
+        tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The asset takes the pod path when training.yaml says so: here the cluster call is refused (none
+    exists), after the split was handed over; the step fails in one line, nothing is materialised and
+    the per-run directory is gone."""
+    import shutil
+
+    import dagster as dg
+    import yaml
+
+    import resources
+    from assets import data as data_stage
+    from assets import training as training_stage
+    from assets import validation as validation_stage
+    config = tmp_path / "config"
+    shutil.copytree(CODE_ROOT / "secure_ml" / "config", config)
+    training = yaml.safe_load((config / "training.yaml").read_text())
+    training["training"].update({"epochs": 2, "checkpoint_every": 0})
+    training["isolation"]["backend"] = "kubernetes"
+    (config / "training.yaml").write_text(yaml.safe_dump(training))
+    monkeypatch.setenv("SECURE_ML_CONFIG", str(config))
+    monkeypatch.setenv("SECURE_ML_TRAINING_IMAGE", IMAGE)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    settings = Settings.from_env()
+    drop = land_file(settings, SAMPLE_CSV)
+    modules = [data_stage, validation_stage, training_stage]
+    with dg.DagsterInstance.get() as instance:
+        result = dg.materialize([*dg.load_assets_from_modules(modules)], instance=instance,
+                                resources=resources.build_resources(settings),
+                                run_config={"ops": {"dataset": {"config": {"drop": drop}}}}, raise_on_error=False)
+    (failure,) = result.get_step_failure_events()
+    assert failure.step_key == "trained_model"
+    message = failure.step_failure_data.error.message.strip()
+    assert "no cluster is configured" in message and message.count("\n") <= 1
+    done = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert "trained_model" not in done and "validated_dataset" in done
+    exchange = settings.home / "training-runs"
+    assert not exchange.exists() or not any(exchange.iterdir())
