@@ -20,7 +20,7 @@ import dagster as dg
 
 from resources import CustodyResource, verdict
 from resources.scan_sandbox import sandboxed_model_scan
-from resources.security import SigningResource
+from resources.security import SigningResource, signing_op_tags
 from secure_ml.custody.integrity import sha256_file, tree_digest
 from secure_ml.errors import BadInput, Error
 from secure_ml.governance import code_identity
@@ -127,7 +127,8 @@ def scan_report_clear(context: dg.AssetCheckExecutionContext, custody: CustodyRe
 
 
 @dg.asset(group_name=SECURITY, kinds={"sigstore"}, owners=["team:security"], code_version="1",
-          ins={"trained_model": dg.AssetIn(), "scan_report": dg.AssetIn()})
+          ins={"trained_model": dg.AssetIn(), "scan_report": dg.AssetIn()},
+          op_tags=signing_op_tags())  # on Kubernetes this step's pod alone (with attestation's) mounts the signing key
 def model_signature(context: dg.AssetExecutionContext, trained_model: dict[str, Any], scan_report: dict[str, Any],
                     custody: CustodyResource, signing: SigningResource) -> dg.Output[Any]:
     """The OpenSSF model-signing bundle over the model directory (local ECDSA key by default, Sigstore
@@ -196,7 +197,8 @@ def _verify_stored(context: Any, custody: CustodyResource, signing: SigningResou
 
 
 @dg.asset(group_name=SECURITY, kinds={"slsa", "in-toto"}, owners=["team:security"], code_version="1",
-          ins={"trained_model": dg.AssetIn(), "model_signature": dg.AssetIn()})
+          ins={"trained_model": dg.AssetIn(), "model_signature": dg.AssetIn()},
+          op_tags=signing_op_tags())  # it signs the run's provenance with the pipeline key
 def attestation(context: dg.AssetExecutionContext, trained_model: dict[str, Any], model_signature: bytes,
                 custody: CustodyResource, signing: SigningResource) -> dg.Output[Any]:
     """A signed in-toto Statement (SLSA provenance v1) for this run: subjects are the model files and the
