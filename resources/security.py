@@ -2,7 +2,9 @@
 
 Assets ask it to sign a stored model (its custody digests) or an attestation and get bundle bytes back; the private
 key's path stays inside (it is never returned, logged or put in metadata), and the key itself is
-created lazily (ECDSA P-256, 0600, under ``$SECURE_ML_HOME/keys``) the first time it is needed.
+created lazily (ECDSA P-256, 0600, under ``$SECURE_ML_HOME/keys``) the first time it is needed, except
+in production: there it is the ``secure-ml-signing-key`` Secret, mounted as a file only in the pods of
+:data:`SIGNING_STEPS` (their ``dagster-k8s/config`` op tag, :func:`signing_op_tags`), and never created.
 Verification needs no secret: it uses the trust policy from ``security.yaml``.
 """
 
@@ -23,8 +25,9 @@ from secure_ml.settings import Settings
 SIGNING_KEY_ENV = "SECURE_ML_SIGNING_KEY"           # a mounted key file: only the signing steps' pods have it
 SIGNING_KEY_SECRET = "secure-ml-signing-key"        # the Kubernetes Secret holding model-signing.pem
 SIGNING_KEY_DIR = "/var/run/secrets/secure-ml-signing"
-# The steps that sign with the pipeline key: the model's signature, and the run's provenance attestation.
-SIGNING_STEPS = ("model_signature", "attestation")
+# The steps that sign with the pipeline key: the model's signature, the run's provenance attestation, and
+# registration (the pipeline's signed statements about its products, secure_ml.release.signed.sign_products).
+SIGNING_STEPS = ("model_signature", "attestation", "registered_model")
 
 
 def signing_step_k8s_config() -> dict[str, Any]:
