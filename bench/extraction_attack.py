@@ -6,7 +6,7 @@
     run = attack_run(victim, domain_sweep(victim, seed=1), queries=3200,
                      ask=victim.ask(ExtractionDetector(victim.model.spec)))
     run.flagged_at, run.agreement_at_flag            # where the detector flagged the token
-    python -m bench.extraction_attack                 # the README table: each attack's curve, the flag, honest replays
+    python -m bench.extraction_attack                 # the README table: each attack's curve (detector off), where the detector flags, honest replays
 
 The victim is a small MLP (16 hidden units) trained on data/sample/german_credit.csv in the training
 stage's format and loaded by its loader; answers are what the server returns (probabilities rounded
@@ -205,17 +205,20 @@ def honest_replays(victim: Victim, orders: int = 8, batch: int = 5) -> list[bool
 def main() -> int:
     import tempfile
 
+    import torch
+
+    torch.set_num_threads(1)    # small matrices: one thread is faster, and the machine is shared
     with tempfile.TemporaryDirectory(prefix="secure-ml-extraction-") as tmp:
         victim = Victim.fit(Path(tmp))
-        print("| attack | detector | " + " | ".join(f"{c} q" for c in CHECKPOINTS) + " | flagged at (agreement then) |")
-        print("| --- | --- | " + " | ".join("---:" for _ in CHECKPOINTS) + " | --- |")
+        print("| attack | " + " | ".join(f"{c} q" for c in CHECKPOINTS) + " | detector on: flagged at (agreement then) |")
+        print("| --- | " + " | ".join("---:" for _ in CHECKPOINTS) + " | --- |")
         for name, attack in ATTACKS.items():
-            for detector in (None, serving.ExtractionDetector(victim.model.spec)):
-                run = attack_run(victim, attack(victim, seed=1), queries=CHECKPOINTS[-1], ask=victim.ask(detector))
-                flag = ("-" if detector is None else "never" if run.flagged_at is None
-                        else f"{run.flagged_at} q ({run.agreement_at_flag:.3f})")
-                print(f"| {name} | {'off' if detector is None else 'on'} | "
-                      + " | ".join(f"{a:.3f}" for _, a in run.curve) + f" | {flag} |", flush=True)
+            # The same queries with the detector on: the answers are the same, so only where it flags differs.
+            on = attack_run(victim, attack(victim, seed=1), queries=CHECKPOINTS[-1], checkpoints=(),
+                            ask=victim.ask(serving.ExtractionDetector(victim.model.spec)))
+            off = attack_run(victim, attack(victim, seed=1), queries=CHECKPOINTS[-1], ask=victim.ask(), batch=100)
+            flag = "never" if on.flagged_at is None else f"{on.flagged_at} q ({on.agreement_at_flag:.3f})"
+            print(f"| {name} | " + " | ".join(f"{a:.3f}" for _, a in off.curve) + f" | {flag} |", flush=True)
         flags = honest_replays(victim)
         print(f"honest: the test split ({len(victim.test_rows)} rows) replayed in {len(flags)} orders: "
               f"{sum(flags)} flagged")

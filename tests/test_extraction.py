@@ -61,7 +61,7 @@ def test_a_domain_sweep_that_would_reach_90_percent_is_flagged_well_before(train
     """Synthetic queries over the feature ranges and a surrogate of the model's own family: unstopped, it
     reaches 90% agreement on the test split; through the app the detector flags it at under 90%."""
     victim = trained["victim"]
-    unstopped = attack_run(victim, domain_sweep(victim, seed=1), queries=3200, ask=victim.ask(),
+    unstopped = attack_run(victim, domain_sweep(victim, seed=1), queries=3200, ask=victim.ask(), batch=100,
                            checkpoints=(3200,))
     assert unstopped.flagged_at is None and unstopped.agreement(3200) >= 0.9, unstopped.curve
     secret = trained["tokens"].issue("attacker")
