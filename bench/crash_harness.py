@@ -10,8 +10,10 @@ stage after another in turn, starts it, sends SIGKILL to its whole process group
 delay within the last whole run's duration, and re-runs it.
 After every kill it checks: the next run completes (exit 0); every object in the artifact store
 authenticates and matches its digest (a partial artifact found = one that does not; temp files a
-killed atomic write left are counted apart: nothing reads them); the audit chain verifies; the registry passes SQLite's integrity_check and every
-version's stored evidence is present and verifies. A kill that lands after the command finished is
+killed atomic write left are counted apart: nothing reads them); the audit chain verifies; the
+registry passes SQLite's integrity_check, every version's stored evidence is present and verifies,
+and every row is backed by signed statements (no approval or stage without one); an approving kill's
+approver has exactly one approval recorded. A kill that lands after the command finished is
 not counted. ``--budget-seconds`` stops early (the report says how many kills were made).
 """
 
