@@ -6,9 +6,9 @@ Starlette app in-process with the extraction detector, budget and throttle on (b
 holds the victim and the attacks). The attacker queries uniformly over the feature ranges (every
 category equally) and trains a surrogate of the model's own family (an MLP on the answers): with the
 detector off it reaches 90% agreement with the model on the test split within 3,200 queries; through
-the app the token is flagged and throttled at a query count where it is still under 90%. A second attacker holds 10 real training rows and queries perturbations of
-them (the Jacobian-style augmentation near-data extraction uses; every query in-distribution), which
-only the PRADA test (Shapiro-Wilk over the minimum distances between a token's queries) can see.
+the app the token is flagged and throttled at a query count where it is still under 90%. A second
+attacker holds 10 real training rows and queries perturbations of them (the Jacobian-style
+augmentation near-data extraction uses; every query in-distribution), which only the PRADA test (Shapiro-Wilk over the minimum distances between a token's queries) can see.
 Honest traffic is the test split itself, replayed by another token (and in shuffled orders).
 Does not touch: an attacker who spreads seed perturbations over many tokens (the budget per token and
 the rounding are what remain; see README).
