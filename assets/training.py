@@ -8,12 +8,12 @@ stored with the asset (the report holds each threshold's verdict).
 
 Every check is a separate ``@dg.asset_check(blocking=True)`` that reads back what the asset
 stored (by the digest of its latest materialization) and judges it, so each can run alone:
-``training_record_complete`` (the stored record is complete and matches the stored weights),
+``record_complete`` (the stored record is complete and matches the stored weights),
 ``reproducible`` (Proof-of-Learning: k segments of the recorded training chain, chosen by the
 check's run id hashed with the data digest, re-executed from their start states reach the recorded
 states; release runs, or ``reproducible.method: full``, train again from scratch and compare weights),
-``sandbox_behaviour_within_bounds`` (the record's sandbox measures against recent runs), and one per evaluation area (``metrics_over_thresholds``, ``fairness_within_thresholds``,
-``robustness_within_thresholds``): blocking on a breach of a ``block`` threshold, a warning for
+``sandbox_in_bounds`` (the record's sandbox measures against recent runs), and one per evaluation area (``metrics_in_limits``, ``fairness_in_limits``,
+``robustness_in_limits``): blocking on a breach of a ``block`` threshold, a warning for
 ``warn`` ones (training.yaml).
 """
 
@@ -44,12 +44,12 @@ TRAINING = "training"
 TRAINED = dg.AssetKey("trained_model")
 EVALUATION = dg.AssetKey("model_evaluation")
 VALIDATED_FORMAT = "secure-ml-validated/1"
-RECORD_COMPLETE, REPRODUCIBLE = "training_record_complete", "reproducible"
-BEHAVED = "sandbox_behaviour_within_bounds"
+RECORD_COMPLETE, REPRODUCIBLE = "record_complete", "reproducible"
+BEHAVED = "sandbox_in_bounds"
 WATCHED = ("cpu_seconds", "peak_memory_bytes", "block_read_bytes", "block_written_bytes", "bytes_from_child",
            "tasks_started")
-AREA_CHECKS = {"metrics": "metrics_over_thresholds", "fairness": "fairness_within_thresholds",
-               "robustness": "robustness_within_thresholds"}
+AREA_CHECKS = {"metrics": "metrics_in_limits", "fairness": "fairness_in_limits",
+               "robustness": "robustness_in_limits"}
 RELEASE_TAG = "secure_ml/release"
 
 
@@ -246,7 +246,7 @@ def _unreadable(custody: CustodyResource, context: Any, check: str, exc: Error) 
 @dg.asset_check(asset=trained_model, blocking=True,
                 description="The training record, read back from the store, is complete (seeds, data digests, "
                             "code commit, environment, device, actor) and matches the stored weights.")
-def training_record_complete(context: dg.AssetCheckExecutionContext,
+def record_complete(context: dg.AssetCheckExecutionContext,
                              custody: CustodyResource) -> dg.AssetCheckResult:
     try:
         tree, record, weights = _stored_model(context, custody)
@@ -334,7 +334,7 @@ def _segments_verdict(context: Any, custody: CustodyResource, model_dir: Path, c
                 description="The training sandbox attempted nothing denied, and its CPU time, memory, I/O and "
                             "tasks (from the stored record) stay within training.yaml's bounds of the model's "
                             "recent runs.")
-def sandbox_behaviour_within_bounds(context: dg.AssetCheckExecutionContext,
+def sandbox_in_bounds(context: dg.AssetCheckExecutionContext,
                                     custody: CustodyResource) -> dg.AssetCheckResult:
     try:
         bounds: WatchBounds = _settings(custody)["watch"]
@@ -390,10 +390,10 @@ def _area_check(area: str, description: str) -> dg.AssetChecksDefinition:
     return _check
 
 
-metrics_over_thresholds = _area_check(
+metrics_in_limits = _area_check(
     "metrics", "Accuracy, ROC AUC, F1 (and calibration) on held-out data, from the stored report, meet training.yaml.")
-fairness_within_thresholds = _area_check(
+fairness_in_limits = _area_check(
     "fairness", "Demographic-parity and equalized-odds gaps on the protected attributes, from the stored report, "
                 "are within training.yaml's limits.")
-robustness_within_thresholds = _area_check(
+robustness_in_limits = _area_check(
     "robustness", "Accuracy drops under FGSM, PGD and random noise, from the stored report, are within training.yaml.")

@@ -174,12 +174,12 @@ def test_a_tampered_ciphertext_fails_its_check_and_is_posted_and_audited(
         path.write_bytes(bytes(blob))
         checks = materialize(defs, instance, dg.AssetSelection.checks_for_assets("dataset"))
         failed = [e for e in checks.get_asset_check_evaluations() if not e.passed]
-        assert "dataset_ciphertext_authentic" in {e.check_name for e in failed}
+        assert "ciphertext_authentic" in {e.check_name for e in failed}
         failed_checks(context)
         failed_checks(context)                                  # reported once, not on every tick
     assert len(hook.events) == len(failed)
     posted = {e["details"]["check"]: e for e in hook.events}
-    event = posted["dataset_ciphertext_authentic"]
+    event = posted["ciphertext_authentic"]
     assert event["event"] == "check.failed" and event["details"]["blocking"] is True
     assert event["details"]["asset"] == "dataset" and event["details"]["reason"]
     assert "ok" not in {e["details"]["check"] for e in hook.events}      # passed checks are not news
@@ -520,7 +520,7 @@ def test_a_clean_drop_becomes_a_signed_candidate_and_a_poisoned_one_stops_at_val
             bad = wait_for_drop_run(instance, "german_credit-poisoned.csv", 300, logs)
             materialized, checks = run_outcome(instance, bad.run_id)
             assert bad.status == dg.DagsterRunStatus.FAILURE
-            assert checks["validated_dataset:poisoning_score_under_threshold"] is False
+            assert checks["validated_dataset:poisoning_below_limit"] is False
             assert materialized == {"dataset"}, materialized  # the rejected drop never becomes an input
             # automation must not pick anything up afterwards either
             ticks = automation_ticks_after(instance, bad_finished(instance, bad.run_id), count=2, timeout=60)
@@ -538,7 +538,7 @@ def test_a_clean_drop_becomes_a_signed_candidate_and_a_poisoned_one_stops_at_val
     finally:
         instance.dispose()
     events = {(e["event"], e["details"].get("check", "")) for e in hook_server.events}
-    assert ("check.failed", "poisoning_score_under_threshold") in events, hook_server.events
+    assert ("check.failed", "poisoning_below_limit") in events, hook_server.events
     assert any(e["event"] == "run.failed" and e["details"]["run_id"] == bad.run_id for e in hook_server.events)
     if missing_stages:
         warnings.warn(f"stages not defined yet, so not proven here: {', '.join(missing_stages)}", stacklevel=1)

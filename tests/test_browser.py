@@ -211,11 +211,11 @@ def test_a_tampered_ciphertext_shows_as_a_failed_blocking_check_with_its_reason(
 
     page.goto(f"{ui}/assets/dataset?view=checks", wait_until="networkidle")
     page.get_by_role("button", name=re.compile("Execute all")).click()
-    row = page.get_by_text("dataset_ciphertext_authentic", exact=True).first
+    row = page.get_by_text("ciphertext_authentic", exact=True).first
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         page.reload(wait_until="networkidle")
-        row = page.get_by_text("dataset_ciphertext_authentic", exact=True).first
+        row = page.get_by_text("ciphertext_authentic", exact=True).first
         row.wait_for()
         if "Failed" in page.inner_text("body"):
             break
@@ -226,7 +226,7 @@ def test_a_tampered_ciphertext_shows_as_a_failed_blocking_check_with_its_reason(
     body = page.inner_text("body")
     shoot(page, artifacts_dir, "tampered-check")
     assert "Failed" in body
-    details = body.split("dataset_ciphertext_authentic")[-1]
+    details = body.split("ciphertext_authentic")[-1]
     assert re.search(r"authenticat|tamper|corrupt|integrity", details, re.I), details[:1500]
 
 

@@ -76,7 +76,7 @@ def state(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     bad = cli(home, "pipeline", "run", "--data", str(drop), "--json", actor="pat")
     # The CLI's one line names the failed check (the step's own "drop rejected: ..." is on the run page).
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1, bad.stderr[-3000:]
-    assert "poisoning_score_under_threshold" in bad.stderr, bad.stderr[-3000:]
+    assert "poisoning_below_limit" in bad.stderr, bad.stderr[-3000:]
     return {"home": home, "good": json.loads(good.stdout), "bad": json.loads(bad.stdout)}
 
 
@@ -137,7 +137,7 @@ def test_the_rejected_drop_touches_only_its_own_run(page: Any, ui: str, state: d
 def test_the_run_page_gives_the_reason_in_one_line(page: Any, ui: str, state: dict[str, Any],
                                                    artifacts_dir: Path) -> None:
     run_id = state["bad"]["runs"][0]["run_id"]
-    body = body_after(page, f"{ui}/runs/{run_id}", "drop rejected: poisoning_score_under_threshold")
+    body = body_after(page, f"{ui}/runs/{run_id}", "drop rejected: poisoning_below_limit")
     assert "ingest" in body
     shoot(page, artifacts_dir, "rejected-run-reason")
     instance = dg.DagsterInstance.from_config(str(state["home"].dagster_home))

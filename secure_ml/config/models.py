@@ -293,7 +293,7 @@ class Isolation(Strict):
 
 
 class Watch(Strict):
-    """Bounds of the sandbox_behaviour_within_bounds check against the model's recent runs."""
+    """Bounds of the sandbox_in_bounds check against the model's recent runs."""
 
     window: int = Field(10, ge=1)
     min_history: int = Field(3, ge=1)
