@@ -35,7 +35,7 @@ from tests.conftest import SAMPLE_CSV, land_file
 pytestmark = pytest.mark.slow  # materialises the pipeline through the CLI
 
 CLI = str(Path(sys.executable).parent / "secure-ml")
-CUSTODY_CHECKS = ("ciphertext_authentic", "digest_matches_source")
+CUSTODY_CHECKS = ("ciphertext_authentic", "provenance_matches")
 
 
 @dg.asset(ins={"dataset": dg.AssetIn()}, group_name="test", owners=["team:test"], code_version="1")
@@ -94,7 +94,7 @@ def test_dataset_checks_pass_then_one_flipped_byte_fails_them_and_blocks_downstr
     for name in CUSTODY_CHECKS:
         assert checks[name].passed, reason(checks[name])
     assert "bytes authenticated; digest matches" in reason(checks["ciphertext_authentic"])
-    assert reason(checks["digest_matches_source"]).startswith(f"provenance names sha256:{digest[:16]}")
+    assert reason(checks["provenance_matches"]).startswith(f"provenance names sha256:{digest[:16]}")
     assert settings.artifact_store().get_json(metadata["dataset_profile"]["sha256"])["rows"] == 1000
 
     # An attacker with write access to the store flips one byte of the dataset's ciphertext.
@@ -111,7 +111,7 @@ def test_dataset_checks_pass_then_one_flipped_byte_fails_them_and_blocks_downstr
     assert not failed.passed and failed.severity == dg.AssetCheckSeverity.ERROR
     assert failed.metadata["subject"].value == f"sha256:{digest}"
     assert "integrity failure" in reason(failed) and "failed authentication" in reason(failed)
-    assert checks["digest_matches_source"].passed  # the provenance record was not touched
+    assert checks["provenance_matches"].passed  # the provenance record was not touched
     assert "dataset_profile" not in materialized(second)  # blocked: it never ran
     profile_events = [e for e in second.all_events if e.step_key == "dataset_profile"]
     assert not [e for e in profile_events if e.event_type_value == "STEP_START"]

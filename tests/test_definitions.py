@@ -33,9 +33,9 @@ def test_defs_load_with_the_dataset_asset_its_blocking_checks_and_custody_resour
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
     assert "dataset" in keys
     check_keys = {(k.asset_key.to_user_string(), k.name) for k in graph.asset_check_keys}
-    assert {("dataset", "ciphertext_authentic"), ("dataset", "digest_matches_source")} <= check_keys
+    assert {("dataset", "ciphertext_authentic"), ("dataset", "provenance_matches")} <= check_keys
     specs = {spec.name: spec for item in [*defs.assets, *defs.asset_checks] for spec in getattr(item, "check_specs", [])}
-    assert specs["ciphertext_authentic"].blocking and specs["digest_matches_source"].blocking
+    assert specs["ciphertext_authentic"].blocking and specs["provenance_matches"].blocking
     resources = defs.resources or {}
     assert isinstance(resources["custody"], CustodyResource)
     # Never the default (pickling, pod-local) IO manager.
