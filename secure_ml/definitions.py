@@ -26,7 +26,7 @@ from resources import build_resources
 from resources.custody import model_selection, op_name
 from secure_ml.errors import BadInput
 from secure_ml.settings import Settings
-from sensors import conditions, failures, jobs, landing
+from sensors import advance, conditions, failures, jobs, landing
 from sensors._shared import DROP_SHA_TAG, DROP_TAG, MODEL_TAG, TRIGGER_TAG
 
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
@@ -48,7 +48,7 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         assets=conditions.map_assets(assets, automation),
         asset_checks=checks,
         jobs=jobs.pipeline_jobs(automation),
-        sensors=[landing.landing_sensor(settings), conditions.asset_automation_sensor(settings),
+        sensors=[landing.landing_sensor(settings), advance.training_sensor(settings),
                  *failures.failure_sensors(settings)],
         schedules=landing.retraining_schedules(settings),
         resources=build_resources(settings),

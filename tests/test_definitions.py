@@ -61,7 +61,7 @@ def test_wiring_is_explicit_every_stage_sensor_and_schedule_is_listed() -> None:
     for stage in STAGES:
         names = {a.key for a in dg.load_assets_from_modules([stage]) if isinstance(a, dg.AssetsDefinition)}
         assert names and all(graph.has(k) for k in names), stage.__name__
-    assert {s.name for s in defs.sensors or []} == {"landing_drops", "asset_automation", "failed_runs",
+    assert {s.name for s in defs.sensors or []} == {"landing_drops", "train_on_accepted_data", "failed_runs",
                                                      "failed_checks"}
     assert {s.name for s in defs.schedules or []} == {"weekly_retraining"}
     assert set(defs.resources or {}) >= {"custody", "io_manager", "release", "signing"}

@@ -40,7 +40,6 @@ class Retraining(Strict):
 
 
 class Conditions(Strict):
-    groups: list[str] = ["data", "training", "security"]
     interval_seconds: int = Field(10, ge=1)
     owners: dict[str, list[str]] = {}
 
