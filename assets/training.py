@@ -30,6 +30,7 @@ from resources.metadata import plot_metadata
 from secure_ml.custody.integrity import SHA256_HEX, sha256_file
 from secure_ml.errors import BadInput, ConfigurationError, Error
 from secure_ml.training import evaluation as evaluation_core
+from secure_ml.training.charts import charts, loss_chart
 from secure_ml.training.checkpoints import CheckpointStore
 from secure_ml.training.config import TrainingConfig
 from secure_ml.training.features import DataSpec
@@ -157,7 +158,8 @@ def trained_model(context: dg.AssetExecutionContext, validated_dataset: dict[str
             **{f"sandbox_{name}": _number(watch.get(name)) for name in WATCHED},
             "sandbox_denied": dg.MetadataValue.json({"denied": list(watch.get("denied") or [])}),
             "hyperparameters": dg.MetadataValue.json(record["hyperparameters"]),
-            **plot_metadata({"loss": evaluation_core.render_loss(record["result"]["losses"])}),
+            **plot_metadata({"loss": evaluation_core.render_loss(record["result"]["losses"])},
+                            charts={"loss": loss_chart(record["result"]["losses"])}),
         }
         return custody.output(context, result.directory, metadata=metadata)
 
@@ -210,7 +212,7 @@ def model_evaluation(context: dg.AssetExecutionContext, trained_model: dict[str,
         "expected_calibration_error": metrics["expected_calibration_error"],
         "pgd_accuracy": report["robustness"]["pgd_accuracy"],
         "model_tree_sha256": tree,
-        **plot_metadata(plots),
+        **plot_metadata(plots, charts=charts(report, validated_dataset.get("class_names"))),
         "verdicts": dg.MetadataValue.md(evaluation_core.markdown(report)),
         "fairness": dg.MetadataValue.json(report["fairness"]),
         "plot_png_sha256": dg.MetadataValue.json(refs),

@@ -114,6 +114,11 @@ def test_the_sample_goes_through_training_and_evaluation(fast_config: Path, home
     assert "data:image" not in evaluation["verdicts"].value and "| fairness |" in evaluation["verdicts"].value
     assert evaluation["model_tree_sha256"].value == trained["sha256"].value
     assert trained["plot_loss"].value.startswith("![Training loss](data:image/png;base64,")
+    # ...and beside each, a text chart short enough for the UI to show inline (under 1,000 characters)
+    for name in ("roc", "confusion", "groups_sex", "groups_age", "calibration"):
+        assert 0 < len(evaluation[name].value) < 1000 and "data:image" not in evaluation[name].value, name
+    assert f"{report['metrics']['roc_auc']:.3f}" in evaluation["roc"].value
+    assert "epochs" in trained["loss"].value and len(trained["loss"].value) < 1000
     # Dagster's standard metadata: row count and the Columns tab, tagged from the schema.
     assert validated["dagster/row_count"].value == 1000 and events["dataset"]["dagster/row_count"].value == 1000
     columns = {c.name: c for c in validated["dagster/column_schema"].value.columns}
