@@ -131,7 +131,7 @@ def test_the_rejected_drop_touches_only_its_own_run(page: Any, ui: str, state: d
     assert page.locator('[class*="AssetNode_assetName"]').count() == 0
     page.goto(f"{ui}/asset-groups?expanded={','.join(f'global@global:{g}' for g in GROUPS)}", wait_until="networkidle")
     page.locator('[class*="AssetNode_assetName"]').first.wait_for(timeout=60_000)
-    page.wait_for_timeout(2500)
+    page.wait_for_timeout(6000)                      # the nodes' statuses load after the layout
     assert page.locator('[class*="AssetNode_assetName"]').count() >= 9
     shoot(page, artifacts_dir, "rejected-drop-graph")
 
@@ -194,8 +194,10 @@ def test_each_evaluation_plot_is_its_own_entry(page: Any, ui: str, artifacts_dir
     for text in ("ROC AUC", "false positive rate", "bad risk", "good risk", "selection rate",
                  "expected calibration error", "█"):
         assert text in body, text
-    page.get_by_text("ROC AUC").first.scroll_into_view_if_needed()
-    shoot(page, artifacts_dir, "evaluation-entries", full_page=True)
+    row = page.locator("tr", has_text="ROC AUC").first
+    row.evaluate("tr => tr.scrollIntoView({block: 'start'})")
+    page.wait_for_timeout(500)
+    shoot(page, artifacts_dir, "evaluation-entries")
     for name in ("plot_confusion", "plot_groups"):
         row = page.locator("tr", has_text=name).first
         row.get_by_text("[Show Markdown]").first.click()

@@ -139,7 +139,7 @@ def test_clean_drop_passes_then_flipped_labels_are_blocked_and_nothing_downstrea
     assert [e.step_key for e in blocked.get_step_failure_events()] == ["validated_dataset"]
     line, observed = _rejection(blocked)
     assert line == f"drop rejected: poisoning_below_limit: {reason}" and "\n" not in line
-    assert observed["accepted"] is False and observed["rejected_because"].startswith("poisoning_score")
+    assert observed["accepted"] is False and observed["rejected_because"].startswith("poisoning_below_limit")
     record = settings.artifact_store(actor="test").get_json(str(observed["rejected_record_sha256"]))
     assert record["accepted"] is False
     flagged = record["poisoning"]["detectors"]["label_neighbours"]["indices"]
