@@ -25,16 +25,15 @@ def _llr(p1: np.ndarray, rate: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 def scan_power(p_drop: np.ndarray, p_ref: np.ndarray, drop_groups: np.ndarray, ref_groups: np.ndarray,
-               attacked: np.ndarray, *, rate: float = 0.2, alpha: float = 0.05, draws: int = 4000,
-               seed: int = 0) -> dict[str, float]:
+               attacked: np.ndarray, attacked_ref: np.ndarray, *, rate: float = 0.2, alpha: float = 0.05,
+               draws: int = 4000, seed: int = 0) -> dict[str, float]:
     """Power of the subgroup-known and subgroup-unknown optimal tests, p known and p learned.
 
     ``drop_groups`` (rows x groups) / ``ref_groups``: candidate subgroups; ``attacked``: the drop
-    rows of the attacked subgroup (its column need not be among the candidates' order)."""
+    rows of the attacked subgroup, ``attacked_ref`` the reference rows of the same region."""
     rng = np.random.default_rng(seed)
     groups = np.column_stack([attacked, drop_groups]).astype(np.float64)       # column 0: the attacked one
-    ref_in = np.column_stack([np.zeros(len(p_ref), bool), ref_groups]).astype(np.float64)
-    ref_in[:, 0] = 0.0
+    ref_in = np.column_stack([attacked_ref, ref_groups]).astype(np.float64)
     l0, l1 = _llr(p_drop, rate)
     r0, r1 = _llr(p_ref, rate)
     p = np.clip(p_drop, 0.005, 0.995)
@@ -46,11 +45,6 @@ def scan_power(p_drop: np.ndarray, p_ref: np.ndarray, drop_groups: np.ndarray, r
     n_g, big_g = groups.sum(axis=0), ref_in.sum(axis=0)
     scale = np.where(big_g > 0, n_g / np.maximum(big_g, 1), 0.0)       # a drop group's share of its reference group
     ref_var_g = ref_var_row @ ref_in
-    # the attacked group's reference rows: the same region of the reference half (column 0 has none
-    # of its own; use the candidate column with the same members when there is one)
-    same = [j for j in range(1, groups.shape[1]) if np.array_equal(groups[:, j], groups[:, 0])]
-    if same:
-        ref_in[:, 0], scale[0], ref_var_g[0] = ref_in[:, same[0]], scale[same[0]], ref_var_g[same[0]]
     learned_sd = np.sqrt(var_g + scale ** 2 * ref_var_g)
     result: dict[str, list[np.ndarray]] = {k: [] for k in ("null_known", "null_learned", "alt_known", "alt_learned")}
     flip = attacked.astype(bool)
@@ -101,7 +95,8 @@ def subgroup_attack_power(index: int, seeds: range, min_rows: int = 20) -> dict[
                           drop_labels=np.zeros(len(clean)), reference_labels=np.zeros(len(known)), classes=[])
         found = [(g, d, r) for g, d, r in found if d.sum() >= min_rows]
         runs.append(scan_power(p_drop, model.oof_proba[:, 1], np.column_stack([d for _, d, _ in found]),
-                               np.column_stack([r for _, _, r in found]), members(known, clean), seed=seed))
+                               np.column_stack([r for _, _, r in found]), members(known, clean),
+                               members(known, known), seed=seed))
         runs[-1]["groups"] = float(len(found))
     return {"data set": name, **{k: float(np.mean([r[k] for r in runs])) for k in runs[0]}}  # type: ignore[dict-item]
 
