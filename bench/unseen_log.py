@@ -1,11 +1,12 @@
 """The unseen-rows table (issue 20) run as a resumable log: each drop's decisions are appended as
 one JSON line as soon as they are known, so a long run on a busy machine keeps what it measured.
 
-    python -m bench.unseen_log LOG.jsonl CLEAN ATTACKED [DATA_SET_INDEX ...]   # run (skips jobs in the log)
+    python -m bench.unseen_log LOG.jsonl CLEAN ATTACKED [INDEX[:SCENARIO] ...]   # run (skips jobs in the log)
     python -m bench.unseen_log LOG.jsonl                                      # print the table so far
 
-Same jobs, seeds and decisions as ``bench_data.unseen_table`` (``_unseen_one``), data sets in the
-order given (default all three), clean drops first within each data set.
+Same jobs, seeds and decisions as ``bench_data.unseen_table`` (``_unseen_one``), in the order given:
+a data set's index (0 German credit, 1 breast cancer, 2 diabetes) for all its scenarios, or
+``INDEX:SCENARIO`` for one (default: all three data sets).
 """
 
 from __future__ import annotations
@@ -17,14 +18,20 @@ from pathlib import Path
 import numpy as np
 
 
-def run(log: Path, clean: int, attacked: int, indices: list[int], workers: int = 2) -> None:
+def run(log: Path, clean: int, attacked: int, order: list[str], workers: int = 2) -> None:
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     from bench.bench_data import SCENARIOS, _unseen_one
 
     done = {tuple(r["job"]) for r in _read(log)}
-    jobs = [(i, scenario, seed) for i in indices for scenario in SCENARIOS
-            for seed in range(clean if scenario == "clean" else attacked) if (i, scenario, seed) not in done]
+    jobs: list[tuple[int, str, int]] = []
+    for entry in order:
+        index, _, only = entry.partition(":")
+        for scenario in [only] if only else SCENARIOS:
+            if scenario not in SCENARIOS:
+                raise SystemExit(f"unknown scenario {scenario!r}; one of {SCENARIOS}")
+            jobs += [(int(index), scenario, seed) for seed in range(clean if scenario == "clean" else attacked)
+                     if (int(index), scenario, seed) not in done and (int(index), scenario, seed) not in jobs]
     with ProcessPoolExecutor(max_workers=workers) as pool, log.open("a") as out:
         futures = {pool.submit(_unseen_one, job): job for job in jobs}
         for future in as_completed(futures):
@@ -60,5 +67,5 @@ if __name__ == "__main__":
 
     path = Path(sys.argv[1])
     if len(sys.argv) > 2:
-        run(path, int(sys.argv[2]), int(sys.argv[3]), [int(a) for a in sys.argv[4:]] or [0, 1, 2])
+        run(path, int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:] or ["0", "1", "2"])
     print(markdown(table(path)))
