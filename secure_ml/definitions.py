@@ -207,8 +207,8 @@ def up_to_date(instance: dg.DagsterInstance, definitions: dg.Definitions, picked
     every other picked asset is fresh in Dagster's terms (materialised from its inputs' current data
     versions under the current code version, see :func:`code_version`) with every blocking check on
     its latest materialization passed since. A failed or missing check makes it not up to date: a
-    re-run must never step around a blocking check. ``deployment`` may be missing (deploying is a
-    person's act, not a consequence of data)."""
+    re-run must never step around a blocking check. ``deployment`` is left out: deploying is a
+    person's act (``secure-ml deploy``, gated then), not a consequence of data."""
     from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
     from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
     from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
@@ -219,9 +219,9 @@ def up_to_date(instance: dg.DagsterInstance, definitions: dg.Definitions, picked
     datasets = [key for key in keys if key.path[-1] == "dataset"]
     latest: dict[dg.AssetKey, Any] = {}
     for key in keys:
-        event = instance.get_latest_materialization_event(key)
-        if event is None and key.path[-1] in DELIBERATE:
+        if key.path[-1] in DELIBERATE:
             continue
+        event = instance.get_latest_materialization_event(key)
         if event is None or event.asset_materialization is None:
             return None
         latest[key] = event
