@@ -84,7 +84,7 @@ class Release:
         if signed is not None:
             registry = TrustedRegistry(registry.path, signed, model=registry.model)
         release = cls(home=settings.home, registry=registry, signed=signed,
-                   engine=PolicyEngine.from_settings(settings), access=AccessPolicy.from_settings(settings),
+                   engine=PolicyEngine.from_settings(settings, lazy=True), access=AccessPolicy.from_settings(settings),
                    store=settings.artifact_store(actor=actor), audit=settings.audit_log(),
                    trust=trust or (lambda: TrustPolicy.from_config(settings.load_config("security"), settings.home)),
                    config=config)
