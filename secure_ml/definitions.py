@@ -175,6 +175,7 @@ def run_pipeline(settings: Settings, *, selection: str | None = None,
         if drop_sha and dataset in picked and not force:
             latest = up_to_date(instance, definitions, picked, drop_sha256=drop_sha)
             if latest is not None:
+                _allow_rerun(settings, drop or "", drop_sha, tags or {})
                 in_pipeline_order = [key for key in graph.toposorted_asset_keys if key in picked]
                 summary = summarise([], in_pipeline_order, definitions, instance)
                 for asset in summary["assets"]:
@@ -197,6 +198,22 @@ def run_pipeline(settings: Settings, *, selection: str | None = None,
         in_pipeline_order = [key for key in graph.toposorted_asset_keys if key in picked]
         return {**summarise(results, in_pipeline_order, definitions, instance),
                 "up_to_date": False, "steps": run_steps(instance, results)}
+
+
+def _allow_rerun(settings: Settings, drop: str, drop_sha: str, tags: dict[str, str]) -> None:
+    """The decision ``dataset`` makes before reading a drop, made for a run that reads nothing: whoever
+    may not add this drop is still denied (audited), and an allowed no-op is audited too."""
+    from secure_ml.governance import authn
+    from secure_ml.governance.access import AccessPolicy
+    from secure_ml.governance.sources import ApprovedSources
+
+    actor = authn.run_actor(settings, tags)
+    approved = ApprovedSources.from_settings(settings).require(drop)
+    audit = settings.audit_log()
+    AccessPolicy.from_settings(settings).require(actor, "data.add", classification=approved.classification,
+                                                 audit=audit, subject=f"drop:{drop}")
+    audit.record(actor, "pipeline.up_to_date", subject=f"sha256:{drop_sha}",
+                 details={"drop": drop, "reason": "same bytes, code and configuration; nothing run"})
 
 
 def up_to_date(instance: dg.DagsterInstance, definitions: dg.Definitions, picked: Iterable[dg.AssetKey], *,

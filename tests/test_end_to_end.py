@@ -131,6 +131,8 @@ def test_the_same_drop_again_runs_nothing_and_the_release_steps_say_so(home: Pat
     assert summary["up_to_date"] is True and summary["runs"] == [] and summary["success"] is True
     digests = {a["asset"]: a["sha256"] for a in summary["assets"]}
     assert digests["trained_model"] == {a["asset"]: a["sha256"] for a in pipeline["assets"]}["trained_model"]
+    # Running nothing is still decided as landing would be: an approver may not add data (audited).
+    assert "may not data.add" in one_line_error(cli(home, "pipeline", "run", actor="carol"), 1)
     approve = cli(home, "approve", "staging", actor="carol")
     assert approve.returncode == 0 and "nothing awaits approval; v1 is in production" in approve.stdout, approve.stderr
     deploy = cli(home, "deploy", actor="dave")
