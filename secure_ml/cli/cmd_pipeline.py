@@ -88,7 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"up to date: drop {drop} is already the latest dataset version and every asset is fresh "
               "(same data, code and configuration; blocking checks passed): nothing run (--force runs it again)")
         for asset in summary["assets"]:
-            state = f"sha256:{asset['sha256'][:16]}…" if asset["sha256"] else "not materialized"
+            state = f"sha256:{asset['sha256'][:16]}…" if asset["sha256"] else "(not a drop's: secure-ml deploy)"
             print(f"  asset {asset['asset']:<24} {state}")
     else:
         runs = ", ".join(f"{r['job']} {r['run_id']}" for r in summary["runs"])
