@@ -33,6 +33,7 @@ from secure_ml.training import evaluation as evaluation_core
 from secure_ml.training.checkpoints import CheckpointStore
 from secure_ml.training.config import TrainingConfig
 from secure_ml.training.features import DataSpec
+from secure_ml.training.handover import pod_runner
 from secure_ml.training.predictor import load_model
 from secure_ml.training.proof import verify_segments
 from secure_ml.training.record import record_problems
@@ -123,7 +124,8 @@ def trained_model(context: dg.AssetExecutionContext, validated_dataset: dict[str
     with tempfile.TemporaryDirectory(prefix="secure-ml-train-") as tmp:
         try:
             result = train_model(train, spec, config, Path(tmp) / "model", isolation=chosen["isolation"],
-                                 checkpoints=checkpoints, provenance=provenance, on_progress=progress)
+                                 checkpoints=checkpoints, provenance=provenance, on_progress=progress,
+                                 runner=_training_runner(context, chosen["isolation"], settings.home))
         except Error as exc:
             raise _fail(custody, context, "training.run", subject, exc) from None
         record = result.record
@@ -160,6 +162,24 @@ def trained_model(context: dg.AssetExecutionContext, validated_dataset: dict[str
             **plot_metadata({"loss": evaluation_core.render_loss(record["result"]["losses"])}),
         }
         return custody.output(context, result.directory, metadata=metadata)
+
+
+def _training_runner(context: Any, isolation: IsolationPolicy, home: Path) -> Any:
+    """None (the local sandbox), or, with isolation.backend kubernetes, the training pod's handover: this
+    run's split under a per-run key in a per-run directory of the artifacts volume (resources/training_pod.py)."""
+    if isolation.backend != "kubernetes":
+        return None
+    import os
+
+    from resources.training_pod import KubernetesLauncher, run_name
+
+    origin = context.run.job_code_origin
+    image = (origin.repository_origin.container_image if origin else None) or os.environ.get("SECURE_ML_TRAINING_IMAGE")
+    if not image:
+        raise ConfigurationError("isolation.backend kubernetes needs the code location's image (pinned by digest) "
+                                 "or SECURE_ML_TRAINING_IMAGE")
+    run_dir = home / isolation.kubernetes.exchange / run_name(context.run_id)
+    return pod_runner(run_dir, KubernetesLauncher(isolation.kubernetes, image=image, run_id=context.run_id))
 
 
 def _number(value: Any) -> float:

@@ -281,6 +281,15 @@ class Limits(Strict):
     processes: int = Field(512, ge=0)
 
 
+class TrainingPod(Strict):
+    """Where the training pod runs when isolation.backend is kubernetes (secure_ml.training.policy)."""
+
+    namespace: str = "secure-ml-pipeline"
+    volume_claim: str = "secure-ml-artifacts"
+    exchange: str = "training-runs"
+    wait_s: float = Field(3600, gt=0)
+
+
 class Isolation(Strict):
     # 'auto' is refused: it used to fall back silently to the socket guard alone.
     network_namespace: Literal["required", "off"] = "required"
@@ -290,6 +299,9 @@ class Isolation(Strict):
     limits: Limits = Limits()
     pass_env: list[str] = []
     timeout_s: float = Field(3600, gt=0)
+    # local: the namespace sandbox; kubernetes: a pod of its own, given only this run's split under a per-run key.
+    backend: Literal["local", "kubernetes"] = "local"
+    kubernetes: TrainingPod = TrainingPod()
 
 
 class Watch(Strict):

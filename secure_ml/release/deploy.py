@@ -36,7 +36,16 @@ from secure_ml.errors import BadInput, ConfigurationError, Error, PolicyDenied, 
 from secure_ml.governance.access import AccessPolicy
 from secure_ml.governance.policy import PolicyDecision, PolicyEngine
 from secure_ml.release import targets
-from secure_ml.release.deployed import ATTESTATION_FILE, MODEL_DIR, RECEIPT_FILE, SIGNATURE_FILE, HealthResult
+from secure_ml.release.deployed import (
+    ATTESTATION_FILE,
+    DEFAULT_MODEL_NAME,
+    MODEL_DIR,
+    RECEIPT_FILE,
+    SIGNATURE_FILE,
+    HealthResult,
+    live_models,
+    served_name,
+)
 from secure_ml.release.evidence import promotion_input
 from secure_ml.release.gate import DeployGate, VerifiedVersion
 from secure_ml.release.registry import Deployment, ModelVersion, Registry
@@ -400,6 +409,13 @@ class Release:
             (staging / SIGNATURE_FILE).write_bytes(verified.bundle)
             (staging / ATTESTATION_FILE).write_bytes(verified.envelope)
             config = dict(self.config)
+            # What else is live on this target (every model, by name): a target serving them all from one
+            # server (kubernetes) renders each, pinned by its digest, beside the one deployed now.
+            configured = str((self.config.get("serving") or {}).get("model_name") or DEFAULT_MODEL_NAME)
+            config["served_name"] = served_name(version.model, served=configured, default_model=self.default_model)
+            config["live_models"] = [m for m in live_models(self.registry, target=target.name, served=configured,
+                                                            default_model=self.default_model)
+                                     if m.name != config["served_name"]]
             if self.signed is not None:  # admission data from verified deployment statements, never registry rows
                 config["admitted_model_digests"] = self.signed.admitted_digests(target.name)
             receipt.update(target.write(staging, version=version.version, model_digest=verified.model_digest,
