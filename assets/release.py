@@ -16,6 +16,7 @@ import dagster as dg
 
 from resources import CustodyResource, verdict
 from resources.release import ReleaseResource
+from resources.security import signing_op_tags
 from secure_ml.custody.integrity import list_tree
 from secure_ml.errors import Error, VerificationError
 from secure_ml.governance import code_identity
@@ -74,7 +75,8 @@ def _versions_table(release: Release) -> str:
 
 @dg.asset(group_name=RELEASE, kinds={"sqlite", "rego"}, owners=["team:ml-platform"], code_version="1",
           ins={"model_evaluation": dg.AssetIn(), "scan_report": dg.AssetIn()},
-          deps=["trained_model", "model_signature", "attestation", "dataset"])
+          deps=["trained_model", "model_signature", "attestation", "dataset"],
+          op_tags=signing_op_tags())  # it signs the pipeline's statements about its products: the signing key's pod
 def registered_model(context: dg.AssetExecutionContext, model_evaluation: dict[str, Any], scan_report: dict[str, Any],
                      custody: CustodyResource, release: ReleaseResource) -> dg.Output[Any]:
     """The model version in the registry (addressed by the digest its signature covers), its stage and

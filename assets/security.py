@@ -8,6 +8,7 @@ asset after it (registration, deployment).
 
 import hashlib
 import json
+import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,13 +19,15 @@ from typing import Any
 import dagster as dg
 
 from resources import CustodyResource, verdict
-from resources.security import SigningResource
+from resources.scan_sandbox import sandboxed_model_scan
+from resources.security import SigningResource, signing_op_tags
 from secure_ml.custody.integrity import sha256_file, tree_digest
 from secure_ml.errors import BadInput, Error
 from secure_ml.governance import code_identity
 from secure_ml.security import attestation as provenance
 from secure_ml.security import scanning, verification
 from secure_ml.security.sbom import DatasetRef
+from secure_ml.training.policy import IsolationPolicy
 
 SECURITY = "security"
 REPO = Path(__file__).resolve().parents[1]
@@ -73,15 +76,26 @@ def scan_report(context: dg.AssetExecutionContext, trained_model: dict[str, Any]
     # Dependency audit and bandit results are reused while the lock, advisories and code are unchanged.
     cache = scanning.ScanCache(store, custody.settings().home / "cache" / "scans")
     try:
+        # The model files are untrusted input: their scanners run in the training sandbox (no KEK, no keys).
+        # (On Kubernetes, isolation.backend kubernetes, the step's own pod is the boundary: no user namespaces there.)
+        policy = IsolationPolicy.from_mapping(custody.settings().load_config("training").get("isolation"))
+        home = custody.settings()
+        secrets = [home.keyring_path, home.keys_dir, home.home / "keys" / "model-signing.pem",
+                   f"/proc/{os.getpid()}/environ"]
+        in_sandbox = sandboxed_model_scan(policy, must_not_reach=[str(p) for p in secrets]) \
+            if policy.backend == "local" else None
         with _model_dir(context, custody, tree) as model_dir:
             report, sbom_document = scanning.release_scan(
                 model_dir, config, repo_root=REPO, model_name=f"secure-ml-model@{tree[:12]}", cache=cache,
+                model_scan=in_sandbox,
                 datasets=[DatasetRef(d["name"], d["digest"]["sha256"], d["annotations"]["dvc_version"]) for d in datasets])
     except Error as exc:
         custody.record(context, "scan.model", subject=f"sha256:{tree}", outcome="fail", details={"reason": exc.explain()})
         raise dg.Failure(exc.explain()) from None
     sbom = custody.seal(context, sbom_document.encode(), role="sbom")
     report["model_sha256"] = tree
+    report["model_scan_isolation"] = ({"level": in_sandbox.isolation.get("level"), "uid": in_sandbox.seen.get("uid")}
+                                      if in_sandbox is not None else {"level": "pod"})
     custody.record(context, "scan.model", subject=f"sha256:{tree}", outcome="deny" if report["blocking"] else "allow",
                    details={"counts": report["counts"], "blocking": report["blocking_count"], "sbom_sha256": sbom.sha256})
     return custody.output(context, report, metadata={
@@ -113,7 +127,8 @@ def scan_report_clear(context: dg.AssetCheckExecutionContext, custody: CustodyRe
 
 
 @dg.asset(group_name=SECURITY, kinds={"sigstore"}, owners=["team:security"], code_version="1",
-          ins={"trained_model": dg.AssetIn(), "scan_report": dg.AssetIn()})
+          ins={"trained_model": dg.AssetIn(), "scan_report": dg.AssetIn()},
+          op_tags=signing_op_tags())  # on Kubernetes this step's pod alone (with attestation's) mounts the signing key
 def model_signature(context: dg.AssetExecutionContext, trained_model: dict[str, Any], scan_report: dict[str, Any],
                     custody: CustodyResource, signing: SigningResource) -> dg.Output[Any]:
     """The OpenSSF model-signing bundle over the model directory (local ECDSA key by default, Sigstore
@@ -182,7 +197,8 @@ def _verify_stored(context: Any, custody: CustodyResource, signing: SigningResou
 
 
 @dg.asset(group_name=SECURITY, kinds={"slsa", "in-toto"}, owners=["team:security"], code_version="1",
-          ins={"trained_model": dg.AssetIn(), "model_signature": dg.AssetIn()})
+          ins={"trained_model": dg.AssetIn(), "model_signature": dg.AssetIn()},
+          op_tags=signing_op_tags())  # it signs the run's provenance with the pipeline key
 def attestation(context: dg.AssetExecutionContext, trained_model: dict[str, Any], model_signature: bytes,
                 custody: CustodyResource, signing: SigningResource) -> dg.Output[Any]:
     """A signed in-toto Statement (SLSA provenance v1) for this run: subjects are the model files and the

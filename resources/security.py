@@ -2,12 +2,15 @@
 
 Assets ask it to sign a stored model (its custody digests) or an attestation and get bundle bytes back; the private
 key's path stays inside (it is never returned, logged or put in metadata), and the key itself is
-created lazily (ECDSA P-256, 0600, under ``$SECURE_ML_HOME/keys``) the first time it is needed.
+created lazily (ECDSA P-256, 0600, under ``$SECURE_ML_HOME/keys``) the first time it is needed, except
+in production: there it is the ``secure-ml-signing-key`` Secret, mounted as a file only in the pods of
+:data:`SIGNING_STEPS` (their ``dagster-k8s/config`` op tag, :func:`signing_op_tags`), and never created.
 Verification needs no secret: it uses the trust policy from ``security.yaml``.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,31 @@ import pydantic
 from secure_ml.errors import ConfigurationError
 from secure_ml.security import attestation, signing
 from secure_ml.settings import Settings
+
+
+SIGNING_KEY_ENV = "SECURE_ML_SIGNING_KEY"           # a mounted key file: only the signing steps' pods have it
+SIGNING_KEY_SECRET = "secure-ml-signing-key"        # the Kubernetes Secret holding model-signing.pem
+SIGNING_KEY_DIR = "/var/run/secrets/secure-ml-signing"
+# The steps that sign with the pipeline key: the model's signature, the run's provenance attestation, and
+# registration (the pipeline's signed statements about its products, secure_ml.release.signed.sign_products).
+SIGNING_STEPS = ("model_signature", "attestation", "registered_model")
+
+
+def signing_step_k8s_config() -> dict[str, Any]:
+    """The ``dagster-k8s/config`` op tag of a signing step: its pod alone mounts the signing-key Secret
+    (as a file, never an environment variable) and is told where it is."""
+    return {
+        "pod_spec_config": {"volumes": [{"name": "signing-key", "secret": {
+            "secretName": SIGNING_KEY_SECRET, "defaultMode": 0o440,
+            "items": [{"key": "model-signing.pem", "path": "model-signing.pem"}]}}]},
+        "container_config": {
+            "volumeMounts": [{"name": "signing-key", "mountPath": SIGNING_KEY_DIR, "readOnly": True}],
+            "env": [{"name": SIGNING_KEY_ENV, "value": f"{SIGNING_KEY_DIR}/model-signing.pem"}]},
+    }
+
+
+def signing_op_tags() -> dict[str, str]:
+    return {"dagster-k8s/config": json.dumps(signing_step_k8s_config(), sort_keys=True)}
 
 
 class SigningResource(dg.ConfigurableResource):  # type: ignore[type-arg]
@@ -49,6 +77,15 @@ class SigningResource(dg.ConfigurableResource):  # type: ignore[type-arg]
             configured = self.config().get("signing", {}).get("private_key", "keys/model-signing.pem")
             path = Path(configured)
             path = path if path.is_absolute() else Path(self.home) / path
+            settings = self._settings()
+            mounted = settings.environ.get(SIGNING_KEY_ENV)
+            if mounted:  # the signing step's pod: the key is the mounted Secret, never one made here
+                self._key_path = signing.mounted_signing_key(mounted, signing.public_key_path(path))
+                return self._key_path
+            if settings.env == "production":
+                # A key created here would sit on the shared artifacts volume, in reach of every step.
+                raise ConfigurationError(f"production signs only in a signing step's pod ({', '.join(SIGNING_STEPS)}), "
+                                         f"with the {SIGNING_KEY_SECRET} Secret mounted ({SIGNING_KEY_ENV})")
             signing.ensure_signing_key(path)
             self._key_path = path
         return self._key_path
@@ -58,7 +95,8 @@ class SigningResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         return signing.public_key_path(self._private_key()).read_bytes()
 
     def trust(self) -> signing.TrustPolicy:
-        if self.method() == "key" or not self.config().get("signing", {}).get("trusted_identities"):
+        if (self.method() == "key" or not self.config().get("signing", {}).get("trusted_identities")) and \
+                self._settings().env != "production":  # production: the public key is a published trust anchor
             self._private_key()  # the trusted local public key exists before anyone verifies with it
         return signing.TrustPolicy.from_config(self.config(), Path(self.home))
 

@@ -118,15 +118,30 @@ def run_worker_job(values: Mapping[str, Any], *, image: str, namespace: str) -> 
     return _manifest(job, context.namespace or namespace)
 
 
+def op_tags() -> dict[str, dict[str, str]]:
+    """Each op's tags, from the code location's own definitions (a signing step's ``dagster-k8s/config``)."""
+    from secure_ml.definitions import build_definitions
+
+    graph = build_definitions().resolve_asset_graph()
+    return {node.assets_def.op.name: dict(node.assets_def.op.tags or {})
+            for node in graph.asset_nodes if node.assets_def.is_executable}
+
+
 def step_job(values: Mapping[str, Any], exc_cfg: Mapping[str, Any], step: str, *, image: str,
-             namespace: str) -> dict[str, Any]:
-    """The Job K8sStepHandler.launch_step creates for ``step`` (an asset's op)."""
+             namespace: str, tags: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The Job K8sStepHandler.launch_step creates for ``step`` (an asset's op, with its ``tags``)."""
     from dagster_k8s.container_context import K8sContainerContext
-    from dagster_k8s.job import UserDefinedDagsterK8sConfig, construct_dagster_k8s_job, get_k8s_job_name
+    from dagster_k8s.job import (
+        UserDefinedDagsterK8sConfig,
+        construct_dagster_k8s_job,
+        get_k8s_job_name,
+        get_user_defined_k8s_config,
+    )
 
     per_step = UserDefinedDagsterK8sConfig.from_dict((exc_cfg.get("per_step_k8s_config") or {}).get(step, {}))
     context = (_run_context(values, namespace).merge(_executor_context(exc_cfg))
-               # the op's own dagster-k8s/config tags would merge here: no asset in this project sets any
+               # the op's own dagster-k8s/config tags (a signing step's key mount), as the step handler merges them
+               .merge(K8sContainerContext(run_k8s_config=get_user_defined_k8s_config(dict(tags or {}))))
                .merge(K8sContainerContext(run_k8s_config=per_step)))
     name = f"dagster-step-{get_k8s_job_name(RUN_ID, step)}"
     job = construct_dagster_k8s_job(
@@ -139,10 +154,14 @@ def step_job(values: Mapping[str, Any], exc_cfg: Mapping[str, Any], step: str, *
 
 
 def run_and_step_jobs(values: Mapping[str, Any], executor_config: Mapping[str, Any], *, image: str,
-                      namespace: str, steps: Sequence[str]) -> list[dict[str, Any]]:
+                      namespace: str, steps: Sequence[str],
+                      tags: Mapping[str, Mapping[str, str]] | None = None) -> list[dict[str, Any]]:
+    """The run worker's Job and each step's; ``tags``: each op's tags (default: the definitions' own)."""
     exc_cfg = processed_executor_config(executor_config)
+    tags = op_tags() if tags is None else tags
     unknown = set(exc_cfg.get("per_step_k8s_config") or {}) - set(steps)
     if unknown:
         raise ConfigurationError(f"k8s/job_executor.yaml: per_step_k8s_config names no step: {sorted(unknown)}")
     return [run_worker_job(values, image=image, namespace=namespace),
-            *(step_job(values, exc_cfg, step, image=image, namespace=namespace) for step in steps)]
+            *(step_job(values, exc_cfg, step, image=image, namespace=namespace, tags=tags.get(step))
+              for step in steps)]

@@ -40,7 +40,6 @@ class Retraining(Strict):
 
 
 class Conditions(Strict):
-    groups: list[str] = ["data", "training", "security"]
     interval_seconds: int = Field(10, ge=1)
     owners: dict[str, list[str]] = {}
 
@@ -281,6 +280,15 @@ class Limits(Strict):
     processes: int = Field(512, ge=0)
 
 
+class TrainingPod(Strict):
+    """Where the training pod runs when isolation.backend is kubernetes (secure_ml.training.policy)."""
+
+    namespace: str = "secure-ml-pipeline"
+    volume_claim: str = "secure-ml-artifacts"
+    exchange: str = "training-runs"
+    wait_s: float = Field(3600, gt=0)
+
+
 class Isolation(Strict):
     # 'auto' is refused: it used to fall back silently to the socket guard alone.
     network_namespace: Literal["required", "off"] = "required"
@@ -290,10 +298,13 @@ class Isolation(Strict):
     limits: Limits = Limits()
     pass_env: list[str] = []
     timeout_s: float = Field(3600, gt=0)
+    # local: the namespace sandbox; kubernetes: a pod of its own, given only this run's split under a per-run key.
+    backend: Literal["local", "kubernetes"] = "local"
+    kubernetes: TrainingPod = TrainingPod()
 
 
 class Watch(Strict):
-    """Bounds of the sandbox_behaviour_within_bounds check against the model's recent runs."""
+    """Bounds of the sandbox_in_bounds check against the model's recent runs."""
 
     window: int = Field(10, ge=1)
     min_history: int = Field(3, ge=1)

@@ -181,8 +181,10 @@ def check_config(settings: Settings, policy: TrustPolicy) -> None:
 
 
 def pipeline_signer(settings: Settings) -> Signer | None:
-    """The pipeline's own signing key (local runs; CI signs keyless), or None if it has none yet."""
-    path = settings.home / PIPELINE_KEY
+    """The pipeline's own signing key (local runs; CI signs keyless), or None if it has none yet. On
+    Kubernetes only the signing steps' pods have it, mounted where ``SECURE_ML_SIGNING_KEY`` says."""
+    mounted = settings.environ.get("SECURE_ML_SIGNING_KEY")
+    path = Path(mounted) if mounted else settings.home / PIPELINE_KEY
     return load_signer(path) if path.exists() else None
 
 

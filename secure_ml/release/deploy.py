@@ -36,7 +36,16 @@ from secure_ml.errors import BadInput, ConfigurationError, Error, PolicyDenied, 
 from secure_ml.governance.access import AccessPolicy
 from secure_ml.governance.policy import PolicyDecision, PolicyEngine
 from secure_ml.release import targets
-from secure_ml.release.deployed import ATTESTATION_FILE, MODEL_DIR, RECEIPT_FILE, SIGNATURE_FILE, HealthResult
+from secure_ml.release.deployed import (
+    ATTESTATION_FILE,
+    DEFAULT_MODEL_NAME,
+    MODEL_DIR,
+    RECEIPT_FILE,
+    SIGNATURE_FILE,
+    HealthResult,
+    live_models,
+    served_name,
+)
 from secure_ml.release.evidence import promotion_input
 from secure_ml.release.gate import DeployGate, VerifiedVersion
 from secure_ml.release.registry import Deployment, ModelVersion, Registry
@@ -84,7 +93,7 @@ class Release:
         if signed is not None:
             registry = TrustedRegistry(registry.path, signed, model=registry.model)
         release = cls(home=settings.home, registry=registry, signed=signed,
-                   engine=PolicyEngine.from_settings(settings), access=AccessPolicy.from_settings(settings),
+                   engine=PolicyEngine.from_settings(settings, lazy=True), access=AccessPolicy.from_settings(settings),
                    store=settings.artifact_store(actor=actor), audit=settings.audit_log(),
                    trust=trust or (lambda: TrustPolicy.from_config(settings.load_config("security"), settings.home)),
                    config=config)
@@ -222,6 +231,20 @@ class Release:
         self.registry.record_event("policy", "policy.decision", version.version,
                                    {"package": decision.package, "allowed": decision.allowed,
                                     "reasons": list(decision.reasons)})
+
+    def already_live(self, ref: str, *, target: str) -> Deployment | None:
+        """The deployment on ``target`` when it is already ``ref``'s version with the same model digest
+        (a re-run demo's ``deploy``: nothing to do), else None. Only a deploy that succeeded counts, and a
+        local target's directory must still be there."""
+        current = self.registry.current_deployment(target)
+        if current is None:
+            return None
+        version = self.registry.get(ref)
+        if (current.version, current.model_digest) != (version.version, version.model_digest):
+            return None
+        if target == "local" and not Path(current.location).is_dir():
+            return None
+        return current
 
     def deploy(self, ref: str = "production", *, actor: str, target: str = "local",
                health: bool = True, _action: str = "deployed", _permission: str = "model.deploy",
@@ -386,6 +409,13 @@ class Release:
             (staging / SIGNATURE_FILE).write_bytes(verified.bundle)
             (staging / ATTESTATION_FILE).write_bytes(verified.envelope)
             config = dict(self.config)
+            # What else is live on this target (every model, by name): a target serving them all from one
+            # server (kubernetes) renders each, pinned by its digest, beside the one deployed now.
+            configured = str((self.config.get("serving") or {}).get("model_name") or DEFAULT_MODEL_NAME)
+            config["served_name"] = served_name(version.model, served=configured, default_model=self.default_model)
+            config["live_models"] = [m for m in live_models(self.registry, target=target.name, served=configured,
+                                                            default_model=self.default_model)
+                                     if m.name != config["served_name"]]
             if self.signed is not None:  # admission data from verified deployment statements, never registry rows
                 config["admitted_model_digests"] = self.signed.admitted_digests(target.name)
             receipt.update(target.write(staging, version=version.version, model_digest=verified.model_digest,

@@ -16,28 +16,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from secure_ml.custody.integrity import SHA256_HEX
 from secure_ml.errors import BadInput
-from secure_ml.release.deployed import DEFAULT_MODEL_NAME
+from secure_ml.release.deployed import DEFAULT_MODEL_NAME, DeployedModel, live_models
 from secure_ml.release.serving.model import LoadedModel, load_deployment
 from secure_ml.security.verification import TrustPolicy
 
 MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 __all__ = ["DEFAULT_MODEL_NAME", "MODEL_NAME", "DeployedModel", "check_names", "deployed_models", "load_deployed"]
-
-
-@dataclass(frozen=True)
-class DeployedModel:
-    """One deployed model: the name it is served under, its version, where it is, the digest it must hash to."""
-
-    name: str
-    version: str
-    directory: Path
-    digest: str
 
 
 def deployed_models(settings: Any, *, target: str = "local") -> list[DeployedModel]:
@@ -48,9 +36,7 @@ def deployed_models(settings: Any, *, target: str = "local") -> list[DeployedMod
     # Per model (registry.live): the default model under serving.model_name, every other under its own name.
     name = str((settings.load_config("release").get("serving") or {}).get("model_name") or DEFAULT_MODEL_NAME)
     default = getattr(getattr(settings, "config", None), "default_model", DEFAULT_MODEL_NAME)
-    return [DeployedModel(name if live.model == default else live.model, live.version, Path(live.location),
-                          live.model_digest)
-            for live in release.registry.for_model(None).live(target)]
+    return live_models(release.registry, target=target, served=name, default_model=default)
 
 
 def check_names(models: Sequence[DeployedModel]) -> None:

@@ -78,3 +78,50 @@ def scan_model_dir(model_dir: Path | str, *, allowed_types: Sequence[str] = (".s
                 except UnicodeDecodeError:
                     findings.append(Finding("model", "high", name, "text", f"{name} is not UTF-8 text"))
     return findings
+
+
+# -- in the sandbox ------------------------------------------------------------------------------
+SANDBOX_ENTRY = "secure_ml.security.scan_model:sandboxed_scan"
+
+
+def sandboxed_scan(header: dict[str, Any], blobs: list[bytes], send: Any, facts: dict[str, Any]) -> None:
+    """Entry point the sandbox runs (secure_ml.training.sandbox, named by the scan step): the model files
+    arrive as blobs (the sandbox's /tmp is its own), are written there and scanned; the findings go back
+    as one ``R`` frame, with what this process saw of itself (uid, environment names)."""
+    import tempfile
+
+    names = [str(n) for n in header.get("files") or []]
+    if len(names) != len(blobs) or any(n.startswith("/") or ".." in Path(n).parts for n in names):
+        raise BadInput("the sandboxed model scan received a malformed job")
+    limits = SafetensorsLimits(**{k: (frozenset(v) if k == "allowed_dtypes" else int(v))
+                                  for k, v in (header.get("limits") or {}).items()})
+    with tempfile.TemporaryDirectory(prefix="scan-") as tmp:
+        root = Path(tmp) / "model"
+        for name, blob in zip(names, blobs, strict=True):
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes(blob)
+        findings = scan_model_dir(root, allowed_types=tuple(header.get("allowed_types") or (".safetensors", ".json", ".md")),
+                                  limits=limits)
+    send("R", json.dumps({"findings": [f.to_dict() for f in findings],
+                          "seen": {"uid": facts.get("uid"), "env": facts.get("env"),
+                                   "reach": _reach([str(p) for p in header.get("must_not_reach") or []])}},
+                         sort_keys=True).encode())
+
+
+def _reach(paths: list[str]) -> dict[str, str]:
+    """From inside the sandbox: whether each secret the step holds (a key file, the keys directory, the
+    parent's /proc/<pid>/environ) can be read or listed here. The caller refuses the verdict otherwise."""
+    import os
+
+    out: dict[str, str] = {}
+    for path in paths:
+        try:
+            if os.path.isdir(path):
+                out[path] = "listed" if os.listdir(path) else "empty"
+            else:
+                with open(path, "rb") as handle:
+                    handle.read(1)
+                out[path] = "read"
+        except OSError as exc:
+            out[path] = f"blocked: {type(exc).__name__}"
+    return out

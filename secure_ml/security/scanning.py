@@ -57,12 +57,15 @@ def _repo_path(value: str | Path, repo_root: Path) -> Path:
 
 def release_scan(model_dir: Path | str, config: dict[str, Any], *, repo_root: Path = REPO_ROOT,
                  datasets: Sequence[Any] = (), model_name: str = "secure-ml-model",
-                 code: bool = True, cache: ScanCache | None = None) -> tuple[dict[str, Any], str]:
+                 code: bool = True, cache: ScanCache | None = None,
+                 model_scan: Any = None) -> tuple[dict[str, Any], str]:
     """Model files, dependency audit, code scan and SBOM: (report, CycloneDX JSON).
 
     ``config`` is the parsed security.yaml. The SBOM's validation failure is itself a finding.
     With ``cache``, the dependency audit and the code scan are taken from it while the lock file,
     the offline advisory database and the scanned code are unchanged (the model is always scanned).
+    ``model_scan(model_dir, allowed_types=..., limits=...)`` replaces :func:`scan_model_dir` in this
+    process: the scan step passes one that runs it in the sandbox (the model files are untrusted input).
     """
     from secure_ml.security import sbom
 
@@ -74,8 +77,8 @@ def release_scan(model_dir: Path | str, config: dict[str, Any], *, repo_root: Pa
         max_tensors=int(limits_cfg.get("max_tensors", SafetensorsLimits.max_tensors)),
         allowed_dtypes=frozenset(limits_cfg.get("allowed_dtypes", SafetensorsLimits().allowed_dtypes)),
     )
-    findings = scan_model_dir(model_dir, allowed_types=tuple(scan.get("model_file_types", (".safetensors", ".json", ".md"))),
-                              limits=limits)
+    findings = (model_scan or scan_model_dir)(
+        model_dir, allowed_types=tuple(scan.get("model_file_types", (".safetensors", ".json", ".md"))), limits=limits)
     deps = scan.get("dependencies", {})
     lock = _repo_path(deps.get("lock_file", "requirements.lock"), repo_root)
     source = str(deps.get("source", "offline"))

@@ -76,6 +76,25 @@ def ensure_signing_key(private_key: Path | str) -> Path:
     return public
 
 
+def mounted_signing_key(private_key: Path | str, public_key: Path | str) -> Path:
+    """A signing key handed to this process as a mounted file (the signing step's Kubernetes Secret):
+    never created here; the file may be group-readable (the pod's fsGroup reads a root-owned Secret
+    file) but nothing for others. Writes the public half to ``public_key`` (the configured trust anchor)
+    when it is missing. Returns ``private_key``."""
+    private_key = Path(private_key)
+    try:
+        mode = private_key.stat().st_mode & 0o777
+    except OSError as exc:
+        raise ConfigurationError(f"the mounted signing key {private_key} cannot be read ({exc.strerror})") from None
+    if mode & 0o027:  # world access or group write: not the Secret mount we asked for
+        raise ConfigurationError(f"the mounted signing key {private_key} has mode {mode:04o}: mount it with "
+                                 "defaultMode 0440 or stricter")
+    key = _load_private(private_key)
+    if not Path(public_key).exists():
+        atomic_write_bytes(public_key, public_pem(key), mode=0o644)
+    return private_key
+
+
 def public_key_path(private_key: Path) -> Path:
     return private_key.with_suffix(".pub")
 

@@ -56,6 +56,37 @@ class Limits:
                 "file_size_bytes": self.file_size_mb * MIB, "processes": self.processes}
 
 
+BACKENDS = ("local", "kubernetes")
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class TrainingPod:
+    """Where the training pod runs (``isolation.kubernetes``, used when ``isolation.backend: kubernetes``)."""
+
+    namespace: str = "secure-ml-pipeline"
+    volume_claim: str = "secure-ml-artifacts"   # the artifacts volume; the pod mounts only its run's directory
+    exchange: str = "training-runs"             # that directory's parent, relative to SECURE_ML_HOME (the volume)
+    wait_s: float = 3600.0
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any] | None) -> TrainingPod:
+        data = dict(data or {})
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ConfigurationError(f"isolation.kubernetes: unknown setting {unknown[0]!r}")
+        pod = cls(**{k: (float(v) if k == "wait_s" else str(v)) for k, v in data.items()})
+        for name in ("namespace", "volume_claim"):
+            if not _NAME.match(getattr(pod, name)):
+                raise ConfigurationError(f"isolation.kubernetes.{name} must be a Kubernetes name, "
+                                         f"not {getattr(pod, name)!r}")
+        if os.path.isabs(pod.exchange) or ".." in pod.exchange.split("/") or not pod.exchange.strip("/"):
+            raise ConfigurationError("isolation.kubernetes.exchange is a directory relative to SECURE_ML_HOME")
+        if pod.wait_s <= 0:
+            raise ConfigurationError("isolation.kubernetes.wait_s must be positive")
+        return pod
+
+
 @dataclass(frozen=True)
 class IsolationPolicy:
     """How the training process is isolated (``isolation:`` in training.yaml)."""
@@ -68,6 +99,10 @@ class IsolationPolicy:
     limits: Limits = field(default_factory=Limits)
     hide: tuple[str, ...] = ()
     landlock: bool = True
+    # local: the namespace sandbox in the step's own process tree; kubernetes: a pod of its own
+    # (secure_ml.training.handover), holding only this run's split under a per-run key.
+    backend: str = "local"
+    kubernetes: TrainingPod = field(default_factory=TrainingPod)
 
     @property
     def level(self) -> str:
@@ -97,12 +132,17 @@ class IsolationPolicy:
         if any(not os.path.isabs(p) for p in hide):
             raise ConfigurationError("isolation.hide lists absolute paths only")
         landlock = bool(data.pop("landlock", True))
+        backend = str(data.pop("backend", "local"))
+        if backend not in BACKENDS:
+            raise ConfigurationError(f"isolation.backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+        pod = TrainingPod.from_mapping(data.pop("kubernetes", None))
         unknown = sorted(set(data) - {"socket_guard", "drop_privileges"})
         if unknown:
             raise ConfigurationError(f"isolation: unknown setting {unknown[0]!r}")
         # The guard is always on in configuration; only tests switch it off (to prove the namespace alone).
         return cls(network_namespace=mode, socket_guard=True, drop_privileges=bool(data.get("drop_privileges", True)),
-                   pass_env=pass_env, timeout_s=timeout, limits=limits, hide=hide, landlock=landlock)
+                   pass_env=pass_env, timeout_s=timeout, limits=limits, hide=hide, landlock=landlock,
+                   backend=backend, kubernetes=pod)
 
 
 def child_environment(policy: IsolationPolicy, *, threads: int = 1,

@@ -51,6 +51,9 @@ from secure_ml.training.record import RECORD_FORMAT, code_version, environment, 
 from secure_ml.training.sandbox import IsolationPolicy, run_isolated
 
 Progress = Callable[[dict[str, Any]], None]
+# What runs the training entry point on one job, isolated: sandbox.run_isolated (the default), or a
+# pod's handover (secure_ml.training.handover.run_handed_over, bound to its launch by the caller).
+Runner = Callable[..., dict[str, Any]]
 
 
 @dataclass
@@ -74,9 +77,11 @@ class FitResult:
 
 def fit(X: np.ndarray, y: np.ndarray, config: TrainingConfig, *, device: str = "cpu",
         isolation: IsolationPolicy | None = None, checkpoints: CheckpointStore | None = None,
-        on_progress: Progress | None = None, on_start: Callable[[int], None] | None = None) -> FitResult:
+        on_progress: Progress | None = None, on_start: Callable[[int], None] | None = None,
+        runner: Runner | None = None) -> FitResult:
     """Train on encoded arrays: isolated when ``isolation`` is given (the pipeline always gives
-    one), in this process otherwise (the benchmark's baseline)."""
+    one), in this process otherwise (the benchmark's baseline). ``runner`` replaces the local
+    sandbox (run_isolated's keywords): the Kubernetes training pod's handover."""
     fp = run_fingerprint(X, y, config, device)
     superseded = checkpoints.superseded(fp) if checkpoints is not None else []
     resume = checkpoints.latest(fp.digest) if checkpoints is not None else None
@@ -112,8 +117,8 @@ def fit(X: np.ndarray, y: np.ndarray, config: TrainingConfig, *, device: str = "
         blobs: list[bytes | memoryview] = [memoryview(X32).cast("B"), memoryview(y32).cast("B")]
         if resume is not None:
             blobs.append(resume[1])
-        applied = run_isolated(header, blobs, entry=ENTRY, policy=isolation, on_frame=handle,
-                               threads=config.threads, on_start=on_start)
+        applied = (runner or run_isolated)(header, blobs, entry=ENTRY, policy=isolation, on_frame=handle,
+                                           threads=config.threads, on_start=on_start)
         # Isolated means: every layer of the configured level was in place, as measured.
         facts = {"isolated": bool(applied.get("level_met")), **applied}
         child = got.get("facts") or {}
@@ -146,7 +151,8 @@ class TrainingResult:
 def train_model(frame: Any, spec: DataSpec, config: TrainingConfig, out_dir: Path | str, *,
                 isolation: IsolationPolicy | None, checkpoints: CheckpointStore | None = None,
                 provenance: Mapping[str, Any] | None = None, on_progress: Progress | None = None,
-                on_start: Callable[[int], None] | None = None, cuda_available: bool | None = None) -> TrainingResult:
+                on_start: Callable[[int], None] | None = None, cuda_available: bool | None = None,
+                runner: Runner | None = None) -> TrainingResult:
     """Fit preprocessing on ``frame`` (the training split), train, and write the model directory."""
     out_dir = Path(out_dir)
     provenance = dict(provenance or {})
@@ -156,7 +162,7 @@ def train_model(frame: Any, spec: DataSpec, config: TrainingConfig, out_dir: Pat
     X, _ = prep.transform(frame, where="training split")
     y = prep.labels(frame, where="training split")
     result = fit(X, y, config, device=device, isolation=isolation, checkpoints=checkpoints,
-                 on_progress=on_progress, on_start=on_start)
+                 on_progress=on_progress, on_start=on_start, runner=runner)
     finished_at = datetime.now(UTC)
     weights_sha = result.weights_sha256
     record = {

@@ -164,6 +164,10 @@ def secrets_and_config_maps(cfg: RenderConfig, values: Mapping[str, Any]) -> lis
         values["global"]["postgresqlSecretName"]: {
             "postgresql-password": "the PostgreSQL role's password (KMS / External Secrets)"},
         "secure-ml-kek": {"SECURE_ML_KEK": "the key-encryption key, base64 (KMS / External Secrets)"},
+        # Mounted as a file by the signing steps' pods alone (their dagster-k8s/config op tags,
+        # resources/security.py); no other pod names it.
+        "secure-ml-signing-key": {"model-signing.pem": "the pipeline's model-signing private key, PEM "
+                                                       "(KMS / External Secrets)"},
         "secure-ml-postgres": {"DAGSTER_PG_HOST": "PostgreSQL host", "DAGSTER_PG_PORT": "PostgreSQL port",
                                "DAGSTER_PG_USER": "PostgreSQL role", "DAGSTER_PG_DB": "database name"},
     }

@@ -1,9 +1,12 @@
-"""The ``kubernetes`` deploy target: manifests pinned to the verified digest, beside the verified model.
+"""The ``kubernetes`` deploy target: one server for every live model, each pinned by its verified digest.
 
     deployments/kubernetes/<version>-<digest12>/{model/, model.sig, attestation.dsse.json,
                                                  manifests.yaml, DEPLOYMENT.json}
 
-The manifests (secure_ml.release.k8s_render, configured by release.yaml ``kubernetes``) are
+The manifests (secure_ml.release.k8s_render, configured by release.yaml ``kubernetes``) render ONE
+server with every model live on this target (the release passes them in ``config["live_models"]``,
+from secure_ml.release.deployed.live_models: one live version per model, never a revoked one) and
+the model being deployed, exactly as ``secure-ml k8s render --model NAME DIGEST`` repeated would; they are
 validated in strict mode and by the Rego admission policy before anything is written; the model
 directory is copied onto the models volume and the manifests applied by the platform. The pod's
 init container re-verifies the model against the pinned digest, so no health check runs here.
@@ -27,12 +30,16 @@ class KubernetesTarget:
 
     def write(self, staging: Path, *, version: str, model_digest: str, config: Mapping[str, Any]) -> dict[str, str]:
         kubernetes = dict(config.get("kubernetes") or {})
-        name = str((config.get("serving") or {}).get("model_name") or k8s_render.DEFAULT_MODEL_NAME)
-        manifests = k8s_render.render(kubernetes, models=[k8s_render.PinnedModel(name, version, model_digest)])
+        name = str(config.get("served_name") or (config.get("serving") or {}).get("model_name")
+                   or k8s_render.DEFAULT_MODEL_NAME)
+        others = [k8s_render.PinnedModel(m.name, m.version, m.digest) for m in config.get("live_models") or []
+                  if m.name != name]
+        manifests = k8s_render.render(kubernetes, models=[*others, k8s_render.PinnedModel(name, version, model_digest)])
         # With a trust policy, the release passes the digests its verified deployment statements admit
         # (secure_ml.release.signed.SignedDecisions.admitted_digests); before one exists, the one just verified.
         admitted = config.get("admitted_model_digests")
-        k8s_render.validate(manifests, signed_digests=list(admitted) if admitted is not None else [model_digest],
+        k8s_render.validate(manifests, signed_digests=list(admitted) if admitted is not None else
+                            [*(m.digest for m in others), model_digest],
                             kubernetes_version=str(kubernetes.get("kubernetes_version", "1.33")))
         (staging / MANIFESTS).write_text(k8s_render.to_yaml(manifests))
         return {"manifests": MANIFESTS}
