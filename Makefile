@@ -84,6 +84,7 @@ fuzz: install
 		tests/test_fuzz_*.py tests/test_serving_abuse.py
 
 ui: init
+	@echo "The graph with every group expanded: http://127.0.0.1:3000/asset-groups?expanded=global@global:data,global@global:training,global@global:security,global@global:release"
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 bench: install

@@ -174,33 +174,33 @@ def _metadata(source: str, source_sha256: str, approved: ApprovedSource, rows: i
 
 # -- blocking checks ------------------------------------------------------------------------------
 @dg.asset_check(asset=dataset, blocking=True)
-def dataset_ciphertext_authentic(context: dg.AssetCheckExecutionContext, custody: CustodyResource) -> dg.AssetCheckResult:
+def ciphertext_authentic(context: dg.AssetCheckExecutionContext, custody: CustodyResource) -> dg.AssetCheckResult:
     """Every AES-GCM chunk of the stored dataset authenticates and it decrypts to the recorded digest."""
     digest = custody.recorded(context.instance, dataset.key)["sha256"]
     try:
         size = custody.store(context).verify(digest)
     except Error as exc:
-        return verdict(custody, context, check="dataset_ciphertext_authentic", subject=f"sha256:{digest}",
+        return verdict(custody, context, check="ciphertext_authentic", subject=f"sha256:{digest}",
                        passed=False, reason=exc.explain())
-    return verdict(custody, context, check="dataset_ciphertext_authentic", subject=f"sha256:{digest}",
+    return verdict(custody, context, check="ciphertext_authentic", subject=f"sha256:{digest}",
                    passed=True, reason=f"{size} bytes authenticated; digest matches", metadata={"bytes": size})
 
 
 @dg.asset_check(asset=dataset, blocking=True)
-def dataset_digest_matches_provenance(context: dg.AssetCheckExecutionContext, custody: CustodyResource) -> dg.AssetCheckResult:
+def provenance_matches(context: dg.AssetCheckExecutionContext, custody: CustodyResource) -> dg.AssetCheckResult:
     """The provenance record is itself authentic and names exactly the digest the dataset was stored under."""
     recorded = custody.recorded(context.instance, dataset.key)
     digest = recorded["sha256"]
     try:
         record = custody.store(context).get_json(recorded["provenance_sha256"])
     except Error as exc:
-        return verdict(custody, context, check="dataset_digest_matches_provenance", subject=f"sha256:{digest}",
+        return verdict(custody, context, check="provenance_matches", subject=f"sha256:{digest}",
                        passed=False, reason=f"provenance record unreadable: {exc.explain()}")
     claimed = record.get("artifact_sha256")
     passed = claimed == digest and record.get("source", {}).get("sha256") == recorded["source_sha256"]
     reason = (f"provenance names sha256:{digest[:16]}… from {record['source']['name']}" if passed else
               f"provenance names sha256:{str(claimed)[:16]}… but the dataset is sha256:{digest[:16]}…")
-    return verdict(custody, context, check="dataset_digest_matches_provenance", subject=f"sha256:{digest}",
+    return verdict(custody, context, check="provenance_matches", subject=f"sha256:{digest}",
                    passed=passed, reason=reason)
 
 

@@ -8,12 +8,12 @@ stored with the asset (the report holds each threshold's verdict).
 
 Every check is a separate ``@dg.asset_check(blocking=True)`` that reads back what the asset
 stored (by the digest of its latest materialization) and judges it, so each can run alone:
-``training_record_complete`` (the stored record is complete and matches the stored weights),
+``record_complete`` (the stored record is complete and matches the stored weights),
 ``reproducible`` (Proof-of-Learning: k segments of the recorded training chain, chosen by the
 check's run id hashed with the data digest, re-executed from their start states reach the recorded
 states; release runs, or ``reproducible.method: full``, train again from scratch and compare weights),
-``sandbox_behaviour_within_bounds`` (the record's sandbox measures against recent runs), and one per evaluation area (``metrics_over_thresholds``, ``fairness_within_thresholds``,
-``robustness_within_thresholds``): blocking on a breach of a ``block`` threshold, a warning for
+``sandbox_in_bounds`` (the record's sandbox measures against recent runs), and one per evaluation area (``metrics_in_limits``, ``fairness_in_limits``,
+``robustness_in_limits``): blocking on a breach of a ``block`` threshold, a warning for
 ``warn`` ones (training.yaml).
 """
 
@@ -30,6 +30,7 @@ from resources.metadata import plot_metadata
 from secure_ml.custody.integrity import SHA256_HEX, sha256_file
 from secure_ml.errors import BadInput, ConfigurationError, Error
 from secure_ml.training import evaluation as evaluation_core
+from secure_ml.training.charts import charts, loss_chart
 from secure_ml.training.checkpoints import CheckpointStore
 from secure_ml.training.config import TrainingConfig
 from secure_ml.training.features import DataSpec
@@ -45,12 +46,12 @@ TRAINING = "training"
 TRAINED = dg.AssetKey("trained_model")
 EVALUATION = dg.AssetKey("model_evaluation")
 VALIDATED_FORMAT = "secure-ml-validated/1"
-RECORD_COMPLETE, REPRODUCIBLE = "training_record_complete", "reproducible"
-BEHAVED = "sandbox_behaviour_within_bounds"
+RECORD_COMPLETE, REPRODUCIBLE = "record_complete", "reproducible"
+BEHAVED = "sandbox_in_bounds"
 WATCHED = ("cpu_seconds", "peak_memory_bytes", "block_read_bytes", "block_written_bytes", "bytes_from_child",
            "tasks_started")
-AREA_CHECKS = {"metrics": "metrics_over_thresholds", "fairness": "fairness_within_thresholds",
-               "robustness": "robustness_within_thresholds"}
+AREA_CHECKS = {"metrics": "metrics_in_limits", "fairness": "fairness_in_limits",
+               "robustness": "robustness_in_limits"}
 RELEASE_TAG = "secure_ml/release"
 
 
@@ -159,7 +160,8 @@ def trained_model(context: dg.AssetExecutionContext, validated_dataset: dict[str
             **{f"sandbox_{name}": _number(watch.get(name)) for name in WATCHED},
             "sandbox_denied": dg.MetadataValue.json({"denied": list(watch.get("denied") or [])}),
             "hyperparameters": dg.MetadataValue.json(record["hyperparameters"]),
-            **plot_metadata({"loss": evaluation_core.render_loss(record["result"]["losses"])}),
+            **plot_metadata({"loss": evaluation_core.render_loss(record["result"]["losses"])},
+                            charts={"loss": loss_chart(record["result"]["losses"])}),
         }
         return custody.output(context, result.directory, metadata=metadata)
 
@@ -230,7 +232,7 @@ def model_evaluation(context: dg.AssetExecutionContext, trained_model: dict[str,
         "expected_calibration_error": metrics["expected_calibration_error"],
         "pgd_accuracy": report["robustness"]["pgd_accuracy"],
         "model_tree_sha256": tree,
-        **plot_metadata(plots),
+        **plot_metadata(plots, charts=charts(report, validated_dataset.get("class_names"))),
         "verdicts": dg.MetadataValue.md(evaluation_core.markdown(report)),
         "fairness": dg.MetadataValue.json(report["fairness"]),
         "plot_png_sha256": dg.MetadataValue.json(refs),
@@ -266,7 +268,7 @@ def _unreadable(custody: CustodyResource, context: Any, check: str, exc: Error) 
 @dg.asset_check(asset=trained_model, blocking=True,
                 description="The training record, read back from the store, is complete (seeds, data digests, "
                             "code commit, environment, device, actor) and matches the stored weights.")
-def training_record_complete(context: dg.AssetCheckExecutionContext,
+def record_complete(context: dg.AssetCheckExecutionContext,
                              custody: CustodyResource) -> dg.AssetCheckResult:
     try:
         tree, record, weights = _stored_model(context, custody)
@@ -354,7 +356,7 @@ def _segments_verdict(context: Any, custody: CustodyResource, model_dir: Path, c
                 description="The training sandbox attempted nothing denied, and its CPU time, memory, I/O and "
                             "tasks (from the stored record) stay within training.yaml's bounds of the model's "
                             "recent runs.")
-def sandbox_behaviour_within_bounds(context: dg.AssetCheckExecutionContext,
+def sandbox_in_bounds(context: dg.AssetCheckExecutionContext,
                                     custody: CustodyResource) -> dg.AssetCheckResult:
     try:
         bounds: WatchBounds = _settings(custody)["watch"]
@@ -410,10 +412,10 @@ def _area_check(area: str, description: str) -> dg.AssetChecksDefinition:
     return _check
 
 
-metrics_over_thresholds = _area_check(
+metrics_in_limits = _area_check(
     "metrics", "Accuracy, ROC AUC, F1 (and calibration) on held-out data, from the stored report, meet training.yaml.")
-fairness_within_thresholds = _area_check(
+fairness_in_limits = _area_check(
     "fairness", "Demographic-parity and equalized-odds gaps on the protected attributes, from the stored report, "
                 "are within training.yaml's limits.")
-robustness_within_thresholds = _area_check(
+robustness_in_limits = _area_check(
     "robustness", "Accuracy drops under FGSM, PGD and random noise, from the stored report, are within training.yaml.")

@@ -7,7 +7,7 @@ it can run alone, the UI shows which control failed and why, and nothing downstr
 rejected drop:
 
 - ``expectations_pass``: the Great Expectations suite built from the dataset's schema file;
-- ``poisoning_score_under_threshold``: outliers, label consistency (reference neighbourhood and
+- ``poisoning_below_limit``: outliers, label consistency (reference neighbourhood and
   confident learning) and shift against the last accepted version;
 - ``no_unhandled_pii``: every personal identifier found is dropped, hashed or redacted by a rule.
 
@@ -43,7 +43,7 @@ DATA = "data"
 FORMAT = "secure-ml-validated/1"
 VALIDATED = dg.AssetKey("validated_dataset")
 DATASET = dg.AssetKey("dataset")
-EXPECTATIONS, POISONING, PII = "expectations_pass", "poisoning_score_under_threshold", "no_unhandled_pii"
+EXPECTATIONS, POISONING, PII = "expectations_pass", "poisoning_below_limit", "no_unhandled_pii"
 
 
 @dg.asset(
@@ -412,7 +412,7 @@ def expectations_pass(context: dg.AssetCheckExecutionContext, custody: CustodyRe
 @dg.asset_check(asset=validated_dataset, blocking=True,
                 description="The poisoning screen's drop score, as stored with the validated record, is under the "
                             "configured threshold (and a first version without a reference was signed off).")
-def poisoning_score_under_threshold(context: dg.AssetCheckExecutionContext,
+def poisoning_below_limit(context: dg.AssetCheckExecutionContext,
                                     custody: CustodyResource) -> dg.AssetCheckResult:
     return _check(context, custody, POISONING)
 

@@ -10,8 +10,10 @@ stage after another in turn, starts it, sends SIGKILL to its whole process group
 delay within the last whole run's duration, and re-runs it.
 After every kill it checks: the next run completes (exit 0); every object in the artifact store
 authenticates and matches its digest (a partial artifact found = one that does not; temp files a
-killed atomic write left are counted apart: nothing reads them); the audit chain verifies; the registry passes SQLite's integrity_check and every
-version's stored evidence is present and verifies. A kill that lands after the command finished is
+killed atomic write left are counted apart: nothing reads them); the audit chain verifies; the
+registry passes SQLite's integrity_check, every version's stored evidence is present and verifies,
+and every row is backed by signed statements (no approval or stage without one); an approving kill's
+approver has exactly one approval recorded. A kill that lands after the command finished is
 not counted. ``--budget-seconds`` stops early (the report says how many kills were made).
 """
 
@@ -21,6 +23,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -31,6 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 STAGES: dict[str, list[str]] = {
     "rotation": ["keys", "rotate"],
@@ -40,18 +45,22 @@ STAGES: dict[str, list[str]] = {
     "signing": ["pipeline", "run", "--select", "scan_report,model_signature"],
     "registering": ["pipeline", "run", "--select", "registered_model"],
     "approving": ["approve", "{candidate}"],
-    "deploying": ["deploy", "v1"],
+    "deploying": ["deploy", "production"],
 }
 # What has to exist before a stage can run: the whole pipeline for the release stages.
 # (validation follows ingest's first whole run, so it needs nothing more.)
 NEEDS_PIPELINE = {"training", "signing", "registering", "approving", "deploying"}
 # Who runs each command: identities are keys (issue 13). bob lands data and trains, carol approves,
 # dave deploys; key rotation is the owner's.
-# A decision is taken once, so each approving kill is on a fresh candidate (one whole pipeline run
-# registers it first, not timed) by a fresh approver: every kill lands on the write path.
+# A decision is taken once, so each approving kill is a fresh approver's first approval. They all
+# approve one candidate: for the approving stage the owner signs a trust policy whose promotion asks
+# for more approvals than there are approvers (the harness's own configuration directory says the
+# same, as the gates require), so every approval is a real signed write that leaves the candidate
+# waiting; afterwards the owner signs one approval back and carol promotes it for the deploy kills.
 ACTOR = {"approving": "carol", "deploying": "dave", "rotation": "owner"}
 PEOPLE = {"bob": ["data_steward", "ml_engineer"], "carol": ["approver"], "dave": ["deployer"]}
 APPROVERS = 60
+MODEL = "german_credit"
 
 
 @dataclass
@@ -74,11 +83,19 @@ class Home:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.ids = root / "identities"      # private keys never live under SECURE_ML_HOME
-        self.drops = 0
+        self.config = root / "config"        # the harness's own configuration (its promotion is signed)
+        shutil.copytree(REPO / "secure_ml" / "config", self.config)
         self.env = {**os.environ, "SECURE_ML_HOME": str(root / "home"), "DAGSTER_HOME": str(root / "home" / "dagster"),
+                    "SECURE_ML_CONFIG": str(self.config),
                     "PYTHONPATH": str(REPO), "DAGSTER_DISABLE_TELEMETRY": "1", "DVC_NO_ANALYTICS": "1"}
         for name in ("SECURE_ML_KEK", "SECURE_ML_ACTOR", "SECURE_ML_IDENTITY"):
             self.env.pop(name, None)
+
+        self.candidate = ""                 # the version the approving kills approve
+
+    def production(self) -> str | None:
+        status = json.loads(self.run(["status", "--json"]).stdout)
+        return next((v["version"] for v in status["versions"] if v.get("stage") == "production"), None)
 
     def key(self, who: str) -> Path:
         return self.ids / who / f"{who}.key"
@@ -109,12 +126,30 @@ class Home:
             return True
 
 
-def check_home(home: Path) -> dict[str, list[str]]:
-    """Everything a crash must not break: store objects, audit chain, registry."""
+def completed(stage: str, run: subprocess.CompletedProcess[str]) -> bool:
+    """The run did its work: exit 0, or (approving) the approval is signed and recorded and the
+    candidate rightly keeps waiting for more, or the approval had landed before the kill."""
+    if run.returncode == 0:
+        return True
+    return stage == "approving" and run.returncode == 1 and (
+        "has already approved" in run.stderr or ("approved" in run.stdout and "production needs" in run.stderr))
+
+
+def approvers_of(home: Home, version: str) -> list[str]:
+    from secure_ml.release.registry import Registry
+
+    database = Path(home.env["SECURE_ML_HOME"]) / "registry" / "registry.db"
+    return [a["identity"] for a in Registry(database).get(version).approvals]
+
+
+def check_home(home: Path, config: Path | None = None) -> dict[str, list[str]]:
+    """Everything a crash must not break: store objects, audit chain, registry (its rows, and with a
+    trust policy every row backed by signed statements: no approval or stage without one)."""
     from secure_ml.errors import Error
     from secure_ml.settings import Settings
 
-    settings = Settings.from_env({"SECURE_ML_HOME": str(home), "SECURE_ML_ACTOR": "crash-harness"})
+    settings = Settings.from_env({"SECURE_ML_HOME": str(home), "SECURE_ML_ACTOR": "crash-harness",
+                                  **({"SECURE_ML_CONFIG": str(config)} if config else {})})
     found: dict[str, list[str]] = {"partial": [], "leftovers": [], "audit": [], "registry": []}
     store = settings.artifact_store()
     for path in store.objects():
@@ -144,6 +179,14 @@ def check_home(home: Path) -> dict[str, list[str]]:
                         store.verify(str(digest))
                     except Error as exc:
                         found["registry"].append(f"{version.version} {name}: {exc}")
+            from secure_ml.release.signed import SignedDecisions
+
+            signed = SignedDecisions.for_settings(settings)
+            for version in Registry(database).versions() if signed is not None else ():
+                try:
+                    signed.trusted(version, strict=True)
+                except Error as exc:
+                    found["registry"].append(f"{version.version}: {exc}")
         except (sqlite3.Error, Error) as exc:
             found["registry"].append(str(exc))
     return found
@@ -176,21 +219,36 @@ def prepare(home: Home, stages: list[str]) -> None:
             store.put_bytes(os.urandom(1 << 16) + str(i).encode())
 
 
-def fresh_candidate(home: Home) -> str:
-    """Land a new drop (the sample less a few rows, so training is deterministic yet gives a new model
-    digest), run the whole pipeline on it, and name the new candidate."""
-    lines = (REPO / "data" / "sample" / "german_credit.csv").read_text().splitlines(keepends=True)
-    home.drops += 1
-    drop = home.root / f"german_credit-crash{home.drops}.csv"
-    drop.write_text("".join(line for i, line in enumerate(lines) if i == 0 or i % 97 != home.drops % 97))
-    run = home.run(["pipeline", "run", "--data", str(drop)])
+def sign_promotion(home: Home, promotion: dict[str, Any]) -> None:
+    """The owner signs ``promotion`` (the model spec's overrides in the harness's own configuration
+    directory, which must say what the trust policy says) into a new trust policy version."""
+    spec = home.config / "models" / f"{MODEL}.yaml"
+    doc = yaml.safe_load(spec.read_text())
+    doc["promotion"] = promotion
+    spec.write_text(yaml.safe_dump(doc, sort_keys=False))
+    run = home.run(["trust", "models", "--owner-key", str(home.key("owner"))])
     if run.returncode != 0:
-        raise SystemExit(f"pipeline run for a fresh candidate failed: {(run.stderr or run.stdout).strip()[-300:]}")
+        raise SystemExit(f"signing the promotion parameters failed: {(run.stderr or run.stdout).strip()[-300:]}")
+
+
+def candidate(home: Home) -> str:
+    """The newest version waiting for approval (candidate or staging)."""
     status = json.loads(home.run(["status", "--json"]).stdout)
-    candidates = [v["version"] for v in status["versions"] if v.get("stage") in ("candidate", "staging")]
-    if not candidates:
-        raise SystemExit("the pipeline run registered no new candidate")
-    return max(candidates, key=lambda v: int(str(v).lstrip("v").split(":")[-1].lstrip("v") or 0))
+    waiting = [v["version"] for v in status["versions"] if v.get("stage") in ("candidate", "staging")]
+    if not waiting:
+        raise SystemExit("no version waits for approval")
+    return max(waiting, key=lambda v: int(str(v).split(":")[-1].lstrip("v") or 0))
+
+
+def make_production(home: Home, version: str | None = None) -> None:
+    """One approval is enough again (signed by the owner), and carol puts ``version`` (default: the
+    newest waiting one) into production: what the deploy kills deploy."""
+    sign_promotion(home, {})
+    version = version or candidate(home)
+    verb = "promote" if "carol" in approvers_of(home, version) else "approve"
+    run = home.run([verb, version], who="carol")
+    if run.returncode != 0:
+        raise SystemExit(f"`{verb} {version}` failed: {(run.stderr or run.stdout).strip()[-300:]}")
 
 
 def kill_once(home: Home, stage: str, result: StageResult, estimate: dict[str, float], rng: random.Random,
@@ -203,7 +261,7 @@ def kill_once(home: Home, stage: str, result: StageResult, estimate: dict[str, f
             result.problems.append("no fresh approver left")
             return
         who = f"approver{result.kills + result.finished_before_kill + 1}"
-        args = [fresh_candidate(home) if a == "{candidate}" else a for a in args]
+        args = ["approve", home.candidate]
     started = time.monotonic()
     if not home.run_killed(args, rng.uniform(0.05, 0.95) * estimate[stage], stage, who):
         result.finished_before_kill += 1
@@ -213,14 +271,14 @@ def kill_once(home: Home, stage: str, result: StageResult, estimate: dict[str, f
     started = time.monotonic()
     again = home.run(args, stage=stage, who=who)
     estimate[stage] = time.monotonic() - started      # how long a whole run takes: the next kill lands inside it
-    # A decision that had landed before the kill is refused the second time: that is a completed run.
-    landed = again.returncode == 1 and "has already approved" in again.stderr
-    if again.returncode == 0 or landed:
+    recorded = who is None or approvers_of(home, home.candidate).count(who) == 1   # approving: exactly once
+    if completed(stage, again) and recorded:
         result.recoveries += 1
     else:
         result.problems.append(f"kill {result.kills}: next run exit {again.returncode}: "
-                               f"{(again.stderr or again.stdout).strip()[-200:]}")
-    found = check_home(Path(home.env["SECURE_ML_HOME"]))
+                               f"{(again.stderr or again.stdout).strip()[-200:]}"
+                               + ("" if recorded else f"; {who}'s approval is not recorded exactly once"))
+    found = check_home(Path(home.env["SECURE_ML_HOME"]), home.config)
     result.partial_artifacts += len(found["partial"])
     new = set(found.pop("leftovers")) - leftovers
     result.temp_files_left += len(new)
@@ -246,12 +304,16 @@ def exercise(home: Home, stages: list[str], kills: int, rng: random.Random, dead
         if stage in ("signing", "registering"):   # killed training left a newer model: bring the graph level
             home.run(["pipeline", "run"])
         args = STAGES[stage]
-        if stage == "approving":
-            args = [fresh_candidate(home) if a == "{candidate}" else a for a in args]
+        if stage == "approving":     # many approvals asked for: each approver's approval keeps it waiting
+            sign_promotion(home, {"required_approvals": APPROVERS + 2})
+            home.candidate = candidate(home)
+            args = ["approve", home.candidate]
+        if stage == "deploying" and not home.production():
+            make_production(home, home.candidate or None)
         started = time.monotonic()     # one whole run first: it must work unkilled, and says how long a run takes
         first = home.run(args, stage=stage)
         estimate[stage] = time.monotonic() - started
-        if first.returncode != 0:
+        if not completed(stage, first):
             results[stage].problems.append(f"unkilled run failed: {(first.stderr or first.stdout).strip()[-200:]}")
             continue
         attempts = 0

@@ -3,11 +3,11 @@
     standard_metadata(schema, rows=1000, classification="confidential", pii_actions={"email": "hash"})
     # {"dagster/row_count": 1000, "dagster/column_schema": TableSchema(...)}: the Columns tab, with
     # classification, PII and role tags per column (secure_ml.data.columns)
-    plot_metadata({"roc": png_bytes, ...})
-    # {"plot_roc": MetadataValue.md("![ROC curve](data:image/png;base64,...)"), ...}: one entry per plot
+    plot_metadata({"roc": png_bytes, ...}, charts={"roc": "ROC AUC **0.79** ..."})
+    # {"roc": MetadataValue.md("ROC AUC ..."), "plot_roc": MetadataValue.md("![ROC curve](data:image/png;base64,...)")}
 
 Thin: what a column is and how a plot looks are decided in the core (secure_ml/data/columns.py,
-secure_ml/training/plots.py); this module only wraps them in Dagster's metadata types.
+secure_ml/training/evaluation.py and charts.py); this module only wraps them in Dagster's metadata types.
 """
 
 from __future__ import annotations
@@ -41,11 +41,17 @@ def standard_metadata(schema: Schema, *, rows: int, classification: Any = None,
     return {"dagster/row_count": int(rows), "dagster/column_schema": column_schema(facts)}
 
 
-def plot_metadata(plots: Mapping[str, bytes]) -> dict[str, Any]:
-    """One markdown entry per PNG plot, shown inline on the asset page (no Show-Markdown detour)."""
+def plot_metadata(plots: Mapping[str, bytes], charts: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """One markdown entry per PNG plot (``plot_NAME``), each after its inline text chart(s) (``NAME``,
+    ``NAME_<part>``; secure_ml/training/charts.py): the UI shows markdown under 1,000 characters inline,
+    so the chart is readable at a glance and the PNG is one [Show Markdown] away."""
+    charts = dict(charts or {})
     out: dict[str, Any] = {}
     for name, png in plots.items():
+        for key in [k for k in charts if k == name or k.startswith(f"{name}_")]:
+            out[key] = dg.MetadataValue.md(charts.pop(key))
         title = PLOT_TITLES.get(name, name)
         out[f"plot_{name}"] = dg.MetadataValue.md(
             f"![{title}](data:image/png;base64,{base64.b64encode(png).decode()})")
+    out.update({key: dg.MetadataValue.md(text) for key, text in charts.items()})
     return out

@@ -3,6 +3,7 @@
     defs                                   # what `dagster dev -w workspace.yaml` loads (lazily)
     build_definitions(settings)            # the same, for given settings (tests, the CLI)
     run_pipeline(settings, selection="dataset+")   # `secure-ml pipeline run`: the named jobs in order
+    up_to_date(instance, definitions, picked, drop_sha256=...)   # a re-landed drop: nothing to run
 
 Everything is listed here explicitly: the stage modules of assets/, the sensors and the schedule
 of sensors/, the resources of resources/ and the executor for the environment. Nothing reads the
@@ -13,8 +14,9 @@ Dagster calls when it loads the code location, and ``build_definitions`` reads a
 
 from __future__ import annotations
 
+import hashlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from resources import build_resources
 from resources.custody import model_selection, op_name
 from secure_ml.errors import BadInput
 from secure_ml.settings import Settings
-from sensors import conditions, failures, jobs, landing
+from sensors import advance, conditions, failures, jobs, landing
 from sensors._shared import DROP_SHA_TAG, DROP_TAG, MODEL_TAG, TRIGGER_TAG
 
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
@@ -35,6 +37,11 @@ warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 #: The pipeline's stages in order; a new stage is a new module in assets/, listed here.
 STAGES = (data, validation, training, security, release)
 K8S_JOB_EXECUTOR = Path(__file__).resolve().parents[1] / "k8s" / "job_executor.yaml"
+#: The code every asset's code version covers: the core, the Dagster layer and the shipped configuration.
+CODE_PACKAGES = ("secure_ml", "assets", "resources", "sensors")
+CODE_SUFFIXES = (".py", ".yaml", ".yml", ".rego", ".json", ".csv")
+#: Assets a drop's run may leave unmaterialised: deploying is a deliberate act, not a consequence of data.
+DELIBERATE = ("deployment",)
 
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
@@ -44,11 +51,15 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     assets, checks = per_model.for_models(dg.load_assets_from_modules(STAGES), dg.load_asset_checks_from_modules(STAGES),
                                           models=list(settings.config.models()),
                                           default=settings.config.default_model)
+    version = code_version(settings)
+    assets = [dg.map_asset_specs(lambda spec: spec.replace_attributes(
+        code_version=f"{spec.code_version or '0'}+{version}"), [a])[0] if isinstance(a, dg.AssetsDefinition) else a
+        for a in assets]
     return dg.Definitions(
         assets=conditions.map_assets(assets, automation),
         asset_checks=checks,
         jobs=jobs.pipeline_jobs(automation),
-        sensors=[landing.landing_sensor(settings), conditions.asset_automation_sensor(settings),
+        sensors=[landing.landing_sensor(settings), advance.training_sensor(settings),
                  *failures.failure_sensors(settings)],
         schedules=landing.retraining_schedules(settings),
         resources=build_resources(settings),
@@ -60,6 +71,31 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
 def defs() -> dg.Definitions:
     """The code location as ``dagster dev`` / ``dagster-webserver`` load it (workspace.yaml)."""
     return build_definitions()
+
+
+def code_version(settings: Settings) -> str:
+    """What every asset's ``code_version`` carries after its own: a digest of the code and configuration
+    it runs with (the packages' sources, the shipped configuration, and ``$SECURE_ML_CONFIG`` when set).
+
+    Dagster marks an asset stale when its code version or an input's data version changed, so a drop
+    landed again with the same bytes, code and configuration finds every asset fresh (:func:`up_to_date`)
+    and any edit makes them all stale: coarse, never wrongly fresh."""
+    root = Path(__file__).resolve().parents[1]
+    trees = [root / name for name in CODE_PACKAGES]
+    if settings.config_override:
+        trees.append(Path(settings.config_override))
+    digest = hashlib.sha256()
+    for tree in trees:
+        for path in sorted(_code_files(tree)):
+            digest.update(f"{path.relative_to(tree.parent)}\0".encode())
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
+def _code_files(tree: Path) -> Iterable[Path]:
+    if not tree.is_dir():
+        return []
+    return (p for p in tree.rglob("*") if p.suffix in CODE_SUFFIXES and p.is_file() and "__pycache__" not in p.parts)
 
 
 def executor_for(settings: Settings) -> dg.ExecutorDefinition | None:
@@ -93,7 +129,8 @@ CONSOLE_LEVELS = {"quiet": "CRITICAL", "info": "INFO", "debug": "DEBUG"}
 
 def run_pipeline(settings: Settings, *, selection: str | None = None,
                  run_config: dict[str, Any] | None = None, tags: dict[str, str] | None = None,
-                 console: str = "quiet", model: str | None = None, drop: str | None = None) -> dict[str, Any]:
+                 console: str = "quiet", model: str | None = None, drop: str | None = None,
+                 force: bool = False) -> dict[str, Any]:
     """Materialise ``selection`` (default: every asset) on the instance under DAGSTER_HOME, as one
     run per named job it touches (ingest, train, release), in order, stopping at the first that fails.
 
@@ -106,6 +143,10 @@ def run_pipeline(settings: Settings, *, selection: str | None = None,
     with its one-line reason and whether it was an expected refusal (a denial, bad input, a
     failed blocking check) or an internal error. ``console`` (quiet, info, debug) is how much of
     Dagster's own log reaches stderr.
+
+    A drop run (``dataset`` picked, its sha256 in ``tags``) whose bytes are already the latest dataset
+    version, with every picked asset fresh and its blocking checks passed, runs nothing and says so
+    (``up_to_date``); ``force`` runs it anyway.
     """
     if console not in CONSOLE_LEVELS:
         raise BadInput(f"console must be one of {', '.join(CONSOLE_LEVELS)}, not {console!r}")
@@ -130,6 +171,16 @@ def run_pipeline(settings: Settings, *, selection: str | None = None,
     dataset = dg.AssetKey("dataset") if model in (None, default) else dg.AssetKey([str(model), "dataset"])
     results: list[dg.ExecuteInProcessResult] = []
     with dg.DagsterInstance.get() as instance:
+        drop_sha = (tags or {}).get(DROP_SHA_TAG)
+        if drop_sha and dataset in picked and not force:
+            latest = up_to_date(instance, definitions, picked, drop_sha256=drop_sha)
+            if latest is not None:
+                _allow_rerun(settings, drop or "", drop_sha, tags or {})
+                in_pipeline_order = [key for key in graph.toposorted_asset_keys if key in picked]
+                summary = summarise([], in_pipeline_order, definitions, instance)
+                for asset in summary["assets"]:
+                    asset["sha256"] = latest.get(asset["asset"])
+                return {**summary, "up_to_date": True, "steps": []}
         # One named run per job (ingest, train, release), in order, stopping at the first that fails:
         # a rejected drop ends its ingest run and touches nothing downstream.
         for job_name, keys in split_by_job(definitions, picked):
@@ -146,7 +197,70 @@ def run_pipeline(settings: Settings, *, selection: str | None = None,
                 break
         in_pipeline_order = [key for key in graph.toposorted_asset_keys if key in picked]
         return {**summarise(results, in_pipeline_order, definitions, instance),
-                "steps": run_steps(instance, results)}
+                "up_to_date": False, "steps": run_steps(instance, results)}
+
+
+def _allow_rerun(settings: Settings, drop: str, drop_sha: str, tags: dict[str, str]) -> None:
+    """The decision ``dataset`` makes before reading a drop, made for a run that reads nothing: whoever
+    may not add this drop is still denied (audited), and an allowed no-op is audited too."""
+    from secure_ml.governance import authn
+    from secure_ml.governance.access import AccessPolicy
+    from secure_ml.governance.sources import ApprovedSources
+
+    actor = authn.run_actor(settings, tags)
+    approved = ApprovedSources.from_settings(settings).require(drop)
+    audit = settings.audit_log()
+    AccessPolicy.from_settings(settings).require(actor, "data.add", classification=approved.classification,
+                                                 audit=audit, subject=f"drop:{drop}")
+    audit.record(actor, "pipeline.up_to_date", subject=f"sha256:{drop_sha}",
+                 details={"drop": drop, "reason": "same bytes, code and configuration; nothing run"})
+
+
+def up_to_date(instance: dg.DagsterInstance, definitions: dg.Definitions, picked: Iterable[dg.AssetKey], *,
+               drop_sha256: str) -> dict[str, str | None] | None:
+    """Each picked asset's latest digest when a run of this drop would change nothing, else None.
+
+    Nothing would change when the model's latest ``dataset`` was ingested from these very bytes, and
+    every other picked asset is fresh in Dagster's terms (materialised from its inputs' current data
+    versions under the current code version, see :func:`code_version`) with every blocking check on
+    its latest materialization passed since. A failed or missing check makes it not up to date: a
+    re-run must never step around a blocking check. ``deployment`` is left out: deploying is a
+    person's act (``secure-ml deploy``, gated then), not a consequence of data."""
+    from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+    from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+    from dagster._time import get_current_datetime
+
+    graph = definitions.resolve_asset_graph()
+    keys = list(picked)
+    datasets = [key for key in keys if key.path[-1] == "dataset"]
+    latest: dict[dg.AssetKey, Any] = {}
+    for key in keys:
+        if key.path[-1] in DELIBERATE:
+            continue
+        event = instance.get_latest_materialization_event(key)
+        if event is None or event.asset_materialization is None:
+            return None
+        latest[key] = event
+    for key in datasets:
+        source = latest[key].asset_materialization.metadata.get("source_sha256")
+        if getattr(source, "value", None) != drop_sha256:
+            return None  # new bytes: ingest them
+    view = AssetGraphView(temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
+                          instance=instance, asset_graph=graph)
+    resolver = CachingStaleStatusResolver(instance=instance, asset_graph=graph, loading_context=view)
+    if any(resolver.get_status(key) != StaleStatus.FRESH for key in latest):
+        return None
+    blocking = [spec.key for spec in _check_specs(definitions) if spec.blocking and spec.asset_key in latest]
+    executions = instance.event_log_storage.get_latest_asset_check_execution_by_key(blocking) if blocking else {}
+    for check in blocking:
+        record = executions.get(check)
+        materialized = latest[check.asset_key].timestamp
+        if (record is None or record.status != AssetCheckExecutionRecordStatus.SUCCEEDED or record.event is None
+                or record.event.timestamp < materialized):
+            return None
+    return {key.to_user_string(): getattr(event.asset_materialization.metadata.get("sha256"), "value", None)
+            for key, event in latest.items()}
 
 
 def split_by_job(definitions: dg.Definitions, picked: set[dg.AssetKey] | Any) -> list[tuple[str, set[dg.AssetKey]]]:

@@ -1,7 +1,7 @@
-"""Sensors, schedules and automation conditions.
+"""Sensors, schedules, freshness and the named jobs.
 
 Each module builds its definitions from settings (``landing_sensor(settings)``,
-``failure_sensors(settings)``, ``asset_automation_sensor(settings)``, ``retraining_schedule(settings)``,
+``failure_sensors(settings)``, ``training_sensor(settings)``, ``retraining_schedule(settings)``,
 ``map_assets(assets, automation)``); secure_ml/definitions.py lists them. Nothing here reads
 configuration at import time.
 """

@@ -6,9 +6,9 @@
 A drop's run is ``ingest`` only: ``dataset`` and what follows it in ``landing.groups`` (by default
 ``validated_dataset``). A rejected drop therefore fails that run alone and touches nothing it could
 not change: the last good model, its checks and its deployment keep their status. Training and
-security (``train``: ``retraining.groups``) then advance through the automation condition that
-waits for every upstream blocking check (sensors/conditions.py), or by the weekly schedule, or by
-hand; ``release`` (registration and deployment) is always a deliberate act. ``secure-ml pipeline
+security (``train``: ``retraining.groups``) then follow by the ``train_on_accepted_data`` sensor
+once every upstream blocking check passed (sensors/advance.py), or by the weekly schedule, or by
+hand, always as a ``train`` run; ``release`` (registration and deployment) is always a deliberate act. ``secure-ml pipeline
 run`` runs the same jobs in order and stops at the first that fails.
 """
 

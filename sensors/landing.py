@@ -10,8 +10,8 @@ drop's content digest and tagged with its name and digest, that materialises ``d
 Why the drop's run stops at the gate: a rejected drop fails its own run, naming the failed check,
 and nothing else: the last good model, its checks and its deployment keep their status, and no
 asset downstream turns "failed" or "unsynced" for a drop that never became anyone's input. Training,
-evaluation, scanning, signing and attestation then advance by the automation condition on each of
-them (sensors/conditions.py): eager, and only once every blocking check upstream passed.
+evaluation, scanning, signing and attestation then follow as one ``train`` run requested by the
+``train_on_accepted_data`` sensor (sensors/advance.py), only once every blocking check upstream passed.
 
 The ``weekly_retraining`` schedule (``retraining.cron``) retrains and re-signs on the latest
 validated data: the ``train`` job (training and security groups) in one run.
@@ -144,7 +144,7 @@ def landing_sensor(settings: Settings) -> dg.SensorDefinition:
         default_status=sensor_status(settings),
         description="New complete CSV/Parquet drops in the landing area become dataset versions; each drop "
                     "is one `ingest` run (keyed by its sha256) through validation. Training and signing "
-                    "follow by automation once every blocking check passed.",
+                    "follow as a `train` run once every blocking check passed.",
     )(scan_landing)
 
 
@@ -155,17 +155,26 @@ def retraining_schedules(settings: Settings) -> list[dg.ScheduleDefinition]:
 
 
 def retraining_schedule(settings: Settings, model: str | None = None) -> dg.ScheduleDefinition:
-    """``weekly_retraining`` on ``retraining.cron`` (``NAME_weekly_retraining`` for another model)."""
+    """``weekly_retraining`` on ``retraining.cron`` (``NAME_weekly_retraining`` for another model): a ``train``
+    run (the named job, so the Runs page and timeline name it) of that model's training and security assets."""
     automation = settings.config.automation
     default = settings.config.default_model
-    target = retraining_selection(automation) & model_selection(model or default)
-    return dg.ScheduleDefinition(
+    chosen = model or default
+    target = retraining_selection(automation) & model_selection(chosen)
+    several = len(_models(settings)) > 1
+
+    def request(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+        tags = {TRIGGER_TAG: "schedule", MODEL_TAG: chosen}
+        if not several:
+            return dg.RunRequest(tags=tags)
+        return dg.RunRequest(tags=tags, asset_selection=sorted(target.resolve(context.repository_def.asset_graph)))
+
+    return dg.schedule(
         name=f"{model}_weekly_retraining" if model else "weekly_retraining",
-        **({"target": target} if len(_models(settings)) > 1 else {"job_name": jobs.TRAIN}),
+        job_name=jobs.TRAIN,
         cron_schedule=automation.retraining.cron,
         execution_timezone=automation.retraining.timezone,
         default_status=schedule_status(settings),
-        tags={TRIGGER_TAG: "schedule"},
         description="Retrain, evaluate, scan and sign on the latest validated dataset (automation.yaml "
                     "retraining.cron); blocking checks stop the run as anywhere else.",
-    )
+    )(request)

@@ -3,13 +3,14 @@
 Touches: the landing sensor's ticks over a real landing area (settling, one run per drop keyed
 by digest, its config and tags, nothing twice), that its request really materialises the drop;
 the failed-check sensor after a real tampered ciphertext, and the failed-run sensor after a real
-failed run, both POSTing to a real HTTP server on 127.0.0.1 and auditing; the automation
-condition (eager once every upstream blocking check passed) evaluated by Dagster on a small
-graph wired by the same ``map_assets``; the deployment freshness policy, the retraining cron,
+failed run, both POSTing to a real HTTP server on 127.0.0.1 and auditing; the training sensor
+(a named ``train`` run once every upstream blocking check passed, nothing for a rejected drop or a
+failed check) over a real instance and a stand-in graph with the real keys; no asset carrying a
+condition that would run as the anonymous ``__ASSET_JOB``; the deployment freshness policy, the retraining cron,
 the SECURE_ML_AUTOMATION switch; and UI hygiene of the whole graph (groups, descriptions,
 owners, kinds). The proof (marked slow) runs the real ``dagster-daemon`` on a test home: a clean
 drop lands and, with no manual materialisation, becomes a validated, trained, evaluated, scanned,
-signed and attested candidate in one sensor-launched run; a poisoned drop (10% label flips)
+signed and attested candidate in one sensor-launched `train` run; a poisoned drop (10% label flips)
 stops at validation, automation does not carry it further, and the failed check and run reach
 the webhook. Does not touch: the browser (tests/test_browser.py).
 """
@@ -30,10 +31,9 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-import sensors.conditions
 import sensors.landing
 from secure_ml.definitions import build_definitions, split_by_job
-from sensors import conditions
+from sensors import advance
 from secure_ml.settings import Settings
 from tests._dagster_servers import read_log
 from tests.conftest import SAMPLE_CSV, land_file
@@ -149,9 +149,9 @@ def test_a_drops_run_stops_at_the_data_gate_and_the_jobs_split_the_graph(setting
         "ingest": {"dataset", "validated_dataset"},
         "train": {"trained_model", "model_evaluation", "scan_report", "model_signature", "attestation"},
         "release": {"registered_model", "deployment"}}
-    # Training advances only by the condition that waits for every upstream blocking check.
-    assert graph.get(dg.AssetKey("trained_model")).automation_condition.get_label() == \
-        conditions.ADVANCE_WHEN_CHECKS_PASS.get_label()
+    # Training follows accepted data as a named `train` run (never Dagster's anonymous __ASSET_JOB).
+    assert defs.resolve_sensor_def(advance.NAME).job_name == "train"
+    assert not [node.key for node in graph.asset_nodes if node.automation_condition is not None]
 
 
 def test_a_tampered_ciphertext_fails_its_check_and_is_posted_and_audited(
@@ -174,12 +174,12 @@ def test_a_tampered_ciphertext_fails_its_check_and_is_posted_and_audited(
         path.write_bytes(bytes(blob))
         checks = materialize(defs, instance, dg.AssetSelection.checks_for_assets("dataset"))
         failed = [e for e in checks.get_asset_check_evaluations() if not e.passed]
-        assert "dataset_ciphertext_authentic" in {e.check_name for e in failed}
+        assert "ciphertext_authentic" in {e.check_name for e in failed}
         failed_checks(context)
         failed_checks(context)                                  # reported once, not on every tick
     assert len(hook.events) == len(failed)
     posted = {e["details"]["check"]: e for e in hook.events}
-    event = posted["dataset_ciphertext_authentic"]
+    event = posted["ciphertext_authentic"]
     assert event["event"] == "check.failed" and event["details"]["blocking"] is True
     assert event["details"]["asset"] == "dataset" and event["details"]["reason"]
     assert "ok" not in {e["details"]["check"] for e in hook.events}      # passed checks are not news
@@ -244,88 +244,85 @@ def test_root_cause_tells_a_refusal_from_a_bug() -> None:
     assert sensors.failures.root_cause(info(LookAlike("trust me")))["kind"] == "internal"
 
 
-# -- the automation condition, evaluated by Dagster on a graph wired by the same map_assets -------
+# -- train_on_accepted_data, on a real instance, over a stand-in graph with the real keys ------------
 GATE = {"passed": True}
+REJECT = {"now": False}
+MODEL = {"secure_ml/model": "german_credit"}
 
 
-@dg.asset(group_name="data", kinds={"python"}, owners=["team:test"])
-def upstream() -> int:
-    """A stand-in upstream with a blocking check whose verdict the test decides."""
+@dg.asset(group_name="data", kinds={"python"}, owners=["team:test"], tags=MODEL)
+def dataset() -> int:
+    """A stand-in drop."""
     return 1
 
 
-@dg.asset_check(asset=upstream, blocking=True)
-def upstream_gate() -> dg.AssetCheckResult:
-    return dg.AssetCheckResult(passed=GATE["passed"], metadata={"reason": "test verdict"})
-
-
-@dg.asset(group_name="training", deps=[upstream], kinds={"python"}, owners=["team:test"])
-def downstream() -> int:
-    """Advances only when upstream's blocking check passed."""
+@dg.asset(group_name="data", deps=[dataset], kinds={"python"}, owners=["team:test"], tags=MODEL)
+def validated_dataset(context) -> int:  # type: ignore[no-untyped-def]  # (Dagster refuses a string annotation)
+    """Refuses its input when told to, as the real one refuses a poisoned drop: its failed verdict is
+    reported against it and the step fails; nothing is materialised."""
+    if REJECT["now"]:
+        context.log_event(dg.AssetCheckEvaluation(asset_key=context.asset_key, check_name="gate", passed=False,
+                                                  blocking=True, metadata={"reason": "stand-in rejection"}))
+        raise dg.Failure(description="drop rejected: gate: stand-in", allow_retries=False)
     return 2
 
 
-def test_downstream_advances_only_when_every_upstream_blocking_check_passed() -> None:
-    wired = sensors.conditions.map_assets([upstream, downstream], Settings.from_env({}).config.automation)
-    assert wired[1].specs_by_key[dg.AssetKey("downstream")].automation_condition is not None
-    assert wired[0].specs_by_key[dg.AssetKey("upstream")].automation_condition is None  # a root: sensor-driven
-    definitions = dg.Definitions(assets=wired, asset_checks=[upstream_gate])
-    with dg.instance_for_test() as instance:
-        GATE["passed"] = True
-        assert dg.materialize([*wired, upstream_gate], instance=instance).success
-        cursor = dg.evaluate_automation_conditions(defs=definitions, instance=instance).cursor
-        # poisoned upstream: it materialises, its blocking check fails
-        GATE["passed"] = False
-        result = dg.materialize([wired[0], upstream_gate], instance=instance, raise_on_error=False)
-        assert not all(e.passed for e in result.get_asset_check_evaluations())
-        evaluation = dg.evaluate_automation_conditions(defs=definitions, instance=instance, cursor=cursor)
-        assert evaluation.get_num_requested(dg.AssetKey("downstream")) == 0
-        # a clean upstream: the check passes and downstream is requested
-        GATE["passed"] = True
-        assert dg.materialize([wired[0], upstream_gate], instance=instance).success
-        evaluation = dg.evaluate_automation_conditions(defs=definitions, instance=instance,
-                                                       cursor=evaluation.cursor)
-        assert evaluation.get_num_requested(dg.AssetKey("downstream")) == 1
-        # materialised together in one run (the landing sensor's way): no second run of downstream
-        assert dg.materialize([*wired, upstream_gate], instance=instance).success
-        evaluation = dg.evaluate_automation_conditions(defs=definitions, instance=instance,
-                                                       cursor=evaluation.cursor)
-        assert evaluation.get_num_requested(dg.AssetKey("downstream")) == 0
+@dg.asset_check(asset=validated_dataset, blocking=True)
+def gate() -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(passed=GATE["passed"], metadata={"reason": "test verdict"})
 
 
-REJECT = {"now": False}
-
-
-@dg.asset(group_name="training", deps=[upstream], kinds={"python"}, owners=["team:test"])
-def rejecting() -> int:
-    """Refuses its input when told to, as validated_dataset refuses a poisoned drop."""
-    if REJECT["now"]:
-        raise dg.Failure(description="drop rejected: stand-in", allow_retries=False)
+@dg.asset(group_name="training", deps=[validated_dataset], kinds={"python"}, owners=["team:test"], tags=MODEL)
+def trained_model() -> int:
+    """Trains on the accepted data."""
     return 3
 
 
-def test_a_step_that_refused_its_input_is_not_retried_by_automation() -> None:
-    wired = sensors.conditions.map_assets([upstream, rejecting], Settings.from_env({}).config.automation)
-    definitions = dg.Definitions(assets=wired, asset_checks=[upstream_gate])
+def test_training_follows_only_accepted_data_as_a_named_train_run() -> None:
+    automation = Settings.from_env({}).config.automation
+    definitions = dg.Definitions(assets=[dataset, validated_dataset, trained_model], asset_checks=[gate])
+    graph = definitions.resolve_asset_graph()
+    ingest = [dataset, validated_dataset, gate]
+
+    def due(instance: dg.DagsterInstance) -> tuple[list[dg.RunRequest], list[str]]:
+        return advance.train_requests(instance, graph, models=["german_credit"], default="german_credit",
+                                      automation=automation)
+
     with dg.instance_for_test() as instance:
         GATE["passed"], REJECT["now"] = True, False
-        assert dg.materialize([*wired, upstream_gate], instance=instance).success
-        cursor = dg.evaluate_automation_conditions(defs=definitions, instance=instance).cursor
-        REJECT["now"] = True  # the drop's run: upstream materialises and passes, rejecting refuses it
-        assert not dg.materialize([*wired, upstream_gate], instance=instance, raise_on_error=False).success
-        for _ in range(2):
-            evaluation = dg.evaluate_automation_conditions(defs=definitions, instance=instance, cursor=cursor)
-            assert evaluation.get_num_requested(dg.AssetKey("rejecting")) == 0
-            cursor = evaluation.cursor
+        assert due(instance) == ([], [])                                  # nothing validated yet
+        assert dg.materialize(ingest, instance=instance).success
+        [request], _ = due(instance)
+        assert request.asset_selection == [dg.AssetKey("trained_model")]  # the model's train assets only
+        assert request.tags["secure_ml/trigger"] == "automation" and request.tags["secure_ml/model"] == "german_credit"
+        first_key = request.run_key
+        assert dg.materialize([trained_model], instance=instance,
+                              selection=dg.AssetSelection.assets("trained_model")).success
+        assert due(instance) == ([], [])                                  # trained on it already
+        # an accepted version whose blocking check then fails: nothing advances, and the note says why
+        GATE["passed"] = False
+        assert not dg.materialize(ingest, instance=instance, raise_on_error=False).success
+        requests, notes = due(instance)
+        assert requests == [] and notes == ["german_credit: waiting for validated_dataset:gate"]
+        # a clean version: requested once, under a new key
+        GATE["passed"] = True
+        assert dg.materialize(ingest, instance=instance).success
+        [request], _ = due(instance)
+        assert request.run_key != first_key
+        # ...then a rejected drop before it trained: its failed verdict is the latest, nothing is requested
+        REJECT["now"] = True
+        rejected = dg.materialize(ingest, instance=instance, raise_on_error=False)
+        assert not rejected.success and not [e for e in rejected.get_asset_materialization_events()
+                                             if e.asset_key == dg.AssetKey("validated_dataset")]
+        assert due(instance)[0] == []
+        REJECT["now"] = False
 
 
-def test_real_graph_carries_conditions_freshness_and_the_cron(settings: Settings, defs: dg.Definitions) -> None:
+def test_real_graph_carries_freshness_and_the_cron_and_no_anonymous_automation(settings: Settings,
+                                                                             defs: dg.Definitions) -> None:
     graph = defs.resolve_asset_graph()
-    for node in graph.asset_nodes:
-        if node.group_name in {"data", "training", "security"} and node.parent_keys:
-            assert node.automation_condition is not None, f"{node.key} has no automation condition"
-        if node.group_name == "release" or not node.parent_keys:
-            assert node.automation_condition is None, f"{node.key} must not advance on its own"
+    for node in graph.asset_nodes:  # an automation condition would run as the anonymous __ASSET_JOB
+        assert node.automation_condition is None, f"{node.key} carries an automation condition"
     if graph.has(dg.AssetKey("deployment")):
         policy = graph.get(dg.AssetKey("deployment")).freshness_policy
         assert policy is not None and policy.fail_window.to_timedelta().total_seconds() == 168 * 3600
@@ -336,9 +333,9 @@ def test_real_graph_carries_conditions_freshness_and_the_cron(settings: Settings
     with dg.instance_for_test() as instance:
         tick_data = schedule.evaluate_tick(dg.build_schedule_context(instance=instance))
     [request] = tick_data.run_requests or []
-    assert request.tags["secure_ml/trigger"] == "schedule"
+    assert request.tags["secure_ml/trigger"] == "schedule" and schedule.job_name == "train"
     names = {s.name for s in defs.sensors or []}
-    assert {"landing_drops", "failed_runs", "failed_checks", "asset_automation"} <= names
+    assert {"landing_drops", "failed_runs", "failed_checks", "train_on_accepted_data"} <= names
 
 
 def test_the_switch_starts_every_sensor_and_schedule_stopped(settings: Settings) -> None:
@@ -459,17 +456,17 @@ def bad_finished(instance: dg.DagsterInstance, run_id: str) -> float:
 
 
 def automation_ticks_after(instance: dg.DagsterInstance, after: float, *, count: int, timeout: float) -> list[Any]:
-    """The automation sensor's ticks that started after ``after`` (at least ``count`` of them)."""
+    """The training sensor's ticks that started after ``after`` (at least ``count`` of them)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        states = [s for s in instance.all_instigator_state() if s.name == "asset_automation"]
+        states = [s for s in instance.all_instigator_state() if s.name == advance.NAME]
         ticks = [t for state in states for t in instance.get_ticks(state.instigator_origin_id, state.selector_id,
                                                                       limit=20)
                  if t.timestamp > after and t.status.value != "STARTED"]
         if len(ticks) >= count:
             return ticks
         time.sleep(1)
-    raise AssertionError(f"the automation sensor did not tick {count} times in {timeout:.0f}s")
+    raise AssertionError(f"the training sensor did not tick {count} times in {timeout:.0f}s")
 
 
 @pytest.mark.slow
@@ -509,6 +506,7 @@ def test_a_clean_drop_becomes_a_signed_candidate_and_a_poisoned_one_stops_at_val
                 checks.update(verdicts)
                 tags = instance.get_run_by_id(run.run_id).tags  # type: ignore[union-attr]
                 assert tags["secure_ml/trigger"] == "automation" and tags["secure_ml/model"] == "german_credit"
+                assert run.job_name == "train"  # a named job on the Runs page and timeline
                 assert tags["secure_ml/drop_sha256"] == clean.tags["secure_ml/drop_sha256"]
                 assert tags["secure_ml/identity"] == "alice"
             assert set(CANDIDATE) - expected == materialized, materialized
@@ -520,7 +518,7 @@ def test_a_clean_drop_becomes_a_signed_candidate_and_a_poisoned_one_stops_at_val
             bad = wait_for_drop_run(instance, "german_credit-poisoned.csv", 300, logs)
             materialized, checks = run_outcome(instance, bad.run_id)
             assert bad.status == dg.DagsterRunStatus.FAILURE
-            assert checks["validated_dataset:poisoning_score_under_threshold"] is False
+            assert checks["validated_dataset:poisoning_below_limit"] is False
             assert materialized == {"dataset"}, materialized  # the rejected drop never becomes an input
             # automation must not pick anything up afterwards either
             ticks = automation_ticks_after(instance, bad_finished(instance, bad.run_id), count=2, timeout=60)
@@ -538,7 +536,7 @@ def test_a_clean_drop_becomes_a_signed_candidate_and_a_poisoned_one_stops_at_val
     finally:
         instance.dispose()
     events = {(e["event"], e["details"].get("check", "")) for e in hook_server.events}
-    assert ("check.failed", "poisoning_score_under_threshold") in events, hook_server.events
+    assert ("check.failed", "poisoning_below_limit") in events, hook_server.events
     assert any(e["event"] == "run.failed" and e["details"]["run_id"] == bad.run_id for e in hook_server.events)
     if missing_stages:
         warnings.warn(f"stages not defined yet, so not proven here: {', '.join(missing_stages)}", stacklevel=1)

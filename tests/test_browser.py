@@ -7,7 +7,7 @@ code defines, at test time, and every lineage edge, read from the rendered SVG e
 boxes); the asset page (description, owners, kinds, group); the Materialize button (a real run
 that must succeed, seen on its run page); a blocking check failure for a tampered ciphertext
 (one flipped bit in the stored dataset, the checks executed from the UI, the failure and its
-reason shown); the automation condition and the deployment's freshness policy on asset pages.
+reason shown); the training sensor on the Automation page and the deployment's freshness policy.
 Screenshots go to test-artifacts/. Does not touch: the daemon (the sensors run in the proof in
 tests/test_automation.py), the evaluation plots (they need a trained model: a full chain run
 here would double this module's time), Dagster+ features, or other browsers.
@@ -211,11 +211,11 @@ def test_a_tampered_ciphertext_shows_as_a_failed_blocking_check_with_its_reason(
 
     page.goto(f"{ui}/assets/dataset?view=checks", wait_until="networkidle")
     page.get_by_role("button", name=re.compile("Execute all")).click()
-    row = page.get_by_text("dataset_ciphertext_authentic", exact=True).first
+    row = page.get_by_text("ciphertext_authentic", exact=True).first
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         page.reload(wait_until="networkidle")
-        row = page.get_by_text("dataset_ciphertext_authentic", exact=True).first
+        row = page.get_by_text("ciphertext_authentic", exact=True).first
         row.wait_for()
         if "Failed" in page.inner_text("body"):
             break
@@ -226,18 +226,18 @@ def test_a_tampered_ciphertext_shows_as_a_failed_blocking_check_with_its_reason(
     body = page.inner_text("body")
     shoot(page, artifacts_dir, "tampered-check")
     assert "Failed" in body
-    details = body.split("dataset_ciphertext_authentic")[-1]
+    details = body.split("ciphertext_authentic")[-1]
     assert re.search(r"authenticat|tamper|corrupt|integrity", details, re.I), details[:1500]
 
 
 def test_automation_and_freshness_are_visible_on_the_asset_pages(page: Any, ui: str, graph: dg.AssetGraph,
                                                                  artifacts_dir: Path) -> None:
-    """Each automated asset names its condition; the deployed model its freshness policy."""
-    automated = sorted(node.key.to_user_string() for node in graph.asset_nodes if node.automation_condition)
-    assert automated, "no asset carries an automation condition"
-    page.goto(f"{ui}/assets/{automated[0]}", wait_until="networkidle")
-    page.get_by_text("eager, once every upstream blocking check passed").first.wait_for()
-    shoot(page, artifacts_dir, f"automation-{automated[0]}")
+    """Training follows by a sensor of the named `train` job (no asset carries a condition that would run as
+    the anonymous __ASSET_JOB), listed on the Automation page; the deployed model shows its freshness policy."""
+    assert not [node.key for node in graph.asset_nodes if node.automation_condition]
+    page.goto(f"{ui}/automation", wait_until="networkidle")
+    page.get_by_text("train_on_accepted_data").first.wait_for()
+    shoot(page, artifacts_dir, "automation-sensors")
     if not graph.has(dg.AssetKey("deployment")):
         pytest.skip("the release stage (deployment) is not defined yet")
     page.goto(f"{ui}/assets/deployment", wait_until="networkidle")

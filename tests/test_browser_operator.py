@@ -42,6 +42,7 @@ pytestmark = [
 ]
 
 CLI = str(Path(sys.executable).parent / "secure-ml")
+GROUPS = ("data", "training", "security", "release")
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
 KEYS: dict[str, Path] = {}
 
@@ -76,7 +77,7 @@ def state(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     bad = cli(home, "pipeline", "run", "--data", str(drop), "--json", actor="pat")
     # The CLI's one line names the failed check (the step's own "drop rejected: ..." is on the run page).
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1, bad.stderr[-3000:]
-    assert "poisoning_score_under_threshold" in bad.stderr, bad.stderr[-3000:]
+    assert "poisoning_below_limit" in bad.stderr, bad.stderr[-3000:]
     return {"home": home, "good": json.loads(good.stdout), "bad": json.loads(bad.stdout)}
 
 
@@ -121,12 +122,17 @@ def test_the_rejected_drop_touches_only_its_own_run(page: Any, ui: str, state: d
         instance.dispose()
     assert latest.run_id == good["runs"][0]["run_id"]  # the accepted version is still the latest
 
+    # Dagster opens a graph of several groups collapsed (no `expanded` URL parameter); the README's URL
+    # opens every group of ours on the first open of a fresh browser.
     page.goto(f"{ui}/asset-groups", wait_until="networkidle")
-    for group in ("data", "training", "security", "release"):
+    for group in GROUPS:
         page.get_by_text(group, exact=True).first.wait_for(timeout=60_000)
-    page.keyboard.press("Alt+e")                      # "Expand all groups"
-    page.locator('[class*="AssetNode_assetName"]').first.wait_for(timeout=60_000)
     page.wait_for_timeout(2500)
+    assert page.locator('[class*="AssetNode_assetName"]').count() == 0
+    page.goto(f"{ui}/asset-groups?expanded={','.join(f'global@global:{g}' for g in GROUPS)}", wait_until="networkidle")
+    page.locator('[class*="AssetNode_assetName"]').first.wait_for(timeout=60_000)
+    page.wait_for_timeout(6000)                      # the nodes' statuses load after the layout
+    assert page.locator('[class*="AssetNode_assetName"]').count() >= 9
     shoot(page, artifacts_dir, "rejected-drop-graph")
 
     trained = body_after(page, f"{ui}/assets/trained_model", "Latest materialization")
@@ -137,8 +143,11 @@ def test_the_rejected_drop_touches_only_its_own_run(page: Any, ui: str, state: d
 def test_the_run_page_gives_the_reason_in_one_line(page: Any, ui: str, state: dict[str, Any],
                                                    artifacts_dir: Path) -> None:
     run_id = state["bad"]["runs"][0]["run_id"]
-    body = body_after(page, f"{ui}/runs/{run_id}", "drop rejected: poisoning_score_under_threshold")
+    body = body_after(page, f"{ui}/runs/{run_id}", "drop rejected: poisoning_below_limit")
     assert "ingest" in body
+    # The reason is the error's first line; Dagster always appends the recorded stack (README, "A rejected drop").
+    reason = body.index("drop rejected: poisoning_below_limit")
+    assert "Stack Trace" not in body or reason < body.index("Stack Trace")
     shoot(page, artifacts_dir, "rejected-run-reason")
     instance = dg.DagsterInstance.from_config(str(state["home"].dagster_home))
     try:
@@ -181,6 +190,13 @@ def test_each_evaluation_plot_is_its_own_entry(page: Any, ui: str, artifacts_dir
     body = body_after(page, f"{ui}/assets/model_evaluation", "plot_roc")
     for name in ("plot_roc", "plot_confusion", "plot_calibration", "plot_groups", "verdicts"):
         assert name in body, name
+    # ...and each plot's text chart is shown inline, without a click (markdown under 1,000 characters)
+    for text in ("ROC AUC", "false positive rate", "bad risk", "good risk", "selection rate",
+                 "expected calibration error", "█"):
+        assert text in body, text
+    row = page.locator("tr", has_text="ROC AUC").first
+    row.evaluate("tr => tr.scrollIntoView({block: 'start'})")
+    page.wait_for_timeout(500)
     shoot(page, artifacts_dir, "evaluation-entries")
     for name in ("plot_confusion", "plot_groups"):
         row = page.locator("tr", has_text=name).first

@@ -354,5 +354,5 @@ def test_pipeline_run_a_poisoned_drop_is_one_blocking_check_line(home: Path, tmp
     result = run(home, "pipeline", "run", "--data", str(drop), SECURE_ML_ACTOR="alice")
     err = result.stderr.decode()
     assert result.returncode == 1 and err.count("\n") == 1 and not dagster_noise(err), err
-    assert err.startswith("secure-ml: blocking check failed: validated_dataset:poisoning_score_under_threshold: ")
+    assert err.startswith("secure-ml: blocking check failed: validated_dataset:poisoning_below_limit: ")
     assert "over the threshold" in err

@@ -29,7 +29,7 @@ from tests.conftest import SAMPLE_CSV, land_file
 
 pytestmark = pytest.mark.slow  # materialises the data stage with DVC
 
-DATASET_CHECKS = {"dataset_ciphertext_authentic", "dataset_digest_matches_provenance", "source_approved",
+DATASET_CHECKS = {"ciphertext_authentic", "provenance_matches", "source_approved",
                   "access_policy_allows"}
 
 
@@ -51,7 +51,7 @@ def materialize(settings: Settings, drop: str, *, actor: str | None = None, chec
 
 
 def data_stage_checks() -> list[Any]:
-    return [data_stage.dataset_ciphertext_authentic, data_stage.dataset_digest_matches_provenance,
+    return [data_stage.ciphertext_authentic, data_stage.provenance_matches,
             data_stage.source_approved, data_stage.access_policy_allows]
 
 

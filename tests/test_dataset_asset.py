@@ -35,7 +35,7 @@ from tests.conftest import SAMPLE_CSV, land_file
 pytestmark = pytest.mark.slow  # materialises the pipeline through the CLI
 
 CLI = str(Path(sys.executable).parent / "secure-ml")
-CUSTODY_CHECKS = ("dataset_ciphertext_authentic", "dataset_digest_matches_provenance")
+CUSTODY_CHECKS = ("ciphertext_authentic", "provenance_matches")
 
 
 @dg.asset(ins={"dataset": dg.AssetIn()}, group_name="test", owners=["team:test"], code_version="1")
@@ -93,8 +93,8 @@ def test_dataset_checks_pass_then_one_flipped_byte_fails_them_and_blocks_downstr
     checks = evaluations(first)
     for name in CUSTODY_CHECKS:
         assert checks[name].passed, reason(checks[name])
-    assert "bytes authenticated; digest matches" in reason(checks["dataset_ciphertext_authentic"])
-    assert reason(checks["dataset_digest_matches_provenance"]).startswith(f"provenance names sha256:{digest[:16]}")
+    assert "bytes authenticated; digest matches" in reason(checks["ciphertext_authentic"])
+    assert reason(checks["provenance_matches"]).startswith(f"provenance names sha256:{digest[:16]}")
     assert settings.artifact_store().get_json(metadata["dataset_profile"]["sha256"])["rows"] == 1000
 
     # An attacker with write access to the store flips one byte of the dataset's ciphertext.
@@ -107,17 +107,17 @@ def test_dataset_checks_pass_then_one_flipped_byte_fails_them_and_blocks_downstr
                          | dg.AssetSelection.assets(dataset_profile))
     assert not second.success or "dataset_profile" not in materialized(second)
     checks = evaluations(second)
-    failed = checks["dataset_ciphertext_authentic"]
+    failed = checks["ciphertext_authentic"]
     assert not failed.passed and failed.severity == dg.AssetCheckSeverity.ERROR
     assert failed.metadata["subject"].value == f"sha256:{digest}"
     assert "integrity failure" in reason(failed) and "failed authentication" in reason(failed)
-    assert checks["dataset_digest_matches_provenance"].passed  # the provenance record was not touched
+    assert checks["provenance_matches"].passed  # the provenance record was not touched
     assert "dataset_profile" not in materialized(second)  # blocked: it never ran
     profile_events = [e for e in second.all_events if e.step_key == "dataset_profile"]
     assert not [e for e in profile_events if e.event_type_value == "STEP_START"]
-    assert [e.step_key for e in second.get_step_failure_events()] == ["dataset_dataset_ciphertext_authentic"]
+    assert [e.step_key for e in second.get_step_failure_events()] == ["dataset_ciphertext_authentic"]
     entries = list(settings.audit_log().entries())
-    fail = [e for e in entries if e["action"] == "check.dataset_ciphertext_authentic" and e["outcome"] == "fail"]
+    fail = [e for e in entries if e["action"] == "check.ciphertext_authentic" and e["outcome"] == "fail"]
     assert len(fail) == 1 and fail[0]["details"]["run_id"] == second.run_id
     settings.audit_log().verify()
     assert_no_key_material(settings)
@@ -178,7 +178,7 @@ def test_a_byte_flipped_during_the_run_fails_the_check_and_downstream_never_runs
     assert flipper.flipped is not None
     metadata = materialized(result)
     assert flipper.flipped == settings.artifact_store().path_for(metadata["dataset"]["sha256"])
-    failed = evaluations(result)["dataset_ciphertext_authentic"]
+    failed = evaluations(result)["ciphertext_authentic"]
     assert not failed.passed and "failed authentication" in reason(failed)
     assert set(metadata) == {"dataset"}  # dataset_profile was blocked in the same run
 
@@ -224,10 +224,10 @@ def test_pipeline_run_exits_1_naming_the_failed_blocking_check(settings: Setting
     assert flipper.flipped is not None
     assert result.returncode == 1, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith(   # then the check's one-line reason
-        "secure-ml: blocking check failed: dataset:dataset_ciphertext_authentic: ")
+        "secure-ml: blocking check failed: dataset:ciphertext_authentic: ")
     assert "Traceback" not in result.stderr
     summary = json.loads(result.stdout)
     assert summary["success"] is False
-    assert summary["failed_blocking_checks"] == ["dataset:dataset_ciphertext_authentic"]
-    failed = next(c for c in summary["checks"] if c["check"] == "dataset_ciphertext_authentic")
+    assert summary["failed_blocking_checks"] == ["dataset:ciphertext_authentic"]
+    failed = next(c for c in summary["checks"] if c["check"] == "ciphertext_authentic")
     assert failed["passed"] is False and "failed authentication" in failed["reason"]

@@ -33,9 +33,9 @@ def test_defs_load_with_the_dataset_asset_its_blocking_checks_and_custody_resour
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
     assert "dataset" in keys
     check_keys = {(k.asset_key.to_user_string(), k.name) for k in graph.asset_check_keys}
-    assert {("dataset", "dataset_ciphertext_authentic"), ("dataset", "dataset_digest_matches_provenance")} <= check_keys
+    assert {("dataset", "ciphertext_authentic"), ("dataset", "provenance_matches")} <= check_keys
     specs = {spec.name: spec for item in [*defs.assets, *defs.asset_checks] for spec in getattr(item, "check_specs", [])}
-    assert specs["dataset_ciphertext_authentic"].blocking and specs["dataset_digest_matches_provenance"].blocking
+    assert specs["ciphertext_authentic"].blocking and specs["provenance_matches"].blocking
     resources = defs.resources or {}
     assert isinstance(resources["custody"], CustodyResource)
     # Never the default (pickling, pod-local) IO manager.
@@ -61,7 +61,7 @@ def test_wiring_is_explicit_every_stage_sensor_and_schedule_is_listed() -> None:
     for stage in STAGES:
         names = {a.key for a in dg.load_assets_from_modules([stage]) if isinstance(a, dg.AssetsDefinition)}
         assert names and all(graph.has(k) for k in names), stage.__name__
-    assert {s.name for s in defs.sensors or []} == {"landing_drops", "asset_automation", "failed_runs",
+    assert {s.name for s in defs.sensors or []} == {"landing_drops", "train_on_accepted_data", "failed_runs",
                                                      "failed_checks"}
     assert {s.name for s in defs.schedules or []} == {"weekly_retraining"}
     assert set(defs.resources or {}) >= {"custody", "io_manager", "release", "signing"}

@@ -121,6 +121,26 @@ def test_release_needs_a_second_person_and_a_deployer(home: Path, pipeline: dict
         assert len(tags["secure_ml/drop_sha256"]) == 64 and tags["secure_ml/model"] == "german_credit"
 
 
+def test_the_same_drop_again_runs_nothing_and_the_release_steps_say_so(home: Path, pipeline: dict) -> None:
+    """A re-run demo: the same bytes, code and configuration make no new run and no new model version;
+    approve and deploy notice the version is already in production and deployed."""
+    before = json.loads(cli(home, "status", "--json").stdout)
+    again = cli(home, "pipeline", "run", "--json")
+    assert again.returncode == 0, again.stderr
+    summary = json.loads(again.stdout)
+    assert summary["up_to_date"] is True and summary["runs"] == [] and summary["success"] is True
+    digests = {a["asset"]: a["sha256"] for a in summary["assets"]}
+    assert digests["trained_model"] == {a["asset"]: a["sha256"] for a in pipeline["assets"]}["trained_model"]
+    # Running nothing is still decided as landing would be: an approver may not add data (audited).
+    assert "may not data.add" in one_line_error(cli(home, "pipeline", "run", actor="carol"), 1)
+    approve = cli(home, "approve", "staging", actor="carol")
+    assert approve.returncode == 0 and "nothing awaits approval; v1 is in production" in approve.stdout, approve.stderr
+    deploy = cli(home, "deploy", actor="dave")
+    assert deploy.returncode == 0 and "v1" in deploy.stdout and "already deployed to local" in deploy.stdout
+    after = json.loads(cli(home, "status", "--json").stdout)
+    assert after["versions"] == before["versions"] and after["deployed"] == before["deployed"]
+
+
 def test_export_verifies_offline_with_the_pinned_digest(home: Path, pipeline: dict, tmp_path: Path) -> None:
     out = tmp_path / "export"
     assert cli(home, "model", "export", str(out)).returncode == 0
@@ -158,7 +178,9 @@ def test_a_model_tampered_in_the_store_is_refused_at_deploy(home: Path, pipeline
     data[len(data) // 2] ^= 0x01
     weights.write_bytes(bytes(data))
 
-    refused = one_line_error(cli(home, "deploy", actor="dave"), 1)
+    # v1 is live already (a plain `deploy` would say so and write nothing): deploying it again goes
+    # through the gate, which reads the stored bytes.
+    refused = one_line_error(cli(home, "deploy", "--again", actor="dave"), 1)
     assert "authentication" in refused or "integrity" in refused or "verif" in refused, refused
     assert sorted(p.name for p in (home / "deployments" / "local").iterdir()) == deployments
 

@@ -161,3 +161,30 @@ def test_bands_read_in_numeric_order_and_classes_by_name(data: dict[str, Any]) -
     assert named != render_plots(report)["confusion"]  # the class names are drawn on the axes
     loss = render_loss([0.7, 0.5, 0.45, 0.44])
     assert loss.startswith(b"\x89PNG\r\n\x1a\n") and len(loss) > 2000
+
+
+def test_each_plot_has_a_text_chart_short_enough_to_show_inline(data: dict[str, Any]) -> None:
+    """Dagster shows markdown inline under 1,000 characters: every chart fits, names the classes, keeps
+    the bands in order, and a long table is cut saying so (never past the limit)."""
+    from resources.metadata import plot_metadata
+    from secure_ml.training.charts import LIMIT, bar, charts, groups_chart, loss_chart
+
+    report = evaluate(data["honest"], data["test"], protected=PROTECTED, config=shipped())
+    text = charts(report, class_names={"0": "bad risk", "1": "good risk"})
+    assert list(text) == ["roc", "confusion", "groups_sex", "groups_age", "calibration"]
+    assert all(0 < len(chart) <= LIMIT < 1000 for chart in text.values()), {k: len(v) for k, v in text.items()}
+    assert "| **bad risk** |" in text["confusion"] and "| **good risk** |" in text["confusion"]
+    assert f"ROC AUC **{report['metrics']['roc_auc']:.3f}**" in text["roc"]
+    ages = [line.split(" (")[0].strip("| ") for line in text["groups_age"].splitlines() if line.startswith("| <")
+            or line.startswith("| 25") or line.startswith("| 40") or line.startswith("| >=")]
+    assert ages == sorted(ages, key=["<25", "25-40", "40-60", ">=60"].index) and len(ages) >= 3
+    assert bar(0.52) == "█████░░░░░ 0.52" and bar(None) == "n/a"
+    many = {**report, "bias_groups": {"job": {"groups": {f"g{i:03d}": {"rows": 5, "selection_rate": 0.5, "tpr": 0.5,
+                                                                       "fpr": 0.5} for i in range(80)}}},
+            "fairness": {"job": {"demographic_parity_difference": 0.0, "equalized_odds_difference": 0.0}}}
+    cut = groups_chart(many, "job")
+    assert len(cut) <= LIMIT and "more rows in the plot" in cut
+    assert loss_chart([0.7, 0.5, 0.45, 0.44]) == "`█▃▁▁` 0.700 → 0.440 over 4 epochs (min 0.440)"
+    entries = list(plot_metadata(render_plots(report), charts=text))
+    assert entries == ["roc", "plot_roc", "confusion", "plot_confusion", "groups_sex", "groups_age", "plot_groups",
+                       "calibration", "plot_calibration"]

@@ -376,6 +376,15 @@ def test_each_model_gets_the_same_stages_checks_and_schedules_with_its_own_keys(
     demo_checks = {name for asset, name in checks if "/" not in asset}
     assert demo_checks and {(f"breast_cancer/{a}", n) for a, n in checks if "/" not in a} <= checks
     assert sorted(s.name for s in definitions.schedules) == ["breast_cancer_weekly_retraining", "weekly_retraining"]
+    # each model's schedule is a run of the named `train` job over that model's training and security assets
+    schedule = definitions.resolve_schedule_def("breast_cancer_weekly_retraining")
+    with dg.instance_for_test() as instance:
+        [request] = schedule.evaluate_tick(dg.build_schedule_context(
+            instance=instance, repository_def=definitions.get_repository_def())).run_requests or []
+    assert schedule.job_name == "train" and request.tags["secure_ml/model"] == "breast_cancer"
+    assert {k.to_user_string() for k in request.asset_selection or []} == {
+        f"breast_cancer/{s}" for s in ("trained_model", "model_evaluation", "scan_report", "model_signature",
+                                       "attestation")}
     landing = next(s for s in definitions.sensors if s.name == "landing_drops")
     assert landing.job_name == "ingest"  # every model's drops stop at its data gate (issue 18)
     ingest = definitions.resolve_job_def("ingest").asset_layer.selected_asset_keys

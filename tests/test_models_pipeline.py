@@ -112,7 +112,7 @@ def test_a_failed_blocking_check_stops_only_its_own_models_downstream(two: tuple
     assert "breast_cancer/trained_model" not in done  # stopped by its own model's failed check
     assert not checks["breast_cancer/validated_dataset:expectations_pass"].passed
     assert checks["validated_dataset:expectations_pass"].passed  # the other model is untouched
-    assert checks["validated_dataset:poisoning_score_under_threshold"].passed
+    assert checks["validated_dataset:poisoning_below_limit"].passed
     recorded = defs.resources["custody"].recorded  # type: ignore[index]
     with dg.DagsterInstance.get() as instance:
         assert recorded(instance, dg.AssetKey(["breast_cancer", "dataset"]))["source"] == "breast_cancer-bad.csv"

@@ -77,14 +77,14 @@ def audit_entries(settings: Settings, action: str = "notify.webhook") -> list[di
 def test_posts_the_event_as_json_and_audits_delivery_without_the_token(settings: Settings, hook: Hook) -> None:
     secret_path = "/hooks/T000/B000/s3cr3t-token"
     notifier = Notifier(url=hook.url(secret_path), audit=settings.audit_log(), actor="automation")
-    assert notifier.notify("check.failed", subject="check:dataset:dataset_ciphertext_authentic",
+    assert notifier.notify("check.failed", subject="check:dataset:ciphertext_authentic",
                            details={"reason": "chunk 0 failed authentication"}) is True
     [request] = hook.requests
     assert request["path"] == secret_path
     assert request["headers"]["Content-Type"] == "application/json"
     payload = json.loads(request["body"])
     assert payload["event"] == "check.failed" and payload["source"] == "secure-ml"
-    assert payload["subject"] == "check:dataset:dataset_ciphertext_authentic"
+    assert payload["subject"] == "check:dataset:ciphertext_authentic"
     assert payload["details"] == {"reason": "chunk 0 failed authentication"}
     [entry] = audit_entries(settings)
     assert entry["outcome"] == "ok" and entry["details"]["http_status"] == 204

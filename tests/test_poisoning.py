@@ -279,3 +279,47 @@ def test_an_over_confident_model_does_not_set_the_limit() -> None:
         limits = scan.detail["limits"]
         assert limits["global_permuted"] > limits["global_model"] + 0.05
         assert scan.limit_global == max(limits["normal"], limits["global_model"], limits["global_permuted"])
+
+
+@pytest.mark.parametrize("drop_rows", [150, 1500])
+def test_the_permutation_null_draws_the_smaller_side_and_matches_a_full_shuffle(drop_rows: int) -> None:
+    """The permutation null draws only the smaller side's rows and gets the other side's sums by
+    difference; its global and subgroup statistics have the distribution a full shuffle of the
+    pool gives, whether the drop or the reference is the smaller side."""
+    from secure_ml.data.poisoning_likelihood import GROUP_PRIOR_ROWS, ReferenceModel, disagreement, surprise
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(300 + drop_rows, 3))
+    y = (rng.random(len(x)) < 1 / (1 + np.exp(-x[:, 0]))).astype(np.int64)
+    model = ReferenceModel.fit(x[:300], y[:300], n_classes=2, folds=5, p_min=0.1)
+    assert model is not None
+    xd, yd = x[300:], y[300:]
+    proba = model.predict(xd, np.full(drop_rows, -1))
+    c, d = surprise(proba, yd, model.p_min), disagreement(proba, yd)
+    drop_in = np.column_stack([xd[:, 1] > 0.5, xd[:, 2] < -0.3]).astype(np.float32)
+    ref_in = np.column_stack([x[:300, 1] > 0.5, x[:300, 2] < -0.3]).astype(np.float32)
+    fast_global, fast_worst = model._permuted(c, d, drop_in, ref_in, drop_rows, 4000, 20, np.random.default_rng(1))
+
+    # the same statistics, by shuffling the whole pool
+    n, big_n = drop_rows, 300
+    pool_c = np.concatenate([c, model.oof_surprise])
+    pool_d = np.concatenate([d, disagreement(model.oof_proba, model.oof_labels)])
+    groups = np.concatenate([drop_in, ref_in]).astype(np.float64)
+    slow_global, slow_worst = [], []
+    shuffle = np.random.default_rng(2)
+    for _ in range(4000):
+        order = shuffle.permutation(n + big_n)
+        inside, outside = order[:n], order[n:]
+        ref_c = pool_c[outside]
+        slow_global.append((pool_c[inside].sum() - n * ref_c.mean()) / np.sqrt(ref_c.var() * (n + n ** 2 / big_n)))
+        ref_d, g_ref, g_drop = pool_d[outside], groups[outside], groups[inside]
+        m_all, v_all = ref_d.mean(), ref_d.var()
+        big_g = g_ref.sum(axis=0)
+        m_g = (ref_d @ g_ref + GROUP_PRIOR_ROWS * m_all) / (big_g + GROUP_PRIOR_ROWS)
+        v_g = (((ref_d[:, None] - m_g) ** 2 * g_ref).sum(axis=0) + GROUP_PRIOR_ROWS * v_all) / (big_g + GROUP_PRIOR_ROWS)
+        n_g = g_drop.sum(axis=0)
+        z = (pool_d[inside] @ g_drop - n_g * m_g) / np.sqrt(v_g * (n_g + n_g ** 2 / (big_g + GROUP_PRIOR_ROWS)))
+        slow_worst.append(np.where(n_g >= 20, z, -np.inf).max())
+    for fast, slow in ((fast_global, slow_global), (fast_worst, slow_worst)):
+        for q in (0.5, 0.9, 0.95):
+            assert abs(np.quantile(fast, q) - np.quantile(slow, q)) < 0.15

@@ -65,8 +65,8 @@ def test_the_sample_goes_through_training_and_evaluation(fast_config: Path, home
     result = _materialize(settings, drop)
     assert result.success, [e.step_failure_data.error for e in result.get_step_failure_events()]
     checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
-    for name in ("training_record_complete", "reproducible", "sandbox_behaviour_within_bounds", "metrics_over_thresholds",
-                 "fairness_within_thresholds", "robustness_within_thresholds"):
+    for name in ("record_complete", "reproducible", "sandbox_in_bounds", "metrics_in_limits",
+                 "fairness_in_limits", "robustness_in_limits"):
         assert checks[name].passed, (name, checks[name].metadata["reason"])
     # By default reproducible replays chain segments (6 epochs, segment_epochs 1: 6 segments, k = 3).
     replayed = checks["reproducible"].metadata
@@ -114,6 +114,11 @@ def test_the_sample_goes_through_training_and_evaluation(fast_config: Path, home
     assert "data:image" not in evaluation["verdicts"].value and "| fairness |" in evaluation["verdicts"].value
     assert evaluation["model_tree_sha256"].value == trained["sha256"].value
     assert trained["plot_loss"].value.startswith("![Training loss](data:image/png;base64,")
+    # ...and beside each, a text chart short enough for the UI to show inline (under 1,000 characters)
+    for name in ("roc", "confusion", "groups_sex", "groups_age", "calibration"):
+        assert 0 < len(evaluation[name].value) < 1000 and "data:image" not in evaluation[name].value, name
+    assert f"{report['metrics']['roc_auc']:.3f}" in evaluation["roc"].value
+    assert "epochs" in trained["loss"].value and len(trained["loss"].value) < 1000
     # Dagster's standard metadata: row count and the Columns tab, tagged from the schema.
     assert validated["dagster/row_count"].value == 1000 and events["dataset"]["dagster/row_count"].value == 1000
     columns = {c.name: c for c in validated["dagster/column_schema"].value.columns}
@@ -123,7 +128,7 @@ def test_the_sample_goes_through_training_and_evaluation(fast_config: Path, home
     # The audit log saw the isolated training and each check.
     actions = [json.loads(line)["action"] for line in settings.audit_path.read_text().splitlines()]
     assert "training.complete" in actions and "check.reproducible" in actions
-    assert "training.checkpoint.write" in actions and "check.fairness_within_thresholds" in actions
+    assert "training.checkpoint.write" in actions and "check.fairness_in_limits" in actions
 
     # Each check runs alone (the UI's "Execute"), judging what the assets stored: nothing materializes,
     # the model is retrained from the record and the train split read back by digest, and all six pass.
@@ -131,11 +136,11 @@ def test_the_sample_goes_through_training_and_evaluation(fast_config: Path, home
         training_stage.trained_model, training_stage.model_evaluation))
     assert alone.success and not alone.get_asset_materialization_events()
     rechecked = {e.check_name: e for e in alone.get_asset_check_evaluations()}
-    assert set(rechecked) == {"training_record_complete", "reproducible", "sandbox_behaviour_within_bounds",
-                              "metrics_over_thresholds", "fairness_within_thresholds", "robustness_within_thresholds"}
+    assert set(rechecked) == {"record_complete", "reproducible", "sandbox_in_bounds",
+                              "metrics_in_limits", "fairness_in_limits", "robustness_in_limits"}
     assert all(e.passed for e in rechecked.values()), {n: e.metadata["reason"].value for n, e in rechecked.items()}
     assert rechecked["reproducible"].metadata["weights_sha256"].value == trained["weights_sha256"].value
-    assert rechecked["sandbox_behaviour_within_bounds"].metadata["compared_with_runs"].value == 0
+    assert rechecked["sandbox_in_bounds"].metadata["compared_with_runs"].value == 0
     assert "each reached the state the chain records" in rechecked["reproducible"].metadata["reason"].value
 
     # reproducible.method full retrains from scratch instead, and compares the weights digest.
@@ -163,12 +168,12 @@ def test_the_sample_goes_through_training_and_evaluation(fast_config: Path, home
     (fast_config / "training.yaml").write_text(yaml.safe_dump(config))
     again = _materialize(settings, drop, selection=[dg.AssetKey("model_evaluation")])
     checks = {e.check_name: e for e in again.get_asset_check_evaluations()}
-    fairness, metrics = checks["fairness_within_thresholds"], checks["metrics_over_thresholds"]
+    fairness, metrics = checks["fairness_in_limits"], checks["metrics_in_limits"]
     assert not fairness.passed and fairness.severity == dg.AssetCheckSeverity.ERROR
     assert "demographic_parity_difference (sex)" in fairness.metadata["reason"].value
     assert not metrics.passed and metrics.severity == dg.AssetCheckSeverity.WARN
     assert "warn only" in metrics.metadata["reason"].value
-    assert checks["robustness_within_thresholds"].passed
+    assert checks["robustness_in_limits"].passed
     assert not again.success  # the blocking breach fails the step, so nothing downstream runs
     assert store.get_json(again.get_asset_materialization_events()[0].materialization.metadata["sha256"].value)[
         "passed"] is False

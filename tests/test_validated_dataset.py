@@ -33,7 +33,7 @@ from tests.conftest import SAMPLE_CSV, land_file
 
 pytestmark = pytest.mark.slow  # materialises the data stage on real drops
 
-CHECKS = ("expectations_pass", "poisoning_score_under_threshold", "no_unhandled_pii")
+CHECKS = ("expectations_pass", "poisoning_below_limit", "no_unhandled_pii")
 
 
 @dg.asset(ins={"validated_dataset": dg.AssetIn()}, group_name="test")
@@ -126,7 +126,7 @@ def test_clean_drop_passes_then_flipped_labels_are_blocked_and_nothing_downstrea
     blocked = _materialize(settings, _land_frame(settings, flipped, "german_credit-v2.csv", tmp_path),
                            with_training=True)
     checks = _checks(blocked)
-    poisoning = checks["poisoning_score_under_threshold"]
+    poisoning = checks["poisoning_below_limit"]
     assert not poisoning.passed
     reason = _reason(poisoning)
     assert "over the threshold" in reason and "label_neighbours" in reason
@@ -138,14 +138,14 @@ def test_clean_drop_passes_then_flipped_labels_are_blocked_and_nothing_downstrea
     assert "trained_model" not in _materialized(blocked)
     assert [e.step_key for e in blocked.get_step_failure_events()] == ["validated_dataset"]
     line, observed = _rejection(blocked)
-    assert line == f"drop rejected: poisoning_score_under_threshold: {reason}" and "\n" not in line
-    assert observed["accepted"] is False and observed["rejected_because"].startswith("poisoning_score")
+    assert line == f"drop rejected: poisoning_below_limit: {reason}" and "\n" not in line
+    assert observed["accepted"] is False and observed["rejected_because"].startswith("poisoning_below_limit")
     record = settings.artifact_store(actor="test").get_json(str(observed["rejected_record_sha256"]))
     assert record["accepted"] is False
     flagged = record["poisoning"]["detectors"]["label_neighbours"]["indices"]
     assert len(flagged) == 50 and set(flagged) <= set(np.flatnonzero(mask).tolist())
     audit = settings.audit_path.read_text()
-    assert "check.poisoning_score_under_threshold" in audit and "validation.reject" in audit
+    assert "check.poisoning_below_limit" in audit and "validation.reject" in audit
 
     # The three checks run alone (the UI's "Execute") judge the latest materialization: still v1.
     with dg.DagsterInstance.get() as instance:
@@ -164,7 +164,7 @@ def test_clean_drop_passes_then_flipped_labels_are_blocked_and_nothing_downstrea
     fresh = _materialize(settings, _land_frame(settings, bootstrap(sample, 4), "german_credit-v3.csv", tmp_path))
     checks = _checks(fresh)
     assert all(c.passed for c in checks.values()), {k: _reason(c) for k, c in checks.items()}
-    assert first_version[:16] in str(checks["poisoning_score_under_threshold"].metadata["reference"].value)
+    assert first_version[:16] in str(checks["poisoning_below_limit"].metadata["reference"].value)
 
 
 def test_schema_drift_is_blocked_with_the_column_named(settings: Settings, tmp_path: Path) -> None:
@@ -178,8 +178,8 @@ def test_schema_drift_is_blocked_with_the_column_named(settings: Settings, tmp_p
     assert "credit_amount" in reason or "amount" in reason
     table = str(expectations.metadata["table"].value)
     assert "duration" in table and "float64" in table and "**FAIL**" in table
-    assert not checks["poisoning_score_under_threshold"].passed  # fails closed: it could not screen
-    assert "not screened" in _reason(checks["poisoning_score_under_threshold"])
+    assert not checks["poisoning_below_limit"].passed  # fails closed: it could not screen
+    assert "not screened" in _reason(checks["poisoning_below_limit"])
     assert "training_stand_in" not in _materialized(result)
 
 
@@ -260,7 +260,7 @@ def test_first_version_without_a_reference_needs_a_data_stewards_audited_sign_of
     _config_copy(tmp_path, monkeypatch, reference=False)
     settings = Settings.from_env()
     first = _materialize(settings, land_file(settings, SAMPLE_CSV, "german_credit-v1.csv"))
-    poisoning = _checks(first)["poisoning_score_under_threshold"]
+    poisoning = _checks(first)["poisoning_below_limit"]
     assert not poisoning.passed
     record = _record(settings, first)
     digest = record["dataset_sha256"]
@@ -285,14 +285,14 @@ def test_first_version_without_a_reference_needs_a_data_stewards_audited_sign_of
     again = _materialize(settings, land_file(settings, SAMPLE_CSV, "german_credit-v1-again.csv"))
     checks = _checks(again)
     assert all(c.passed for c in checks.values()), {k: _reason(c) for k, c in checks.items()}
-    assert "sign-off of alice" in str(checks["poisoning_score_under_threshold"].metadata["reference"].value)
+    assert "sign-off of alice" in str(checks["poisoning_below_limit"].metadata["reference"].value)
     assert "training_stand_in" in _materialized(again)
 
     # the sign-off is for that drop only: another first drop is still refused
     other = _land_frame(settings, bootstrap(pd.read_csv(SAMPLE_CSV), 9), "german_credit-other.csv", tmp_path)
     # (now a version is accepted, so this one is screened against it, not unguarded)
     assert "last accepted version" in str(
-        _checks(_materialize(settings, other))["poisoning_score_under_threshold"].metadata["reference"].value)
+        _checks(_materialize(settings, other))["poisoning_below_limit"].metadata["reference"].value)
 
 
 def test_with_a_trust_policy_only_the_stewards_signed_sign_off_accepts_a_first_version(
@@ -307,7 +307,7 @@ def test_with_a_trust_policy_only_the_stewards_signed_sign_off_accepts_a_first_v
     settings = Settings.from_env()
     keys = trust_people(settings, tmp_path / "ids")
     first = _materialize(settings, land_file(settings, SAMPLE_CSV, "german_credit-v1.csv"))
-    assert not _checks(first)["poisoning_score_under_threshold"].passed
+    assert not _checks(first)["poisoning_below_limit"].passed
     digest = _record(settings, first)["dataset_sha256"]
     # An ML engineer's key signing a data_signoff statement straight into the ledger is not a sign-off.
     forged = sign_decision("data_signoff", digest, {"dataset": "german_credit", "reason": "x"},
@@ -315,7 +315,7 @@ def test_with_a_trust_policy_only_the_stewards_signed_sign_off_accepts_a_first_v
     (settings.home / "statements" / digest).mkdir(parents=True)
     (settings.home / "statements" / digest / "forged.json").write_bytes(forged)
     again = _materialize(settings, land_file(settings, SAMPLE_CSV, "german_credit-v1-b.csv"))
-    reason = _reason(_checks(again)["poisoning_score_under_threshold"])
+    reason = _reason(_checks(again)["poisoning_below_limit"])
     assert "signed by bob, who does not hold the data_steward role" in reason and "training_stand_in" not in \
         _materialized(again)
     (settings.home / "statements" / digest / "forged.json").unlink()
@@ -326,7 +326,7 @@ def test_with_a_trust_policy_only_the_stewards_signed_sign_off_accepts_a_first_v
     checks = _checks(accepted)
     assert all(c.passed for c in checks.values()), {k: _reason(c) for k, c in checks.items()}
     assert "sign-off of alice (signed statement" in str(
-        checks["poisoning_score_under_threshold"].metadata["reference"].value)
+        checks["poisoning_below_limit"].metadata["reference"].value)
 
 
 def test_a_sign_off_record_without_its_audit_entry_does_not_count(settings: Settings) -> None:
@@ -352,7 +352,7 @@ def test_a_tampered_pinned_reference_is_refused(home: Path, tmp_path: Path, monk
     flip_labels(sample, "risk", 0.2, seed=1)[0].to_csv(reference, index=False)   # poisoned yardstick
     settings = Settings.from_env()
     result = _materialize(settings, land_file(settings, SAMPLE_CSV, "german_credit-v1.csv"))
-    poisoning = _checks(result)["poisoning_score_under_threshold"]
+    poisoning = _checks(result)["poisoning_below_limit"]
     assert not poisoning.passed
     assert "not screened" in _reason(poisoning) and "german_credit.reference.csv hashes to" in _reason(poisoning)
 
@@ -367,7 +367,7 @@ def test_an_accepted_version_that_drifted_from_the_pinned_sample_is_not_the_refe
     assert all(c.passed for c in _checks(first).values())
     second = _materialize(settings, land_file(settings, SAMPLE_CSV, "german_credit-v2.csv"))
     checks = _checks(second)
-    note = str(checks["poisoning_score_under_threshold"].metadata["reference"].value)
+    note = str(checks["poisoning_below_limit"].metadata["reference"].value)
     assert note.startswith("bundled trusted sample german_credit.reference.csv")
     assert "drifted from the pinned sample" in note and "label share of risk moved" in note
     assert all(c.passed for c in checks.values())

@@ -1,4 +1,8 @@
-"""secure-ml pipeline run [--data FILE] [--model NAME] [--select SELECTION] [--json] [--timings] [-v].
+"""secure-ml pipeline run [--data FILE] [--model NAME] [--select SELECTION] [--force] [--json] [--timings] [-v].
+
+A drop landed again with the same bytes, under the same code and configuration, runs nothing: every
+asset is still fresh (Dagster's data and code versions) with its blocking checks passed, so the run
+says ``up to date`` and no new model version appears. ``--force`` runs it all again.
 
 Many models: the drop is routed to the model whose source its name matches (``--model`` says it
 instead), and the run materialises that model's assets only; ``--select`` names them by stage
@@ -38,6 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     run.add_argument("--data", type=Path, help=f"data drop to land (default: {SAMPLE.name})")
     run.add_argument("--select", help="Dagster asset selection (default: everything)")
     run.add_argument("--model", help="the model to run (default: the model whose source the drop matches)")
+    run.add_argument("--force", action="store_true",
+                     help="run even when the drop, code and configuration are unchanged (default: nothing to do)")
     run.add_argument("--json", action="store_true", help="print a machine-readable summary")
     run.add_argument("--timings", action="store_true", help="print each step's seconds (from the event log)")
     run.add_argument("-v", "--verbose", action="store_true", help="show Dagster's event log (INFO) on stderr")
@@ -74,9 +80,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         drop_tags[MODEL_TAG] = model
     summary = run_pipeline(settings, selection=args.select, model=model, drop=drop,
                            tags={**drop_tags, **_run_request(settings)},
-                           console="debug" if args.debug else "info" if args.verbose else "quiet")
+                           console="debug" if args.debug else "info" if args.verbose else "quiet",
+                           force=args.force)
     if args.json:
         print(json.dumps(summary, indent=1))
+    elif summary.get("up_to_date"):
+        print(f"up to date: drop {drop} is already the latest dataset version and every asset is fresh "
+              "(same data, code and configuration; blocking checks passed): nothing run (--force runs it again)")
+        for asset in summary["assets"]:
+            state = f"sha256:{asset['sha256'][:16]}…" if asset["sha256"] else "(not a drop's: secure-ml deploy)"
+            print(f"  asset {asset['asset']:<24} {state}")
     else:
         runs = ", ".join(f"{r['job']} {r['run_id']}" for r in summary["runs"])
         print(f"runs {runs} on drop {drop}")

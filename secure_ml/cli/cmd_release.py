@@ -53,6 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     deploy.add_argument("version", nargs="?", default="production")
     deploy.add_argument("--target", choices=sorted(targets.TARGETS), default=None)
     deploy.add_argument("--no-health-check", action="store_true", help="skip the post-deploy health check")
+    deploy.add_argument("--again", action="store_true",
+                        help="deploy even when the target already runs this version (default: say so, do nothing)")
     _identity_option(deploy)
     deploy.set_defaults(handler=cmd_deploy)
 
@@ -205,6 +207,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     actor = _actor(settings, args)
     release = _release(settings, actor=actor.name)
     target = args.target or str((release.config.get("deploy") or {}).get("default_target", "local"))
+    live = None if args.again else release.already_live(args.version, target=target)
+    if live is not None:  # a re-run demo: the same version is live there already
+        print(f"{live.version} sha256:{live.model_digest[:16]}… is already deployed to {target} "
+              f"(by {live.actor} at {live.at}): nothing to do (--again redeploys it)")
+        return 0
     record = release.deploy(args.version, actor=actor.name, target=target, health=not args.no_health_check, by=actor)
     print(f"deployed {record.version} sha256:{record.model_digest[:16]}… to {target} as {actor.name}: {record.location}")
     _report(settings, target)

@@ -40,7 +40,6 @@ class Retraining(Strict):
 
 
 class Conditions(Strict):
-    groups: list[str] = ["data", "training", "security"]
     interval_seconds: int = Field(10, ge=1)
     owners: dict[str, list[str]] = {}
 
@@ -305,7 +304,7 @@ class Isolation(Strict):
 
 
 class Watch(Strict):
-    """Bounds of the sandbox_behaviour_within_bounds check against the model's recent runs."""
+    """Bounds of the sandbox_in_bounds check against the model's recent runs."""
 
     window: int = Field(10, ge=1)
     min_history: int = Field(3, ge=1)

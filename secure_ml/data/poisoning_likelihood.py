@@ -94,9 +94,11 @@ def surprise(proba: np.ndarray, y: np.ndarray, p_min: float) -> np.ndarray:
 
 def _draw(proba: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     """``size`` label draws per row from its class probabilities (draws x rows)."""
+    u = rng.random((size, len(proba)))
+    if proba.shape[1] == 2:                                   # the common case, without a draws x rows x 2 array
+        return (u > proba[:, 0]).astype(np.int64)
     cumulative = np.cumsum(proba, axis=1)
-    u = rng.random((size, len(proba), 1))
-    return np.minimum((u > cumulative[None, :, :]).sum(axis=2), proba.shape[1] - 1)
+    return np.minimum((u[:, :, None] > cumulative[None, :, :]).sum(axis=2), proba.shape[1] - 1)
 
 
 def _scores(proba: np.ndarray, p_min: float, bounded: bool) -> np.ndarray:
@@ -116,7 +118,7 @@ def disagreement(proba: np.ndarray, y: np.ndarray) -> np.ndarray:
 def _surprise_draws(proba: np.ndarray, y: np.ndarray, p_min: float, bounded: bool = False) -> np.ndarray:
     s = _scores(proba, p_min, bounded)
     expected = (proba * s).sum(axis=1)
-    return np.take_along_axis(np.broadcast_to(s, (len(y), *s.shape)), y[:, :, None], axis=2)[:, :, 0] - expected
+    return s[np.arange(s.shape[0])[None, :], y] - expected
 
 
 @dataclass
@@ -226,32 +228,45 @@ class ReferenceModel:
         reference (a permutation null: under no poisoning the two are exchangeable). It needs no
         trust in the model's probabilities: where the model is over-confident (a nearly separable
         table) they understate the scores' tail; the rows' real labels do not. ``c``/``d``: the
-        drop's surprise and disagreement."""
+        drop's surprise and disagreement.
+
+        Every statistic is a function of a few sums over each side (overall and per subgroup), and
+        one side's sums are the pool's less the other's: each shuffle draws only the smaller side's
+        rows (without replacement) and sums over them, so its cost grows with the smaller side, not
+        with the drop (a 20,000-row drop against a 1,000-row reference costs as 1,000 rows)."""
         n, big_n = len(c), len(self.oof_surprise)
         pool_c = np.concatenate([c, self.oof_surprise])
         pool_d = np.concatenate([d, disagreement(self.oof_proba, self.oof_labels)])
         groups = np.concatenate([drop_in, ref_in]).astype(np.float64)
+        k = groups.shape[1]
+        values = np.column_stack([pool_c, pool_c ** 2, pool_d, pool_d ** 2, np.ones(n + big_n)])
+        total, total_g = values.sum(axis=0), values.T @ groups
+        side, drop_side = min(n, big_n), n <= big_n
+        chunk = max(1, int(4e6 // (side * (k + len(total)))))     # bounded memory per batch of shuffles
         z_global, z_worst = [], []
-        for start in range(0, draws, 50):     # 50 shuffles at a time bound the memory on large drops
-            in_drop = (np.argsort(rng.random((min(50, draws - start), n + big_n)), axis=1) < n).astype(np.float64)
-            in_ref = 1.0 - in_drop
-            m_ref = in_ref @ pool_c / big_n
-            v_ref = np.maximum(in_ref @ pool_c ** 2 / big_n - m_ref ** 2, 1e-12)
-            z_global.append((in_drop @ pool_c - n * m_ref) / np.sqrt(v_ref * (n + n_new ** 2 / big_n)))
-            if not groups.shape[1]:
-                z_worst.append(np.full(len(in_drop), -np.inf))
+        for start in range(0, draws, chunk):
+            picked = np.stack([rng.choice(n + big_n, side, replace=False) for _ in range(min(chunk, draws - start))])
+            v = values[picked]                                        # shuffles x side rows x sums
+            sums, sums_g = v.sum(axis=1), np.matmul(v.transpose(0, 2, 1), groups[picked])
+            other, other_g = total - sums, total_g - sums_g
+            (d_tot, d_g), (r_tot, r_g) = ((sums, sums_g), (other, other_g)) if drop_side else \
+                ((other, other_g), (sums, sums_g))
+            m_ref = r_tot[:, 0] / big_n
+            v_ref = np.maximum(r_tot[:, 1] / big_n - m_ref ** 2, 1e-12)
+            z_global.append((d_tot[:, 0] - n * m_ref) / np.sqrt(v_ref * (n + n_new ** 2 / big_n)))
+            if not k:
+                z_worst.append(np.full(len(picked), -np.inf))
                 continue
-            m_all = (in_ref @ pool_d / big_n)[:, None]
-            v_all = np.maximum((in_ref @ pool_d ** 2 / big_n)[:, None] - m_all ** 2, 1e-12)
-            big_g = in_ref @ groups
+            m_all = (r_tot[:, 2] / big_n)[:, None]
+            v_all = np.maximum((r_tot[:, 3] / big_n)[:, None] - m_all ** 2, 1e-12)
+            big_g, s1, s2 = r_g[:, 4], r_g[:, 2], r_g[:, 3]
             weight = big_g + GROUP_PRIOR_ROWS
-            s1, s2 = (in_ref * pool_d) @ groups, (in_ref * pool_d ** 2) @ groups
             m_g = (s1 + GROUP_PRIOR_ROWS * m_all) / weight
             v_g = np.maximum((s2 - 2 * m_g * s1 + big_g * m_g ** 2 + GROUP_PRIOR_ROWS * v_all) / weight, 1e-12)
-            n_g = in_drop @ groups
+            n_g = d_g[:, 4]
             new_g = n_g * (n_new / max(n, 1))
-            z = ((in_drop * pool_d) @ groups - n_g * m_g) / np.sqrt(v_g * (n_g + new_g ** 2 / weight))
-            z_worst.append(np.where(n_g >= min_rows, z, -np.inf).max(axis=1))
+            z = (d_g[:, 2] - n_g * m_g) / np.sqrt(v_g * (n_g + new_g ** 2 / weight))
+            z_worst.append(np.where(n_g >= min_rows - 0.5, z, -np.inf).max(axis=1))
         return np.concatenate(z_global), np.concatenate(z_worst)
 
     def scan(self, x: np.ndarray, y: np.ndarray, *, duplicate_of: np.ndarray,

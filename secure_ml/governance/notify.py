@@ -1,7 +1,7 @@
 """Telling people when a run or a check failed: an audited JSON POST to a webhook.
 
     notifier = Notifier.from_config(settings)       # automation.yaml: webhook.url / webhook.url_env
-    notifier.notify("check.failed", subject="dataset:dataset_ciphertext_authentic", details={...})
+    notifier.notify("check.failed", subject="dataset:ciphertext_authentic", details={...})
 
 Every notification is audited (``notify.webhook`` with outcome ``ok``, ``fail`` or ``skipped``).
 A webhook that is down never breaks the pipeline: the failure is audited and the call returns

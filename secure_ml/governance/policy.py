@@ -84,32 +84,44 @@ def canonical_sha256(value: Any) -> str:
 class PolicyEngine:
     """The project's Rego policies with their data, ready to decide."""
 
-    def __init__(self, data: dict[str, Any] | None = None, *, policy_dir: Path | None = None) -> None:
+    def __init__(self, data: dict[str, Any] | None = None, *, policy_dir: Path | None = None,
+                 lazy: bool = False) -> None:
+        """``lazy``: compile on the first decision, so a command that decides nothing (a re-run
+        demo's ``approve`` or ``deploy``) never loads rego-cpp, nor torch before it (seconds)."""
         self.policy_dir = Path(policy_dir or POLICY_DIR)
-        files = sorted(self.policy_dir.glob("*.rego"))
-        if not files:
+        self._files = sorted(self.policy_dir.glob("*.rego"))
+        if not self._files:
             raise ConfigurationError(f"no Rego policies in {self.policy_dir}")
+        self._data = data
+        self._lock = threading.Lock()
+        self._rego: Any = None
+        if not lazy:
+            self._compile()
+
+    def _compile(self) -> None:
+        files, data = self._files, self._data
         regopy = _regopy()
         self._regopy = regopy
-        self._lock = threading.Lock()
-        self._rego = regopy.Interpreter()
+        rego = regopy.Interpreter()
         try:
             for path in files:
-                self._rego.add_module(path.stem, path.read_text())
+                rego.add_module(path.stem, path.read_text())
             # Data lives beside the packages (data.secure_ml_config), never under them, so a
             # data key can not shadow a rule.
-            self._rego.add_data({"secure_ml_config": data or {}})
+            rego.add_data({"secure_ml_config": data or {}})
         except regopy.RegoError as exc:
             first = " ".join(str(exc).split())[:200]
             raise ConfigurationError(f"Rego policies in {self.policy_dir} do not compile: {first}") from None
+        self._rego = rego
 
     @classmethod
-    def from_settings(cls, settings: _HasConfig, *, extra: dict[str, Any] | None = None) -> PolicyEngine:
+    def from_settings(cls, settings: _HasConfig, *, extra: dict[str, Any] | None = None,
+                      lazy: bool = False) -> PolicyEngine:
         release = settings.load_config("release")
         data = {"promotion": release.get("promotion") or {}, "admission": release.get("admission") or {}}
         for key, value in (extra or {}).items():
             data[key] = {**data.get(key, {}), **value}
-        return cls(data)
+        return cls(data, lazy=lazy)
 
     def decide(self, package: str, policy_input: dict[str, Any]) -> PolicyDecision:
         """Evaluate ``data.secure_ml.<package>`` over ``policy_input``; fail closed on anything odd."""
@@ -118,6 +130,8 @@ class PolicyEngine:
         started = time.perf_counter()
         digest = canonical_sha256(policy_input)
         with self._lock:
+            if self._rego is None:
+                self._compile()
             try:
                 self._rego.set_input_term(json.dumps(policy_input, default=str))
                 output = self._rego.query(f"x := {{\"allow\": data.secure_ml.{package}.allow, "

@@ -93,7 +93,7 @@ class Release:
         if signed is not None:
             registry = TrustedRegistry(registry.path, signed, model=registry.model)
         release = cls(home=settings.home, registry=registry, signed=signed,
-                   engine=PolicyEngine.from_settings(settings), access=AccessPolicy.from_settings(settings),
+                   engine=PolicyEngine.from_settings(settings, lazy=True), access=AccessPolicy.from_settings(settings),
                    store=settings.artifact_store(actor=actor), audit=settings.audit_log(),
                    trust=trust or (lambda: TrustPolicy.from_config(settings.load_config("security"), settings.home)),
                    config=config)
@@ -231,6 +231,20 @@ class Release:
         self.registry.record_event("policy", "policy.decision", version.version,
                                    {"package": decision.package, "allowed": decision.allowed,
                                     "reasons": list(decision.reasons)})
+
+    def already_live(self, ref: str, *, target: str) -> Deployment | None:
+        """The deployment on ``target`` when it is already ``ref``'s version with the same model digest
+        (a re-run demo's ``deploy``: nothing to do), else None. Only a deploy that succeeded counts, and a
+        local target's directory must still be there."""
+        current = self.registry.current_deployment(target)
+        if current is None:
+            return None
+        version = self.registry.get(ref)
+        if (current.version, current.model_digest) != (version.version, version.model_digest):
+            return None
+        if target == "local" and not Path(current.location).is_dir():
+            return None
+        return current
 
     def deploy(self, ref: str = "production", *, actor: str, target: str = "local",
                health: bool = True, _action: str = "deployed", _permission: str = "model.deploy",

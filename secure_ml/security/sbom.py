@@ -89,6 +89,10 @@ def model_sbom(model_dir: Path | str, lock_file: Path | str, *, model_name: str 
 def validate(document: str) -> dict[str, Any]:
     """Validate against the CycloneDX 1.6 JSON schema (strict); return the parsed document."""
     from cyclonedx.schema import SchemaVersion
+
+    from secure_ml.data.deferred_imports import defer_iri_grammar
+
+    defer_iri_grammar()  # the IRI grammar is compiled only if the document has an IRI to check
     from cyclonedx.validation.json import JsonStrictValidator
 
     error = JsonStrictValidator(SchemaVersion.V1_6).validate_str(document)
