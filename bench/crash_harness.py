@@ -45,7 +45,7 @@ STAGES: dict[str, list[str]] = {
     "signing": ["pipeline", "run", "--select", "scan_report,model_signature"],
     "registering": ["pipeline", "run", "--select", "registered_model"],
     "approving": ["approve", "{candidate}"],
-    "deploying": ["deploy", "production"],
+    "deploying": ["deploy", "production", "--again"],  # a real deploy each time (a live version is otherwise a no-op)
 }
 # What has to exist before a stage can run: the whole pipeline for the release stages.
 # (validation follows ingest's first whole run, so it needs nothing more.)
