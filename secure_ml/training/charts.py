@@ -23,12 +23,12 @@ _BAR = 10
 _SPARK = "▁▂▃▄▅▆▇█"
 
 
-def bar(value: float | None) -> str:
-    """``0.52`` -> ``█████░░░░░ 0.52`` (ten cells); ``None`` -> ``n/a``."""
+def bar(value: float | None, cells: int = _BAR) -> str:
+    """``0.52`` -> ``█████░░░░░ 0.52`` (ten cells by default); ``None`` -> ``n/a``."""
     if value is None or not np.isfinite(value):
         return "n/a"
-    filled = int(round(min(max(float(value), 0.0), 1.0) * _BAR))
-    return f"{'█' * filled}{'░' * (_BAR - filled)} {value:.2f}"
+    filled = int(round(min(max(float(value), 0.0), 1.0) * cells))
+    return f"{'█' * filled}{'░' * (cells - filled)} {value:.2f}"
 
 
 def _fit(head: Sequence[str], rows: Sequence[str], tail: Sequence[str] = ()) -> str:
@@ -73,7 +73,8 @@ def groups_chart(report: Mapping[str, Any], attribute: str) -> str:
     data = report["bias_groups"][attribute]
     groups = data["groups"]
     gaps = report["fairness"][attribute]
-    head = [f"**{attribute}**: demographic-parity gap {gaps['demographic_parity_difference']:.2f}, "
+    # Two short lines and six-cell bars: the UI's value column is narrow (a long line is cut, not wrapped).
+    head = [f"**{attribute}**: demographic-parity gap {gaps['demographic_parity_difference']:.2f}", "",
             f"equalized-odds gap {gaps['equalized_odds_difference']:.2f}", "",
             "| group (n) | selection rate | TPR | FPR |", "| --- | --- | ---: | ---: |"]
     rows = []
@@ -81,7 +82,7 @@ def groups_chart(report: Mapping[str, Any], attribute: str) -> str:
         g = groups[name]
         tpr = "n/a" if g["tpr"] is None else f"{g['tpr']:.2f}"
         fpr = "n/a" if g["fpr"] is None else f"{g['fpr']:.2f}"
-        rows.append(f"| {name} ({g['rows']}) | {bar(g['selection_rate'])} | {tpr} | {fpr} |")
+        rows.append(f"| {name} ({g['rows']}) | {bar(g['selection_rate'], 6)} | {tpr} | {fpr} |")
     return _fit(head, rows)
 
 
