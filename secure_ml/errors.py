@@ -12,6 +12,8 @@ bad input or bad configuration.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class Error(Exception):
     """Base class for every error secure-ml raises on purpose."""
@@ -35,6 +37,13 @@ class ConfigurationError(Error):
     """A setting, key file or environment that cannot be used as it is."""
 
     label = "configuration error"
+
+
+def refuse_unknown(data: Iterable[str], known: Iterable[str], where: str) -> None:
+    """Raise ``ConfigurationError`` naming the first key of ``data`` not in ``known`` (``where``: the section)."""
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigurationError(f"{where}: unknown setting {unknown[0]!r}")
 
 
 class KeyUnavailable(ConfigurationError):

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from secure_ml.errors import ConfigurationError
+from secure_ml.errors import ConfigurationError, refuse_unknown
 
 DEVICES = ("cpu", "cuda", "auto")
 
@@ -39,10 +39,7 @@ class TrainingConfig:
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None) -> TrainingConfig:
         data = dict(data or {})
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigurationError(f"training: unknown setting {unknown[0]!r}")
+        refuse_unknown(data, cls.__dataclass_fields__, "training")
         try:
             config = cls(
                 hidden=tuple(int(h) for h in data.get("hidden", cls.hidden)),

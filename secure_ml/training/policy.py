@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from secure_ml.errors import ConfigurationError
+from secure_ml.errors import ConfigurationError, refuse_unknown
 
 NAMESPACE_MODES = ("required", "off")
 # Names that must never reach the sandboxed process, whatever the configuration says.
@@ -40,9 +40,7 @@ class Limits:
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None) -> Limits:
         data = dict(data or {})
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ConfigurationError(f"isolation.limits: unknown setting {unknown[0]!r}")
+        refuse_unknown(data, cls.__dataclass_fields__, "isolation.limits")
         try:
             values = {name: int(data.get(name, getattr(cls, name))) for name in cls.__dataclass_fields__}
         except (TypeError, ValueError):
@@ -72,9 +70,7 @@ class TrainingPod:
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None) -> TrainingPod:
         data = dict(data or {})
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ConfigurationError(f"isolation.kubernetes: unknown setting {unknown[0]!r}")
+        refuse_unknown(data, cls.__dataclass_fields__, "isolation.kubernetes")
         pod = cls(**{k: (float(v) if k == "wait_s" else str(v)) for k, v in data.items()})
         for name in ("namespace", "volume_claim"):
             if not _NAME.match(getattr(pod, name)):
@@ -136,9 +132,7 @@ class IsolationPolicy:
         if backend not in BACKENDS:
             raise ConfigurationError(f"isolation.backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
         pod = TrainingPod.from_mapping(data.pop("kubernetes", None))
-        unknown = sorted(set(data) - {"socket_guard", "drop_privileges"})
-        if unknown:
-            raise ConfigurationError(f"isolation: unknown setting {unknown[0]!r}")
+        refuse_unknown(data, {"socket_guard", "drop_privileges"}, "isolation")
         # The guard is always on in configuration; only tests switch it off (to prove the namespace alone).
         return cls(network_namespace=mode, socket_guard=True, drop_privileges=bool(data.get("drop_privileges", True)),
                    pass_env=pass_env, timeout_s=timeout, limits=limits, hide=hide, landlock=landlock,

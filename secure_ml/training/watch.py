@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from secure_ml.errors import ConfigurationError
+from secure_ml.errors import ConfigurationError, refuse_unknown
 
 MEASURES = ("cpu_seconds", "peak_memory_bytes", "block_read_bytes", "block_written_bytes", "bytes_from_child",
             "tasks_started")
@@ -40,9 +40,7 @@ class WatchBounds:
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None) -> WatchBounds:
         data = dict(data or {})
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ConfigurationError(f"watch: unknown setting {unknown[0]!r}")
+        refuse_unknown(data, cls.__dataclass_fields__, "watch")
         floors = dict(data.get("floors") or {})
         unknown = sorted(set(floors) - set(MEASURES))
         if unknown:
