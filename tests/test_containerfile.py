@@ -37,7 +37,7 @@ def stages(text: str) -> list[list[tuple[str, str]]]:
 
 
 def script_var(name: str) -> str:
-    match = re.search(rf"^{name}=(.*?)(\s+#.*)?$", SCRIPT, re.M)
+    match = re.search(rf"^{name}=(.*?)(\s+#.*)?$", SCRIPT, re.MULTILINE)
     assert match, f"{name} is not set in scripts/build-image.sh"
     return match.group(1)
 
@@ -47,7 +47,7 @@ BUILD, FINAL = stages(CONTAINERFILE)
 
 
 def bud_command() -> str:
-    command = re.search(r"^bh bud .*?[^\\]$", SCRIPT, re.M | re.S)
+    command = re.search(r"^bh bud .*?[^\\]$", SCRIPT, re.MULTILINE | re.DOTALL)
     assert command, "scripts/build-image.sh runs no `buildah bud`"
     return command.group(0).replace("\\\n", " ")
 
@@ -122,6 +122,6 @@ def test_a_drifted_containerfile_is_caught(drift: tuple[str, str]) -> None:
     """The checks can fail: each change breaks one of the properties above."""
     drifted = CONTAINERFILE.replace(*drift)
     assert drifted != CONTAINERFILE
-    build, final = stages(drifted)
+    _, final = stages(drifted)
     assert (final[0] != ("FROM", "${BASE}") or ("USER", "10001:10001") not in final
             or not {i for i, _ in final} <= {"FROM", "COPY", "USER", "WORKDIR", "ENV", "LABEL", "CMD"})
