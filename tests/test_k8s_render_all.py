@@ -292,6 +292,9 @@ def test_only_the_pinned_chart_with_an_offline_schema_is_used(tmp_path: Path, re
     remote = helm_values.load_chart(chart, name="dagster", version="1.13.27")
     with pytest.raises(ConfigurationError, match="refers to https://example.com/k8s.json.*not resolved offline"):
         helm_values.check_values(rendered[0], kubernetes_version="1.33", chart=remote)
+    (chart / "values.yaml").write_text("- not a mapping\n")
+    with pytest.raises(ConfigurationError, match="default values are not a mapping"):
+        helm_values.check_values(rendered[0], kubernetes_version="1.33", chart=remote)
     (chart / "values.schema.json").write_text('{"type": 5}')
     with pytest.raises(ConfigurationError, match="not a valid Draft 7 schema"):
         helm_values.check_values(rendered[0], kubernetes_version="1.33",

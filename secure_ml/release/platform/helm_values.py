@@ -307,6 +307,8 @@ def chart_schema_problems(values: Mapping[str, Any], *, chart: Chart, kubernetes
             defaults = yaml.safe_load(chart.defaults.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigurationError(f"{chart.defaults}: not YAML: {exc}".splitlines()[0]) from None
+        if not isinstance(defaults, dict):
+            raise ConfigurationError(f"{chart.defaults}: the chart's default values are not a mapping")
         merged = coalesce(defaults, values)
     problems = []
     try:
