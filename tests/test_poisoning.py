@@ -323,3 +323,65 @@ def test_the_permutation_null_draws_the_smaller_side_and_matches_a_full_shuffle(
     for fast, slow in ((fast_global, slow_global), (fast_worst, slow_worst)):
         for q in (0.5, 0.9, 0.95):
             assert abs(np.quantile(fast, q) - np.quantile(slow, q)) < 0.15
+
+
+def test_cross_fitting_scores_every_row_by_a_model_that_never_saw_it_or_its_twin() -> None:
+    """Pooled cross-fitting: each drop and reference row is scored out of fold; a drop row repeating
+    a reference row gets exactly that row's out-of-fold score; identical new rows share one fold."""
+    from sklearn.linear_model import LogisticRegression
+
+    from secure_ml.data.poisoning_likelihood import ReferenceModel
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(500, 3))
+    y = (rng.random(500) < 1 / (1 + np.exp(-2 * x[:, 0]))).astype(np.int64)
+    x_ref, y_ref = x[:300], y[:300]
+    x_drop = np.concatenate([x[300:], x_ref[:10], x[300:305]])          # 10 repeats of reference rows, 5 internal
+    y_drop = np.concatenate([y[300:], y_ref[:10], y[300:305]])
+    duplicate_of = np.concatenate([np.full(200, -1), np.arange(10), np.full(5, -1)])
+    clusters = np.concatenate([np.arange(200), 1000 + np.arange(10), np.arange(5)])
+    model = ReferenceModel.cross_fit(x_ref, y_ref, x_drop, y_drop, duplicate_of=duplicate_of, drop_clusters=clusters,
+                                     n_classes=2, folds=5, p_min=0.1)
+    assert model is not None and model.drop_proba is not None and model.drop_fold is not None
+    assert (model.drop_fold[200:210] == model.fold_of[:10]).all()          # a repeat shares its twin's fold
+    assert (model.drop_fold[210:] == model.drop_fold[:5]).all()              # identical new rows share one
+    assert np.allclose(model.drop_proba[200:210], model.oof_proba[:10])
+    for fold in range(5):       # every row is scored by the model fitted on the other folds of both sides
+        train = np.concatenate([model.fold_of != fold, model.drop_fold != fold])
+        refit = LogisticRegression(C=1.0, max_iter=500).fit(np.concatenate([x_ref, x_drop])[train],
+                                                            np.concatenate([y_ref, y_drop])[train])
+        assert np.allclose(refit.predict_proba(x_ref[model.fold_of == fold]), model.oof_proba[model.fold_of == fold],
+                           atol=1e-4)
+        assert np.allclose(refit.predict_proba(x_drop[model.drop_fold == fold]),
+                           model.drop_proba[model.drop_fold == fold], atol=1e-4)
+    # the scan uses the drop's own out-of-fold probabilities
+    scan = model.scan(x_drop, y_drop, duplicate_of=duplicate_of, groups=[], alpha=0.045, global_share=0.75)
+    assert np.allclose(scan.row_suspicion, 1 - model.drop_proba[np.arange(len(y_drop)), y_drop])
+
+
+def test_cross_fitting_keeps_clean_drops_passing_and_flips_blocked(reference: pd.DataFrame) -> None:
+    from secure_ml.data.poisoning import flip_labels
+
+    known, new = _halves(reference, 1)
+    config = ScreeningConfig(likelihood_cross_fit=True)
+    clean = screen(new, known, label="risk", numeric=NUMERIC, categorical=CATEGORICAL, config=config)
+    assert not clean.detector("label_likelihood").over and not clean.detector("label_subgroups").over
+    flipped = flip_labels(new, "risk", 0.2, seed=4)[0]
+    assert screen(flipped, known, label="risk", numeric=NUMERIC, categorical=CATEGORICAL, config=config).blocked
+
+
+def test_normal_equivalent_is_monotone_and_maps_a_skewed_null_to_normal_tails() -> None:
+    from secure_ml.data.poisoning_likelihood import _null_shape, normal_equivalent
+
+    rng = np.random.default_rng(0)
+    raw = (rng.gamma(4.0, size=(200_000, 2)) - 4.0) / 2.0              # skewness 1, mean 0, sd 1
+    raw[:, 1] = rng.normal(size=200_000)
+    shape = _null_shape(raw)
+    assert abs(shape[2][0] - 1.0) < 0.05 and shape[2][1] < 0.05
+    mapped = normal_equivalent(raw, shape)
+    for column in range(2):
+        assert abs(np.quantile(mapped[:, column], 0.999) - 3.09) < 0.15
+    grid = np.linspace(-2, 8, 101)[:, None].repeat(2, axis=1)
+    steps = np.diff(normal_equivalent(grid, shape), axis=0)
+    assert (steps >= 0).all() and (steps[grid[1:, 0] > -1] > 0).all()   # flat only deep in the left tail
+    assert normal_equivalent(raw, None) is raw

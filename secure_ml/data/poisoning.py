@@ -92,6 +92,9 @@ class ScreeningConfig:
     legacy_alpha: float = 0.005
     global_share: float = 0.75
     likelihood_folds: int = 10
+    # score drop and reference rows by fold models fitted on both pooled (ReferenceModel.cross_fit); off:
+    # measured on the bench's targeted flips it did not help (README, poisoning screening); Python only
+    likelihood_cross_fit: bool = False
     p_min: float = 0.1
     min_group_rows: int = 20
 
@@ -466,22 +469,29 @@ def _likelihood(drop: pd.DataFrame, reference: pd.DataFrame | None, y_drop: np.n
                 DetectorResult("label_subgroups", 0.0, limits[1], 0, [], dict(note))]
     ref = reference.iloc[ref_rows]
     y_ref = _codes(ref[label], classes).astype(np.int64)
-    model = ReferenceModel.fit(space.transform(ref), y_ref, n_classes=len(classes), folds=config.likelihood_folds,
-                               seed=config.seed, p_min=config.p_min)
-    if model is None:
-        note = {"note": f"too few reference rows per class for {config.likelihood_folds}-fold scoring"}
-        return [DetectorResult("label_likelihood", 0.0, limits[0], 0, [], dict(note)),
-                DetectorResult("label_subgroups", 0.0, limits[1], 0, [], dict(note))]
     scored = drop.iloc[model_rows]
     y = y_drop[model_rows].astype(np.int64)
     # A drop row that repeats a reference row is scored by the fold model that never saw it.
     features = [*numeric, *categorical]
     first_of = pd.Series(np.arange(len(ref)), index=_row_keys(ref, features))
     first_of = first_of[~first_of.index.duplicated()]
-    duplicate_of = first_of.reindex(_row_keys(scored, features)).fillna(-1).to_numpy(dtype=np.int64)
+    scored_keys = _row_keys(scored, features)
+    duplicate_of = first_of.reindex(scored_keys).fillna(-1).to_numpy(dtype=np.int64)
+    x_ref, x_scored = space.transform(ref), space.transform(scored)
+    if config.likelihood_cross_fit:
+        model = ReferenceModel.cross_fit(x_ref, y_ref, x_scored, y, duplicate_of=duplicate_of,
+                                         drop_clusters=pd.factorize(scored_keys)[0], n_classes=len(classes),
+                                         folds=config.likelihood_folds, seed=config.seed, p_min=config.p_min)
+    else:
+        model = ReferenceModel.fit(x_ref, y_ref, n_classes=len(classes), folds=config.likelihood_folds,
+                                   seed=config.seed, p_min=config.p_min)
+    if model is None:
+        note = {"note": f"too few reference rows per class for {config.likelihood_folds}-fold scoring"}
+        return [DetectorResult("label_likelihood", 0.0, limits[0], 0, [], dict(note)),
+                DetectorResult("label_subgroups", 0.0, limits[1], 0, [], dict(note))]
     groups = subgroups(scored, ref, label=label, numeric=numeric, categorical=categorical, drop_labels=y,
                        reference_labels=y_ref, classes=classes)
-    scan = model.scan(space.transform(scored), y, duplicate_of=duplicate_of, groups=groups, alpha=alpha,
+    scan = model.scan(x_scored, y, duplicate_of=duplicate_of, groups=groups, alpha=alpha,
                       global_share=config.global_share, min_group_rows=config.min_group_rows, deff=deff,
                       seed=config.seed)
     row = np.zeros(len(drop))
