@@ -10,6 +10,9 @@ not knowing is the gap between the two. Both take the reference model's probabil
 (``p_drop``, ``p_ref``: P(y = 1) per row); "learned" centres each group's statistic by the
 reference rows of the same group (labels drawn from ``p_ref``), as any test that learns p from the
 reference must. Everything by simulation (``draws`` label draws, seeded), one-sided at ``alpha``.
+
+``python -m bench.scan_power 40 0`` prints both for German credit: with the probabilities the screen
+uses (reference-only fold models) and with the pooled cross-fit (``likelihood_cross_fit``).
 """
 
 from __future__ import annotations
@@ -68,16 +71,21 @@ def scan_power(p_drop: np.ndarray, p_ref: np.ndarray, drop_groups: np.ndarray, r
     return out
 
 
-def subgroup_attack_power(index: int, seeds: range, min_rows: int = 20) -> dict[str, float]:
+def subgroup_attack_power(index: int, seeds: range, min_rows: int = 20, cross_fit: bool = False) -> dict[str, float]:
     """Mean of :func:`scan_power` over the bench's fresh halves (seeds 200000+) of one data set, for
     its "20% of one subgroup" attack, the candidates being the scan's feature subgroups (values and
-    quantile bins; the label classes left out: the attack does not follow a label)."""
+    quantile bins; the label classes left out: the attack does not follow a label).
+
+    The probabilities are the screen's own (``ScreeningConfig()``: its folds and seed): the
+    reference-only fold models, or with ``cross_fit`` the pooled cross-fit on the reference and the
+    (clean) drop that ``ScreeningConfig(likelihood_cross_fit=True)`` uses."""
     from threadpoolctl import threadpool_limits
 
     from bench.bench_data import datasets
-    from secure_ml.data.poisoning import FeatureSpace
+    from secure_ml.data.poisoning import FeatureSpace, ScreeningConfig
     from secure_ml.data.poisoning_likelihood import ReferenceModel, subgroups
 
+    config = ScreeningConfig()
     name, frame, label, numeric, categorical, _, members = datasets()[index]
     runs: list[dict[str, float]] = []
     for seed in seeds:
@@ -87,10 +95,16 @@ def subgroup_attack_power(index: int, seeds: range, min_rows: int = 20) -> dict[
         clean = frame.iloc[order[half:]].reset_index(drop=True)
         space = FeatureSpace.fit(known, numeric, categorical)
         y_ref = known[label].to_numpy().astype(np.int64)
+        x_ref, x_drop, fresh = space.transform(known), space.transform(clean), np.full(len(clean), -1)
         with threadpool_limits(limits=1):
-            model = ReferenceModel.fit(space.transform(known), y_ref, n_classes=2, folds=10)
+            if cross_fit:
+                model = ReferenceModel.cross_fit(x_ref, y_ref, x_drop, clean[label].to_numpy().astype(np.int64),
+                                                 duplicate_of=fresh, drop_clusters=np.arange(len(clean)),
+                                                 n_classes=2, folds=config.likelihood_folds, seed=config.seed)
+            else:
+                model = ReferenceModel.fit(x_ref, y_ref, n_classes=2, folds=config.likelihood_folds, seed=config.seed)
             assert model is not None
-            p_drop = model.predict(space.transform(clean), np.full(len(clean), -1))[:, 1]
+            p_drop = (model.drop_proba if cross_fit else model.predict(x_drop, fresh))[:, 1]
         found = subgroups(clean, known, label=label, numeric=numeric, categorical=categorical,
                           drop_labels=np.zeros(len(clean)), reference_labels=np.zeros(len(known)), classes=[])
         found = [(g, d, r) for g, d, r in found if d.sum() >= min_rows]
@@ -98,12 +112,14 @@ def subgroup_attack_power(index: int, seeds: range, min_rows: int = 20) -> dict[
                                np.column_stack([r for _, _, r in found]), members(known, clean),
                                members(known, known), seed=seed))
         runs[-1]["groups"] = float(len(found))
-    return {"data set": name, **{k: float(np.mean([r[k] for r in runs])) for k in runs[0]}}  # type: ignore[dict-item]
+    return {"data set": name, "probabilities": "pooled cross-fit" if cross_fit else "reference only",  # type: ignore[dict-item]
+            **{k: float(np.mean([r[k] for r in runs])) for k in runs[0]}}
 
 
-if __name__ == "__main__":  # python -m bench.scan_power [SEEDS]: the subgroup attack's ceiling per data set
+if __name__ == "__main__":  # python -m bench.scan_power [SEEDS] [DATA SET INDICES]: the subgroup attack's ceiling
     import sys
 
     count = int(sys.argv[1]) if len(sys.argv) > 1 else 40
-    for i in range(3):
-        print(subgroup_attack_power(i, range(count)))
+    for i in (int(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else range(3):
+        for pooled in (False, True):
+            print(subgroup_attack_power(i, range(count), cross_fit=pooled), flush=True)
