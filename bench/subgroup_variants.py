@@ -2,6 +2,13 @@
 
     python -m bench.subgroup_variants collect DIR INDEX SCENARIO FIRST LAST   # e.g. 0 "20% of one subgroup" 0 40
     python -m bench.subgroup_variants analyse "DIR/d0_clean_*.npz" "DIR/d0_20p_of_one_subgroup_*.npz"
+    python -m bench.subgroup_variants levers INDEX SCENARIO FIRST LAST VARIANT   # the whole screen, as run
+
+``levers`` runs the real screen (``bench_data``'s splits and attacks, seeds 200000+ / 300000+) with
+one variant of the scan's probabilities or scale and prints one JSON line per drop: ``plain`` (the
+screen as shipped), ``cross_fit`` (``ScreeningConfig(likelihood_cross_fit=True)``: drop and
+reference pooled, each row scored out of fold), ``skew`` (each subgroup's z mapped to a normal
+scale by its null's skewness, ``poisoning_likelihood.SKEW_CORRECTED``).
 
 ``collect`` screens each drop as ``bench_data._unseen_one`` does (seeds 200000+ / 300000+), keeps the
 reference model, drop and subgroups the scan saw, and stores for the observed drop, 1000 label draws
@@ -160,8 +167,32 @@ def analyse(clean_pattern: str, attacked_pattern: str) -> None:
                     print(f"{kind:9s} {sub} std={int(std)} {comb:6s} {share:.2f}  clean {r[0]:.3f}  attacked {r[1]:.3f}")
 
 
+def levers(ds: int, scen: str, seeds: range, variant: str) -> None:
+    import json
+
+    from bench.bench_data import _poison, datasets
+    from secure_ml.data.poisoning import ScreeningConfig, screen
+
+    if variant not in ("plain", "cross_fit", "skew"):
+        raise SystemExit(f"unknown variant {variant!r}: plain, cross_fit or skew")
+    L.SKEW_CORRECTED = variant == "skew"
+    config = ScreeningConfig(likelihood_cross_fit=variant == "cross_fit")
+    name, frame, label, numeric, categorical, _, members = datasets()[ds]
+    for seed in seeds:
+        order = np.random.default_rng(200_000 + seed).permutation(len(frame)); half = len(frame) // 2
+        known = frame.iloc[order[:half]].reset_index(drop=True); clean = frame.iloc[order[half:]].reset_index(drop=True)
+        drop, *_ = _poison(scen, clean, known, label, numeric, categorical, members, seed=300_000 + seed)
+        rep = screen(drop, known, label=label, numeric=numeric, categorical=categorical, config=config)
+        whole, groups = rep.detector("label_likelihood"), rep.detector("label_subgroups")
+        print(json.dumps({"seed": seed, "blocked": rep.blocked, "z_global": whole.score, "limit_global": whole.limit,
+                          "z_group": groups.score, "limit_groups": groups.limit,
+                          "worst": groups.detail.get("worst_subgroup")}), flush=True)
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "collect":
+    if sys.argv[1] == "levers":
+        levers(int(sys.argv[2]), sys.argv[3], range(int(sys.argv[4]), int(sys.argv[5])), sys.argv[6])
+    elif sys.argv[1] == "collect":
         collect(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4], range(int(sys.argv[5]), int(sys.argv[6])))
     else:
         analyse(sys.argv[2], sys.argv[3])
