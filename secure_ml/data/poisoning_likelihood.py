@@ -177,9 +177,10 @@ class ReferenceModel:
         about twice the rows a reference-only model has (better probabilities where the reference
         is small). A drop row that repeats a reference row shares that row's fold, and identical
         drop rows (``drop_clusters``: one code per distinct row) share one fold, so no row is
-        scored by a model that saw its twin. The procedure treats the drop's and the reference's
-        rows alike (the folds do not depend on which side a row came from), so under no poisoning
-        their scores stay exchangeable and the scan's permutation null stays exact; the flips'
+        scored by a model that saw its twin. Each model is fitted on both sides' rows alike (only the
+        fold assignment differs: stratified on the reference, random by distinct row on the drop),
+        so under no poisoning their scores stay nearly exchangeable and the scan's permutation null
+        close to exact; the flips'
         pull on the fitted model is shared by both sides' scores, and the drop-versus-reference
         contrast the scan measures keeps its sign and most of its size.
         None when the reference cannot support the model (a class with fewer rows than folds)."""
