@@ -357,6 +357,8 @@ def test_cross_fitting_scores_every_row_by_a_model_that_never_saw_it_or_its_twin
     # the scan uses the drop's own out-of-fold probabilities
     scan = model.scan(x_drop, y_drop, duplicate_of=duplicate_of, groups=[], alpha=0.045, global_share=0.75)
     assert np.allclose(scan.row_suspicion, 1 - model.drop_proba[np.arange(len(y_drop)), y_drop])
+    with pytest.raises(BadInput, match="only the drop it was fitted with"):
+        model.scan(x_drop[:10], y_drop[:10], duplicate_of=duplicate_of[:10], groups=[], alpha=0.045, global_share=0.75)
 
 
 def test_cross_fitting_keeps_clean_drops_passing_and_flips_blocked(reference: pd.DataFrame) -> None:

@@ -5,6 +5,8 @@
     scan.z_global, scan.limit_global            # the whole drop's label surprise, as a z statistic
     scan.worst_group, scan.z_groups             # the most surprising subgroup (one value, bin or label)
     scan.row_suspicion                          # 1 - calibrated probability of each row's label
+    pooled = ReferenceModel.cross_fit(x_ref, y_ref, x_drop, y_drop, duplicate_of=dup, drop_clusters=codes,
+                                      n_classes=2)           # drop and reference pooled, every row out of fold
 
 Why this test: a uniform label flip at rate e turns the labels' conditional distribution p(y|x) into
 (1 - e) p + e (1 - p) / (K - 1). The locally most powerful statistic for e > 0 is the efficient score
@@ -45,6 +47,8 @@ from dataclasses import dataclass, field
 from statistics import NormalDist
 
 import numpy as np
+
+from secure_ml.errors import BadInput
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -341,6 +345,9 @@ class ReferenceModel:
              groups: Sequence[tuple[str, np.ndarray, np.ndarray]], alpha: float, global_share: float,
              min_group_rows: int = 20, deff: float = 1.0, seed: int = 0) -> Scan:
         """Test the drop (x, y) and each subgroup ``(name, drop_mask, reference_mask)`` at ``alpha``."""
+        if self.drop_proba is not None and len(self.drop_proba) != len(x):
+            raise BadInput(f"a cross-fitted model scores only the drop it was fitted with ({len(self.drop_proba)} "
+                           f"rows), not {len(x)} rows")
         proba = self.predict(x, duplicate_of) if self.drop_proba is None else self.drop_proba
         c = surprise(proba, y, self.p_min)
         ref = self.oof_surprise
