@@ -113,13 +113,17 @@ def _gx() -> dict[str, Any]:
             return _STATE
         deferred_imports.defer_iri_grammar()  # a third of GE's import, for a check GE never makes
         deferred_imports.defer_modules(deferred_imports.GE_UNUSED)  # altair: charts we never draw
+        # The import builds several hundred thousand objects that live as long as the process: collecting
+        # during it only costs time, and frozen afterwards (with everything before them) later collections
+        # stop re-scanning them.
         collecting = gc.isenabled()
-        gc.disable()  # the import builds ~100k objects, no garbage: collecting during it only costs time
+        gc.disable()
         try:
             import great_expectations as gx
             import great_expectations.expectations as gxe
             from great_expectations.data_context.types.base import ProgressBarsConfig
         finally:
+            gc.freeze()
             if collecting:
                 gc.enable()
 
