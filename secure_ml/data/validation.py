@@ -113,9 +113,9 @@ def _gx() -> dict[str, Any]:
             return _STATE
         deferred_imports.defer_iri_grammar()  # a third of GE's import, for a check GE never makes
         deferred_imports.defer_modules(deferred_imports.GE_UNUSED)  # altair: charts we never draw
-        # The import builds several hundred thousand objects that live as long as the process: collecting
-        # during it only costs time, and frozen afterwards (with everything before them) later collections
-        # stop re-scanning them.
+        # The import builds ~300k objects that live as long as the process: collecting during it only
+        # costs time. (Not gc.freeze() afterwards: it would also pin the drop's frame if it ever became
+        # cyclic garbage.)
         collecting = gc.isenabled()
         gc.disable()
         try:
@@ -123,7 +123,6 @@ def _gx() -> dict[str, Any]:
             import great_expectations.expectations as gxe
             from great_expectations.data_context.types.base import ProgressBarsConfig
         finally:
-            gc.freeze()
             if collecting:
                 gc.enable()
 
