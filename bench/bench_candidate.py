@@ -2,6 +2,7 @@
 
     python -m bench --only candidate [--quick]          # quick: 100,000 rows, 2 epochs
     BENCH_CANDIDATE_EPOCHS=2 python -m bench --only candidate     # 1,000,000 rows, 2 epochs each side
+    BENCH_CANDIDATE_ROWS=300000 python -m bench --only candidate  # 300,000 rows, the shipped epochs
 
 A German-credit-shaped drop (the sample bootstrapped, numerics jittered; bench_data's generator)
 lands in a fresh SECURE_ML_HOME and the ingest job's selection plus the training job's (dataset ->
@@ -109,8 +110,10 @@ def run(quick: bool) -> list[Figure]:
     import yaml
 
     rows, epochs = (100_000, 2) if quick else (1_000_000, 0)  # 0: the shipped training.yaml's epochs
-    # On a loaded machine the full run's baseline alone takes long: BENCH_CANDIDATE_EPOCHS=N cuts both sides.
+    # On a loaded machine the full run's baseline alone takes long: BENCH_CANDIDATE_EPOCHS=N cuts both sides,
+    # BENCH_CANDIDATE_ROWS=N the drop.
     epochs = int(os.environ.get("BENCH_CANDIDATE_EPOCHS", epochs))
+    rows = int(os.environ.get("BENCH_CANDIDATE_ROWS", rows))
     with tempfile.TemporaryDirectory(prefix="bench-candidate-") as tmp:
         base = Path(tmp)
         config_dir = ""
