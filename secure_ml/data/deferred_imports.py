@@ -95,5 +95,6 @@ def defer_modules(names: Iterable[str]) -> None:
 
 def deferred(name: str) -> bool:
     """Whether ``name`` is imported but its code has not run yet (a lazy module not yet touched)."""
+    lazy = getattr(importlib.util, "_LazyModule", None)  # the class a lazy module has until first touched
     module = sys.modules.get(name)
-    return module is not None and isinstance(module, importlib.util._LazyModule)  # type: ignore[attr-defined]
+    return module is not None and lazy is not None and type(module) is lazy
