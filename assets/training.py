@@ -38,7 +38,8 @@ from secure_ml.training.handover import pod_runner
 from secure_ml.training.predictor import load_model
 from secure_ml.training.proof import verify_segments
 from secure_ml.training.record import record_problems
-from secure_ml.training.sandbox import IsolationPolicy
+from secure_ml.training.loop import ENTRY, SEGMENT_ENTRY
+from secure_ml.training.sandbox import IsolationPolicy, warm
 from secure_ml.training.trainer import train_model
 from secure_ml.training.watch import WatchBounds, deviations
 
@@ -107,6 +108,7 @@ def trained_model(context: dg.AssetExecutionContext, validated_dataset: dict[str
     actor = custody.actor(context)
     try:
         chosen = _settings(custody)
+        _warm_verifier(context, chosen)
         spec = DataSpec.from_validated(validated_dataset)
         train = custody.store(context).get_dataframe(str(validated_dataset["train_sha256"]))
     except Error as exc:
@@ -164,6 +166,34 @@ def trained_model(context: dg.AssetExecutionContext, validated_dataset: dict[str
                             charts={"loss": loss_chart(record["result"]["losses"])}),
         }
         return custody.output(context, result.directory, metadata=metadata)
+
+
+def _warm_verifier(context: Any, chosen: dict[str, Any]) -> None:
+    """Start the ``reproducible`` check's sandbox now, so its set-up and torch import run while this step
+    trains (two cores) and the check, later in this process, only replays. The pipeline starts it, never
+    the trainer; the check claims it (sandbox.run_isolated), and its segments are still chosen from the
+    check's own run id. Only where the check runs later in this same process (the in-process executor,
+    the local sandbox), and only for what the check will do on this run (replay segments, or retrain)."""
+    isolation: IsolationPolicy = chosen["isolation"]
+    if isolation.backend == "kubernetes" or not _in_process(context):
+        return
+    checks = context.run.asset_check_selection
+    if checks is not None and dg.AssetCheckKey(context.asset_key, REPRODUCIBLE) not in checks:
+        return
+    release = str(context.run.tags.get(RELEASE_TAG, "")).lower() == "true"
+    if chosen["reproducible"] == "release" and not release:
+        return
+    entry = SEGMENT_ENTRY if chosen["method"] == "segments" and not release else ENTRY
+    try:
+        warm(isolation, entry=entry, threads=chosen["training"].threads)
+    except Error as exc:  # the check sets up its own sandbox, and reports why it could not
+        context.log.warning(f"reproducible: the verifier's sandbox was not started early ({exc.explain()})")
+
+
+def _in_process(context: Any) -> bool:
+    """Whether this process runs more steps than this one (the in-process executor); a process per step
+    (multiprocess, k8s) runs exactly one, and a child warmed here would go unused."""
+    return len(context.get_step_execution_context().execution_plan.step_keys_to_execute) > 1
 
 
 def _training_runner(context: Any, isolation: IsolationPolicy, home: Path) -> Any:

@@ -83,18 +83,35 @@ class _Channel:
         self.send(kind, json.dumps(obj, sort_keys=True).encode())
 
 
-def _read_job(src: BinaryIO) -> tuple[dict[str, Any], list[bytes]]:
+def read_into(stream: BinaryIO, size: int) -> bytearray:
+    """``size`` bytes read straight into one buffer (no chunks joined: one copy less of a large split);
+    shorter at the end of the stream."""
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    got = 0
+    while got < size:
+        count = stream.readinto(view[got:got + (1 << 24)])  # type: ignore[attr-defined]
+        if not count:
+            break
+        got += count
+    view.release()
+    if got < size:
+        del buffer[got:]
+    return buffer
+
+
+def _read_job(src: BinaryIO) -> tuple[dict[str, Any], list[bytearray]]:
     head = read_exact(src, FRAME.size)
     if len(head) < FRAME.size or FRAME.unpack(head)[0] != b"H":
         raise BadInput("the training process received no job")
     header = json.loads(read_exact(src, FRAME.unpack(head)[1]))
-    blobs: list[bytes] = []
+    blobs: list[bytearray] = []
     while True:
         head = read_exact(src, FRAME.size)
         if len(head) < FRAME.size:
             return header, blobs
         kind, length = FRAME.unpack(head)
-        data = read_exact(src, length)
+        data = read_into(src, length)
         if kind != b"B" or len(data) < length:
             raise BadInput("the training process received a truncated job")
         blobs.append(data)
