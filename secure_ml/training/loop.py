@@ -30,7 +30,7 @@ from secure_ml.errors import BadInput, ConfigurationError, IntegrityError
 from secure_ml.training import chain as chain_
 from secure_ml.training.checkpoints import make_checkpoint, restore
 from secure_ml.training.config import TrainingConfig
-from secure_ml.training.engine import Engine
+from secure_ml.training.engine import Engine, skip_compiler_wrappers
 from secure_ml.training.model import MODEL_FORMAT, build_model
 
 ENTRY = "secure_ml.training.loop:child_train"
@@ -66,6 +66,7 @@ def _deterministic(threads: int) -> None:
         torch.use_deterministic_algorithms(True)
     else:
         setter(True, warn_only=False)
+    skip_compiler_wrappers()  # nor torch._dynamo for the optimiser (secure_ml.training.engine)
     torch.set_num_threads(threads)
     with contextlib.suppress(RuntimeError):  # only settable before any inter-op work started
         torch.set_num_interop_threads(1)
