@@ -18,8 +18,10 @@ states; release runs, or ``reproducible.method: full``, train again from scratch
 """
 
 
+import contextlib
 import json
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,7 @@ WATCHED = ("cpu_seconds", "peak_memory_bytes", "block_read_bytes", "block_writte
 AREA_CHECKS = {"metrics": "metrics_in_limits", "fairness": "fairness_in_limits",
                "robustness": "robustness_in_limits"}
 RELEASE_TAG = "secure_ml/release"
+PROGRESS_LINES = 5  # epoch lines logged per training (plus the first and the last)
 
 
 def _fail(custody: CustodyResource, context: Any, action: str, subject: str, exc: Error) -> dg.Failure:
@@ -120,10 +123,15 @@ def trained_model(context: dg.AssetExecutionContext, validated_dataset: dict[str
                   ("train_sha256", "test_sha256", "dataset_sha256", "dvc_version", "source")}
     provenance["actor"] = actor
 
-    def progress(event: dict[str, Any]) -> None:
-        context.log.info(f"epoch {event['epoch']}/{event['epochs']}: loss {event['loss']:.5f} "
-                         f"({event['rows_per_s'] or 0:,.0f} rows/s)")
+    every = max(1, config.epochs // PROGRESS_LINES)
 
+    def progress(event: dict[str, Any]) -> None:
+        # A few lines, not one per epoch: each is an event written to the instance's storage.
+        if event["epoch"] in (1, event["epochs"]) or event["epoch"] % every == 0:
+            context.log.info(f"epoch {event['epoch']}/{event['epochs']}: loss {event['loss']:.5f} "
+                             f"({event['rows_per_s'] or 0:,.0f} rows/s)")
+
+    loading = _preload_evaluation(context)
     with tempfile.TemporaryDirectory(prefix="secure-ml-train-") as tmp:
         try:
             result = train_model(train, spec, config, Path(tmp) / "model", isolation=chosen["isolation"],
@@ -131,6 +139,9 @@ def trained_model(context: dg.AssetExecutionContext, validated_dataset: dict[str
                                  runner=_training_runner(context, chosen["isolation"], settings.home))
         except Error as exc:
             raise _fail(custody, context, "training.run", subject, exc) from None
+        finally:
+            if loading is not None:
+                loading.join()  # before this thread imports anything more (the loss plot)
         record = result.record
         watch = dict(record["isolation"].get("watch") or {})
         for stale in record["result"]["checkpoints_superseded"]:
@@ -188,6 +199,21 @@ def _warm_verifier(context: Any, chosen: dict[str, Any]) -> None:
         warm(isolation, entry=entry, threads=chosen["training"].threads)
     except Error as exc:  # the check sets up its own sandbox, and reports why it could not
         context.log.warning(f"reproducible: the verifier's sandbox was not started early ({exc.explain()})")
+
+
+def _preload_evaluation(context: Any) -> threading.Thread | None:
+    """In-process runs: the evaluation's imports (torch, scikit-learn, matplotlib; evaluation.preload) in a
+    thread while the sandbox trains (this process only waits on it then), so they are not paid after."""
+    if not _in_process(context):
+        return None
+
+    def load() -> None:
+        with contextlib.suppress(Exception):  # only a head start: model_evaluation imports what it needs itself
+            evaluation_core.preload()
+
+    thread = threading.Thread(target=load, name="secure-ml-preload-evaluation", daemon=True)
+    thread.start()
+    return thread
 
 
 def _in_process(context: Any) -> bool:

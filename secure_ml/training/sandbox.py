@@ -68,8 +68,8 @@ NOBODY = 65534
 NAMESPACES = ("net", "mnt", "pid", "ipc")
 # The child imports secure_ml from where the parent did (-I ignores PYTHONPATH): the same code runs on both sides.
 CODE_ROOT = Path(__file__).resolve().parents[2]
-CHILD_BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); from secure_ml.training.child import main; "
-              "raise SystemExit(main(sys.argv[2:]))")
+CHILD_BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); from secure_ml.training.child import main, exit_now; "
+              "exit_now(main(sys.argv[2:]))")
 CONFINE = Path(__file__).resolve().with_name("confine.py")  # run as a script: standard library only, fast
 
 class SandboxError(Error):
