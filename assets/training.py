@@ -111,7 +111,6 @@ def trained_model(context: dg.AssetExecutionContext, validated_dataset: dict[str
     actor = custody.actor(context)
     try:
         chosen = _settings(custody)
-        _warm_verifier(context, chosen)
         spec = DataSpec.from_validated(validated_dataset)
         train = custody.store(context).get_dataframe(str(validated_dataset["train_sha256"]))
     except Error as exc:
@@ -124,14 +123,18 @@ def trained_model(context: dg.AssetExecutionContext, validated_dataset: dict[str
     provenance["actor"] = actor
 
     every = max(1, config.epochs // PROGRESS_LINES)
+    helpers: list[bool] = []
 
     def progress(event: dict[str, Any]) -> None:
+        if not helpers:  # the sandbox has imported torch and trains: now the helpers' imports (not before,
+            helpers.append(True)  # so that on a busy machine they do not slow the training child's start)
+            _warm_verifier(context, chosen)
+            _preload_evaluation(context)
         # A few lines, not one per epoch: each is an event written to the instance's storage.
         if event["epoch"] in (1, event["epochs"]) or event["epoch"] % every == 0:
             context.log.info(f"epoch {event['epoch']}/{event['epochs']}: loss {event['loss']:.5f} "
                              f"({event['rows_per_s'] or 0:,.0f} rows/s)")
 
-    loading = _preload_evaluation(context)
     with tempfile.TemporaryDirectory(prefix="secure-ml-train-") as tmp:
         try:
             result = train_model(train, spec, config, Path(tmp) / "model", isolation=chosen["isolation"],
@@ -139,9 +142,6 @@ def trained_model(context: dg.AssetExecutionContext, validated_dataset: dict[str
                                  runner=_training_runner(context, chosen["isolation"], settings.home))
         except Error as exc:
             raise _fail(custody, context, "training.run", subject, exc) from None
-        finally:
-            if loading is not None:
-                loading.join()  # before this thread imports anything more (the loss plot)
         record = result.record
         watch = dict(record["isolation"].get("watch") or {})
         for stale in record["result"]["checkpoints_superseded"]:
@@ -180,8 +180,8 @@ def trained_model(context: dg.AssetExecutionContext, validated_dataset: dict[str
 
 
 def _warm_verifier(context: Any, chosen: dict[str, Any]) -> None:
-    """Start the ``reproducible`` check's sandbox now, so its set-up and torch import run while this step
-    trains (two cores) and the check, later in this process, only replays. The pipeline starts it, never
+    """Start the ``reproducible`` check's sandbox once training runs, so its set-up and torch import overlap
+    the training and this step's writing (two cores) and the check, later in this process, only replays. The pipeline starts it, never
     the trainer; the check claims it (sandbox.run_isolated), and its segments are still chosen from the
     check's own run id. Only where the check runs later in this same process (the in-process executor,
     the local sandbox), and only for what the check will do on this run (replay segments, or retrain)."""
@@ -201,19 +201,19 @@ def _warm_verifier(context: Any, chosen: dict[str, Any]) -> None:
         context.log.warning(f"reproducible: the verifier's sandbox was not started early ({exc.explain()})")
 
 
-def _preload_evaluation(context: Any) -> threading.Thread | None:
-    """In-process runs: the evaluation's imports (torch, scikit-learn, matplotlib; evaluation.preload) in a
-    thread while the sandbox trains (this process only waits on it then), so they are not paid after."""
+def _preload_evaluation(context: Any) -> None:
+    """In-process runs: the evaluation's imports (matplotlib, torch, scikit-learn; evaluation.preload) in a
+    thread while the sandbox trains (this process only waits on it then), so they are not paid after. Not
+    waited for: a step importing one of them meanwhile waits for that module alone (Python's per-module
+    import locks), and the preload imports nothing of ours."""
     if not _in_process(context):
-        return None
+        return
 
     def load() -> None:
         with contextlib.suppress(Exception):  # only a head start: model_evaluation imports what it needs itself
             evaluation_core.preload()
 
-    thread = threading.Thread(target=load, name="secure-ml-preload-evaluation", daemon=True)
-    thread.start()
-    return thread
+    threading.Thread(target=load, name="secure-ml-preload-evaluation", daemon=True).start()
 
 
 def _in_process(context: Any) -> bool:
