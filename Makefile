@@ -124,12 +124,13 @@ k8s-tools: $(K8S_TOOLS)
 k8s-check: install k8s-tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_k8s_render_all.py
 
-# The container image, built here from Debian's packages and the hashed lock (no registry pull):
-# build/secure-ml-image.tar, build/image.digest, SBOM and signed provenance. Not part of `make test`
-# (about 20 minutes on two shared cores, see k8s/README.md); needs root and mmdebstrap, umoci, skopeo.
+# The container image, built here FROM the Containerfile with buildah over a base made from Debian's
+# packages (mmdebstrap), and the hashed lock (no registry pull): build/secure-ml-image.tar,
+# build/image.digest, SBOM and signed provenance. Not part of `make test` (about 20 minutes on two
+# shared cores, see k8s/README.md); needs root and mmdebstrap, buildah, skopeo (umoci: `make test-image`).
 image: install
-	command -v mmdebstrap >/dev/null && command -v umoci >/dev/null && command -v skopeo >/dev/null || \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mmdebstrap umoci skopeo >/dev/null
+	command -v mmdebstrap >/dev/null && command -v buildah >/dev/null && command -v skopeo >/dev/null && command -v umoci >/dev/null || \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mmdebstrap buildah skopeo umoci >/dev/null
 	PYTHON=$(BIN)/python bash scripts/build-image.sh
 
 # The built image's own checks: digest, signature, SBOM, non-root, no compiler, the CLI runs in it.

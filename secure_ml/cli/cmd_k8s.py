@@ -1,5 +1,5 @@
 """secure-ml k8s render OUTDIR [--image-digest sha256:…] [--model-digest HEX | --model NAME HEX ...]
-[--k8s-dir DIR]
+[--chart DIR] [--k8s-dir DIR]
 
 Writes every Kubernetes object the project would create, one file per object, after checking all
 of them (secure_ml/release/platform/checks.py): the Helm values for the pinned Dagster chart
@@ -8,6 +8,9 @@ values: each names where its keys come from) and the artifacts volume claim, the
 Deployment and Service, the run worker's Job and each asset's step Job (built by dagster-k8s), and
 the model server (one server for every model given, each pinned by digest). The image digest comes from ``build/image.digest`` (``make image``) unless
 ``--image-digest`` is given; it is never written by hand. Nothing is written if any check fails.
+``--chart DIR``: the pinned Dagster chart as ``helm pull dagster/dagster --version V --untar`` left
+it; the Helm values are then also checked against the chart's own values.schema.json (offline).
+Without it, a line says that schema was not applied and what to run.
 Once a trust policy exists, ``--model-digest`` (or ``--model``) renders only models whose signed deployment to
 ``kubernetes`` verifies (and no revocation does): the admission data comes from the statements.
 """
@@ -42,6 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     render.add_argument("--model", nargs=2, action="append", metavar=("NAME", "DIGEST"),
                         help="a model the one server serves, pinned to DIGEST (64 hex); repeat per deployed model "
                              "(instead of --model-digest)")
+    render.add_argument("--chart", type=Path, help="the pinned Dagster chart, pulled and untarred (`helm pull "
+                        "dagster/dagster --version V --untar`): check the values against its values.schema.json")
     render.add_argument("--k8s-dir", type=Path, default=REPO / "k8s", help="the k8s/ directory")
     render.set_defaults(handler=cmd_k8s_render)
 
@@ -60,12 +65,14 @@ def image_digest(given: str | None, repo: Path = REPO) -> str:
 
 def render_all(k8s_dir: Path, digest: str, model_digest: str,
                models: list[tuple[str, str]] | None = None,
-               admitted: list[str] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+               admitted: list[str] | None = None,
+               chart: Path | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(Helm values, every object), checked; VerificationError lists what is wrong. ``models``: (name,
     digest) of every model the server serves; default one, ``model_digest``, under the configured name.
 
     ``admitted``: the model digests the admission policy may admit (from verified deployment
-    statements, :func:`admitted_models`); None admits the digests rendered (no trust policy yet)."""
+    statements, :func:`admitted_models`); None admits the digests rendered (no trust policy yet).
+    ``chart``: the pulled chart directory, whose values.schema.json then checks the Helm values too."""
     from secure_ml.cli import _k8s_jobs
     from secure_ml.governance.policy import POLICY_DIR
     from secure_ml.release import k8s_render
@@ -73,7 +80,9 @@ def render_all(k8s_dir: Path, digest: str, model_digest: str,
 
     cfg = objects.RenderConfig.load(k8s_dir)
     values = helm_values.pin_images(cfg.load_yaml("values.yaml"), cfg.image_repository, digest)
-    helm_values.check_values(values, k8s_dir=k8s_dir, kubernetes_version=cfg.kubernetes_version)
+    pulled = None if chart is None else helm_values.load_chart(chart, name=str(cfg.chart["name"]),
+                                                               version=str(cfg.chart["version"]))
+    helm_values.check_values(values, kubernetes_version=cfg.kubernetes_version, chart=pulled)
     image = helm_values.image_ref(cfg.image_repository, digest)
     executor = (cfg.load_yaml("job_executor.yaml") or {}).get("execution", {}).get("config") or {}
     release = yaml.safe_load((POLICY_DIR.parents[1] / "config" / "release.yaml").read_text())
@@ -162,8 +171,22 @@ def cmd_k8s_render(args: argparse.Namespace) -> int:
         raise BadInput("give --model NAME DIGEST (repeated) or --model-digest, not both")
     admitted = admitted_models() if (args.model_digest or models) else None
     values, rendered = render_all(args.k8s_dir, digest, model_digest.removeprefix("sha256:"), models or None,
-                                  admitted=admitted)
+                                  admitted=admitted, chart=args.chart)
     names = write_outdir(args.outdir, values, rendered)
+    chart_checked = "chart values (strict model, the chart's values.schema.json)" if args.chart else \
+        "chart values (strict model)"
     print(f"{len(names)} files in {args.outdir} (image {digest[:19]}…), every object checked: "
-          f"schema (strict), admission policy, pod rules, chart values; {time.perf_counter() - started:.1f} s")
+          f"schema (strict), admission policy, pod rules, {chart_checked}; {time.perf_counter() - started:.1f} s")
+    if args.chart is None:
+        print(no_chart_note(args.k8s_dir))
     return 0
+
+
+def no_chart_note(k8s_dir: Path) -> str:
+    """One line: the chart's own schema was not applied, and what to run to apply it."""
+    from secure_ml.release.platform import objects
+
+    chart = objects.RenderConfig.load(k8s_dir).chart
+    return (f"note: the chart's own values.schema.json was not applied (no --chart): `helm repo add dagster "
+            f"{chart['repository']} && helm pull dagster/{chart['name']} --version {chart['version']} --untar "
+            f"--untardir DIR`, then render again with --chart DIR/{chart['name']}")

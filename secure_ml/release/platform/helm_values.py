@@ -1,20 +1,22 @@
-"""The Dagster Helm chart's values: pinned to our image, checked against the chart's values schema.
+"""The Dagster Helm chart's values: pinned to our image, checked as the chart would check them.
 
     values = pin_images(yaml.safe_load(Path("k8s/values.yaml").read_text()), repository, "sha256:…")
-    check_values(values, k8s_dir=Path("k8s"), kubernetes_version="1.33")   # ConfigurationError names the first refusal
+    chart = load_chart(Path("dagster"), name="dagster", version="1.13.27")   # or None: the strict model only
+    check_values(values, kubernetes_version="1.33", chart=chart)   # ConfigurationError names the first refusal
     context = code_location_context(values, namespace="secure-ml-pipeline")
 
-Two checks. (1) The chart's own ``values.schema.json``, vendored under k8s/vendor/dagster-chart/ (its
-SOURCE.md says from where), with jsonschema, as helm validates it: Draft 7, its Kubernetes
-``$ref``s (kubernetesjsonschema.dev, which cannot be reached here) resolved to kubernetes-validate's
-bundled definitions for our Kubernetes version. Helm validates the chart's defaults with our values
-laid over them; we check our values alone, so the schema's ``required`` lists (which the chart's
-defaults fill) are not applied: every key we set must be one the chart accepts, of the right type.
-(2) ``ChartValues``, a strict model of the sections we set (unknown keys refused, the keys we rely on
-required): the chart's schema leaves ``global``, the top level and each code location open to
-unknown keys, which helm would silently ignore, so a misspelt key there is caught only here.
-Kubernetes sub-objects (security contexts, volumes, resources) are checked by
-``kubernetes_parts_as_pod`` against Kubernetes' own strict schema as well.
+Two checks. (1) ``ChartValues``, always: a strict model of the sections we set (unknown keys
+refused, the keys we rely on required). The chart's schema leaves ``global``, the top level and each
+code location open to unknown keys, which helm would silently ignore, so a misspelt key there is
+caught only here. (2) When given the chart the user pulled (``helm pull dagster/dagster --version
+… --untar``; nothing of the chart is kept in this repository), the chart's own
+``values.schema.json``, with jsonschema as helm validates it: Draft 7, over the chart's default
+``values.yaml`` with ours laid over it (helm's coalescing: maps merged, anything else replaced,
+``null`` removes), so its ``required`` lists apply as helm applies them; its Kubernetes ``$ref``s
+(``kubernetesjsonschema.dev``, which cannot be reached from here or from many clusters) resolved
+offline to kubernetes-validate's bundled definitions for our Kubernetes version; any other remote
+``$ref`` refused in one line. Kubernetes sub-objects (security contexts, volumes, resources) are
+checked by ``kubernetes_parts_as_pod`` against Kubernetes' own strict schema as well.
 
 ``code_location_context`` is the container context the chart hands to the code location
 (``DAGSTER_CLI_API_GRPC_CONTAINER_CONTEXT``, template ``dagsterUserDeployments.k8sContainerContext``)
@@ -26,19 +28,22 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from secure_ml.custody.integrity import SHA256_HEX
 from secure_ml.errors import BadInput, ConfigurationError
 
 IMAGE_PLACEHOLDER = ("IMAGE_REPOSITORY", "IMAGE_DIGEST")
-# The chart's values schema, under the k8s/ directory, and the Kubernetes definitions it refers to.
-CHART_SCHEMA = Path("vendor") / "dagster-chart" / "values.schema.json"
-K8S_DEFINITIONS_URL = "https://kubernetesjsonschema.dev/v1.18.0/_definitions.json"
+# The Kubernetes definitions a chart's values schema refers to (any version: all resolve offline to
+# kubernetes-validate's definitions for our Kubernetes version).
+K8S_DEFINITIONS_URL = re.compile(r"https://kubernetesjsonschema\.dev/[\w.-]+/_definitions\.json")
 # The chart's fullname for release `dagster` of chart `dagster` (release name contains the chart name).
 RELEASE = "dagster"
 
@@ -233,12 +238,42 @@ class ChartValues(_Strict):
     additionalInstanceConfig: Obj | None = None
 
 
-def check_values(values: Mapping[str, Any], *, k8s_dir: Path, kubernetes_version: str) -> ChartValues:
+@dataclass(frozen=True)
+class Chart:
+    """A chart directory as ``helm pull --untar`` leaves it: its values schema and default values."""
+
+    directory: Path
+    name: str
+    version: str
+    schema: Path
+    defaults: Path | None
+
+
+def load_chart(directory: Path, *, name: str, version: str) -> Chart:
+    """The chart at ``directory``, which must be chart ``name`` at ``version`` and carry a values schema."""
+    meta_path = directory / "Chart.yaml"
+    try:
+        meta = yaml.safe_load(meta_path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigurationError(f"--chart {directory}: no readable Chart.yaml ({type(exc).__name__}); give the "
+                                 f"directory `helm pull {name}/{name} --version {version} --untar` made") from None
+    if not isinstance(meta, dict) or (str(meta.get("name")), str(meta.get("version"))) != (name, version):
+        got = (meta.get("name"), meta.get("version")) if isinstance(meta, dict) else meta
+        raise ConfigurationError(f"--chart {directory}: chart {got!r}, not {name} {version} (k8s/render.yaml pins it)")
+    schema = directory / "values.schema.json"
+    if not schema.is_file():
+        raise ConfigurationError(f"--chart {directory}: the chart has no values.schema.json")
+    defaults = directory / "values.yaml"
+    return Chart(directory, name, version, schema, defaults if defaults.is_file() else None)
+
+
+def check_values(values: Mapping[str, Any], *, kubernetes_version: str, chart: Chart | None = None) -> ChartValues:
     """The values as the chart would accept them, or ConfigurationError naming the first refusal."""
-    problems = chart_schema_problems(values, k8s_dir=k8s_dir, kubernetes_version=kubernetes_version)
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ConfigurationError(f"Helm values: {problems[0]} (the chart's values.schema.json){more}")
+    if chart is not None:
+        problems = chart_schema_problems(values, chart=chart, kubernetes_version=kubernetes_version)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise ConfigurationError(f"Helm values: {problems[0]} (the chart's values.schema.json){more}")
     try:
         return ChartValues.model_validate(dict(values))
     except ValidationError as exc:
@@ -247,58 +282,85 @@ def check_values(values: Mapping[str, Any], *, k8s_dir: Path, kubernetes_version
         raise ConfigurationError(f"Helm values: {where}: {first['msg']} (strict model of the chart's values)") from None
 
 
-def chart_schema_problems(values: Mapping[str, Any], *, k8s_dir: Path, kubernetes_version: str) -> list[str]:
-    """Each place the chart's vendored values.schema.json refuses ``values`` (``required`` aside), as one line."""
-    from jsonschema.exceptions import best_match
+def coalesce(defaults: Mapping[str, Any], ours: Mapping[str, Any]) -> Obj:
+    """Our values laid over the chart's defaults as helm does: maps merged, anything else replaced, null removes."""
+    out = copy.deepcopy(dict(defaults))
+    for key, value in ours.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = coalesce(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
-    validator = _chart_validator(str(k8s_dir), kubernetes_version)
+
+def chart_schema_problems(values: Mapping[str, Any], *, chart: Chart, kubernetes_version: str) -> list[str]:
+    """Each place the chart's values.schema.json refuses its defaults with ``values`` over them, as one line."""
+    from jsonschema.exceptions import best_match
+    from referencing.exceptions import Unresolvable
+
+    validator = _chart_validator(str(chart.schema), chart.schema.stat().st_mtime_ns, kubernetes_version)
+    merged = dict(values)
+    if chart.defaults is not None:
+        try:
+            defaults = yaml.safe_load(chart.defaults.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigurationError(f"{chart.defaults}: not YAML: {exc}".splitlines()[0]) from None
+        if not isinstance(defaults, dict):
+            raise ConfigurationError(f"{chart.defaults}: the chart's default values are not a mapping")
+        merged = coalesce(defaults, values)
     problems = []
-    for error in sorted(validator.iter_errors(dict(values)), key=lambda e: [str(p) for p in e.absolute_path]):
+    try:
+        errors = sorted(validator.iter_errors(merged), key=lambda e: [str(p) for p in e.absolute_path])
+    except Unresolvable as exc:
+        raise ConfigurationError(f"{chart.schema}: refers to {str(exc.ref)[:120]}, which is not resolved offline "
+                                 f"(only kubernetesjsonschema.dev definitions are)") from None
+    for error in errors:
         error = best_match([error])  # into anyOf (a section or null): the branch that explains it
         where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
         problems.append(f"{where}: {error.message[:200]}")
     return problems
 
 
-def _without_required(node: Any) -> Any:
-    """The schema with every ``required`` list dropped: the chart's defaults supply those keys."""
-    if isinstance(node, dict):
-        return {k: _without_required(v) for k, v in node.items() if not (k == "required" and isinstance(v, list))}
-    if isinstance(node, list):
-        return [_without_required(v) for v in node]
-    return node
+def kubernetes_definitions(kubernetes_version: str) -> Obj:
+    """kubernetes-validate's definitions for ``kubernetes_version``, laid out as chart ``$ref``s expect.
 
-
-def offline_chart_schema(k8s_dir: Path, kubernetes_version: str) -> tuple[Obj, Obj]:
-    """(the chart's values schema without its ``required`` lists, the Kubernetes definitions it refers to).
-
-    The definitions (kubernetes-validate's, for ``kubernetes_version``) are laid out as the chart's
-    ``$ref``s expect (``#/definitions/…``); they stand in for ``K8S_DEFINITIONS_URL``, which the chart
-    names and which cannot be reached here. The helm test hands helm the same pair."""
+    Charts refer to ``#/definitions/…`` (Kubernetes' old layout); the bundled file has ``$defs``:
+    both are given. They stand in for ``https://kubernetesjsonschema.dev/<version>/_definitions.json``."""
     import kubernetes_validate
 
-    path = k8s_dir / CHART_SCHEMA
-    if not path.is_file():
-        raise ConfigurationError(f"the chart's values schema is missing: {path} (k8s/vendor/dagster-chart/SOURCE.md)")
-    schema = _without_required(json.loads(path.read_text()))
     bundled = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
     definitions_file = bundled / f"v{kubernetes_version}.0-local" / "_definitions.json"
     if not definitions_file.is_file():
         raise ConfigurationError(f"kubernetes-validate has no definitions for Kubernetes {kubernetes_version}")
-    # The chart refers to `#/definitions/...` (Kubernetes' old layout); the bundled file has `$defs`.
     definitions = json.loads(definitions_file.read_text())["$defs"]
-    return schema, {"definitions": definitions, "$defs": definitions}
+    return {"definitions": definitions, "$defs": definitions}
 
 
 @functools.lru_cache(maxsize=4)
-def _chart_validator(k8s_dir: str, kubernetes_version: str) -> Any:
+def _chart_validator(schema_path: str, mtime_ns: int, kubernetes_version: str) -> Any:
     import jsonschema
-    from referencing import Registry
+    from referencing import Registry, Resource
+    from referencing.exceptions import NoSuchResource
     from referencing.jsonschema import DRAFT7
 
-    schema, definitions = offline_chart_schema(Path(k8s_dir), kubernetes_version)
-    registry = Registry().with_resource(K8S_DEFINITIONS_URL, DRAFT7.create_resource(definitions))
-    return jsonschema.Draft7Validator(schema, registry=registry)
+    try:
+        schema = json.loads(Path(schema_path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(f"{schema_path}: not a JSON schema: {exc}".splitlines()[0]) from None
+    definitions = DRAFT7.create_resource(kubernetes_definitions(kubernetes_version))
+
+    def retrieve(uri: str) -> Resource[Any]:
+        if K8S_DEFINITIONS_URL.fullmatch(uri):
+            return definitions
+        raise NoSuchResource(ref=uri)  # no network: nothing else is fetched
+
+    try:
+        jsonschema.Draft7Validator.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise ConfigurationError(f"{schema_path}: not a valid Draft 7 schema: {exc.message[:200]}") from None
+    return jsonschema.Draft7Validator(schema, registry=Registry(retrieve=retrieve))  # type: ignore[call-arg]
 
 
 def image_ref(repository: str, digest: str) -> str:
