@@ -12,12 +12,14 @@ hands this run's split over under a per-run key and starts a Job through :class:
 key, started by the check, never by the trainer.
 
 The Job is built by dagster-k8s's own ``construct_dagster_k8s_job`` from k8s/training-pod.yaml
-(``training_sandbox_k8s_config``: no token, read-only root, every capability dropped, the
-no-traffic NetworkPolicy's label), plus the two things this run gives it: the per-run key Secret,
-mounted as a file (never an environment variable), and the artifacts volume mounted at its
-``subPath`` for this run only (the pod sees ``split.smle`` and ``out/``, never the store, the keys
-or other runs). Nothing else: no KEK, no signing key, no other Secret. Both live in the training
-namespace (``isolation.kubernetes.namespace``, ``secure-ml-training``), which holds nothing else.
+(``training_sandbox_k8s_config``: no token, read-only root, every capability dropped), plus the
+two things this run gives it: the per-run key Secret, mounted as a file (never an environment
+variable), and the exchange volume (``isolation.kubernetes.volume_claim``: the artifacts volume's
+``training-runs/`` directory, nothing else of it) mounted at its ``subPath`` for this run only (the
+pod sees ``split.smle`` and ``out/``, never the store, the keys or other runs). Nothing else: no
+KEK, no signing key, no other Secret. Both live in the training namespace
+(``isolation.kubernetes.namespace``, ``secure-ml-training``), which holds nothing else and denies
+every pod there all traffic.
 
 :class:`KubernetesLauncher` is the only part that talks to a cluster (create the Secret and the Job,
 read both back, watch the Job, delete both whatever happened), through the kubernetes client, with
@@ -41,13 +43,13 @@ from typing import Any
 import yaml
 
 from secure_ml.errors import ConfigurationError
-from secure_ml.training.handover import LAUNCHER_ACCOUNT, LAUNCHER_STEPS, pod_runner
+from secure_ml.training.handover import LAUNCHER_ACCOUNT, pod_runner
 from secure_ml.training.policy import IsolationPolicy, TrainingPod
 from secure_ml.training.sandbox import SandboxError
 
 TRAINING_POD_FILE = Path(__file__).resolve().parents[1] / "k8s" / "training-pod.yaml"
 KEY_DIR = "/var/run/secrets/secure-ml-run"   # the per-run key Secret, one file: key
-EXCHANGE = "/var/lib/secure-ml-run"          # this run's directory of the artifacts volume
+EXCHANGE = "/var/lib/secure-ml-run"          # this run's directory of the exchange volume
 RUN_LABEL = "secure-ml.dev/training-run"
 KEY_FILE_MODE = 0o440                        # root-owned, group fsGroup 10001: readable by the pod's user only
 

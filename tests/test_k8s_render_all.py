@@ -174,12 +174,13 @@ def test_a_step_with_api_egress_or_no_egress_class_is_refused(rendered: Any, cfg
 
 
 def test_the_per_step_override_table_reaches_only_its_step(rendered: Any, cfg: objects.RenderConfig) -> None:
-    """The hook for the least-privilege training pod: per_step_k8s_config, merged last, as dagster-k8s does."""
+    """per_step_k8s_config, merged last (after the op's own tags), as dagster-k8s does."""
     executor = yaml.safe_load((K8S / "job_executor.yaml").read_text())["execution"]["config"]
     executor["per_step_k8s_config"]["trained_model"]["pod_template_spec_metadata"] = {
         "labels": {objects.EGRESS_LABEL: "none"}}
     image = f"{cfg.image_repository}@{IMAGE}"
-    trained = _k8s_jobs.step_job(rendered[0], executor, "trained_model", image=image, namespace=cfg.namespace)
+    trained = _k8s_jobs.step_job(rendered[0], executor, "trained_model", image=image, namespace=cfg.namespace,
+                                 tags=_k8s_jobs.op_tags()["trained_model"])
     other = _k8s_jobs.step_job(rendered[0], executor, "dataset", image=image, namespace=cfg.namespace)
     assert trained["spec"]["template"]["metadata"]["labels"][objects.EGRESS_LABEL] == "none"
     assert other["spec"]["template"]["metadata"]["labels"][objects.EGRESS_LABEL] == "events"
