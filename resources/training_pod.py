@@ -185,10 +185,10 @@ class KubernetesLauncher:
                 for event in kubernetes.watch.Watch().stream(
                         batch.list_namespaced_job, namespace, field_selector=f"metadata.name={name}",
                         timeout_seconds=max(1, int(min(60.0, deadline - time.monotonic())))):
-                    status = event["object"].status
-                    if status.succeeded:
+                    status = getattr(event["object"], "status", None)  # an ERROR event carries a Status
+                    if status is not None and status.succeeded:
                         return
-                    if status.failed:
+                    if status is not None and status.failed:
                         raise SandboxError(f"the training pod {name} failed (kubectl -n {namespace} logs job/{name})")
                 if time.monotonic() > deadline:
                     raise SandboxError(f"the training pod {name} ran past isolation.kubernetes.wait_s "

@@ -235,6 +235,35 @@ def test_the_reproducible_replay_runs_in_a_pod_of_its_own_and_catches_a_forged_c
     assert (handover.TRAIN_ENTRY, handover.REPLAY_ENTRY) == (loop.ENTRY, loop.SEGMENT_ENTRY)
 
 
+def test_what_the_cluster_hands_back_is_checked_before_the_job_is_waited_for() -> None:
+    """The launcher reads the Secret and Job back (as the kubernetes client gives them) and stops when
+    what was stored mounts a token or another Secret (a mutating webhook, someone else's object)."""
+    import copy
+
+    import kubernetes
+
+    from resources.training_pod import read_back_problems
+
+    client = kubernetes.client.ApiClient()
+    secret, job = training_pod_objects(run_id="run-1", image=IMAGE, key=handover.new_run_key(), pod=TrainingPod())
+    name = run_name("run-1")
+
+    def back(obj: dict[str, Any], kind: str) -> Any:
+        return client._ApiClient__deserialize(copy.deepcopy(obj), kind)  # what read_namespaced_* returns
+
+    assert read_back_problems(back(secret, "V1Secret"), back(job, "V1Job"), name) == []
+    token = copy.deepcopy(job)
+    token["spec"]["template"]["spec"]["automountServiceAccountToken"] = True
+    kek = copy.deepcopy(job)
+    kek["spec"]["template"]["spec"]["containers"][0]["envFrom"] = [{"secretRef": {"name": "secure-ml-kek"}}]
+    for changed in (token, kek):
+        (problem,) = read_back_problems(back(secret, "V1Secret"), back(changed, "V1Job"), name)
+        assert "mounts a token or a Secret other than its run's key" in problem
+    other = copy.deepcopy(secret)
+    other["metadata"]["labels"]["secure-ml.dev/training-run"] = "someone-else"
+    assert read_back_problems(back(other, "V1Secret"), back(job, "V1Job"), name)
+
+
 def test_isolation_backend_is_typed_and_refuses_unknown_settings() -> None:
     from secure_ml.errors import ConfigurationError
 
