@@ -281,7 +281,7 @@ def test_the_trained_model_step_on_kubernetes_without_a_cluster_fails_in_one_lin
         tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The asset takes the pod path when training.yaml says so: here the cluster call is refused (none
     exists), after the split was handed over; the step fails in one line, nothing is materialised and
-    the per-run directory is gone."""
+    the per-run directory is gone. The reproducible check takes it too, and fails closed in one line."""
     import shutil
 
     import dagster as dg
@@ -315,4 +315,22 @@ def test_the_trained_model_step_on_kubernetes_without_a_cluster_fails_in_one_lin
     done = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert "trained_model" not in done and "validated_dataset" in done
     exchange = settings.home / "training-runs"
+    assert not exchange.exists() or not any(exchange.iterdir())
+    # The reproducible check takes the pod path too: a model trained locally, then the check alone with
+    # isolation.backend kubernetes: its replay's pod cannot start here, so the check fails (fail closed), in one line.
+    training["isolation"]["backend"] = "local"
+    (config / "training.yaml").write_text(yaml.safe_dump(training))
+    assets = [*dg.load_assets_from_modules(modules), *dg.load_asset_checks_from_modules(modules)]
+    with dg.DagsterInstance.get() as instance:
+        trained = dg.materialize(assets, instance=instance, resources=resources.build_resources(Settings.from_env()),
+                                 selection=dg.AssetSelection.assets("trained_model").without_checks())
+        assert trained.success
+        training["isolation"]["backend"] = "kubernetes"
+        (config / "training.yaml").write_text(yaml.safe_dump(training))
+        check = dg.AssetCheckKey(dg.AssetKey("trained_model"), "reproducible")
+        checked = dg.materialize(assets, instance=instance, resources=resources.build_resources(Settings.from_env()),
+                                 selection=dg.AssetSelection.checks(check), raise_on_error=False)
+    (evaluation,) = [e for e in checked.get_asset_check_evaluations() if e.check_name == "reproducible"]
+    reason = str(evaluation.metadata["reason"].value)
+    assert not evaluation.passed and "no cluster is configured" in reason and "\n" not in reason
     assert not exchange.exists() or not any(exchange.iterdir())

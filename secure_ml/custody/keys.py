@@ -11,8 +11,9 @@ stand behind it later:
   nobody else (mode 0600); the default for local development.
 - :class:`EnvKeyProvider`: base64 keys from environment variables, for CI secrets. The variable
   is taken out of the process environment on first use (:func:`take_kek_from_environment`), so
-  no child inherits it; ``SECURE_ML_KEK_FILE`` (a 0600 file, or ``-`` for stdin) hands it over
-  without an environment variable at all.
+  no child inherits it; ``SECURE_ML_KEK_FILE`` (a 0600 file of this user, a Kubernetes Secret
+  volume's file: :func:`read_kek_file`; or ``-`` for stdin) hands it over without an environment
+  variable at all.
 
 Key material never appears in a repr, a log line or an exception message: only key ids, which
 are derived from the key by a one-way hash.
@@ -260,7 +261,8 @@ def process_environment() -> dict[str, str]:
 
 def handed_over_provider(environ: Mapping[str, str]) -> EnvKeyProvider | None:
     """The KEK handed over in ``environ``: ``SECURE_ML_KEK`` (base64), else ``SECURE_ML_KEK_FILE``
-    (a file of this user, mode 0600 or 0400, or ``-`` for one line on stdin), else None."""
+    (a file of this user, mode 0600 or 0400, or a Kubernetes Secret volume's file: :func:`read_kek_file`;
+    or ``-`` for one line on stdin), else None."""
     if environ.get("SECURE_ML_KEK"):
         return EnvKeyProvider(dict(environ))
     path = environ.get("SECURE_ML_KEK_FILE")
