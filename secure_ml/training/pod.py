@@ -7,8 +7,9 @@ It is what the Kubernetes Job the trained_model step (or the ``reproducible`` ch
 (secure_ml.training.handover.RETURNS): ``child_train``, the same training entry point as the local
 sandbox, so the same split gives the same weights, bit for bit; or ``child_segments``, the replay of
 chain segments from their recorded start states, returning each end state's digest. Both run under
-the same Python guard against the network and starting programs as in the local sandbox. It reads only ``--run-dir/split.smle`` with the per-run key
-(secure_ml.training.handover) and writes only ``--run-dir/out/``. It also reports what it sees of
+the same Python guard against the network and starting programs as in the local sandbox. It reads
+only ``--run-dir/split.smle`` with the per-run key (secure_ml.training.handover) and writes only
+``--run-dir/out/``. It also reports what it sees of
 itself: uid, environment names, a service-account token, a writable root; ``level_met`` is true only
 when it runs as a non-root user with no secret in its environment, no token and a read-only root.
 Exit status 0, or 1 with one line on stderr.
