@@ -345,7 +345,7 @@ CHECKOV_ALLOWED = {
 
 
 @pytest.mark.skipif(not CHECKOV.exists(), reason="checkov runs in its own venv: `make k8s-check` (not part of `make test`)")
-def test_checkov_finds_nothing_beyond_the_listed_exceptions(tmp_path: Path) -> None:
+def test_checkov_finds_nothing_beyond_the_listed_exceptions(tmp_path: Path, rendered: Any) -> None:
     import json
     import subprocess  # nosec B404 - a fixed argument list, no shell
 
@@ -359,7 +359,7 @@ def test_checkov_finds_nothing_beyond_the_listed_exceptions(tmp_path: Path) -> N
     assert report["summary"]["passed"] > 500 and report["summary"]["parsing_errors"] == 0
     found = set()
     ops = {o["metadata"]["name"]: o["spec"]["template"]["metadata"]["labels"]["dagster/op"]
-           for o in cmd_k8s.render_all(K8S, IMAGE, MODEL)[1]
+           for o in rendered[1]
            if o["kind"] == "Job" and "dagster/op" in o["spec"]["template"]["metadata"]["labels"]}
     for failed in report["results"]["failed_checks"]:
         kind, _, name = failed["resource"].split(".", 2)
