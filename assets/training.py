@@ -18,8 +18,10 @@ states; release runs, or ``reproducible.method: full``, train again from scratch
 """
 
 
+import contextlib
 import json
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,8 @@ from secure_ml.training.features import DataSpec
 from secure_ml.training.predictor import load_model
 from secure_ml.training.proof import verify_segments
 from secure_ml.training.record import record_problems
-from secure_ml.training.sandbox import IsolationPolicy
+from secure_ml.training.loop import ENTRY, SEGMENT_ENTRY
+from secure_ml.training.sandbox import IsolationPolicy, warm
 from secure_ml.training.trainer import train_model
 from secure_ml.training.watch import WatchBounds, deviations
 
@@ -53,6 +56,7 @@ WATCHED = ("cpu_seconds", "peak_memory_bytes", "block_read_bytes", "block_writte
 AREA_CHECKS = {"metrics": "metrics_in_limits", "fairness": "fairness_in_limits",
                "robustness": "robustness_in_limits"}
 RELEASE_TAG = "secure_ml/release"
+PROGRESS_LINES = 5  # epoch lines logged per training (plus the first and the last)
 
 
 def _fail(custody: CustodyResource, context: Any, action: str, subject: str, exc: Error) -> dg.Failure:
@@ -119,9 +123,18 @@ def trained_model(context: dg.AssetExecutionContext, validated_dataset: dict[str
                   ("train_sha256", "test_sha256", "dataset_sha256", "dvc_version", "source")}
     provenance["actor"] = actor
 
+    every = max(1, config.epochs // PROGRESS_LINES)
+    helpers: list[bool] = []
+
     def progress(event: dict[str, Any]) -> None:
-        context.log.info(f"epoch {event['epoch']}/{event['epochs']}: loss {event['loss']:.5f} "
-                         f"({event['rows_per_s'] or 0:,.0f} rows/s)")
+        if not helpers:  # the sandbox has imported torch and trains: now the helpers' imports (not before,
+            helpers.append(True)  # so that on a busy machine they do not slow the training child's start)
+            _warm_verifier(context, chosen)
+            _preload_evaluation(context)
+        # A few lines, not one per epoch: each is an event written to the instance's storage.
+        if event["epoch"] in (1, event["epochs"]) or event["epoch"] % every == 0:
+            context.log.info(f"epoch {event['epoch']}/{event['epochs']}: loss {event['loss']:.5f} "
+                             f"({event['rows_per_s'] or 0:,.0f} rows/s)")
 
     with tempfile.TemporaryDirectory(prefix="secure-ml-train-") as tmp:
         try:
@@ -165,6 +178,49 @@ def trained_model(context: dg.AssetExecutionContext, validated_dataset: dict[str
                             charts={"loss": loss_chart(record["result"]["losses"])}),
         }
         return custody.output(context, result.directory, metadata=metadata)
+
+
+def _warm_verifier(context: Any, chosen: dict[str, Any]) -> None:
+    """Start the ``reproducible`` check's sandbox once training runs, so its set-up and torch import overlap
+    the training and this step's writing (two cores) and the check, later in this process, only replays. The pipeline starts it, never
+    the trainer; the check claims it (sandbox.run_isolated), and its segments are still chosen from the
+    check's own run id. Only where the check runs later in this same process (the in-process executor,
+    the local sandbox), and only for what the check will do on this run (replay segments, or retrain)."""
+    isolation: IsolationPolicy = chosen["isolation"]
+    if isolation.backend == "kubernetes" or not _in_process(context):
+        return
+    checks = context.run.asset_check_selection
+    if checks is not None and dg.AssetCheckKey(context.asset_key, REPRODUCIBLE) not in checks:
+        return
+    release = str(context.run.tags.get(RELEASE_TAG, "")).lower() == "true"
+    if chosen["reproducible"] == "release" and not release:
+        return
+    entry = SEGMENT_ENTRY if chosen["method"] == "segments" and not release else ENTRY
+    try:
+        warm(isolation, entry=entry, threads=chosen["training"].threads)
+    except Error as exc:  # the check sets up its own sandbox, and reports why it could not
+        context.log.warning(f"reproducible: the verifier's sandbox was not started early ({exc.explain()})")
+
+
+def _preload_evaluation(context: Any) -> None:
+    """In-process runs: the evaluation's imports (matplotlib, torch, scikit-learn; evaluation.preload) in a
+    thread while the sandbox trains (this process only waits on it then), so they are not paid after. Not
+    waited for: a step importing one of them meanwhile waits for that module alone (Python's per-module
+    import locks), and the preload imports nothing of ours."""
+    if not _in_process(context):
+        return
+
+    def load() -> None:
+        with contextlib.suppress(Exception):  # only a head start: model_evaluation imports what it needs itself
+            evaluation_core.preload()
+
+    threading.Thread(target=load, name="secure-ml-preload-evaluation", daemon=True).start()
+
+
+def _in_process(context: Any) -> bool:
+    """Whether this process runs more steps than this one (the in-process executor); a process per step
+    (multiprocess, k8s) runs exactly one, and a child warmed here would go unused."""
+    return len(context.get_step_execution_context().execution_plan.step_keys_to_execute) > 1
 
 
 def _number(value: Any) -> float:

@@ -2,10 +2,12 @@
 
     python -m bench --only candidate [--quick]          # quick: 100,000 rows, 2 epochs
     BENCH_CANDIDATE_EPOCHS=2 python -m bench --only candidate     # 1,000,000 rows, 2 epochs each side
+    BENCH_CANDIDATE_ROWS=300000 python -m bench --only candidate  # 300,000 rows, the shipped epochs
 
 A German-credit-shaped drop (the sample bootstrapped, numerics jittered; bench_data's generator)
-lands in a fresh SECURE_ML_HOME and the landing selection (dataset -> ... -> attestation: the
-signed candidate; registration is the release group's) is materialised with ``dg.materialize``,
+lands in a fresh SECURE_ML_HOME and the ingest job's selection plus the training job's (dataset ->
+... -> attestation: the signed candidate; registration is the release group's) is materialised in
+one ``dg.materialize``,
 checks included (``reproducible`` replays chain segments). Baseline, in the same run: one plain torch training
 of the same MLP (bench/baseline_loop.py: today's loop before issue 17, the shipped batch size,
 epochs, seed and one thread) on the train split of the same drop, preprocessed the same way;
@@ -38,16 +40,17 @@ home = make_home(base, automation="off", extra={"SECURE_ML_CONFIG": config} if c
 for key, value in home.environ.items():
     os.environ[key] = value
 from secure_ml.definitions import build_definitions
-from sensors.landing import landing_selection
+from sensors.landing import landing_selection, retraining_selection
 target = home.settings.landing_dir / drop.name
 os.replace(drop, target)
 old = time.time() - 3600
 os.utime(target, (old, old))
 defs = build_definitions(home.settings)
+automation = home.settings.config.automation  # the ingest job's selection, then the training job's
 instance = dg.DagsterInstance.from_config(str(home.dagster_home))
 started = time.perf_counter()
 result = dg.materialize([*defs.assets, *(defs.asset_checks or [])], instance=instance, resources=defs.resources,
-                        selection=landing_selection(home.settings.config.automation),
+                        selection=landing_selection(automation) | retraining_selection(automation),
                         run_config={"ops": {"dataset": {"config": {"drop": drop.name}}},
                                     "loggers": {"console": {"config": {"log_level": "ERROR"}}}},
                         raise_on_error=False)
@@ -107,8 +110,10 @@ def run(quick: bool) -> list[Figure]:
     import yaml
 
     rows, epochs = (100_000, 2) if quick else (1_000_000, 0)  # 0: the shipped training.yaml's epochs
-    # On a loaded machine the full run's baseline alone takes long: BENCH_CANDIDATE_EPOCHS=N cuts both sides.
+    # On a loaded machine the full run's baseline alone takes long: BENCH_CANDIDATE_EPOCHS=N cuts both sides,
+    # BENCH_CANDIDATE_ROWS=N the drop.
     epochs = int(os.environ.get("BENCH_CANDIDATE_EPOCHS", epochs))
+    rows = int(os.environ.get("BENCH_CANDIDATE_ROWS", rows))
     with tempfile.TemporaryDirectory(prefix="bench-candidate-") as tmp:
         base = Path(tmp)
         config_dir = ""

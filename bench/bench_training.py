@@ -101,12 +101,44 @@ def run(quick: bool) -> list[Figure]:
                           isolated_s, "s", "in-process s", in_process_s, "<= 1.2x",
                           same and isolated_s <= 1.2 * in_process_s))
 
+    # 3b. Issue 14: the whole training step isolated vs in this process, interleaved.
+    figures.append(isolation_cost(train, rows, epochs, config, policy))
+
     # 4. The loop against today's loop before issue 17, same arrays, same run.
     figures.append(loop_throughput(X[: 100_000 if quick else 300_000], y[: 100_000 if quick else 300_000], config))
     # 5. CUDA, where there is one.
     figures.append(_cuda(X, y, scaled, policy, rate, label))
     figures.append(sandbox_overhead())
     return figures
+
+
+def isolation_cost(train: pd.DataFrame, rows: int, epochs: int, config: TrainingConfig, policy: IsolationPolicy,
+                   rounds: int = 2) -> Figure:
+    """Issue 14: the training step (train_model: encode the split, train, write the model directory)
+    isolated against in this process, on ``rows`` derived rows, alternated ``rounds`` times; the ratio of
+    the medians. Isolated, the sandbox child starts first and imports torch while the split is encoded
+    (as in the pipeline); in-process, torch is already imported (the baseline pays no import)."""
+    import statistics
+
+    import torch  # noqa: F401 - the in-process baseline starts warm
+
+    big = derived(train, rows)
+    scaled = TrainingConfig.from_mapping({**config.hyperparameters(), "epochs": epochs, "checkpoint_every": 0})
+    seconds: dict[str, list[float]] = {"isolated": [], "in-process": []}
+    digests: set[str] = set()
+    for _ in range(rounds):
+        for name, isolation in (("isolated", policy), ("in-process", None)):
+            with tempfile.TemporaryDirectory() as tmp:
+                started = time.perf_counter()
+                result = train_model(big, SPEC, scaled, Path(tmp) / "m", isolation=isolation)
+                seconds[name].append(time.perf_counter() - started)
+                digests.add(result.weights_sha256)
+    isolated, in_process = statistics.median(seconds["isolated"]), statistics.median(seconds["in-process"])
+    same = len(digests) == 1
+    runs = " / ".join(f"{a:.1f}" for a in seconds["isolated"])
+    return Figure(14, f"training step isolated vs in-process, {rows:,} rows x {epochs} epoch(s), {rounds} runs each "
+                      f"interleaved (isolated {runs} s){'' if same else ' (WEIGHTS DIFFER)'}",
+                  isolated, "s", "in-process s", in_process, "<= 1.05x", same and isolated <= 1.05 * in_process)
 
 
 def loop_throughput(X: Any, y: Any, config: TrainingConfig, rounds: int = 2) -> Figure:
@@ -165,3 +197,14 @@ def _cuda(X: Any, y: Any, config: TrainingConfig, policy: IsolationPolicy, cpu_r
     rate = float(np.median(rates))
     return Figure(ISSUE, f"rows/s per epoch, {label} rows on CUDA ({torch.cuda.get_device_name(0)})", rate,
                   "rows/s", "CPU rows/s", cpu_rate, "reported", True)
+
+
+if __name__ == "__main__":  # python -m bench.bench_training [ROWS] [EPOCHS] [ROUNDS]: the issue-14 row alone
+    import os
+    import sys
+
+    rows_, epochs_, rounds_ = (int(a) for a in (sys.argv[1:] + ["1000000", "2", "2"][len(sys.argv) - 1:])[:3])
+    config_, policy_ = _config()
+    train_, _ = splitting.split(pd.read_csv(SAMPLE), "risk", test_fraction=0.2, seed=20261123)
+    figure = isolation_cost(train_, rows_, epochs_, config_, policy_, rounds=rounds_)
+    print(f"load {os.getloadavg()[0]:.2f}: {figure}")

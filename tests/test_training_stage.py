@@ -59,9 +59,14 @@ def _materialize(settings: Settings, drop: str, *,
         )
 
 
-def test_the_sample_goes_through_training_and_evaluation(fast_config: Path, home: Path) -> None:
+def test_the_sample_goes_through_training_and_evaluation(fast_config: Path, home: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     settings = Settings.from_env()
     drop = land_file(settings, SAMPLE_CSV)
+    from secure_ml.training import sandbox
+
+    warmed: list[sandbox.Prepared] = []  # the real sandbox.warm, its children noted
+    monkeypatch.setattr(training_stage, "warm", lambda *a, **k: warmed.append(sandbox.warm(*a, **k)) or warmed[-1])
     result = _materialize(settings, drop)
     assert result.success, [e.step_failure_data.error for e in result.get_step_failure_events()]
     checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
@@ -73,6 +78,10 @@ def test_the_sample_goes_through_training_and_evaluation(fast_config: Path, home
     assert "re-executed 3 of 6 segments" in replayed["reason"].value and replayed["retrained"].value is False
     assert replayed["segments_checked"].value == 3 and replayed["detection_formula"].value == "1 - (1 - f)^3"
     assert replayed["detection_probability"].value["f=0.5"] == 0.875
+    # The verifier's sandbox, started by the training step while it trained, was taken by the check:
+    # nothing is left warm (a child the check did not claim would still be waiting here).
+    assert [w.entry for w in warmed] == ["secure_ml.training.loop:child_segments"] and warmed[0].claimed
+    assert not sandbox._WARM and warmed[0].started.process.poll() is not None
 
     events = {e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
     trained = events["trained_model"]

@@ -18,6 +18,7 @@ table never carries an e-mail address or a card number into the UI or the audit 
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -111,9 +112,19 @@ def _gx() -> dict[str, Any]:
         if _STATE:
             return _STATE
         deferred_imports.defer_iri_grammar()  # a third of GE's import, for a check GE never makes
-        import great_expectations as gx
-        import great_expectations.expectations as gxe
-        from great_expectations.data_context.types.base import ProgressBarsConfig
+        deferred_imports.defer_modules(deferred_imports.GE_UNUSED)  # altair: charts we never draw
+        # The import builds ~300k objects that live as long as the process: collecting during it only
+        # costs time. (Not gc.freeze() afterwards: it would also pin the drop's frame if it ever became
+        # cyclic garbage.)
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            import great_expectations as gx
+            import great_expectations.expectations as gxe
+            from great_expectations.data_context.types.base import ProgressBarsConfig
+        finally:
+            if collecting:
+                gc.enable()
 
         class ExpectColumnDtypeInList(gxe.ExpectColumnValuesToBeInTypeList):  # type: ignore[misc]
             """The column's pandas dtype name is one of ``type_list``.

@@ -14,13 +14,40 @@ step wrote into an epoch-long buffer. The same arithmetic as autograd's (BCE-wit
 curve matches the old loop's to float rounding; bit-identical run to run on one machine with a
 fixed thread count (deterministic algorithms on). torch.compile is not used: its first compile
 costs more than a sample training, and its kernels are not promised deterministic across runs.
+
+Start-up (issue 17: a sandbox child pays it on every run): torch.optim.Optimizer's methods are wrapped
+so that torch.compile never traces them, and the wrapper imports torch._dynamo (with sympy, about as
+long as torch itself) on its first call. Nothing here compiles, so :func:`skip_compiler_wrappers`
+tells each wrapper its function is already excluded from compilation, before the first optimiser is
+built, unless torch._dynamo is already imported (then someone may compile, and nothing is changed).
+The arithmetic is untouched: the same functions run.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from secure_ml.training.config import TrainingConfig
+
+
+def skip_compiler_wrappers() -> int:
+    """Mark torch.optim.Optimizer's torch._disable_dynamo-wrapped methods as already excluded from
+    torch.compile, so building and saving an optimiser never imports torch._dynamo; how many were marked."""
+    if "torch._dynamo" in sys.modules:
+        return 0
+    import torch
+    import torch._compile
+
+    wrapper = torch._compile._disable_dynamo(lambda: None).__code__
+    marked = 0
+    for cls in (torch.optim.Optimizer, torch.optim.Adam):
+        for member in vars(cls).values():
+            inner = getattr(member, "__wrapped__", None)
+            if inner is not None and getattr(member, "__code__", None) is wrapper:
+                inner.__dynamo_disable = inner  # what the wrapper caches after its first call: call fn itself
+                marked += 1
+    return marked
 
 
 class Engine:

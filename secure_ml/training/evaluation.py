@@ -116,6 +116,20 @@ class EvaluationConfig:
         return config
 
 
+def preload() -> None:
+    """The evaluation's imports: torch (with safetensors), scikit-learn's metrics, scipy's logistic,
+    matplotlib (Agg). Seconds when cold; trained_model runs this in a thread while its sandbox trains,
+    so the evaluation (and the loss plot) find them loaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.figure  # noqa: F401
+    import safetensors.torch  # noqa: F401
+    import scipy.special  # noqa: F401
+    import sklearn.metrics  # noqa: F401
+    import torch  # noqa: F401
+
+
 # -- metrics ---------------------------------------------------------------------------------------
 def classification_metrics(y: np.ndarray, p: np.ndarray, threshold: float, bins: int) -> dict[str, Any]:
     from sklearn import metrics as skm

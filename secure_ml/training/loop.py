@@ -30,7 +30,7 @@ from secure_ml.errors import BadInput, ConfigurationError, IntegrityError
 from secure_ml.training import chain as chain_
 from secure_ml.training.checkpoints import make_checkpoint, restore
 from secure_ml.training.config import TrainingConfig
-from secure_ml.training.engine import Engine
+from secure_ml.training.engine import Engine, skip_compiler_wrappers
 from secure_ml.training.model import MODEL_FORMAT, build_model
 
 ENTRY = "secure_ml.training.loop:child_train"
@@ -58,7 +58,15 @@ def preload() -> None:
 def _deterministic(threads: int) -> None:
     import torch
 
-    torch.use_deterministic_algorithms(True)
+    # torch.use_deterministic_algorithms(True) also imports torch._inductor (dynamo, sympy: about as long as
+    # torch itself) only to set the compiler's flag; nothing here compiles, so the eager kernels' flag is set
+    # directly (torch.are_deterministic_algorithms_enabled() is then True, as with the public call).
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if setter is None:  # pragma: no cover - another torch: the public call
+        torch.use_deterministic_algorithms(True)
+    else:
+        setter(True, warn_only=False)
+    skip_compiler_wrappers()  # nor torch._dynamo for the optimiser (secure_ml.training.engine)
     torch.set_num_threads(threads)
     with contextlib.suppress(RuntimeError):  # only settable before any inter-op work started
         torch.set_num_interop_threads(1)
@@ -115,9 +123,17 @@ def fit_arrays(X: np.ndarray, y: np.ndarray, config: TrainingConfig, *, device: 
     emit("W", save_tensors(weights, metadata={"format": MODEL_FORMAT}))
     emit("K", chain_.pack(states))
     emit("R", json.dumps({"losses": losses, "resumed_from_epoch": start or None, "device": device,
-                          "seconds": time.perf_counter() - started,
+                          "seconds": time.perf_counter() - started, "runtime": runtime(device),
                           "chain": [{"epoch": e, "state_sha256": chain_.state_digest(states[e])}
                                     for e in sorted(states)]}).encode())
+
+
+def runtime(device: str) -> dict[str, Any]:
+    """The torch build that trained (the record's environment; the caller need not import torch for it)."""
+    import torch
+
+    return {"torch": torch.__version__, "torch_cuda": torch.version.cuda,
+            "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None}
 
 
 def replay_segments(X: np.ndarray, y: np.ndarray, config: TrainingConfig, chain_bytes: bytes,
@@ -155,7 +171,7 @@ def child_train(header: Mapping[str, Any], blobs: list[bytes], send: Callable[[s
     """Entry point inside the sandbox: decode the job and train."""
     config = TrainingConfig.from_mapping(header["config"])
     X, y, device = _arrays(header, blobs)
-    resume = blobs[2] if len(blobs) > 2 and blobs[2] else None
+    resume = bytes(blobs[2]) if len(blobs) > 2 and blobs[2] else None
     send("P", json.dumps({"isolation": dict(facts)}).encode())
     fit_arrays(X, y, config, device=device, fingerprint=str(header["fingerprint"]), resume=resume, emit=send)
 
@@ -169,5 +185,5 @@ def child_segments(header: Mapping[str, Any], blobs: list[bytes], send: Callable
         raise BadInput("the segment replay received no training chain")
     send("P", json.dumps({"isolation": dict(facts)}).encode())
     segments = [(int(a), int(b)) for a, b in header["segments"]]
-    digests = replay_segments(X, y, config, blobs[2], segments, device=device)
+    digests = replay_segments(X, y, config, bytes(blobs[2]), segments, device=device)
     send("R", json.dumps({"segments": [[a, b, d] for (a, b), d in zip(segments, digests, strict=True)]}).encode())

@@ -109,11 +109,16 @@ def lock_versions(lock: Path = REPO / "requirements.lock") -> tuple[str, dict[st
     return sha256_bytes(text.encode()), {k.lower(): v for k, v in sorted(pins.items())}
 
 
-def environment() -> dict[str, Any]:
+def environment(runtime: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Python, platform, the lock file's pins against what is installed, and the torch build: from
+    ``runtime`` (secure_ml.training.loop.runtime, reported by the process that trained, so the caller
+    never imports torch for it), else from torch itself."""
     import importlib.metadata as metadata
 
-    import torch
+    if runtime is None:
+        import torch
 
+        runtime = {"torch": torch.__version__, "torch_cuda": torch.version.cuda}
     lock_sha, pins = lock_versions()
     key = ("torch", "numpy", "safetensors", "pandas", "pyarrow", "scikit-learn", "dagster", "cryptography")
     installed: dict[str, str | None] = {}
@@ -127,8 +132,8 @@ def environment() -> dict[str, Any]:
     return {
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
+        "torch": runtime.get("torch"),
+        "torch_cuda": runtime.get("torch_cuda"),
         "platform": platform.platform(),
         "lock_file": "requirements.lock",
         "lock_sha256": lock_sha,
@@ -140,7 +145,7 @@ def environment() -> dict[str, Any]:
     }
 
 
-def hardware(device: str) -> dict[str, Any]:
+def hardware(device: str, runtime: Mapping[str, Any] | None = None) -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -152,7 +157,9 @@ def hardware(device: str) -> dict[str, Any]:
         import psutil
 
         info["memory_bytes"] = int(psutil.virtual_memory().total)
-    if device == "cuda":
+    if device == "cuda" and (runtime or {}).get("gpu"):
+        info["gpu"] = str((runtime or {})["gpu"])
+    elif device == "cuda":
         import torch
 
         info["gpu"] = torch.cuda.get_device_name(0)

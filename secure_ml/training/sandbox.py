@@ -2,6 +2,9 @@
 
     policy = IsolationPolicy.from_mapping(config["isolation"])      # training.yaml
     facts = run_isolated(job, blobs, entry="pkg.module:function", policy=policy, on_frame=handle)
+    ready = prepare(policy, entry="pkg.module:function")      # start it first: it imports while you work
+    facts = run_isolated(job, blobs, entry=..., policy=policy, on_frame=handle, prepared=ready)
+    warm(policy, entry="pkg.module:function")   # for a later run_isolated in this process (claimed there)
     code = run_command(["python", "my_train.py"], policy=policy)    # `secure-ml sandbox run -- ...`
     report = probe_isolation(policy, connect=("127.0.0.1", port), read=[keyring])
 
@@ -31,6 +34,7 @@ capability sets, and the namespaces are compared with the parent's. The facts re
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import functools
@@ -64,8 +68,8 @@ NOBODY = 65534
 NAMESPACES = ("net", "mnt", "pid", "ipc")
 # The child imports secure_ml from where the parent did (-I ignores PYTHONPATH): the same code runs on both sides.
 CODE_ROOT = Path(__file__).resolve().parents[2]
-CHILD_BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); from secure_ml.training.child import main; "
-              "raise SystemExit(main(sys.argv[2:]))")
+CHILD_BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); from secure_ml.training.child import main, exit_now; "
+              "exit_now(main(sys.argv[2:]))")
 CONFINE = Path(__file__).resolve().with_name("confine.py")  # run as a script: standard library only, fast
 
 class SandboxError(Error):
@@ -305,21 +309,109 @@ def child_command(policy: IsolationPolicy, entry: str) -> list[str]:
             "guard" if policy.socket_guard else "no-guard"]
 
 
+@dataclass
+class Prepared:
+    """A sandbox child started before its job: it sets up, imports its entry point's module and runs its
+    ``preload()`` while the caller prepares the job (2 cores: the fixed cost overlaps the caller's work).
+    It waits for the job on stdin; :func:`run_isolated` hands it over. ``close()`` ends it if unused."""
+
+    started: Started
+    entry: str
+    policy: IsolationPolicy
+    threads: int
+    withheld: int
+    claimed: bool = False
+
+    def matches(self, policy: IsolationPolicy, entry: str, threads: int) -> bool:
+        return (self.entry, self.policy, self.threads) == (entry, policy, threads) and \
+            self.started.process.poll() is None
+
+    def close(self) -> None:
+        """End the child unless a run took it (idempotent)."""
+        if not self.claimed:
+            self.claimed = True
+            with contextlib.suppress(ProcessLookupError):
+                self.started.process.kill()
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                self.started.process.communicate(timeout=5)
+
+
+def prepare(policy: IsolationPolicy, *, entry: str, threads: int = 1) -> Prepared:
+    """Start the sandbox child for ``entry`` now, its job to follow (run_isolated(..., prepared=...)).
+    Raises :class:`SandboxError` as run_isolated does when the sandbox cannot be set up."""
+    argv = child_command(policy, entry)
+    env, withheld = child_environment(policy, threads=threads)
+    started = start(argv, policy, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    socket_guard=policy.socket_guard)
+    return Prepared(started, entry, policy, threads, len(withheld))
+
+
+# Children warmed for a later run_isolated in this process (the `reproducible` check after training):
+# claimed by the first run_isolated of the same entry, policy and threads; ended after WARM_IDLE_S
+# unclaimed, and when this process exits.
+WARM_IDLE_S = 300.0
+_WARM: list[Prepared] = []
+_WARM_LOCK = threading.Lock()
+
+
+def warm(policy: IsolationPolicy, *, entry: str, threads: int = 1, idle_s: float = WARM_IDLE_S) -> Prepared:
+    """Start a child for a later :func:`run_isolated` of ``entry`` in this process (which claims it)."""
+    prepared = prepare(policy, entry=entry, threads=threads)
+    with _WARM_LOCK:
+        _WARM.append(prepared)
+    timer = threading.Timer(idle_s, _discard, args=(prepared,))
+    timer.daemon = True
+    timer.start()
+    return prepared
+
+
+def claim_or_prepare(policy: IsolationPolicy, *, entry: str, threads: int = 1) -> Prepared:
+    """The child :func:`warm` started for this entry, policy and threads, else one started now."""
+    return _claim(policy, entry, threads) or prepare(policy, entry=entry, threads=threads)
+
+
+def _claim(policy: IsolationPolicy, entry: str, threads: int) -> Prepared | None:
+    with _WARM_LOCK:
+        for prepared in list(_WARM):
+            if prepared.matches(policy, entry, threads):
+                _WARM.remove(prepared)
+                return prepared
+    return None
+
+
+def _discard(prepared: Prepared) -> None:
+    with _WARM_LOCK:
+        if prepared in _WARM:
+            _WARM.remove(prepared)
+    prepared.close()
+
+
+@atexit.register
+def discard_warm() -> None:
+    """End every warmed child nobody claimed."""
+    for prepared in list(_WARM):
+        _discard(prepared)
+
+
 def run_isolated(header: Mapping[str, Any], blobs: Iterable[bytes | memoryview], *, policy: IsolationPolicy,
                  entry: str, on_frame: Callable[[str, bytes], None], threads: int = 1,
-                 on_start: Callable[[int], None] | None = None) -> dict[str, Any]:
+                 on_start: Callable[[int], None] | None = None, prepared: Prepared | None = None) -> dict[str, Any]:
     """Run ``entry`` (``module:function``) on one job in the sandbox; frames go to
-    ``on_frame(kind, payload)`` as they arrive.
+    ``on_frame(kind, payload)`` as they arrive. The child is ``prepared`` (started earlier by
+    :func:`prepare` for the same entry, policy and threads), else one :func:`warm` started in this
+    process, else started now.
 
     Returns the isolation facts (what was applied, measured; ``level_met``). A child that fails
     raises its own error class (BadInput, IntegrityError, ...) with its one-line message; a
     sandbox that cannot be set up, or a child that dies or is killed, raises :class:`SandboxError`.
     """
-    argv = child_command(policy, entry)
-    env, withheld = child_environment(policy, threads=threads)
+    if prepared is not None and (prepared.claimed or not prepared.matches(policy, entry, threads)):
+        prepared.close()
+        prepared = None  # used, ended, or started for another job: start afresh
+    ready = prepared or _claim(policy, entry, threads) or prepare(policy, entry=entry, threads=threads)
+    ready.claimed = True
+    started, withheld = ready.started, ready.withheld
     sent = [0]
-    started = start(argv, policy, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                    socket_guard=policy.socket_guard)
     process = started.process
     if on_start is not None:
         on_start(process.pid)
@@ -396,7 +488,7 @@ def run_isolated(header: Mapping[str, Any], blobs: Iterable[bytes | memoryview],
         "tasks_started": child_report.get("tasks_started"),
         "denied": denied,
     }
-    return {**started.facts, "environment_withheld": len(withheld), "watch": watch}
+    return {**started.facts, "environment_withheld": withheld, "watch": watch}
 
 
 def _reap(process: subprocess.Popen[bytes]) -> tuple[int, Any]:

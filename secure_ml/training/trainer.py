@@ -48,7 +48,7 @@ from secure_ml.training.config import TrainingConfig, resolve_device
 from secure_ml.training.features import DataSpec, Preprocessing
 from secure_ml.training.loop import ENTRY, fit_arrays
 from secure_ml.training.record import RECORD_FORMAT, code_version, environment, hardware, write_model_dir
-from secure_ml.training.sandbox import IsolationPolicy, run_isolated
+from secure_ml.training.sandbox import IsolationPolicy, Prepared, claim_or_prepare, run_isolated
 
 Progress = Callable[[dict[str, Any]], None]
 # What runs the training entry point on one job, isolated: sandbox.run_isolated (the default), or a
@@ -69,6 +69,7 @@ class FitResult:
     fingerprint: dict[str, Any] = field(default_factory=dict)
     chain: bytes = b""                                       # the chain's states (training_chain.safetensors)
     chain_entries: list[dict[str, Any]] = field(default_factory=list)   # epoch and state digest of each
+    runtime: dict[str, Any] = field(default_factory=dict)    # the torch build that trained (loop.runtime)
 
     @property
     def weights_sha256(self) -> str:
@@ -78,10 +79,11 @@ class FitResult:
 def fit(X: np.ndarray, y: np.ndarray, config: TrainingConfig, *, device: str = "cpu",
         isolation: IsolationPolicy | None = None, checkpoints: CheckpointStore | None = None,
         on_progress: Progress | None = None, on_start: Callable[[int], None] | None = None,
-        runner: Runner | None = None) -> FitResult:
+        runner: Runner | None = None, prepared: Prepared | None = None) -> FitResult:
     """Train on encoded arrays: isolated when ``isolation`` is given (the pipeline always gives
     one), in this process otherwise (the benchmark's baseline). ``runner`` replaces the local
-    sandbox (run_isolated's keywords): the Kubernetes training pod's handover."""
+    sandbox (run_isolated's keywords): the Kubernetes training pod's handover. ``prepared``: the
+    sandbox child already started for this training (sandbox.prepare), which then gets the job."""
     fp = run_fingerprint(X, y, config, device)
     superseded = checkpoints.superseded(fp) if checkpoints is not None else []
     resume = checkpoints.latest(fp.digest) if checkpoints is not None else None
@@ -117,8 +119,9 @@ def fit(X: np.ndarray, y: np.ndarray, config: TrainingConfig, *, device: str = "
         blobs: list[bytes | memoryview] = [memoryview(X32).cast("B"), memoryview(y32).cast("B")]
         if resume is not None:
             blobs.append(resume[1])
+        extra = {"prepared": prepared} if prepared is not None and runner is None else {}
         applied = (runner or run_isolated)(header, blobs, entry=ENTRY, policy=isolation, on_frame=handle,
-                                           threads=config.threads, on_start=on_start)
+                                           threads=config.threads, on_start=on_start, **extra)
         # Isolated means: every layer of the configured level was in place, as measured.
         facts = {"isolated": bool(applied.get("level_met")), **applied}
         child = got.get("facts") or {}
@@ -133,7 +136,8 @@ def fit(X: np.ndarray, y: np.ndarray, config: TrainingConfig, *, device: str = "
     result = got["result"]
     return FitResult(got["weights"], list(result["losses"]), str(result["device"]), result.get("resumed_from_epoch"),
                      facts, time.perf_counter() - started, got["checkpoints"], superseded,
-                     {"digest": fp.digest, **fp.facts()}, got["chain"], list(result["chain"]))
+                     {"digest": fp.digest, **fp.facts()}, got["chain"], list(result["chain"]),
+                     dict(result.get("runtime") or {}))
 
 
 @dataclass
@@ -153,16 +157,25 @@ def train_model(frame: Any, spec: DataSpec, config: TrainingConfig, out_dir: Pat
                 provenance: Mapping[str, Any] | None = None, on_progress: Progress | None = None,
                 on_start: Callable[[int], None] | None = None, cuda_available: bool | None = None,
                 runner: Runner | None = None) -> TrainingResult:
-    """Fit preprocessing on ``frame`` (the training split), train, and write the model directory."""
+    """Fit preprocessing on ``frame`` (the training split), train, and write the model directory.
+
+    Isolated on the local sandbox, the child is started first: it sets up and imports torch while
+    this process fits the preprocessing and encodes the split (two cores: that fixed cost overlaps)."""
     out_dir = Path(out_dir)
     provenance = dict(provenance or {})
     device, device_note = resolve_device(config, cuda_available=cuda_available)
     started_at = datetime.now(UTC)
-    prep = Preprocessing.fit(frame, spec)
-    X, _ = prep.transform(frame, where="training split")
-    y = prep.labels(frame, where="training split")
-    result = fit(X, y, config, device=device, isolation=isolation, checkpoints=checkpoints,
-                 on_progress=on_progress, on_start=on_start, runner=runner)
+    ready = claim_or_prepare(isolation, entry=ENTRY, threads=config.threads) \
+        if isolation is not None and runner is None else None
+    try:
+        prep = Preprocessing.fit(frame, spec)
+        X, _ = prep.transform(frame, where="training split")
+        y = prep.labels(frame, where="training split")
+        result = fit(X, y, config, device=device, isolation=isolation, checkpoints=checkpoints,
+                     on_progress=on_progress, on_start=on_start, runner=runner, prepared=ready)
+    finally:
+        if ready is not None:
+            ready.close()  # a no-op once the run took it
     finished_at = datetime.now(UTC)
     weights_sha = result.weights_sha256
     record = {
@@ -180,8 +193,8 @@ def train_model(frame: Any, spec: DataSpec, config: TrainingConfig, out_dir: Pat
                  "dvc_version": provenance.get("dvc_version"), "source": provenance.get("source"),
                  "encoded_sha256": result.fingerprint["inputs_sha256"]},
         "code": code_version(),
-        "environment": environment(),
-        "hardware": hardware(device),
+        "environment": environment(result.runtime or None),
+        "hardware": hardware(device, result.runtime or None),
         "device": device,
         "device_note": device_note,
         "isolation": result.isolation,
