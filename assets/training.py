@@ -29,6 +29,7 @@ import dagster as dg
 
 from resources import CustodyResource, model_key, verdict
 from resources.metadata import plot_metadata
+from resources.training_pod import launcher_op_tags, pod_runner_for
 from secure_ml.custody.integrity import SHA256_HEX, sha256_file
 from secure_ml.errors import BadInput, ConfigurationError, Error
 from secure_ml.training import evaluation as evaluation_core
@@ -36,7 +37,6 @@ from secure_ml.training.charts import charts, loss_chart
 from secure_ml.training.checkpoints import CheckpointStore
 from secure_ml.training.config import TrainingConfig
 from secure_ml.training.features import DataSpec
-from secure_ml.training.handover import pod_runner
 from secure_ml.training.predictor import load_model
 from secure_ml.training.proof import verify_segments
 from secure_ml.training.record import record_problems
@@ -98,6 +98,7 @@ def _validated(validated_dataset: dict[str, Any]) -> None:
     kinds={"pytorch", "safetensors"},
     owners=["team:ml-engineers"],
     code_version="1",
+    op_tags=launcher_op_tags(),  # on Kubernetes its pod alone may start the training pod (k8s/training-pod.yaml)
 )
 def trained_model(context: dg.AssetExecutionContext, validated_dataset: dict[str, Any],
                   custody: CustodyResource) -> dg.Output[Any]:
@@ -139,7 +140,7 @@ def trained_model(context: dg.AssetExecutionContext, validated_dataset: dict[str
         try:
             result = train_model(train, spec, config, Path(tmp) / "model", isolation=chosen["isolation"],
                                  checkpoints=checkpoints, provenance=provenance, on_progress=progress,
-                                 runner=_training_runner(context, chosen["isolation"], settings.home))
+                                 runner=pod_runner_for(context, chosen["isolation"], settings.home))
         except Error as exc:
             raise _fail(custody, context, "training.run", subject, exc) from None
         record = result.record
@@ -220,24 +221,6 @@ def _in_process(context: Any) -> bool:
     """Whether this process runs more steps than this one (the in-process executor); a process per step
     (multiprocess, k8s) runs exactly one, and a child warmed here would go unused."""
     return len(context.get_step_execution_context().execution_plan.step_keys_to_execute) > 1
-
-
-def _training_runner(context: Any, isolation: IsolationPolicy, home: Path) -> Any:
-    """None (the local sandbox), or, with isolation.backend kubernetes, the training pod's handover: this
-    run's split under a per-run key in a per-run directory of the artifacts volume (resources/training_pod.py)."""
-    if isolation.backend != "kubernetes":
-        return None
-    import os
-
-    from resources.training_pod import KubernetesLauncher, run_name
-
-    origin = context.run.job_code_origin
-    image = (origin.repository_origin.container_image if origin else None) or os.environ.get("SECURE_ML_TRAINING_IMAGE")
-    if not image:
-        raise ConfigurationError("isolation.backend kubernetes needs the code location's image (pinned by digest) "
-                                 "or SECURE_ML_TRAINING_IMAGE")
-    run_dir = home / isolation.kubernetes.exchange / run_name(context.run_id)
-    return pod_runner(run_dir, KubernetesLauncher(isolation.kubernetes, image=image, run_id=context.run_id))
 
 
 def _number(value: Any) -> float:
@@ -343,7 +326,8 @@ def record_complete(context: dg.AssetCheckExecutionContext,
                 description="Proof-of-Learning: k randomly chosen segments of the signed training chain, re-executed "
                             "isolated from their recorded start states on the train split the record names, reach "
                             "the recorded states (detection probability 1-(1-f)^k against f faked segments); release "
-                            "runs, or reproducible.method full, retrain from scratch and compare the weights.")
+                            "runs, or reproducible.method full, retrain from scratch and compare the weights.",
+                op_tags=launcher_op_tags())  # on Kubernetes it starts the replay's pod, never the trainer
 def reproducible(context: dg.AssetCheckExecutionContext, custody: CustodyResource) -> dg.AssetCheckResult:
     release = str(context.run.tags.get(RELEASE_TAG, "")).lower() == "true"
     with tempfile.TemporaryDirectory(prefix="secure-ml-retrain-") as tmp:
@@ -368,7 +352,8 @@ def reproducible(context: dg.AssetCheckExecutionContext, custody: CustodyResourc
         try:
             train = custody.store(context).get_dataframe(str(data["train_sha256"]))
             again = train_model(train, spec, chosen["training"], Path(tmp) / "model",
-                                isolation=chosen["isolation"], checkpoints=None, provenance={})
+                                isolation=chosen["isolation"], checkpoints=None, provenance={},
+                                runner=pod_runner_for(context, chosen["isolation"], custody.settings().home, replay=True))
             digest, error = again.weights_sha256, ""
         except Error as exc:
             digest, error = "", exc.explain()
@@ -393,7 +378,9 @@ def _segments_verdict(context: Any, custody: CustodyResource, model_dir: Path, c
     metadata: dict[str, Any] = {"retrained": False, "method": "segments", "weights_sha256": weights}
     try:
         train = custody.store(context).get_dataframe(str(data["train_sha256"]))
-        report = verify_segments(model_dir, train, k=k, run_id=context.run.run_id, isolation=chosen["isolation"])
+        runner = pod_runner_for(context, chosen["isolation"], custody.settings().home, replay=True)
+        report = verify_segments(model_dir, train, k=k, run_id=context.run.run_id, isolation=chosen["isolation"],
+                                 runner=runner)
     except Error as exc:
         return verdict(custody, context, check=REPRODUCIBLE, subject=subject, passed=False,
                        reason=f"could not re-execute the training chain: {exc.explain()}", metadata=metadata)

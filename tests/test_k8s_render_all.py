@@ -90,7 +90,8 @@ def test_one_step_job_per_asset_of_the_code_location(rendered: Any, cfg: objects
 
     assets = {key.to_user_string() for key in definitions.build_definitions().resolve_asset_graph().get_all_asset_keys()}
     assert set(cfg.steps) == assets
-    assert set(jobs(rendered[1])) == assets | {"run"}
+    # ... and the asset checks whose pods differ: the reproducible check starts the replay's training pod.
+    assert set(jobs(rendered[1])) == assets | {"run", "trained_model_reproducible"}
 
 
 def test_step_pods_hold_no_token_and_reach_only_dns_and_postgres(rendered: Any) -> None:
@@ -101,13 +102,17 @@ def test_step_pods_hold_no_token_and_reach_only_dns_and_postgres(rendered: Any) 
     assert run["metadata"]["labels"][objects.EGRESS_LABEL] == "events-api"
     for step, job in by_role.items():
         pod = job["spec"]["template"]
-        assert pod["spec"]["automountServiceAccountToken"] is False, step
-        assert pod["spec"]["serviceAccountName"] == "dagster-step", step
-        assert pod["metadata"]["labels"][objects.EGRESS_LABEL] == "events", step
+        # The steps that start a training pod: the launcher's account and token, and the API server
+        # (its Role reaches the training namespace only: test_k8s_secrets_per_step.py).
+        launcher = step in ("trained_model", "trained_model_reproducible")
+        assert pod["spec"]["automountServiceAccountToken"] is launcher, step
+        assert pod["spec"]["serviceAccountName"] == ("secure-ml-training-launcher" if launcher else "dagster-step"), step
+        assert pod["metadata"]["labels"][objects.EGRESS_LABEL] == ("events-api" if launcher else "events"), step
         volumes = [v["name"] for v in pod["spec"]["volumes"]]
-        # exactly one /tmp, from the code location; the signing steps add their key (test_k8s_secrets_per_step.py)
+        # exactly one /tmp, from the code location; the KEK as a file; the signing steps add their key
+        # (test_k8s_secrets_per_step.py)
         signing = ["signing-key"] if step in ("model_signature", "attestation", "registered_model") else []
-        assert sorted(volumes) == sorted(["artifacts", "tmp", *signing]), step
+        assert sorted(volumes) == sorted(["artifacts", "tmp", "kek", *signing]), step
         env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
         assert env["SECURE_ML_ENV"] == "production" and env["SECURE_ML_HOME"] == "/var/lib/secure-ml"
     assert by_role["trained_model"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"] == "8Gi"
@@ -172,12 +177,13 @@ def test_a_step_with_api_egress_or_no_egress_class_is_refused(rendered: Any, cfg
 
 
 def test_the_per_step_override_table_reaches_only_its_step(rendered: Any, cfg: objects.RenderConfig) -> None:
-    """The hook for the least-privilege training pod: per_step_k8s_config, merged last, as dagster-k8s does."""
+    """per_step_k8s_config, merged last (after the op's own tags), as dagster-k8s does."""
     executor = yaml.safe_load((K8S / "job_executor.yaml").read_text())["execution"]["config"]
     executor["per_step_k8s_config"]["trained_model"]["pod_template_spec_metadata"] = {
         "labels": {objects.EGRESS_LABEL: "none"}}
     image = f"{cfg.image_repository}@{IMAGE}"
-    trained = _k8s_jobs.step_job(rendered[0], executor, "trained_model", image=image, namespace=cfg.namespace)
+    trained = _k8s_jobs.step_job(rendered[0], executor, "trained_model", image=image, namespace=cfg.namespace,
+                                 tags=_k8s_jobs.op_tags()["trained_model"])
     other = _k8s_jobs.step_job(rendered[0], executor, "dataset", image=image, namespace=cfg.namespace)
     assert trained["spec"]["template"]["metadata"]["labels"][objects.EGRESS_LABEL] == "none"
     assert other["spec"]["template"]["metadata"]["labels"][objects.EGRESS_LABEL] == "events"
@@ -377,16 +383,18 @@ def test_a_failing_check_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFi
 CHECKOV = REPO / ".venv-k8s" / "bin" / "checkov"
 # The failures checkov may report, each listed with its reason in k8s/README.md; nothing else.
 CHECKOV_ALLOWED = {
-    # dagster-k8s injects DAGSTER_PG_PASSWORD from a Secret into every Dagster pod, and the KEK
-    # provider reads SECURE_ML_KEK from the environment (envFrom the secure-ml-kek Secret).
+    # dagster-k8s injects DAGSTER_PG_PASSWORD from a Secret into every Dagster pod (the KEK is a file).
     ("CKV_K8S_35", "Job"), ("CKV_K8S_35", "Deployment.code-location"),
-    # The run worker creates the step Jobs; the chart has no value to drop the code location's token.
+    # The run worker creates the step Jobs; the chart has no value to drop the code location's token;
+    # the training launchers create the training Job and its per-run Secret (a Role in the training
+    # namespace only).
     ("CKV_K8S_38", "Job.run"), ("CKV_K8S_38", "Deployment.code-location"),
+    ("CKV_K8S_38", "Job.trained_model"), ("CKV_K8S_38", "Job.trained_model_reproducible"),
 }
 
 
 @pytest.mark.skipif(not CHECKOV.exists(), reason="checkov runs in its own venv: `make k8s-check` (not part of `make test`)")
-def test_checkov_finds_nothing_beyond_the_listed_exceptions(tmp_path: Path) -> None:
+def test_checkov_finds_nothing_beyond_the_listed_exceptions(tmp_path: Path, rendered: Any) -> None:
     import json
     import subprocess  # nosec B404 - a fixed argument list, no shell
 
@@ -399,9 +407,13 @@ def test_checkov_finds_nothing_beyond_the_listed_exceptions(tmp_path: Path) -> N
     report = report[0] if isinstance(report, list) else report
     assert report["summary"]["passed"] > 500 and report["summary"]["parsing_errors"] == 0
     found = set()
+    ops = {o["metadata"]["name"]: o["spec"]["template"]["metadata"]["labels"]["dagster/op"]
+           for o in rendered[1]
+           if o["kind"] == "Job" and "dagster/op" in o["spec"]["template"]["metadata"]["labels"]}
     for failed in report["results"]["failed_checks"]:
         kind, _, name = failed["resource"].split(".", 2)
-        role = "run" if name.startswith("dagster-run-") else "code-location" if name == "dagster-secure-ml" else name
+        role = "run" if name.startswith("dagster-run-") else "code-location" if name == "dagster-secure-ml" else \
+            ops.get(name, name)
         found.add((failed["check_id"], kind) if (failed["check_id"], kind) in CHECKOV_ALLOWED
                   else (failed["check_id"], f"{kind}.{role}"))
     assert found <= CHECKOV_ALLOWED, sorted(found - CHECKOV_ALLOWED)

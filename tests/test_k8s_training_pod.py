@@ -41,7 +41,7 @@ def _job(env_secrets: list[str]) -> dict[str, Any]:
                                     "secure-ml-training-sandbox-run1", user, pod_name="secure-ml-training-sandbox-run1",
                                     component="training_sandbox")
     manifest: dict[str, Any] = kubernetes.client.ApiClient().sanitize_for_serialization(job)
-    manifest["metadata"]["namespace"] = "secure-ml-pipeline"
+    manifest["metadata"]["namespace"] = "secure-ml-training"
     return manifest
 
 
@@ -63,20 +63,24 @@ def test_the_training_pod_job_is_valid_admitted_and_holds_no_secret(admission: P
     # The control: the same construction given the pipeline's secrets would carry them (so the test can fail).
     leaky = _job(["secure-ml-kek"])["spec"]["template"]["spec"]["containers"][0]
     assert any(e.get("secretRef", {}).get("name") == "secure-ml-kek" for e in leaky.get("envFrom") or [])
-    # The NetworkPolicy selects this pod and allows no traffic at all.
+    # The NetworkPolicy selects every pod of the training namespace and allows no traffic at all.
     policy = next(d for d in DOCS if d.get("kind") == "NetworkPolicy")
-    labels = pod["metadata"]["labels"]
-    assert all(labels.get(k) == v for k, v in policy["spec"]["podSelector"]["matchLabels"].items())
-    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
-    assert "ingress" not in policy["spec"] and "egress" not in policy["spec"]
+    assert policy["metadata"]["namespace"] == manifest["metadata"]["namespace"]
+    assert policy["spec"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
 
 
 def test_the_other_documents_are_strictly_valid_and_admitted(admission: PolicyEngine) -> None:
     for doc in DOCS[1:]:
         kubernetes_validate.validate(doc, "1.33", strict=True)
         assert admission.decide("admission", doc).allowed
-    account = next(d for d in DOCS if d.get("kind") == "ServiceAccount")
-    assert account["automountServiceAccountToken"] is False
+    accounts = {d["metadata"]["name"]: d for d in DOCS if d.get("kind") == "ServiceAccount"}
+    assert all(a["automountServiceAccountToken"] is False for a in accounts.values())  # pods opt in, or not
+    assert accounts["secure-ml-training-sandbox"]["metadata"]["namespace"] == "secure-ml-training"
+    # Everything here passes the render checks too (RBAC rules included).
+    from secure_ml.release.platform.checks import check_objects
+
+    assert check_objects([*DOCS[1:], _job([])], kubernetes_version="1.33", signed_model_digests=[],
+                         api_server_endpoints=[], pipeline_namespace="secure-ml-pipeline") == []
     manifest = _job([])
     manifest["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] = False
     assert not admission.decide("admission", manifest).allowed  # the policy really looks at this pod

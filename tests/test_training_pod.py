@@ -25,8 +25,8 @@ import pytest
 
 from resources.training_pod import EXCHANGE, KEY_DIR, run_name, training_pod_objects
 from secure_ml.custody.crypto import encrypt_stream
-from secure_ml.errors import IntegrityError, KeyUnavailable
-from secure_ml.training import handover
+from secure_ml.errors import BadInput, IntegrityError, KeyUnavailable
+from secure_ml.training import handover, loop
 from secure_ml.training.config import TrainingConfig
 from secure_ml.training.policy import IsolationPolicy, TrainingPod
 from secure_ml.training.sandbox import CODE_ROOT, SandboxError
@@ -169,6 +169,10 @@ def test_the_per_run_secret_and_job_hold_only_the_run_key_and_pass_every_check()
     assert secrets == [name]
     exchange = next(m for m in container["volumeMounts"] if m["mountPath"] == EXCHANGE)
     assert exchange["subPath"] == f"training-runs/{name}"
+    # In the training namespace, which holds nothing else; the exchange claim there, never the artifacts volume.
+    assert job["metadata"]["namespace"] == secret["metadata"]["namespace"] == "secure-ml-training"
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v]
+    assert claims == ["secure-ml-training-exchange"]
     labels = job["spec"]["template"]["metadata"]["labels"]
     assert labels["secure-ml.dev/role"] == "training-sandbox" and labels["secure-ml.dev/egress"] == "none"
     # The checks can fail: the same Job with a writable root or an unpinned image is refused.
@@ -177,6 +181,87 @@ def test_the_per_run_secret_and_job_hold_only_the_run_key_and_pass_every_check()
                          pipeline_namespace=pod.namespace)
     with pytest.raises(Exception, match="pinned by digest"):
         training_pod_objects(run_id="run-1", image="secure-ml:latest", key=key, pod=pod)
+
+
+def test_the_reproducible_replay_runs_in_a_pod_of_its_own_and_catches_a_forged_checkpoint(tmp_path: Path) -> None:
+    """The check's replay of chain segments through the same handover (the split and the chain, whose
+    states are the segments' starting checkpoints, in; each end state's digest back), the pod's entry
+    point run here as a subprocess: the digests are the local replay's, and a forged state fails it."""
+    import json
+
+    import pandas as pd
+
+    from secure_ml.data import splitting
+    from secure_ml.training.proof import verify_segments
+    from secure_ml.training.trainer import train_model
+    from tests.test_training_chain import CONFIG as CHAIN_CONFIG
+    from tests.test_training_chain import SPEC, _forge
+
+    train = splitting.split(pd.read_csv(SAMPLE_CSV), "risk", test_fraction=0.2, seed=20261123)[0]
+    model = tmp_path / "model"
+    train_model(train, SPEC, CHAIN_CONFIG, model, isolation=None, provenance={"train_sha256": "a" * 64})
+    (tmp_path / "secret").mkdir()
+    seen: dict[str, Any] = {}
+
+    def look(run_dir: Path) -> None:
+        seen["files"] = sorted(p.name for p in run_dir.iterdir())
+        seen["entry"] = handover.read_job(run_dir, (tmp_path / "secret" / "key").read_text())[0]
+
+    runner = handover.pod_runner(tmp_path / "runs" / "replay", _pod(tmp_path / "secret", before=look))
+
+    def spy(header: Any, blobs: Any, *, entry: str, on_frame: Callable[[str, bytes], None], **kw: Any) -> Any:
+        def keep(kind: str, payload: bytes) -> None:
+            seen.setdefault(kind, payload)
+            on_frame(kind, payload)
+        return runner(header, blobs, entry=entry, on_frame=keep, **kw)
+
+    local = verify_segments(model, train, k=10, run_id="r", isolation=None)
+    pod = verify_segments(model, train, k=10, run_id="r", isolation=IsolationPolicy(backend="kubernetes"), runner=spy)
+    assert local.passed and pod.passed and pod.checked == local.checked == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    record = json.loads((model / "training_record.json").read_text())
+    recorded = {e["epoch"]: e["state_sha256"] for e in record["result"]["chain"]}
+    assert [d for _, _, d in json.loads(seen["R"])["segments"]] == [recorded[b] for _, b in local.checked]
+    assert seen["files"] == ["out", "split.smle"] and seen["entry"] == handover.REPLAY_ENTRY
+    assert not (tmp_path / "runs" / "replay").exists()
+    # A trainer who forged epoch 2 (and recorded its digest consistently): the pod's replay does not reach it.
+    _forge(model, 2, lambda state: state["model.layers.0.weight"].__iadd__(np.float32(1e-3)))
+    caught = verify_segments(model, train, k=10, run_id="r", isolation=IsolationPolicy(backend="kubernetes"),
+                             runner=handover.pod_runner(tmp_path / "runs" / "replay", _pod(tmp_path / "secret")))
+    assert not caught.passed and caught.mismatched == [(1, 2), (2, 3)]
+    assert "did not reach the state the chain records" in caught.reason() and "\n" not in caught.reason()
+    # The pod runs training or the replay, nothing named by anyone else.
+    with pytest.raises(BadInput, match="not 'os:system'"):
+        runner({}, [], entry="os:system", on_frame=lambda kind, payload: None)
+    assert (handover.TRAIN_ENTRY, handover.REPLAY_ENTRY) == (loop.ENTRY, loop.SEGMENT_ENTRY)
+
+
+def test_what_the_cluster_hands_back_is_checked_before_the_job_is_waited_for() -> None:
+    """The launcher reads the Secret and Job back (as the kubernetes client gives them) and stops when
+    what was stored mounts a token or another Secret (a mutating webhook, someone else's object)."""
+    import copy
+
+    import kubernetes
+
+    from resources.training_pod import read_back_problems
+
+    client = kubernetes.client.ApiClient()
+    secret, job = training_pod_objects(run_id="run-1", image=IMAGE, key=handover.new_run_key(), pod=TrainingPod())
+    name = run_name("run-1")
+
+    def back(obj: dict[str, Any], kind: str) -> Any:
+        return client._ApiClient__deserialize(copy.deepcopy(obj), kind)  # what read_namespaced_* returns
+
+    assert read_back_problems(back(secret, "V1Secret"), back(job, "V1Job"), name) == []
+    token = copy.deepcopy(job)
+    token["spec"]["template"]["spec"]["automountServiceAccountToken"] = True
+    kek = copy.deepcopy(job)
+    kek["spec"]["template"]["spec"]["containers"][0]["envFrom"] = [{"secretRef": {"name": "secure-ml-kek"}}]
+    for changed in (token, kek):
+        (problem,) = read_back_problems(back(secret, "V1Secret"), back(changed, "V1Job"), name)
+        assert "mounts a token or a Secret other than its run's key" in problem
+    other = copy.deepcopy(secret)
+    other["metadata"]["labels"]["secure-ml.dev/training-run"] = "someone-else"
+    assert read_back_problems(back(other, "V1Secret"), back(job, "V1Job"), name)
 
 
 def test_isolation_backend_is_typed_and_refuses_unknown_settings() -> None:
@@ -196,7 +281,7 @@ def test_the_trained_model_step_on_kubernetes_without_a_cluster_fails_in_one_lin
         tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The asset takes the pod path when training.yaml says so: here the cluster call is refused (none
     exists), after the split was handed over; the step fails in one line, nothing is materialised and
-    the per-run directory is gone."""
+    the per-run directory is gone. The reproducible check takes it too, and fails closed in one line."""
     import shutil
 
     import dagster as dg
@@ -230,4 +315,22 @@ def test_the_trained_model_step_on_kubernetes_without_a_cluster_fails_in_one_lin
     done = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert "trained_model" not in done and "validated_dataset" in done
     exchange = settings.home / "training-runs"
+    assert not exchange.exists() or not any(exchange.iterdir())
+    # The reproducible check takes the pod path too: a model trained locally, then the check alone with
+    # isolation.backend kubernetes: its replay's pod cannot start here, so the check fails (fail closed), in one line.
+    training["isolation"]["backend"] = "local"
+    (config / "training.yaml").write_text(yaml.safe_dump(training))
+    assets = [*dg.load_assets_from_modules(modules), *dg.load_asset_checks_from_modules(modules)]
+    with dg.DagsterInstance.get() as instance:
+        trained = dg.materialize(assets, instance=instance, resources=resources.build_resources(Settings.from_env()),
+                                 selection=dg.AssetSelection.assets("trained_model").without_checks())
+        assert trained.success
+        training["isolation"]["backend"] = "kubernetes"
+        (config / "training.yaml").write_text(yaml.safe_dump(training))
+        check = dg.AssetCheckKey(dg.AssetKey("trained_model"), "reproducible")
+        checked = dg.materialize(assets, instance=instance, resources=resources.build_resources(Settings.from_env()),
+                                 selection=dg.AssetSelection.checks(check), raise_on_error=False)
+    (evaluation,) = [e for e in checked.get_asset_check_evaluations() if e.check_name == "reproducible"]
+    reason = str(evaluation.metadata["reason"].value)
+    assert not evaluation.passed and "no cluster is configured" in reason and "\n" not in reason
     assert not exchange.exists() or not any(exchange.iterdir())

@@ -119,12 +119,13 @@ def run_worker_job(values: Mapping[str, Any], *, image: str, namespace: str) -> 
 
 
 def op_tags() -> dict[str, dict[str, str]]:
-    """Each op's tags, from the code location's own definitions (a signing step's ``dagster-k8s/config``)."""
+    """Each op's tags, asset checks' ops included, from the code location's own definitions (a signing
+    step's or a training launcher's ``dagster-k8s/config``)."""
     from secure_ml.definitions import build_definitions
 
     graph = build_definitions().resolve_asset_graph()
-    return {node.assets_def.op.name: dict(node.assets_def.op.tags or {})
-            for node in graph.asset_nodes if node.assets_def.is_executable}
+    return {assets_def.op.name: dict(assets_def.op.tags or {})
+            for assets_def in graph.assets_defs if assets_def.is_executable}
 
 
 def step_job(values: Mapping[str, Any], exc_cfg: Mapping[str, Any], step: str, *, image: str,
@@ -162,6 +163,8 @@ def run_and_step_jobs(values: Mapping[str, Any], executor_config: Mapping[str, A
     unknown = set(exc_cfg.get("per_step_k8s_config") or {}) - set(steps)
     if unknown:
         raise ConfigurationError(f"k8s/job_executor.yaml: per_step_k8s_config names no step: {sorted(unknown)}")
+    # An asset check's op is a step too: the ones whose pods differ (their own dagster-k8s/config) are rendered.
+    checks = sorted(op for op, t in tags.items() if op not in steps and "dagster-k8s/config" in t)
     return [run_worker_job(values, image=image, namespace=namespace),
             *(step_job(values, exc_cfg, step, image=image, namespace=namespace, tags=tags.get(step))
-              for step in steps)]
+              for step in [*steps, *checks])]

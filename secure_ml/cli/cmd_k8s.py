@@ -90,6 +90,7 @@ def render_all(k8s_dir: Path, digest: str, model_digest: str,
     pinned = [k8s_render.PinnedModel(n, "rendered", d) for n, d in (models or [(name, model_digest)])]
     rendered = [
         *objects.static_manifests(cfg),
+        *objects.training_manifests(cfg),
         *objects.network_policies(cfg),
         *objects.secrets_and_config_maps(cfg, values),
         *objects.code_location_objects(cfg, values),

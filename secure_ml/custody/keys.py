@@ -11,8 +11,9 @@ stand behind it later:
   nobody else (mode 0600); the default for local development.
 - :class:`EnvKeyProvider`: base64 keys from environment variables, for CI secrets. The variable
   is taken out of the process environment on first use (:func:`take_kek_from_environment`), so
-  no child inherits it; ``SECURE_ML_KEK_FILE`` (a 0600 file, or ``-`` for stdin) hands it over
-  without an environment variable at all.
+  no child inherits it; ``SECURE_ML_KEK_FILE`` (a 0600 file of this user, a Kubernetes Secret
+  volume's file: :func:`read_kek_file`; or ``-`` for stdin) hands it over without an environment
+  variable at all.
 
 Key material never appears in a repr, a log line or an exception message: only key ids, which
 are derived from the key by a one-way hash.
@@ -260,7 +261,8 @@ def process_environment() -> dict[str, str]:
 
 def handed_over_provider(environ: Mapping[str, str]) -> EnvKeyProvider | None:
     """The KEK handed over in ``environ``: ``SECURE_ML_KEK`` (base64), else ``SECURE_ML_KEK_FILE``
-    (a file of this user, mode 0600 or 0400, or ``-`` for one line on stdin), else None."""
+    (a file of this user, mode 0600 or 0400, or a Kubernetes Secret volume's file: :func:`read_kek_file`;
+    or ``-`` for one line on stdin), else None."""
     if environ.get("SECURE_ML_KEK"):
         return EnvKeyProvider(dict(environ))
     path = environ.get("SECURE_ML_KEK_FILE")
@@ -273,8 +275,20 @@ _stdin_kek: list[str] = []
 
 
 def read_kek_file(path: str) -> str:
-    """The base64 KEK in ``path`` (``-``: one line on stdin, read once); refuses a file anyone else
-    could read or that another user owns."""
+    """The base64 KEK in ``path`` (``-``: one line on stdin, read once).
+
+    A key file anyone else could read or change is a leaked key, so exactly two kinds are accepted:
+
+    - a file of this user, mode 0600 or 0400, group and others without any bit (a local key file);
+    - a file of root whose group is one of this process's groups, mode 0440 or 0400, on a read-only
+      mount: what a Kubernetes Secret volume gives a non-root pod (``defaultMode: 0400`` and the pod's
+      ``fsGroup``; the kubelet writes it root:fsGroup 0440 on a read-only tmpfs), reached through the
+      volume's ``..data`` symlinks, which must stay inside the file's directory.
+
+    Everything else is refused in one line: any bit for others (world-readable or -writable), group
+    write or execute, group read on a file of this user, another owner, a group this process is not
+    in, a file of root on a writable mount, a symlink leading out of its directory, a non-file.
+    """
     if path == "-":
         if not _stdin_kek:
             import sys
@@ -284,21 +298,47 @@ def read_kek_file(path: str) -> str:
                 raise KeyUnavailable("SECURE_ML_KEK_FILE is '-' but stdin gave no key")
             _stdin_kek.append(line)
         return _stdin_kek[0]
+    where = f"SECURE_ML_KEK_FILE {path}"
+    # A Secret volume's file is a symlink (key -> ..data/key -> ..<timestamp>/key): follow it only
+    # within the file's own directory, then open the target itself without following anything.
+    real = os.path.realpath(path)
+    base = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    if os.path.commonpath([real, base]) != base:
+        raise KeyUnavailable(f"{where} is a symlink leading out of its directory")
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
-        raise KeyUnavailable(f"SECURE_ML_KEK_FILE {path} does not exist") from None
+        raise KeyUnavailable(f"{where} does not exist") from None
     except OSError as exc:
-        raise KeyUnavailable(f"SECURE_ML_KEK_FILE {path} cannot be opened ({exc.strerror})") from None
+        raise KeyUnavailable(f"{where} cannot be opened ({exc.strerror})") from None
     with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        # A key file others can read is a leaked key: refuse it rather than use it.
-        if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise KeyUnavailable(f"SECURE_ML_KEK_FILE {path} is accessible to group or others "
-                                 f"(mode {stat.S_IMODE(info.st_mode):04o}); run: chmod 600 {path}")
-        if info.st_uid != os.geteuid():
-            raise KeyUnavailable(f"SECURE_ML_KEK_FILE {path} is not owned by the current user")
+        problem = kek_file_problem(os.fstat(fd), read_only=bool(os.fstatvfs(fd).f_flag & os.ST_RDONLY), path=path)
+        if problem:
+            raise KeyUnavailable(f"{where} {problem}")
         text = handle.read(4096).decode("ascii", "replace").strip()
     if not text:
-        raise KeyUnavailable(f"SECURE_ML_KEK_FILE {path} is empty")
+        raise KeyUnavailable(f"{where} is empty")
     return text
+
+
+def kek_file_problem(info: os.stat_result, *, read_only: bool, path: str = "FILE") -> str | None:
+    """Why a KEK file with this status may not be used (the rule of :func:`read_kek_file`), or None."""
+    mode = stat.S_IMODE(info.st_mode)
+    loose = f"is accessible to group or others (mode {mode:04o}); run: chmod 600 {path}"
+    if not stat.S_ISREG(info.st_mode):
+        return "is not a regular file"
+    if mode & (stat.S_IRWXO | stat.S_IWGRP | stat.S_IXGRP):  # others at all, or a group that may change it
+        return loose
+    own = info.st_uid == os.geteuid()
+    if own and mode in (0o600, 0o400):
+        return None
+    if info.st_uid != 0:
+        return loose if own else "is not owned by the current user (nor root's, as a Kubernetes Secret volume's is)"
+    # A file of root: only as a Kubernetes Secret volume gives it (root:fsGroup 0440 or 0400, read-only).
+    if mode not in (0o440, 0o400):
+        return loose if own else f"is root's with mode {mode:04o}, not a Secret volume's 0440 or 0400 (defaultMode: 0400)"
+    if mode & stat.S_IRGRP and info.st_gid != os.getegid() and info.st_gid not in os.getgroups():
+        return f"is readable by group {info.st_gid}, which this process is not in (the pod's fsGroup)"
+    if not read_only:
+        return "is root's on a writable mount (a Kubernetes Secret volume is mounted read-only)"
+    return None

@@ -3,6 +3,14 @@
     key = new_run_key()                                         # base64 text; it goes into a per-run Secret
     facts = run_handed_over(header, blobs, run_dir=exchange / run_id, key=key, launch=start_pod,
                             on_frame=handle)                    # the same contract as sandbox.run_isolated
+    runner = pod_runner(run_dir, start_pod)                     # run_isolated's keywords: training, or the replay
+
+Two jobs cross over, and nothing else (:data:`RETURNS`): training (secure_ml.training.loop's
+``ENTRY``: the split and a checkpoint in; weights, chain and result back) and the ``reproducible``
+check's replay of chain segments (``SEGMENT_ENTRY``: the split and the chain, whose recorded states
+are the segments' starting checkpoints, in; the end state's digest of each segment back). The
+replay's pod is started by the pipeline's check, never by the trainer, from the split the pipeline
+holds.
 
 On Kubernetes the training step holds the KEK but the training pod must not. So the step writes the
 job the local sandbox would receive (the encoded training split, its header, a checkpoint to resume
@@ -44,6 +52,14 @@ SPLIT_FILE = "split.smle"
 OUT_DIR = "out"
 RETURNED = {"W": "weights.smle", "K": "chain.smle", "R": "result.smle"}
 FACTS_FILE = "facts.smle"
+TRAIN_ENTRY = "secure_ml.training.loop:child_train"
+REPLAY_ENTRY = "secure_ml.training.loop:child_segments"
+# What each job the pod may run returns (frame kinds); the pod runs these and nothing else.
+RETURNS = {TRAIN_ENTRY: ("W", "K", "R"), REPLAY_ENTRY: ("R",)}
+# Who may start a training pod on Kubernetes: this account (its Role: the training namespace's Secrets
+# and Jobs, by name), in the pods of these ops alone (k8s/training-pod.yaml, resources/training_pod.py).
+LAUNCHER_ACCOUNT = "secure-ml-training-launcher"
+LAUNCHER_STEPS = ("trained_model", "trained_model_reproducible")
 _FRAME = struct.Struct(">cQ")
 MAX_KEY_FILE = 256
 
@@ -149,88 +165,109 @@ def _open(path: Path, key: RunKey, what: str) -> list[tuple[bytes, bytes]]:
     return items
 
 
+def _entry(entry: str) -> str:
+    if entry not in RETURNS:  # the pod runs training or the replay, nothing named by anyone else
+        raise BadInput(f"the training pod runs {' or '.join(RETURNS)}, not {entry!r}")
+    return entry
+
+
 # -- the step's side: the split out -------------------------------------------------------------
-def write_split(run_dir: Path, header: Mapping[str, Any], blobs: Iterable[bytes | memoryview], key: str) -> Path:
-    """``run_dir/split.smle``: the job (header, then each blob) encrypted under the per-run key."""
+def write_split(run_dir: Path, header: Mapping[str, Any], blobs: Iterable[bytes | memoryview], key: str, *,
+                entry: str = TRAIN_ENTRY) -> Path:
+    """``run_dir/split.smle``: the job (its entry, header, then each blob) encrypted under the per-run key."""
+    items = [(b"E", _entry(entry).encode()), (b"H", json.dumps(dict(header), sort_keys=True).encode()),
+             *((b"B", blob) for blob in blobs)]
     run_dir.mkdir(parents=True, exist_ok=False, mode=0o700)
     (run_dir / OUT_DIR).mkdir(mode=0o770)
-    items = [(b"H", json.dumps(dict(header), sort_keys=True).encode()), *((b"B", blob) for blob in blobs)]
     _seal(run_dir / SPLIT_FILE, items, RunKey(key))
     return run_dir / SPLIT_FILE
 
 
 # -- the pod's side -------------------------------------------------------------------------------
-def read_split(run_dir: Path, key: str) -> tuple[dict[str, Any], list[bytes]]:
-    """The job the step handed over: (header, blobs). A wrong key or a changed or cut file raises."""
+def read_job(run_dir: Path, key: str) -> tuple[str, dict[str, Any], list[bytes]]:
+    """The job the step handed over: (entry, header, blobs). A wrong key or a changed or cut file raises."""
     items = _open(run_dir / SPLIT_FILE, RunKey(key), "training split")
-    if not items or items[0][0] != b"H" or any(kind != b"B" for kind, _ in items[1:]):
+    if len(items) < 2 or items[0][0] != b"E" or items[1][0] != b"H" or any(k != b"B" for k, _ in items[2:]):
         raise BadInput("the training handover's split is not a training job")
+    entry = _entry(items[0][1].decode("ascii", "replace"))
     try:
-        header = json.loads(items[0][1])
+        header = json.loads(items[1][1])
     except ValueError:
         raise BadInput("the training handover's job header is not JSON") from None
-    return header, [payload for _, payload in items[1:]]
+    return entry, header, [payload for _, payload in items[2:]]
 
 
-def write_returned(run_dir: Path, frames: Mapping[str, bytes], facts: Mapping[str, Any], key: str) -> None:
-    """``run_dir/out/``: weights, chain and result (and what the pod saw of itself), each encrypted."""
+def read_split(run_dir: Path, key: str) -> tuple[dict[str, Any], list[bytes]]:
+    """The job's (header, blobs) (see :func:`read_job`)."""
+    _, header, blobs = read_job(run_dir, key)
+    return header, blobs
+
+
+def write_returned(run_dir: Path, frames: Mapping[str, bytes], facts: Mapping[str, Any], key: str, *,
+                   entry: str = TRAIN_ENTRY) -> None:
+    """``run_dir/out/``: what the job returns (training: weights, chain, result; the replay: its result),
+    and what the pod saw of itself, each encrypted."""
     run_key = RunKey(key)
-    missing = [kind for kind in RETURNED if kind not in frames]
+    kinds = RETURNS[_entry(entry)]
+    missing = [kind for kind in kinds if kind not in frames]
     if missing:
-        raise IntegrityError(f"training ended without its {', '.join(missing)} frame(s)")
+        raise IntegrityError(f"the pod's job ended without its {', '.join(missing)} frame(s)")
     out = run_dir / OUT_DIR
-    for kind, name in RETURNED.items():
-        _seal(out / name, [(kind.encode(), frames[kind])], run_key)
+    for kind in kinds:
+        _seal(out / RETURNED[kind], [(kind.encode(), frames[kind])], run_key)
     _seal(out / FACTS_FILE, [(b"P", json.dumps({"isolation": dict(facts)}, sort_keys=True).encode())], run_key)
 
 
-# -- the step's side: the weights back -----------------------------------------------------------
-def read_returned(run_dir: Path, key: str) -> dict[str, bytes]:
-    """The pod's frames by kind (W, K, R, P), decrypted and verified: the weights are the chain's final
-    state and every state matches the digest the result lists. Raises IntegrityError otherwise."""
+# -- the step's side: the results back -----------------------------------------------------------
+def read_returned(run_dir: Path, key: str, *, entry: str = TRAIN_ENTRY) -> dict[str, bytes]:
+    """The pod's frames by kind (training: W, K, R, P; the replay: R, P), decrypted and verified. For
+    training the weights must be the chain's final state and every state match the digest the result
+    lists; the replay's result must be its list of segments. Raises IntegrityError otherwise."""
     run_key = RunKey(key)
     got: dict[str, bytes] = {}
-    for kind, name in {**RETURNED, "P": FACTS_FILE}.items():
+    for kind in (*RETURNS[_entry(entry)], "P"):
+        name = RETURNED.get(kind, FACTS_FILE)
         items = _open(run_dir / OUT_DIR / name, run_key, f"returned {name.split('.')[0]}")
         if len(items) != 1 or items[0][0] != kind.encode():
             raise IntegrityError(f"the returned {name} holds something other than its one frame")
         got[kind] = items[0][1]
     try:
         result = json.loads(got["R"])
-        chain = list(result["chain"])
+        listed = list(result["chain"] if entry == TRAIN_ENTRY else result["segments"])
     except (ValueError, KeyError, TypeError):
-        raise IntegrityError("the returned training result is not the training loop's result") from None
-    TrainingChain.from_bytes(got["K"]).verify(chain, got["W"])
+        raise IntegrityError("the returned result is not the training loop's result") from None
+    if entry == TRAIN_ENTRY:
+        TrainingChain.from_bytes(got["K"]).verify(listed, got["W"])
     return got
 
 
 def run_handed_over(header: Mapping[str, Any], blobs: Iterable[bytes | memoryview], *, run_dir: Path,
-                    launch: Launch, on_frame: Callable[[str, bytes], None], key: str | None = None) -> dict[str, Any]:
+                    launch: Launch, on_frame: Callable[[str, bytes], None], key: str | None = None,
+                    entry: str = TRAIN_ENTRY) -> dict[str, Any]:
     """Write the split, ``launch(run_dir, key)`` the pod, read back and verify what it returned, feed
-    the frames to ``on_frame`` (P isolation facts, W, K, R) and return the isolation facts. The
-    per-run directory is removed whatever happens; a failure leaves nothing behind but its one line."""
+    the frames to ``on_frame`` (P isolation facts, then W, K, R for training or R for the replay) and
+    return the isolation facts. The per-run directory is removed whatever happens; a failure leaves
+    nothing behind but its one line."""
     key = key or new_run_key()
     try:
-        write_split(run_dir, header, blobs, key)
+        write_split(run_dir, header, blobs, key, entry=entry)
         launch(run_dir, key)
-        got = read_returned(run_dir, key)
+        got = read_returned(run_dir, key, entry=entry)
     finally:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(run_dir)
     pod = dict(json.loads(got["P"]).get("isolation") or {})
-    for kind in ("P", "W", "K", "R"):
+    for kind in ("P", *RETURNS[entry]):
         on_frame(kind, got[kind])
     return pod
 
 
 def pod_runner(run_dir: Path, launch: Launch) -> Callable[..., dict[str, Any]]:
-    """A runner for secure_ml.training.trainer.fit (run_isolated's keywords) that trains in the pod."""
-    from secure_ml.training.loop import ENTRY
+    """A runner with run_isolated's keywords (secure_ml.training.trainer.fit, proof.verify_segments)
+    that runs its job, training or the replay, in the pod ``launch`` starts."""
 
-    def run(header: Mapping[str, Any], blobs: Iterable[bytes | memoryview], *, entry: str, on_frame: Callable[[str, bytes], None],
-            **_: Any) -> dict[str, Any]:
-        if entry != ENTRY:  # the pod runs training and nothing else
-            raise BadInput(f"the training pod runs {ENTRY}, not {entry!r}")
-        return run_handed_over(header, blobs, run_dir=run_dir, launch=launch, on_frame=on_frame)
+    def run(header: Mapping[str, Any], blobs: Iterable[bytes | memoryview], *, entry: str,
+            on_frame: Callable[[str, bytes], None], **_: Any) -> dict[str, Any]:
+        return run_handed_over(header, blobs, run_dir=run_dir, launch=launch, on_frame=on_frame, entry=_entry(entry))
 
     return run

@@ -1,12 +1,15 @@
-"""The training pod's entry point: decrypt this run's split, train, return weights, chain and result.
+"""The training pod's entry point: decrypt this run's job, run it, return what it computed.
 
     python -I -m secure_ml.training.pod --key-file /var/run/secrets/secure-ml-run/key --run-dir /exchange
 
-It is what the Kubernetes Job the trained_model step creates runs (resources/training_pod.py), and it
-runs the same training entry point as the local sandbox (secure_ml.training.loop:child_train, with
-the same Python guard against the network and starting programs), so the same split gives the same
-weights, bit for bit. It reads only ``--run-dir/split.smle`` with the per-run key
-(secure_ml.training.handover) and writes only ``--run-dir/out/``. It also reports what it sees of
+It is what the Kubernetes Job the trained_model step (or the ``reproducible`` check) creates runs
+(resources/training_pod.py). The job names one of two entry points of secure_ml.training.loop
+(secure_ml.training.handover.RETURNS): ``child_train``, the same training entry point as the local
+sandbox, so the same split gives the same weights, bit for bit; or ``child_segments``, the replay of
+chain segments from their recorded start states, returning each end state's digest. Both run under
+the same Python guard against the network and starting programs as in the local sandbox. It reads
+only ``--run-dir/split.smle`` with the per-run key (secure_ml.training.handover) and writes only
+``--run-dir/out/``. It also reports what it sees of
 itself: uid, environment names, a service-account token, a writable root; ``level_met`` is true only
 when it runs as a non-root user with no secret in its environment, no token and a read-only root.
 Exit status 0, or 1 with one line on stderr.
@@ -46,11 +49,11 @@ def self_facts(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
 
 
 def train_handed_over(run_dir: Path, key: str) -> dict[str, Any]:
-    """Decrypt the split in ``run_dir``, train exactly as the local sandbox child does, write the results."""
-    from secure_ml.training import handover
-    from secure_ml.training.loop import child_train
+    """Decrypt the job in ``run_dir``, run it exactly as the local sandbox child does, write the results."""
+    from secure_ml.training import handover, loop
 
-    header, blobs = handover.read_split(run_dir, key)
+    entry, header, blobs = handover.read_job(run_dir, key)
+    job = {handover.TRAIN_ENTRY: loop.child_train, handover.REPLAY_ENTRY: loop.child_segments}[entry]
     frames: dict[str, bytes] = {}
 
     def send(kind: str, payload: bytes) -> None:
@@ -62,8 +65,8 @@ def train_handed_over(run_dir: Path, key: str) -> dict[str, Any]:
             frames[kind] = payload   # checkpoints (C) are not returned: a pod that dies starts again
 
     facts = self_facts()
-    child_train(header, blobs, send, facts)
-    handover.write_returned(run_dir, frames, facts, key)
+    job(header, blobs, send, facts)
+    handover.write_returned(run_dir, frames, facts, key, entry=entry)
     return facts
 
 

@@ -62,9 +62,9 @@ _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 class TrainingPod:
     """Where the training pod runs (``isolation.kubernetes``, used when ``isolation.backend: kubernetes``)."""
 
-    namespace: str = "secure-ml-pipeline"
-    volume_claim: str = "secure-ml-artifacts"   # the artifacts volume; the pod mounts only its run's directory
-    exchange: str = "training-runs"             # that directory's parent, relative to SECURE_ML_HOME (the volume)
+    namespace: str = "secure-ml-training"              # training Jobs and their per-run Secrets, nothing else
+    volume_claim: str = "secure-ml-training-exchange"  # the exchange directory's volume there; one run's subPath per pod
+    exchange: str = "training-runs"             # that directory, relative to SECURE_ML_HOME (the artifacts volume)
     wait_s: float = 3600.0
 
     @classmethod

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,8 @@ from secure_ml.training.config import TrainingConfig
 from secure_ml.training.features import Preprocessing
 from secure_ml.training.loop import SEGMENT_ENTRY, replay_segments
 from secure_ml.training.sandbox import IsolationPolicy, run_isolated
+
+Runner = Callable[..., dict[str, Any]]  # run_isolated's keywords (secure_ml.training.trainer.Runner)
 
 FAKED_FRACTIONS = (0.1, 0.25, 0.5)
 
@@ -102,9 +104,10 @@ def read_model_dir(model_dir: Path) -> tuple[dict[str, Any], bytes, bytes, Prepr
 
 
 def verify_segments(model_dir: Path, frame: Any, *, k: int, run_id: str, isolation: IsolationPolicy | None,
-                    segments: Sequence[int] | None = None) -> SegmentReport:
+                    segments: Sequence[int] | None = None, runner: Runner | None = None) -> SegmentReport:
     """Check the chain, then re-execute k segments (or the ``segments`` indexes given) from their start
-    states. Raises IntegrityError when the chain, the record, the weights or the data do not agree."""
+    states. Raises IntegrityError when the chain, the record, the weights or the data do not agree.
+    ``runner`` replaces the local sandbox (run_isolated's keywords; a training pod on Kubernetes)."""
     started = time.perf_counter()
     record, weights, chain_bytes, prep = read_model_dir(model_dir)
     result = record.get("result") or {}
@@ -131,14 +134,15 @@ def verify_segments(model_dir: Path, frame: Any, *, k: int, run_id: str, isolati
             raise BadInput(f"segment {bad[0]} does not exist: the chain has segments 0..{len(spans) - 1}")
         picks = sorted(set(segments))
     chosen = [spans[i] for i in picks]
-    digests, facts = _replay(X32, y32, config, chain_bytes, chosen, device, isolation)
+    digests, facts = _replay(X32, y32, config, chain_bytes, chosen, device, isolation, runner)
     expected = {int(e["epoch"]): str(e["state_sha256"]) for e in recorded}
     mismatched = [span for span, digest in zip(chosen, digests, strict=True) if expected[span[1]] != digest]
     return SegmentReport(len(spans), k, chosen, mismatched, time.perf_counter() - started, facts)
 
 
 def _replay(X: np.ndarray, y: np.ndarray, config: TrainingConfig, chain_bytes: bytes, spans: list[tuple[int, int]],
-            device: str, isolation: IsolationPolicy | None) -> tuple[list[str], dict[str, Any]]:
+            device: str, isolation: IsolationPolicy | None,
+            runner: Runner | None = None) -> tuple[list[str], dict[str, Any]]:
     if isolation is None:
         return replay_segments(X, y, config, chain_bytes, spans, device=device), {"isolated": False}
     got: dict[str, Any] = {}
@@ -150,7 +154,7 @@ def _replay(X: np.ndarray, y: np.ndarray, config: TrainingConfig, chain_bytes: b
     header = {"config": config.hyperparameters(), "rows": int(X.shape[0]), "width": int(X.shape[1]),
               "device": device, "segments": [list(s) for s in spans]}
     blobs = [memoryview(X).cast("B"), memoryview(y).cast("B"), chain_bytes]
-    applied = run_isolated(header, blobs, entry=SEGMENT_ENTRY, policy=isolation, on_frame=handle,
+    applied = (runner or run_isolated)(header, blobs, entry=SEGMENT_ENTRY, policy=isolation, on_frame=handle,
                            threads=config.threads)
     replies = got.get("segments") or []
     if [(int(a), int(b)) for a, b, _ in replies] != spans:

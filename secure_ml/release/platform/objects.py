@@ -4,7 +4,8 @@
     objects = [*static_manifests(cfg), *network_policies(cfg), *secrets_and_config_maps(cfg, values),
                *code_location_objects(cfg, values)]
 
-What is rendered: the namespaces and service accounts of ``k8s/manifests/``; the NetworkPolicies
+What is rendered: the namespaces and service accounts of ``k8s/manifests/``; the training
+namespace's objects and the training launcher's RBAC (``k8s/training-pod.yaml``); the NetworkPolicies
 (default deny, then each pod's egress from its ``secure-ml.dev/egress`` label: ``events`` = DNS +
 PostgreSQL, ``events-api`` = that + the API server's endpoints, ``none`` = nothing); the Secrets and
 the artifacts volume claim the pods name (secret values are never here: each Secret says in an
@@ -88,6 +89,16 @@ def static_manifests(cfg: RenderConfig) -> list[Obj]:
     for path in sorted((cfg.k8s_dir / "manifests").glob("*.yaml")):
         out.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
     return out
+
+
+def training_manifests(cfg: RenderConfig) -> list[Obj]:
+    """k8s/training-pod.yaml after its first document (the pod's own config): the training namespace's
+    account, deny-all NetworkPolicy and exchange claim, and the launcher's account, Role and RoleBinding."""
+    path = cfg.k8s_dir / "training-pod.yaml"
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    if not docs or "training_sandbox_k8s_config" not in docs[0]:
+        raise ConfigurationError(f"{path}: the first document must be training_sandbox_k8s_config")
+    return docs[1:]
 
 
 def _policy(cfg: RenderConfig, name: str, selector: Obj, spec: Obj) -> Obj:
