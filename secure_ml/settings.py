@@ -130,8 +130,8 @@ class Settings:
             return handed
         if self.env == "production":
             # A keyring file on a pod's disk is not a production key store.
-            raise KeyUnavailable("production needs its key-encryption key from a secret: set SECURE_ML_KEK "
-                                 "(e.g. from a Kubernetes Secret, KMS or Vault)")
+            raise KeyUnavailable("production needs its key-encryption key from a secret: set SECURE_ML_KEK_FILE "
+                                 "(a mounted Kubernetes Secret) or SECURE_ML_KEK (e.g. from KMS or Vault)")
         return LocalKeyring(self.keyring_path)
 
     def audit_log(self) -> AuditLog:
@@ -197,7 +197,8 @@ def init_home(settings: Settings) -> list[str]:
     settings.home.mkdir(parents=True, exist_ok=True)
     for directory in (settings.artifacts_dir, settings.landing_dir, settings.audit_path.parent):
         directory.mkdir(parents=True, exist_ok=True)
-    if not settings.environ.get("SECURE_ML_KEK") and not settings.keyring_path.exists():
+    handed = settings.environ.get("SECURE_ML_KEK") or settings.environ.get("SECURE_ML_KEK_FILE")
+    if not handed and not settings.keyring_path.exists():
         LocalKeyring.create(settings.keyring_path)
         done.append(f"created keyring {settings.keyring_path}")
     dagster_yaml = settings.dagster_home / "dagster.yaml"

@@ -180,6 +180,20 @@ def test_settings_choose_the_provider(tmp_path: Path) -> None:
     assert kek not in repr(prod) and kek not in repr(prod.key_provider()) and kek not in repr(prod.artifact_store())
 
 
+def test_init_makes_no_keyring_when_a_key_is_handed_over_as_a_file(tmp_path: Path) -> None:
+    from secure_ml.settings import init_home
+
+    key_file = tmp_path / "kek"
+    key_file.write_text(b64(os.urandom(32)))
+    key_file.chmod(0o600)
+    handed = Settings.from_env({"SECURE_ML_HOME": str(tmp_path / "a"), "SECURE_ML_KEK_FILE": str(key_file)})
+    init_home(handed)
+    assert not handed.keyring_path.exists()
+    local = Settings.from_env({"SECURE_ML_HOME": str(tmp_path / "b")})
+    init_home(local)
+    assert local.keyring_path.exists()
+
+
 def test_env_keys_through_the_cli_with_a_retired_key(tmp_path: Path) -> None:
     old, new = b64(os.urandom(32)), b64(os.urandom(32))
     home = tmp_path / "home"
