@@ -35,6 +35,13 @@ CHART_DIR = REPO / "tests" / "fixtures" / "chart" / "dagster"
 CHART = helm_values.load_chart(CHART_DIR, name="dagster", version="1.13.27")
 
 
+@pytest.fixture(autouse=True)
+def _no_trust_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `k8s render` admits only models whose deployment is signed under the home's trust policy: a
+    # developer's `make demo` home (./.secure_ml, the default) must not decide what these tests admit.
+    monkeypatch.setenv("SECURE_ML_HOME", str(tmp_path / "no-home"))
+
+
 @pytest.fixture(scope="module")
 def rendered() -> tuple[dict[str, Any], list[dict[str, Any]], float]:
     # One-time imports (dagster-k8s with the kubernetes client, regopy) are not the renderer's work.
