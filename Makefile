@@ -20,7 +20,7 @@ help:
 	@echo "make test-fast  the unit lane (no browser, daemon, end-to-end or subprocess-heavy tests; about 50 s)"
 	@echo "make ui      the Dagster UI on http://127.0.0.1:3000 (sensors and schedules on)"
 	@echo "make bench   the benchmarks (figures as ratios to same-run baselines)"
-	@echo "make bench-large  1M and 10M generated rows up to training: time, peak RSS (long)"
+	@echo "make bench-large  1M and 10M generated rows, drop to registered candidate: time, peak RSS (long)"
 	@echo "make fuzz    the property-based tests of the parsers we own, with long runs"
 	@echo "make crash   SIGKILL the CLI 200+ times across every stage, check recovery (long)"
 	@echo "make lock    re-resolve requirements.in into requirements.lock (hashed)"

@@ -1,15 +1,20 @@
-"""Scale figures (issue 17): the sample inside Dagster, and large drops up to training.
+"""Scale figures (issue 17): the sample inside Dagster, and large drops end to end.
 
     python -m bench --only scale              # the scan cache; the sample end to end (seconds, per step)
-    python -m bench.bench_scale --large       # make bench-large: 1M and 10M rows up to training
+    python -m bench.bench_scale --large       # make bench-large: 1M and 10M rows, drop -> registered candidate
     python -m bench.bench_scale --rows 20000  # one size, up to training (the smoke in make test)
+    python -m bench.bench_scale --rows 20000 --select +registered_model   # one size, end to end
 
-Each size runs ``secure-ml pipeline run --select +validated_dataset`` (ingest, encryption, DVC,
-validation, PII, poisoning screen, split, and every blocking check on them) in a fresh process on a
-fresh SECURE_ML_HOME; its wall time and peak RSS (the child's own, from wait4) are measured, and each
-step's seconds come from the run's event log. The large drops are generated outside the repository
-(``$BENCH_DIR``, default the system temp dir) by bench/large_drop.py and deleted afterwards.
-The 10M figure's baseline is the 1M run of the same invocation.
+Each size runs ``secure-ml pipeline run --select SEL`` in a fresh process on a fresh SECURE_ML_HOME:
+``--large`` selects ``+registered_model`` (ingest, encryption, DVC, validation, PII, poisoning screen,
+split, isolated training with its ``reproducible`` replay, evaluation, scan, signature, attestation,
+registration, and every blocking check on them: the ingest, train and release runs), ``--rows`` by
+default ``+validated_dataset`` (up to training). Its wall time and peak RSS (the largest of the CLI
+process and its children, the training sandbox among them, from wait4) are measured, and each step's
+seconds come from the runs' event logs. Training runs the shipped training.yaml (20 epochs) unless
+``--epochs N``. The large drops are generated outside the repository (``$BENCH_DIR``, default the
+system temp dir) by bench/large_drop.py and deleted afterwards. The 10M figure's baseline is the 1M run
+of the same invocation.
 """
 
 from __future__ import annotations
@@ -31,14 +36,19 @@ ISSUE = 17
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample" / "german_credit.csv"
 UP_TO_TRAINING = "+validated_dataset"
+END_TO_END = "+registered_model"
 GIB = 2**30
 
 
-def pipeline_run(drop: Path, home: Path, *, select: str | None = UP_TO_TRAINING) -> dict[str, Any]:
-    """``secure-ml pipeline run`` in a child process: wall seconds, the child's peak RSS, its summary."""
+def pipeline_run(drop: Path, home: Path, *, select: str | None = UP_TO_TRAINING,
+                 config: Path | None = None) -> dict[str, Any]:
+    """``secure-ml pipeline run`` in a child process: wall seconds, its peak RSS (wait4's: the largest of
+    the CLI process and the descendants it reaped, the training sandbox among them), its summary. ``config``: a SECURE_ML_CONFIG folder."""
     env = {**os.environ, "SECURE_ML_HOME": str(home), "DAGSTER_HOME": str(home / "dagster"),
            "PYTHONPATH": str(REPO), "DAGSTER_DISABLE_TELEMETRY": "1", "DVC_NO_ANALYTICS": "1"}
     env.pop("SECURE_ML_IDENTITY", None)
+    if config is not None:
+        env["SECURE_ML_CONFIG"] = str(config)
     command = [sys.executable, "-m", "secure_ml", "pipeline", "run", "--data", str(drop), "--json"]
     if select:
         command += ["--select", select]
@@ -59,15 +69,33 @@ def pipeline_run(drop: Path, home: Path, *, select: str | None = UP_TO_TRAINING)
             "steps": {s["step"]: s["seconds"] for s in summary.get("steps", [])}}
 
 
-def measure_rows(rows: int, workdir: Path) -> dict[str, Any]:
-    """Generate ``rows`` rows, run the pipeline up to training on them, delete the drop."""
+def measure_rows(rows: int, workdir: Path, *, select: str = UP_TO_TRAINING, epochs: int = 0) -> dict[str, Any]:
+    """Generate ``rows`` rows, run the pipeline's ``select`` on them (``epochs``: training's, 0 = shipped),
+    delete the drop."""
     drop = write_drop(rows, workdir / f"german_credit_{rows}.csv")
     try:
-        result = pipeline_run(drop, workdir / f"home-{rows}")
+        result = pipeline_run(drop, workdir / f"home-{rows}", select=select, config=_config(workdir, epochs))
     finally:
         drop.unlink(missing_ok=True)
     result["rows"] = rows
     return result
+
+
+def _config(workdir: Path, epochs: int) -> Path | None:
+    """A copy of the shipped configuration with training's epochs set (None: the shipped one as it is)."""
+    if not epochs:
+        return None
+    import shutil
+
+    import yaml
+
+    folder = workdir / f"config-{epochs}-epochs"
+    if not folder.exists():
+        shutil.copytree(REPO / "secure_ml" / "config", folder)
+        training = yaml.safe_load((folder / "training.yaml").read_text())
+        training["training"]["epochs"] = epochs
+        (folder / "training.yaml").write_text(yaml.safe_dump(training))
+    return folder
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -98,25 +126,28 @@ def sample_figures() -> list[Figure]:
     ]
 
 
-def large_figures(sizes: tuple[int, int] = (1_000_000, 10_000_000)) -> list[Figure]:
+def large_figures(sizes: tuple[int, int] = (1_000_000, 10_000_000), *, select: str = END_TO_END,
+                  epochs: int = 0) -> list[Figure]:
     """The 1M run is the 10M run's baseline; peak RSS against 4 GiB."""
     results = []
+    what = {END_TO_END: "drop -> registered candidate", UP_TO_TRAINING: "up to training"}.get(select, select)
+    what += f", {epochs} epochs" if epochs else ""
     with tempfile.TemporaryDirectory(prefix="bench-large-", dir=os.environ.get("BENCH_DIR")) as tmp:
         for rows in sizes:  # each size's drop and home (GBs of ciphertext at 10M) go with the folder
             print(f"# scale: {rows:,} rows ...", file=sys.stderr, flush=True)
-            results.append(measure_rows(rows, Path(tmp)))
+            results.append(measure_rows(rows, Path(tmp), select=select, epochs=epochs))
             print(f"# scale: {rows:,} rows: {results[-1]['seconds']:.1f}s, peak RSS "
                   f"{results[-1]['peak_rss'] / 2**20:.0f} MiB", file=sys.stderr, flush=True)
     print(table(results), file=sys.stderr)
     small, big = results
     factor = big["rows"] / small["rows"]
     return [
-        Figure(ISSUE, f"{big['rows']:,} rows up to training, wall", big["seconds"], "s",
+        Figure(ISSUE, f"{big['rows']:,} rows {what}, wall", big["seconds"], "s",
                f"{small['rows']:,} rows (s)", small["seconds"], f"<= {1.1 * factor:g}x",
                big["seconds"] <= 1.1 * factor * small["seconds"]),
-        Figure(ISSUE, f"{big['rows']:,} rows up to training, peak RSS", big["peak_rss"] / GIB, "GiB",
+        Figure(ISSUE, f"{big['rows']:,} rows {what}, peak RSS", big["peak_rss"] / GIB, "GiB",
                "budget (GiB)", 4.0, "<= 1.0x", big["peak_rss"] <= 4 * GIB),
-        Figure(ISSUE, f"{small['rows']:,} rows up to training, peak RSS", small["peak_rss"] / GIB, "GiB",
+        Figure(ISSUE, f"{small['rows']:,} rows {what}, peak RSS", small["peak_rss"] / GIB, "GiB",
                "budget (GiB)", 2.0, "<= 1.0x", small["peak_rss"] <= 2 * GIB),
     ]
 
@@ -148,15 +179,19 @@ def run(quick: bool) -> list[Figure]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="bench.bench_scale")
-    parser.add_argument("--large", action="store_true", help="1M and 10M rows up to training")
-    parser.add_argument("--rows", type=int, nargs="*", help="these sizes only, up to training")
+    parser.add_argument("--large", action="store_true", help="1M and 10M rows, drop -> registered candidate")
+    parser.add_argument("--rows", type=int, nargs="*", help="these sizes only (default: up to training)")
+    parser.add_argument("--select", help=f"what to run (--large: {END_TO_END}, --rows: {UP_TO_TRAINING})")
+    parser.add_argument("--epochs", type=int, default=0, help="training epochs (default: training.yaml's)")
     args = parser.parse_args()
     if args.rows:
         with tempfile.TemporaryDirectory(prefix="bench-scale-", dir=os.environ.get("BENCH_DIR")) as tmp:
-            results = [measure_rows(rows, Path(tmp)) for rows in args.rows]
+            results = [measure_rows(rows, Path(tmp), select=args.select or UP_TO_TRAINING, epochs=args.epochs)
+                       for rows in args.rows]
         print(table(results))
         return 0
-    figures = large_figures() if args.large else scan_cache_figures() + sample_figures()
+    figures = (large_figures(select=args.select or END_TO_END, epochs=args.epochs) if args.large
+               else scan_cache_figures() + sample_figures())
     for f in figures:
         print(f"{f.issue:>5}  {f.name:<58} {f.value:>10.4g} {f.unit:<4} {f.baseline} {f.baseline_value:.4g}  "
               f"ratio {f.ratio:.3f}  {f.goal}  {'yes' if f.ok else 'NO'}")
