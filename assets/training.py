@@ -41,7 +41,8 @@ from secure_ml.training.predictor import load_model
 from secure_ml.training.proof import verify_segments
 from secure_ml.training.record import record_problems
 from secure_ml.training.loop import ENTRY, SEGMENT_ENTRY
-from secure_ml.training.sandbox import IsolationPolicy, warm
+from secure_ml.settings import Settings
+from secure_ml.training.sandbox import IsolationPolicy, Prepared, warm
 from secure_ml.training.trainer import train_model
 from secure_ml.training.watch import WatchBounds, deviations
 
@@ -65,7 +66,11 @@ def _fail(custody: CustodyResource, context: Any, action: str, subject: str, exc
 
 
 def _settings(custody: CustodyResource) -> dict[str, Any]:
-    config = custody.settings().load_config("training")
+    return _chosen(custody.settings())
+
+
+def _chosen(settings: Settings) -> dict[str, Any]:
+    config = settings.load_config("training")
     checked = dict(config.get("reproducible") or {})
     when, method = str(checked.get("when", "every")), str(checked.get("method", "segments"))
     if when not in ("every", "release"):
@@ -180,6 +185,23 @@ def trained_model(context: dg.AssetExecutionContext, validated_dataset: dict[str
         return custody.output(context, result.directory, metadata=metadata)
 
 
+def warm_trainer(settings: Settings) -> Prepared | None:
+    """Start ``settings``' model's training sandbox now, for a run later in this process (`secure-ml
+    pipeline run` picks trained_model: the ingest run comes first), so its set-up and torch import overlap
+    the intake on the other core; trained_model claims it (trainer.train_model, claim_or_prepare). It
+    holds nothing but the code: the job (data, seeds) is handed over only when trained_model claims it.
+    The local sandbox only. Returns the child, for the caller to end (sandbox.discard) if no run took it;
+    None where none was started (trained_model then starts its own, and says why if it cannot)."""
+    try:
+        chosen = _chosen(settings)
+        isolation: IsolationPolicy = chosen["isolation"]
+        if isolation.backend == "kubernetes":
+            return None
+        return warm(isolation, entry=ENTRY, threads=chosen["training"].threads)
+    except Error:
+        return None
+
+
 def _warm_verifier(context: Any, chosen: dict[str, Any]) -> None:
     """Start the ``reproducible`` check's sandbox once training runs, so its set-up and torch import overlap
     the training and this step's writing (two cores) and the check, later in this process, only replays. The pipeline starts it, never
@@ -207,14 +229,26 @@ def _preload_evaluation(context: Any) -> None:
     thread while the sandbox trains (this process only waits on it then), so they are not paid after. Not
     waited for: a step importing one of them meanwhile waits for that module alone (Python's per-module
     import locks), and the preload imports nothing of ours."""
-    if not _in_process(context):
-        return
+    if _in_process(context):
+        preload_evaluation()
+
+
+def preload_evaluation() -> None:
+    """evaluation.preload in a daemon thread, once per process (a head start, never waited for)."""
+    with _PRELOAD_LOCK:
+        if _PRELOADING:
+            return
+        _PRELOADING.append(True)
 
     def load() -> None:
         with contextlib.suppress(Exception):  # only a head start: model_evaluation imports what it needs itself
             evaluation_core.preload()
 
     threading.Thread(target=load, name="secure-ml-preload-evaluation", daemon=True).start()
+
+
+_PRELOADING: list[bool] = []
+_PRELOAD_LOCK = threading.Lock()
 
 
 def _in_process(context: Any) -> bool:

@@ -96,7 +96,8 @@ def validated_dataset(context: dg.AssetExecutionContext, dataset: pd.DataFrame,
     result = gx_validation.validate(frame, schema, extra_columns=pii.handled_columns(plan), redact=pii.redact_text)
     custody.record(context, "validation.expectations", subject=subject,
                    outcome="pass" if result.success else "fail",
-                   details={"schema": schema.dataset, **{k: v for k, v in result.summary().items() if k != "success"}})
+                   details={"schema": schema.dataset, "ran": result.ran,
+                            **{k: v for k, v in result.summary().items() if k != "success"}})
 
     reference_note, report, screen_error = _screen(context, custody, frame, schema, screening, bounds, dataset_sha)
 

@@ -26,6 +26,8 @@ from assets import _per_model as per_model
 from assets import data, release, security, training, validation
 from resources import build_resources
 from resources.custody import model_selection, op_name
+from secure_ml.data import validation as gx_validation
+from secure_ml.training.sandbox import Prepared, discard
 from secure_ml.errors import BadInput
 from secure_ml.settings import Settings
 from sensors import advance, conditions, failures, jobs, landing
@@ -169,7 +171,6 @@ def run_pipeline(settings: Settings, *, selection: str | None = None,
     picked = chosen.resolve(graph)
     config = {"loggers": {"console": {"config": {"log_level": CONSOLE_LEVELS[console]}}}}
     dataset = dg.AssetKey("dataset") if model in (None, default) else dg.AssetKey([str(model), "dataset"])
-    results: list[dg.ExecuteInProcessResult] = []
     with dg.DagsterInstance.get() as instance:
         drop_sha = (tags or {}).get(DROP_SHA_TAG)
         if drop_sha and dataset in picked and not force:
@@ -181,23 +182,55 @@ def run_pipeline(settings: Settings, *, selection: str | None = None,
                 for asset in summary["assets"]:
                     asset["sha256"] = latest.get(asset["asset"])
                 return {**summary, "up_to_date": True, "steps": []}
-        # One named run per job (ingest, train, release), in order, stopping at the first that fails:
-        # a rejected drop ends its ingest run and touches nothing downstream.
-        for job_name, keys in split_by_job(definitions, picked):
-            job_config: dict[str, Any] = {**config, **(run_config or {})} if dataset in keys else dict(config)
-            if drop is not None and dataset in keys:
-                # ops of a subset are named from its own assets: address the model's dataset through them
-                name = op_name(graph, dataset, dg.AssetSelection.assets(*keys))
-                job_config["ops"] = {**job_config.get("ops", {}), name: {"config": {"drop": drop}}}
-            result = definitions.resolve_job_def(job_name).execute_in_process(
-                run_config=job_config, instance=instance, tags={TRIGGER_TAG: "cli", **(tags or {})},
-                asset_selection=sorted(keys, key=lambda k: k.to_user_string()), raise_on_error=False)
-            results.append(result)
-            if not result.success:
-                break
+        warmed = _warm_up(settings, picked)
+        try:
+            results = _run_jobs(definitions, picked, instance, dataset=dataset, drop=drop, config=config,
+                                run_config=run_config, tags=tags)
+        finally:
+            for prepared in warmed:
+                discard(prepared)
+            gx_validation.discard_worker()
         in_pipeline_order = [key for key in graph.toposorted_asset_keys if key in picked]
         return {**summarise(results, in_pipeline_order, definitions, instance),
                 "up_to_date": False, "steps": run_steps(instance, results)}
+
+
+def _warm_up(settings: Settings, picked: set[dg.AssetKey]) -> list[Prepared]:
+    """Every step of run_pipeline runs in this process (execute_in_process), one after another, and their
+    fixed costs are imports: begin them now, beside the ingest run, so they use the other core. Great
+    Expectations in a worker process that validated_dataset hands its job to; each model's training
+    sandbox (it imports torch; trained_model claims it); the evaluation's imports in a thread. Nothing
+    here sees data or a key. Returns the sandboxes, for the caller to end if no run took them."""
+    stages = {key.path[-1] for key in picked}
+    if "validated_dataset" in stages:
+        gx_validation.warm()
+    warmed = [training.warm_trainer(settings.for_model(None if len(key.path) == 1 else key.path[0]))
+              for key in picked if key.path[-1] == "trained_model"]
+    if "model_evaluation" in stages:
+        training.preload_evaluation()
+    return [prepared for prepared in warmed if prepared is not None]
+
+
+def _run_jobs(definitions: dg.Definitions, picked: set[dg.AssetKey], instance: dg.DagsterInstance, *,
+              dataset: dg.AssetKey, drop: str | None, config: dict[str, Any], run_config: dict[str, Any] | None,
+              tags: dict[str, str] | None) -> list[dg.ExecuteInProcessResult]:
+    """One named run per job (ingest, train, release), in order, stopping at the first that fails: a
+    rejected drop ends its ingest run and touches nothing downstream."""
+    graph = definitions.resolve_asset_graph()
+    results: list[dg.ExecuteInProcessResult] = []
+    for job_name, keys in split_by_job(definitions, picked):
+        job_config: dict[str, Any] = {**config, **(run_config or {})} if dataset in keys else dict(config)
+        if drop is not None and dataset in keys:
+            # ops of a subset are named from its own assets: address the model's dataset through them
+            name = op_name(graph, dataset, dg.AssetSelection.assets(*keys))
+            job_config["ops"] = {**job_config.get("ops", {}), name: {"config": {"drop": drop}}}
+        result = definitions.resolve_job_def(job_name).execute_in_process(
+            run_config=job_config, instance=instance, tags={TRIGGER_TAG: "cli", **(tags or {})},
+            asset_selection=sorted(keys, key=lambda k: k.to_user_string()), raise_on_error=False)
+        results.append(result)
+        if not result.success:
+            break
+    return results
 
 
 def _allow_rerun(settings: Settings, drop: str, drop_sha: str, tags: dict[str, str]) -> None:

@@ -76,6 +76,15 @@ def test_pipeline_materialises_every_asset_and_passes_every_check(pipeline: dict
     assert all(r["success"] for r in pipeline["runs"])
 
 
+def test_pipeline_run_validates_in_the_worker_it_warmed(home: Path, pipeline: dict) -> None:
+    """The CLI started a Great Expectations worker before its ingest run; the suite ran there."""
+    log = home / "audit" / "audit.jsonl"
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    [validated] = [e for e in entries if e["action"] == "validation.expectations"]
+    assert validated["details"]["ran"] == "worker" and validated["outcome"] == "pass"
+    assert validated["details"]["passed"] == validated["details"]["expectations"] == 32
+
+
 def test_release_needs_a_second_person_and_a_deployer(home: Path, pipeline: dict) -> None:
     status = json.loads(cli(home, "status", "--json").stdout)
     assert [v["stage"] for v in status["versions"]] == ["staging"] and not status["deployed"]

@@ -19,6 +19,7 @@ import yaml
 from secure_ml.cli import main
 from secure_ml.data import splitting
 from secure_ml.data.schema import infer_schema, load_reference, load_schema, parse_schema, select_schema
+from secure_ml.data import validation as gx_validation
 from secure_ml.data.validation import build_suite, validate
 from secure_ml.errors import BadInput, ConfigurationError, IntegrityError
 from tests.conftest import SAMPLE_CSV
@@ -88,6 +89,98 @@ def test_examples_in_failures_are_redacted(schema, sample: pd.DataFrame) -> None
     leaked.loc[0, "purpose"] = "mail jane@example.org"
     result = validate(leaked, schema, redact=redact_text)
     assert "jane@example.org" not in result.markdown() and "[EMAIL]" in result.markdown()
+
+
+def _drifted_with_pii(sample: pd.DataFrame) -> pd.DataFrame:
+    """Every kind of failure at once, and identifiers in the values GE quotes (one past the 40-character cut)."""
+    drifted = sample.rename(columns={"age": "years"}).copy()
+    drifted.loc[3, "duration"] = 500
+    drifted.loc[4, "housing"] = "x" * 35 + " jane@example.org"   # the address straddles the cut
+    drifted.loc[6, "purpose"] = "card 4111 1111 1111 1111"
+    drifted.loc[5, "sex"] = None
+    return drifted
+
+
+def _worker_pids() -> list[int]:
+    return [worker.pid for worker in gx_validation._WORKER]
+
+
+def _warm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker, as a process that has not loaded GE yet starts one (warm() starts none where it has)."""
+    monkeypatch.setattr(gx_validation, "_STATE", {})
+    gx_validation.warm()
+    assert len(_worker_pids()) == 1
+
+
+def test_a_warm_worker_gives_exactly_the_in_process_result(schema, sample: pd.DataFrame,  # type: ignore[no-untyped-def]
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker runs the same suite with the same code; quoted values are redacted here, before the cut,
+    so an identifier that straddles the cut cannot leak in part."""
+    from secure_ml.data.pii import redact_text
+
+    for frame in (sample, _drifted_with_pii(sample)):
+        _warm(monkeypatch)
+        remote = validate(frame, schema, redact=redact_text)
+        assert remote.ran == "worker" and not gx_validation._WORKER  # one job per worker, then it ends
+        local = validate(frame, schema, redact=redact_text)
+        assert local.ran == "in-process"
+        assert remote.outcomes == local.outcomes and remote.rows == local.rows
+        assert remote.markdown() == local.markdown()
+    assert not remote.success
+    table = remote.markdown()
+    assert "jane" not in table and "example.org" not in table and "4111" not in table
+    assert "[CARD]" in table and "x" * 35 + " [EMA" in table  # redacted, then cut
+
+
+def test_what_the_worker_cannot_take_is_validated_here(schema, sample: pd.DataFrame,  # type: ignore[no-untyped-def]
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    expected = validate(sample, schema)
+    # a frame Arrow cannot carry (mixed types in one object column), one that would come back with
+    # another dtype (plain Python strings become pandas' str), and one over the size limit
+    mixed = sample.astype({"purpose": object})
+    mixed.loc[2, "purpose"] = 7
+    stringly = sample.astype({"housing": object})
+    for frame in (mixed, stringly):
+        _warm(monkeypatch)
+        result = validate(frame, schema)
+        assert result.ran == "in-process" and not gx_validation._WORKER
+        assert result.outcomes == validate(frame, schema).outcomes
+    monkeypatch.setattr(gx_validation, "WORKER_MAX_CELLS", 10)
+    _warm(monkeypatch)
+    pid = _worker_pids()[0]
+    result = validate(sample, schema)
+    assert result.ran == "in-process" and result.outcomes == expected.outcomes
+    assert _worker_pids() == [pid]  # not claimed: it waits for a frame it can take
+    gx_validation.discard_worker()
+    assert not gx_validation._WORKER and not Path(f"/proc/{pid}").exists()
+
+
+def test_a_dead_worker_changes_nothing_but_where_it_ran(schema, sample: pd.DataFrame,  # type: ignore[no-untyped-def]
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+    import time
+
+    drifted = _drifted_with_pii(sample)
+    _warm(monkeypatch)
+    os.kill(_worker_pids()[0], signal.SIGKILL)
+    time.sleep(0.2)
+    result = validate(drifted, schema)
+    assert result.ran == "in-process" and result.outcomes == validate(drifted, schema).outcomes
+
+
+def test_the_worker_holds_no_secret_of_its_parent(schema, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("SECURE_ML_KEK", "a" * 64)
+    monkeypatch.setenv("SECURE_ML_SIGNING_PASSPHRASE", "hunter2")
+    _warm(monkeypatch)
+    pid = _worker_pids()[0]
+    try:
+        environ = dict(entry.split("=", 1) for entry in
+                       Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if "=" in entry)
+    finally:
+        gx_validation.discard_worker()
+    assert set(environ) <= {"PATH", "LANG", "LC_ALL", "TZ", "GX_ANALYTICS_ENABLED"}
+    assert environ["GX_ANALYTICS_ENABLED"] == "false"
+    assert "hunter2" not in str(environ) and "a" * 64 not in str(environ)
 
 
 def test_suite_has_an_expectation_per_rule(schema) -> None:  # type: ignore[no-untyped-def]

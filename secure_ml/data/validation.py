@@ -6,6 +6,7 @@
     result.markdown()                               # a table of expectations and failures (Dagster UI)
 
     suite = build_suite(schema)                     # the gx.ExpectationSuite itself, to inspect or export
+    warm()                                          # a worker process imports GE now; validate() hands it the job
 
 The suite checks, per the schema: the exact column set (plus ``extra_columns`` the caller allows,
 e.g. pseudonymised PII), the row-count bounds, and for each column its dtype, nulls, numeric range
@@ -14,15 +15,32 @@ with its analytics switched off before it is imported; the context is built once
 
 Values quoted from the data (GE's unexpected examples) pass through ``redact`` first, so a failure
 table never carries an e-mail address or a card number into the UI or the audit log.
+
+Importing Great Expectations costs seconds of CPU, more than validating a small drop. A process that
+knows it will validate soon (``secure-ml pipeline run`` before its ingest run) calls :func:`warm`: a
+worker process (this interpreter, isolated mode, an environment of PATH and locale only, so no secret)
+imports GE while the caller does other work, on the other core. :func:`validate` hands the next job
+to it: the suite as data (:func:`suite_spec`) and the frame as an Arrow IPC stream; the worker runs
+the same suite with the same code and sends back the raw outcomes, which are redacted and cut here,
+as in-process ones are. A frame the Arrow round trip would not give back with the same columns and
+dtypes, one over ``WORKER_MAX_CELLS`` (the copy would cost more than the import), or a worker that
+fails, is validated in this process instead: the result never depends on where it ran.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import gc
+import json
 import os
+import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -36,6 +54,11 @@ os.environ["GX_ANALYTICS_ENABLED"] = "false"
 _LOCK = threading.Lock()
 _STATE: dict[str, Any] = {}
 MAX_EXAMPLES = 5
+#: rows x columns a warm worker is sent; a larger frame is validated in the caller's process.
+WORKER_MAX_CELLS = 5_000_000
+WORKER_TIMEOUT_S = 600.0
+CODE_ROOT = Path(__file__).resolve().parents[2]
+_HEADER = struct.Struct(">Q")
 
 
 @dataclass
@@ -63,6 +86,8 @@ class ExpectationOutcome:
 class ValidationResult:
     outcomes: list[ExpectationOutcome]
     rows: int
+    #: where the suite ran: "worker" (a warm worker process) or "in-process"
+    ran: str = "in-process"
 
     @property
     def success(self) -> bool:
@@ -147,37 +172,57 @@ def _gx() -> dict[str, Any]:
         return _STATE
 
 
-def build_suite(schema: Schema, *, extra_columns: Sequence[str] = (), name: str = "") -> Any:
-    """The gx.ExpectationSuite for ``schema`` (``extra_columns`` are allowed beside its columns)."""
-    state = _gx()
-    gx, gxe, dtype = state["gx"], state["gxe"], state["dtype"]
-    expectations: list[Any] = [
-        gxe.ExpectTableColumnsToMatchSet(column_set=[*schema.columns, *extra_columns], exact_match=True),
-        gxe.ExpectTableRowCountToBeBetween(min_value=schema.min_rows, max_value=schema.max_rows),
+def suite_spec(schema: Schema, *, extra_columns: Sequence[str] = ()) -> list[tuple[str, dict[str, Any]]]:
+    """The suite for ``schema`` as data: (expectation, keyword arguments) pairs, ``dtype`` for ours."""
+    spec: list[tuple[str, dict[str, Any]]] = [
+        ("ExpectTableColumnsToMatchSet", {"column_set": [*schema.columns, *extra_columns], "exact_match": True}),
+        ("ExpectTableRowCountToBeBetween", {"min_value": schema.min_rows, "max_value": schema.max_rows}),
     ]
     for column in schema.columns.values():
-        expectations.append(dtype(column=column.name, type_list=list(column.dtypes)))
+        spec.append(("dtype", {"column": column.name, "type_list": list(column.dtypes)}))
         if not column.nullable:
-            expectations.append(gxe.ExpectColumnValuesToNotBeNull(column=column.name))
+            spec.append(("ExpectColumnValuesToNotBeNull", {"column": column.name}))
         if column.min is not None or column.max is not None:
-            expectations.append(gxe.ExpectColumnValuesToBeBetween(
-                column=column.name, min_value=column.min, max_value=column.max))
+            spec.append(("ExpectColumnValuesToBeBetween",
+                         {"column": column.name, "min_value": column.min, "max_value": column.max}))
         if column.allowed is not None:
-            expectations.append(gxe.ExpectColumnValuesToBeInSet(column=column.name, value_set=list(column.allowed)))
-    return gx.ExpectationSuite(name=name or f"{schema.dataset}-schema", expectations=expectations)
+            spec.append(("ExpectColumnValuesToBeInSet", {"column": column.name, "value_set": list(column.allowed)}))
+    return spec
+
+
+def build_suite(schema: Schema, *, extra_columns: Sequence[str] = (), name: str = "") -> Any:
+    """The gx.ExpectationSuite for ``schema`` (``extra_columns`` are allowed beside its columns)."""
+    return _suite(suite_spec(schema, extra_columns=extra_columns), name or f"{schema.dataset}-schema")
+
+
+def _suite(spec: Sequence[tuple[str, dict[str, Any]]], name: str) -> Any:
+    state = _gx()
+    gxe = state["gxe"]
+    return state["gx"].ExpectationSuite(name=name, expectations=[
+        state["dtype"](**kwargs) if kind == "dtype" else getattr(gxe, kind)(**kwargs) for kind, kwargs in spec])
 
 
 def validate(frame: pd.DataFrame, schema: Schema, *, extra_columns: Sequence[str] = (),
              redact: Callable[[str], str] | None = None) -> ValidationResult:
-    """Run the schema's suite on ``frame``; never raises for bad data, only reports it."""
-    state = _gx()
-    suite = build_suite(schema, extra_columns=extra_columns)
-    batch = state["batch_definition"].get_batch(batch_parameters={"dataframe": frame})
-    result = batch.validate(suite, result_format={"result_format": "SUMMARY", "partial_unexpected_count": MAX_EXAMPLES})
+    """Run the schema's suite on ``frame`` (in a warm worker, else here); never raises for bad data, only
+    reports it."""
+    spec = suite_spec(schema, extra_columns=extra_columns)
+    name = f"{schema.dataset}-schema"
+    raw, ran = _in_worker(frame, spec, name), "worker"
+    if raw is None:
+        raw, ran = _run_suite(frame, spec, name), "in-process"
     redact = redact or (lambda text: text)
+    return ValidationResult(outcomes=[_finish(o, redact) for o in raw], rows=len(frame), ran=ran)
+
+
+def _run_suite(frame: pd.DataFrame, spec: Sequence[tuple[str, dict[str, Any]]], name: str) -> list[ExpectationOutcome]:
+    """The suite on ``frame``, in this process: raw outcomes (nothing redacted or cut yet)."""
+    state = _gx()
+    batch = state["batch_definition"].get_batch(batch_parameters={"dataframe": frame})
+    result = batch.validate(_suite(spec, name),
+                            result_format={"result_format": "SUMMARY", "partial_unexpected_count": MAX_EXAMPLES})
     present = {str(c) for c in frame.columns}
-    outcomes = [_outcome(r, redact, present) for r in result.results]
-    return ValidationResult(outcomes=outcomes, rows=len(frame))
+    return [_outcome(r, present) for r in result.results]
 
 
 def _exception(info: Any) -> str:
@@ -195,7 +240,8 @@ def _exception(info: Any) -> str:
     return ""
 
 
-def _outcome(result: Any, redact: Callable[[str], str], present: set[str]) -> ExpectationOutcome:
+def _outcome(result: Any, present: set[str]) -> ExpectationOutcome:
+    """One GE result as an outcome, raw: values quoted from the data are neither redacted nor cut."""
     config = result.expectation_config
     details = dict(result.result or {})
     column = str(config.kwargs.get("column") or "")
@@ -210,13 +256,116 @@ def _outcome(result: Any, redact: Callable[[str], str], present: set[str]) -> Ex
         observed = ", ".join(map(str, observed))
     if observed is None and "unexpected_percent" in details:
         observed = f"{details['unexpected_percent']:.3g}% unexpected"
-    examples = [redact(str(v))[:40] for v in (details.get("partial_unexpected_list") or [])[:MAX_EXAMPLES]]
+    unexpected = details.get("unexpected_count")
     return ExpectationOutcome(
-        expectation=config.type,
+        expectation=str(config.type),
         column=column,
         passed=bool(result.success),
-        observed="" if observed is None else redact(str(observed))[:200],
-        unexpected=details.get("unexpected_count"),
-        examples=examples,
-        error=redact(error) if not result.success else "",
+        observed="" if observed is None else str(observed),
+        unexpected=None if unexpected is None else int(unexpected),
+        examples=[str(v) for v in (details.get("partial_unexpected_list") or [])[:MAX_EXAMPLES]],
+        error=error if not result.success else "",
     )
+
+
+def _finish(outcome: ExpectationOutcome, redact: Callable[[str], str]) -> ExpectationOutcome:
+    """What leaves validation: every value quoted from the data redacted first, then cut."""
+    return replace(outcome, observed=redact(outcome.observed)[:200], examples=[redact(v)[:40] for v in outcome.examples],
+                   error=redact(outcome.error))
+
+
+# -- the warm worker -------------------------------------------------------------------------------
+_WORKER: list[subprocess.Popen[bytes]] = []
+_BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from secure_ml.data.validation import serve; serve()"
+
+
+def warm() -> None:
+    """Start a worker process that imports Great Expectations now; the next :func:`validate` in this
+    process hands it its job (one job per worker). Idempotent; a worker nobody used ends with this process."""
+    with _LOCK:
+        if _WORKER or _STATE:  # one is waiting, or GE is loaded here already
+            return
+        environ = {name: os.environ[name] for name in ("PATH", "LANG", "LC_ALL", "TZ") if name in os.environ}
+        _WORKER.append(subprocess.Popen(  # noqa: S603 - our interpreter, our module, no shell
+            [sys.executable, "-I", "-c", _BOOT, str(CODE_ROOT)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, env={**environ, "GX_ANALYTICS_ENABLED": "false"}, cwd=CODE_ROOT))
+
+
+def _claim() -> subprocess.Popen[bytes] | None:
+    with _LOCK:
+        return _WORKER.pop() if _WORKER else None
+
+
+def _end(worker: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        worker.kill()
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        worker.communicate(timeout=5)
+
+
+def discard_worker() -> None:
+    """End the waiting worker, if any (a run that will not validate after all)."""
+    worker = _claim()
+    if worker is not None:
+        _end(worker)
+
+
+atexit.register(discard_worker)
+
+
+def _in_worker(frame: pd.DataFrame, spec: Sequence[tuple[str, dict[str, Any]]],
+               name: str) -> list[ExpectationOutcome] | None:
+    """The raw outcomes from the warm worker; None where there is none, or it cannot take this frame."""
+    if frame.shape[0] * max(frame.shape[1], 1) > WORKER_MAX_CELLS:
+        return None
+    worker = _claim()
+    if worker is None:
+        return None
+    try:
+        payload = _arrow(frame)
+        if payload is None:
+            return None
+        header = json.dumps({"spec": spec, "name": name, "columns": [str(c) for c in frame.columns],
+                             "dtypes": [str(t) for t in frame.dtypes]}).encode()
+        out, _ = worker.communicate(_HEADER.pack(len(header)) + header + payload, timeout=WORKER_TIMEOUT_S)
+        answer = json.loads(out) if worker.returncode == 0 and out else {}
+        if "outcomes" not in answer:
+            return None
+        return [ExpectationOutcome(**o) for o in answer["outcomes"]]
+    except (OSError, ValueError, TypeError, subprocess.SubprocessError):
+        return None
+    finally:
+        _end(worker)
+
+
+def _arrow(frame: pd.DataFrame) -> bytes | None:
+    """``frame`` as an Arrow IPC stream (index kept); None where Arrow cannot represent it."""
+    import pyarrow as pa
+
+    try:
+        table = pa.Table.from_pandas(frame, preserve_index=True)
+    except (pa.ArrowException, TypeError, ValueError):
+        return None
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return bytes(sink.getvalue())
+
+
+def serve() -> None:
+    """The worker: import GE, then take one job from stdin and answer on stdout (JSON). A frame that did
+    not arrive with the caller's columns and dtypes is answered ``{"refused": ...}``: the caller then
+    validates it itself."""
+    _gx()
+    stdin = sys.stdin.buffer
+    size = _HEADER.unpack(stdin.read(_HEADER.size))[0]
+    job = json.loads(stdin.read(size))
+    import pyarrow as pa
+
+    frame = pa.ipc.open_stream(stdin.read()).read_all().to_pandas()
+    if [str(c) for c in frame.columns] != job["columns"] or [str(t) for t in frame.dtypes] != job["dtypes"]:
+        answer: dict[str, Any] = {"refused": "the frame's columns or dtypes changed in transit"}
+    else:
+        answer = {"outcomes": [asdict(o) for o in _run_suite(frame, [tuple(x) for x in job["spec"]], job["name"])]}
+    sys.stdout.buffer.write(json.dumps(answer).encode())
+    sys.stdout.buffer.flush()

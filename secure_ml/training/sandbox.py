@@ -359,7 +359,7 @@ def warm(policy: IsolationPolicy, *, entry: str, threads: int = 1, idle_s: float
     prepared = prepare(policy, entry=entry, threads=threads)
     with _WARM_LOCK:
         _WARM.append(prepared)
-    timer = threading.Timer(idle_s, _discard, args=(prepared,))
+    timer = threading.Timer(idle_s, discard, args=(prepared,))
     timer.daemon = True
     timer.start()
     return prepared
@@ -379,7 +379,8 @@ def _claim(policy: IsolationPolicy, entry: str, threads: int) -> Prepared | None
     return None
 
 
-def _discard(prepared: Prepared) -> None:
+def discard(prepared: Prepared) -> None:
+    """End a child :func:`warm` started, unless a run claimed it (then it is that run's)."""
     with _WARM_LOCK:
         if prepared in _WARM:
             _WARM.remove(prepared)
@@ -390,7 +391,7 @@ def _discard(prepared: Prepared) -> None:
 def discard_warm() -> None:
     """End every warmed child nobody claimed."""
     for prepared in list(_WARM):
-        _discard(prepared)
+        discard(prepared)
 
 
 def run_isolated(header: Mapping[str, Any], blobs: Iterable[bytes | memoryview], *, policy: IsolationPolicy,
