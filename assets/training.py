@@ -118,7 +118,8 @@ def trained_model(context: dg.AssetExecutionContext, validated_dataset: dict[str
     try:
         chosen = _settings(custody)
         spec = DataSpec.from_validated(validated_dataset)
-        train = custody.store(context).get_dataframe(str(validated_dataset["train_sha256"]))
+        # handed to train_model, not kept here: it lets the split go once encoded
+        split = [custody.store(context).get_dataframe(str(validated_dataset["train_sha256"]))]
     except Error as exc:
         raise _fail(custody, context, "training.configure", subject, exc) from None
     config: TrainingConfig = chosen["training"]
@@ -143,7 +144,7 @@ def trained_model(context: dg.AssetExecutionContext, validated_dataset: dict[str
 
     with tempfile.TemporaryDirectory(prefix="secure-ml-train-") as tmp:
         try:
-            result = train_model(train, spec, config, Path(tmp) / "model", isolation=chosen["isolation"],
+            result = train_model(split.pop(), spec, config, Path(tmp) / "model", isolation=chosen["isolation"],
                                  checkpoints=checkpoints, provenance=provenance, on_progress=progress,
                                  runner=pod_runner_for(context, chosen["isolation"], settings.home))
         except Error as exc:
@@ -384,8 +385,7 @@ def reproducible(context: dg.AssetCheckExecutionContext, custody: CustodyResourc
             return _segments_verdict(context, custody, Path(tmp) / "stored", chosen, subject, weights, data)
         context.log.info("reproducible: training again from scratch to compare the weights digest")
         try:
-            train = custody.store(context).get_dataframe(str(data["train_sha256"]))
-            again = train_model(train, spec, chosen["training"], Path(tmp) / "model",
+            again = train_model(custody.store(context).get_dataframe(str(data["train_sha256"])), spec, chosen["training"], Path(tmp) / "model",
                                 isolation=chosen["isolation"], checkpoints=None, provenance={},
                                 runner=pod_runner_for(context, chosen["isolation"], custody.settings().home, replay=True))
             digest, error = again.weights_sha256, ""
@@ -411,9 +411,9 @@ def _segments_verdict(context: Any, custody: CustodyResource, model_dir: Path, c
     context.log.info(f"reproducible: re-executing {k} segment(s) of the training chain")
     metadata: dict[str, Any] = {"retrained": False, "method": "segments", "weights_sha256": weights}
     try:
-        train = custody.store(context).get_dataframe(str(data["train_sha256"]))
         runner = pod_runner_for(context, chosen["isolation"], custody.settings().home, replay=True)
-        report = verify_segments(model_dir, train, k=k, run_id=context.run.run_id, isolation=chosen["isolation"],
+        # the split is handed over, not kept here: verify_segments lets it go once encoded
+        report = verify_segments(model_dir, custody.store(context).get_dataframe(str(data["train_sha256"])), k=k, run_id=context.run.run_id, isolation=chosen["isolation"],
                                  runner=runner)
     except Error as exc:
         return verdict(custody, context, check=REPRODUCIBLE, subject=subject, passed=False,

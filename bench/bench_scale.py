@@ -41,7 +41,7 @@ GIB = 2**30
 
 
 def pipeline_run(drop: Path, home: Path, *, select: str | None = UP_TO_TRAINING,
-                 config: Path | None = None) -> dict[str, Any]:
+                 config: Path | None = None, force: bool = False) -> dict[str, Any]:
     """``secure-ml pipeline run`` in a child process: wall seconds, its peak RSS (wait4's: the largest of
     the CLI process and the descendants it reaped, the training sandbox among them), its summary. ``config``: a SECURE_ML_CONFIG folder."""
     env = {**os.environ, "SECURE_ML_HOME": str(home), "DAGSTER_HOME": str(home / "dagster"),
@@ -52,6 +52,8 @@ def pipeline_run(drop: Path, home: Path, *, select: str | None = UP_TO_TRAINING,
     command = [sys.executable, "-m", "secure_ml", "pipeline", "run", "--data", str(drop), "--json"]
     if select:
         command += ["--select", select]
+    if force:
+        command.append("--force")
     started = time.perf_counter()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         child = subprocess.Popen(command, stdout=out, stderr=err, env=env, cwd=REPO)
@@ -66,6 +68,7 @@ def pipeline_run(drop: Path, home: Path, *, select: str | None = UP_TO_TRAINING,
                            f"{' | '.join(stderr.strip().splitlines()[-3:])}")
     summary = json.loads(stdout)
     return {"seconds": seconds, "peak_rss": usage.ru_maxrss * 1024, "summary": summary,
+            "cpu_seconds": usage.ru_utime + usage.ru_stime,  # the CLI process and every child it reaped
             "steps": {s["step"]: s["seconds"] for s in summary.get("steps", [])}}
 
 
@@ -113,17 +116,38 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def sample_figures() -> list[Figure]:
-    """The whole pipeline on the sample: the run's span in the event log against the goal (8 s)."""
+    """The whole pipeline on the sample: the runs' span in the event log against the goal (8 s); and the
+    CPU the span's work takes (the process tree's CPU seconds less a CLI start that builds the same
+    definitions and stops), divided by the cores: no schedule on this machine finishes in less."""
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         first = pipeline_run(SAMPLE, Path(tmp) / "home", select=None)
-        print(table([{**first, "rows": 1000}]), file=sys.stderr)
-    span = first["steps"]["run"]
+        second = pipeline_run(SAMPLE, Path(tmp) / "home", select=None, force=True)
+        start = _cli_start_cpu(Path(tmp) / "home")
+        print(table([{**first, "rows": 1000}, {**second, "rows": 1000}]), file=sys.stderr)
+    cores = os.cpu_count() or 1
+    span = min(first["steps"]["run"], second["steps"]["run"])
+    work = min(first["cpu_seconds"], second["cpu_seconds"]) - start
+    print(f"# sample: spans {first['steps']['run']:.1f} / {second['steps']['run']:.1f} s; CPU {first['cpu_seconds']:.1f} / "
+          f"{second['cpu_seconds']:.1f} s, of which a CLI start {start:.1f} s; {cores} cores", file=sys.stderr)
     return [
-        Figure(ISSUE, "sample, whole pipeline inside Dagster (event-log span)", span, "s", "goal (s)", 8.0,
+        Figure(ISSUE, "sample, whole pipeline inside Dagster (event-log span, best of 2)", span, "s", "goal (s)", 8.0,
                "<= 1.0x", span <= 8.0),
-        Figure(ISSUE, "sample, `secure-ml pipeline run` process", first["seconds"], "s", "Dagster span (s)", span,
-               "report", True),
+        Figure(ISSUE, "sample, `secure-ml pipeline run` process", second["seconds"], "s", "Dagster span (s)",
+               second["steps"]["run"], "report", True),
+        Figure(ISSUE, f"sample, the span's CPU work / {cores} cores (the shortest any schedule could take)",
+               work / cores, "s", "goal (s)", 8.0, "report", True),
     ]
+
+
+def _cli_start_cpu(home: Path) -> float:
+    """CPU seconds of a `secure-ml pipeline run` that imports everything, builds the definitions and stops
+    (an unknown asset selected): what the process spends before its first run."""
+    env = {**os.environ, "SECURE_ML_HOME": str(home), "DAGSTER_HOME": str(home / "dagster"),
+           "PYTHONPATH": str(REPO), "DAGSTER_DISABLE_TELEMETRY": "1", "DVC_NO_ANALYTICS": "1"}
+    child = subprocess.Popen([sys.executable, "-m", "secure_ml", "pipeline", "run", "--select", "no_such_asset"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO)
+    _, _, usage = os.wait4(child.pid, 0)
+    return usage.ru_utime + usage.ru_stime
 
 
 def large_figures(sizes: tuple[int, int] = (1_000_000, 10_000_000), *, select: str = END_TO_END,

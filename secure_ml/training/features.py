@@ -99,8 +99,10 @@ class Preprocessing:
         unknown: dict[str, dict[str, Any]] = {}
         for name, categories in self.categorical.items():
             values = frame[name]
-            index = {c: j for j, c in enumerate(categories)}
-            codes = np.array([index.get(str(v), -1) if pd.notna(v) else -1 for v in values.tolist()], dtype=np.int64)
+            # each present value's str() looked up among the fitted categories (-1: unknown or missing), in
+            # pandas' own hashing: no Python object per row
+            present = values.notna()
+            codes = pd.Categorical(values.astype(str).where(present), categories=list(categories)).codes.astype(np.int64)
             rows = np.flatnonzero(codes >= 0)
             out[rows, column + codes[rows]] = 1.0
             if (codes < 0).any():

@@ -118,6 +118,7 @@ def verify_segments(model_dir: Path, frame: Any, *, k: int, run_id: str, isolati
     device = str(record.get("device") or "cpu")
     X, _ = prep.transform(frame, where="train split")
     y = prep.labels(frame, where="train split")
+    del frame  # encoded: let it go (a caller that keeps no reference of its own frees it before the replay)
     X32 = np.ascontiguousarray(X, dtype=np.float32)
     y32 = np.ascontiguousarray(y, dtype=np.float32)
     data = record.get("data") or {}

@@ -157,7 +157,8 @@ def train_model(frame: Any, spec: DataSpec, config: TrainingConfig, out_dir: Pat
                 provenance: Mapping[str, Any] | None = None, on_progress: Progress | None = None,
                 on_start: Callable[[int], None] | None = None, cuda_available: bool | None = None,
                 runner: Runner | None = None) -> TrainingResult:
-    """Fit preprocessing on ``frame`` (the training split), train, and write the model directory.
+    """Fit preprocessing on ``frame`` (the training split), train, and write the model directory. The frame
+    is let go once encoded: a caller that keeps no reference of its own frees it before training.
 
     Isolated on the local sandbox, the child is started first: it sets up and imports torch while
     this process fits the preprocessing and encodes the split (two cores: that fixed cost overlaps)."""
@@ -171,6 +172,8 @@ def train_model(frame: Any, spec: DataSpec, config: TrainingConfig, out_dir: Pat
         prep = Preprocessing.fit(frame, spec)
         X, _ = prep.transform(frame, where="training split")
         y = prep.labels(frame, where="training split")
+        rows = len(frame)
+        del frame  # the float32 matrix is what trains (10M rows: the frame is about as large again)
         result = fit(X, y, config, device=device, isolation=isolation, checkpoints=checkpoints,
                      on_progress=on_progress, on_start=on_start, runner=runner, prepared=ready)
     finally:
@@ -187,7 +190,7 @@ def train_model(frame: Any, spec: DataSpec, config: TrainingConfig, out_dir: Pat
         "determinism": {"torch.use_deterministic_algorithms": True, "threads": config.threads,
                         "CUBLAS_WORKSPACE_CONFIG": ":4096:8"},
         "data": {"label": spec.label, "numeric": list(spec.numeric), "categorical": list(spec.categorical),
-                 "train_rows": len(frame), "inputs": prep.width,
+                 "train_rows": rows, "inputs": prep.width,
                  "train_sha256": provenance.get("train_sha256"), "test_sha256": provenance.get("test_sha256"),
                  "dataset_sha256": provenance.get("dataset_sha256"),
                  "dvc_version": provenance.get("dvc_version"), "source": provenance.get("source"),
@@ -211,5 +214,5 @@ def train_model(frame: Any, spec: DataSpec, config: TrainingConfig, out_dir: Pat
                    "chain": result.chain_entries, "chain_file": CHAIN_FILE},
     }
     write_model_dir(out_dir, result.weights, prep, config, record, chain=result.chain)
-    return TrainingResult(out_dir, weights_sha, device, config.epochs, result.losses[-1], len(frame), record)
+    return TrainingResult(out_dir, weights_sha, device, config.epochs, result.losses[-1], rows, record)
 
