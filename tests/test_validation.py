@@ -132,6 +132,16 @@ def test_a_warm_worker_gives_exactly_the_in_process_result(schema, sample: pd.Da
     assert "[CARD]" in table and "x" * 35 + " [EMA" in table  # redacted, then cut
 
 
+def test_submit_returns_while_the_worker_validates(schema, sample: pd.DataFrame,  # type: ignore[no-untyped-def]
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """validated_dataset screens for poisoning meanwhile: the job is handed over, not waited for."""
+    _warm(monkeypatch)
+    pending = gx_validation.submit(sample, schema)
+    assert pending._thread is not None and pending._thread.is_alive()  # the worker is still importing GE
+    result = pending.result()
+    assert result.ran == "worker" and result.success and not pending._thread.is_alive()
+
+
 def test_what_the_worker_cannot_take_is_validated_here(schema, sample: pd.DataFrame,  # type: ignore[no-untyped-def]
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     expected = validate(sample, schema)

@@ -206,13 +206,40 @@ def validate(frame: pd.DataFrame, schema: Schema, *, extra_columns: Sequence[str
              redact: Callable[[str], str] | None = None) -> ValidationResult:
     """Run the schema's suite on ``frame`` (in a warm worker, else here); never raises for bad data, only
     reports it."""
-    spec = suite_spec(schema, extra_columns=extra_columns)
-    name = f"{schema.dataset}-schema"
-    raw, ran = _in_worker(frame, spec, name), "worker"
-    if raw is None:
-        raw, ran = _run_suite(frame, spec, name), "in-process"
-    redact = redact or (lambda text: text)
-    return ValidationResult(outcomes=[_finish(o, redact) for o in raw], rows=len(frame), ran=ran)
+    return submit(frame, schema, extra_columns=extra_columns).result(redact)
+
+
+def submit(frame: pd.DataFrame, schema: Schema, *, extra_columns: Sequence[str] = ()) -> Pending:
+    """Hand the suite to the warm worker, if there is one that can take ``frame``, and return at once:
+    the caller does other work while the worker validates; :meth:`Pending.result` gives the result (run
+    here, then, where no worker took the job). The frame must not change until then."""
+    return Pending(frame, suite_spec(schema, extra_columns=extra_columns), f"{schema.dataset}-schema")
+
+
+class Pending:
+    """A validation under way in the worker, or to be run here when its result is asked for."""
+
+    def __init__(self, frame: pd.DataFrame, spec: list[tuple[str, dict[str, Any]]], name: str) -> None:
+        self._frame, self._spec, self._name = frame, spec, name
+        self._raw: list[ExpectationOutcome] | None = None
+        self._thread: threading.Thread | None = None
+        job = _worker_job(frame, spec, name)
+        if job is not None:
+            self._thread = threading.Thread(target=self._ask, args=job, name="secure-ml-validation", daemon=True)
+            self._thread.start()
+
+    def _ask(self, worker: subprocess.Popen[bytes], message: bytes) -> None:
+        self._raw = _answer(worker, message)
+
+    def result(self, redact: Callable[[str], str] | None = None) -> ValidationResult:
+        """The outcomes, every value quoted from the data passed through ``redact`` and cut."""
+        ran = "worker"
+        if self._thread is not None:
+            self._thread.join()
+        if self._raw is None:
+            self._raw, ran = _run_suite(self._frame, self._spec, self._name), "in-process"
+        redact = redact or (lambda text: text)
+        return ValidationResult(outcomes=[_finish(o, redact) for o in self._raw], rows=len(self._frame), ran=ran)
 
 
 def _run_suite(frame: pd.DataFrame, spec: Sequence[tuple[str, dict[str, Any]]], name: str) -> list[ExpectationOutcome]:
@@ -313,9 +340,9 @@ def discard_worker() -> None:
 atexit.register(discard_worker)
 
 
-def _in_worker(frame: pd.DataFrame, spec: Sequence[tuple[str, dict[str, Any]]],
-               name: str) -> list[ExpectationOutcome] | None:
-    """The raw outcomes from the warm worker; None where there is none, or it cannot take this frame."""
+def _worker_job(frame: pd.DataFrame, spec: Sequence[tuple[str, dict[str, Any]]],
+                name: str) -> tuple[subprocess.Popen[bytes], bytes] | None:
+    """The warm worker (claimed) and its job's bytes; None where there is none, or it cannot take this frame."""
     if frame.shape[0] * max(frame.shape[1], 1) > WORKER_MAX_CELLS:
         return None
     worker = _claim()
@@ -323,11 +350,20 @@ def _in_worker(frame: pd.DataFrame, spec: Sequence[tuple[str, dict[str, Any]]],
         return None
     try:
         payload = _arrow(frame)
-        if payload is None:
-            return None
         header = json.dumps({"spec": spec, "name": name, "columns": [str(c) for c in frame.columns],
                              "dtypes": [str(t) for t in frame.dtypes]}).encode()
-        out, _ = worker.communicate(_HEADER.pack(len(header)) + header + payload, timeout=WORKER_TIMEOUT_S)
+    except (TypeError, ValueError):
+        payload = None
+    if payload is None:
+        _end(worker)
+        return None
+    return worker, _HEADER.pack(len(header)) + header + payload
+
+
+def _answer(worker: subprocess.Popen[bytes], message: bytes) -> list[ExpectationOutcome] | None:
+    """Send the job, wait for the raw outcomes; None where the worker refused it, failed or timed out."""
+    try:
+        out, _ = worker.communicate(message, timeout=WORKER_TIMEOUT_S)
         answer = json.loads(out) if worker.returncode == 0 and out else {}
         if "outcomes" not in answer:
             return None
