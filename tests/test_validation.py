@@ -160,8 +160,7 @@ def test_what_the_worker_cannot_take_is_validated_here(schema, sample: pd.DataFr
     pid = _worker_pids()[0]
     result = validate(sample, schema)
     assert result.ran == "in-process" and result.outcomes == expected.outcomes
-    assert _worker_pids() == [pid]  # not claimed: it waits for a frame it can take
-    gx_validation.discard_worker()
+    # GE is loaded here now: the worker would only hold memory, so it is ended
     assert not gx_validation._WORKER and not Path(f"/proc/{pid}").exists()
 
 

@@ -344,6 +344,7 @@ def _worker_job(frame: pd.DataFrame, spec: Sequence[tuple[str, dict[str, Any]]],
                 name: str) -> tuple[subprocess.Popen[bytes], bytes] | None:
     """The warm worker (claimed) and its job's bytes; None where there is none, or it cannot take this frame."""
     if frame.shape[0] * max(frame.shape[1], 1) > WORKER_MAX_CELLS:
+        discard_worker()  # GE is loaded here now: a waiting worker would only hold memory
         return None
     worker = _claim()
     if worker is None:
