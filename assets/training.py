@@ -385,7 +385,8 @@ def reproducible(context: dg.AssetCheckExecutionContext, custody: CustodyResourc
             return _segments_verdict(context, custody, Path(tmp) / "stored", chosen, subject, weights, data)
         context.log.info("reproducible: training again from scratch to compare the weights digest")
         try:
-            again = train_model(custody.store(context).get_dataframe(str(data["train_sha256"])), spec, chosen["training"], Path(tmp) / "model",
+            again = train_model(custody.store(context).get_dataframe(str(data["train_sha256"])),  # let go once encoded
+                                spec, chosen["training"], Path(tmp) / "model",
                                 isolation=chosen["isolation"], checkpoints=None, provenance={},
                                 runner=pod_runner_for(context, chosen["isolation"], custody.settings().home, replay=True))
             digest, error = again.weights_sha256, ""
@@ -413,8 +414,8 @@ def _segments_verdict(context: Any, custody: CustodyResource, model_dir: Path, c
     try:
         runner = pod_runner_for(context, chosen["isolation"], custody.settings().home, replay=True)
         # the split is handed over, not kept here: verify_segments lets it go once encoded
-        report = verify_segments(model_dir, custody.store(context).get_dataframe(str(data["train_sha256"])), k=k, run_id=context.run.run_id, isolation=chosen["isolation"],
-                                 runner=runner)
+        report = verify_segments(model_dir, custody.store(context).get_dataframe(str(data["train_sha256"])), k=k,
+                                 run_id=context.run.run_id, isolation=chosen["isolation"], runner=runner)
     except Error as exc:
         return verdict(custody, context, check=REPRODUCIBLE, subject=subject, passed=False,
                        reason=f"could not re-execute the training chain: {exc.explain()}", metadata=metadata)

@@ -43,7 +43,8 @@ GIB = 2**30
 def pipeline_run(drop: Path, home: Path, *, select: str | None = UP_TO_TRAINING,
                  config: Path | None = None, force: bool = False) -> dict[str, Any]:
     """``secure-ml pipeline run`` in a child process: wall seconds, its peak RSS (wait4's: the largest of
-    the CLI process and the descendants it reaped, the training sandbox among them), its summary. ``config``: a SECURE_ML_CONFIG folder."""
+    the CLI process and the descendants it reaped, the training sandbox among them), its CPU seconds (all
+    of them), its summary. ``config``: a SECURE_ML_CONFIG folder."""
     env = {**os.environ, "SECURE_ML_HOME": str(home), "DAGSTER_HOME": str(home / "dagster"),
            "PYTHONPATH": str(REPO), "DAGSTER_DISABLE_TELEMETRY": "1", "DVC_NO_ANALYTICS": "1"}
     env.pop("SECURE_ML_IDENTITY", None)
@@ -127,8 +128,9 @@ def sample_figures() -> list[Figure]:
     cores = os.cpu_count() or 1
     span = min(first["steps"]["run"], second["steps"]["run"])
     work = min(first["cpu_seconds"], second["cpu_seconds"]) - start
-    print(f"# sample: spans {first['steps']['run']:.1f} / {second['steps']['run']:.1f} s; CPU {first['cpu_seconds']:.1f} / "
-          f"{second['cpu_seconds']:.1f} s, of which a CLI start {start:.1f} s; {cores} cores", file=sys.stderr)
+    print(f"# sample: spans {first['steps']['run']:.1f} / {second['steps']['run']:.1f} s; CPU "
+          f"{first['cpu_seconds']:.1f} / {second['cpu_seconds']:.1f} s, of which a CLI start {start:.1f} s; "
+          f"{cores} cores", file=sys.stderr)
     return [
         Figure(ISSUE, "sample, whole pipeline inside Dagster (event-log span, best of 2)", span, "s", "goal (s)", 8.0,
                "<= 1.0x", span <= 8.0),

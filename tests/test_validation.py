@@ -177,7 +177,7 @@ def test_a_dead_worker_changes_nothing_but_where_it_ran(schema, sample: pd.DataF
     assert result.ran == "in-process" and result.outcomes == validate(drifted, schema).outcomes
 
 
-def test_the_worker_holds_no_secret_of_its_parent(schema, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_the_worker_holds_no_secret_of_its_parent(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SECURE_ML_KEK", "a" * 64)
     monkeypatch.setenv("SECURE_ML_SIGNING_PASSPHRASE", "hunter2")
     _warm(monkeypatch)

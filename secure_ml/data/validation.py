@@ -222,6 +222,7 @@ class Pending:
     def __init__(self, frame: pd.DataFrame, spec: list[tuple[str, dict[str, Any]]], name: str) -> None:
         self._frame, self._spec, self._name = frame, spec, name
         self._raw: list[ExpectationOutcome] | None = None
+        self._ran = "worker"
         self._thread: threading.Thread | None = None
         job = _worker_job(frame, spec, name)
         if job is not None:
@@ -233,13 +234,12 @@ class Pending:
 
     def result(self, redact: Callable[[str], str] | None = None) -> ValidationResult:
         """The outcomes, every value quoted from the data passed through ``redact`` and cut."""
-        ran = "worker"
         if self._thread is not None:
             self._thread.join()
         if self._raw is None:
-            self._raw, ran = _run_suite(self._frame, self._spec, self._name), "in-process"
+            self._raw, self._ran = _run_suite(self._frame, self._spec, self._name), "in-process"
         redact = redact or (lambda text: text)
-        return ValidationResult(outcomes=[_finish(o, redact) for o in self._raw], rows=len(self._frame), ran=ran)
+        return ValidationResult(outcomes=[_finish(o, redact) for o in self._raw], rows=len(self._frame), ran=self._ran)
 
 
 def _run_suite(frame: pd.DataFrame, spec: Sequence[tuple[str, dict[str, Any]]], name: str) -> list[ExpectationOutcome]:
@@ -297,8 +297,8 @@ def _outcome(result: Any, present: set[str]) -> ExpectationOutcome:
 
 def _finish(outcome: ExpectationOutcome, redact: Callable[[str], str]) -> ExpectationOutcome:
     """What leaves validation: every value quoted from the data redacted first, then cut."""
-    return replace(outcome, observed=redact(outcome.observed)[:200], examples=[redact(v)[:40] for v in outcome.examples],
-                   error=redact(outcome.error))
+    return replace(outcome, observed=redact(outcome.observed)[:200],
+                   examples=[redact(v)[:40] for v in outcome.examples], error=redact(outcome.error))
 
 
 # -- the warm worker -------------------------------------------------------------------------------
