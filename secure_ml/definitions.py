@@ -14,6 +14,9 @@ Dagster calls when it loads the code location, and ``build_definitions`` reads a
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import hashlib
 import warnings
 from collections.abc import Iterable, Sequence
@@ -228,9 +231,23 @@ def _run_jobs(definitions: dg.Definitions, picked: set[dg.AssetKey], instance: d
             run_config=job_config, instance=instance, tags={TRIGGER_TAG: "cli", **(tags or {})},
             asset_selection=sorted(keys, key=lambda k: k.to_user_string()), raise_on_error=False)
         results.append(result)
+        release_memory()
         if not result.success:
             break
     return results
+
+
+def release_memory() -> None:
+    """Give the heap a finished run freed back to the OS (pyarrow's pool, then the C allocator's) before
+    the next run in this process: both keep freed memory for reuse, so the ingest run's peak would be the
+    training run's floor (10,000,000 rows: about 3 GB more at the training step's peak)."""
+    gc.collect()
+    with contextlib.suppress(Exception):  # only a hint to the allocators: nothing depends on it
+        import pyarrow
+
+        pyarrow.default_memory_pool().release_unused()
+    with contextlib.suppress(OSError, AttributeError):  # glibc only
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _allow_rerun(settings: Settings, drop: str, drop_sha: str, tags: dict[str, str]) -> None:
