@@ -65,3 +65,30 @@ def test_a_rejected_drop_validated_in_the_worker_leaves_nothing_running(settings
     assert not sandbox._WARM and not gx_validation._WORKER
     assert _children() == before, [Path(f"/proc/{pid}/cmdline").read_bytes()[:200] for pid in _children() - before]
     assert os.getpid() not in _children()
+
+
+def test_between_runs_the_freed_heap_goes_back_to_the_os() -> None:
+    """run_pipeline calls release_memory after each run: what a run freed (pyarrow's pool, the C heap) is
+    returned, so a 10M-row ingest's peak is not the training run's floor."""
+    import io
+
+    import numpy as np
+
+    from secure_ml.definitions import release_memory
+
+    def rss_mib() -> float:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    rows = 2_000_000
+    frame = pd.DataFrame({"a": np.arange(rows), "b": np.random.default_rng(0).random(rows),
+                          "c": np.random.default_rng(1).choice(["good", "bad", "unknown"], rows)})
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer)
+    copies = [pd.read_parquet(io.BytesIO(buffer.getvalue())) for _ in range(3)]
+    before = rss_mib()
+    del frame, copies, buffer
+    freed_but_kept = rss_mib()
+    release_memory()
+    after = rss_mib()
+    print(f"RSS MiB: live {before:.0f}, freed {freed_but_kept:.0f}, released {after:.0f}")
+    assert freed_but_kept - after > 50, (before, freed_but_kept, after)  # kept by the allocators, then returned
