@@ -192,6 +192,19 @@ def test_the_worker_holds_no_secret_of_its_parent(monkeypatch: pytest.MonkeyPatc
     assert "hunter2" not in str(environ) and "a" * 64 not in str(environ)
 
 
+def test_validating_keeps_no_reference_to_the_frame(schema, sample: pd.DataFrame) -> None:  # type: ignore[no-untyped-def]
+    """GE's engine caches the batches it loads: the step's frame (10M rows: gigabytes) must not outlive it."""
+    import gc
+    import weakref
+
+    frame = sample.copy()
+    alive = weakref.ref(frame)
+    assert validate(frame, schema).ran == "in-process"
+    del frame
+    gc.collect()
+    assert alive() is None
+
+
 def test_suite_has_an_expectation_per_rule(schema) -> None:  # type: ignore[no-untyped-def]
     suite = build_suite(schema)
     kinds = [e.expectation_type for e in suite.expectations]

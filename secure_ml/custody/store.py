@@ -249,12 +249,16 @@ class ArtifactStore:
             raise BadInput(f"artifact sha256:{digest[:16]}… is not JSON") from None
 
     def get_dataframe(self, digest: str) -> Any:
-        import pandas as pd
+        """A stored Parquet artifact as a DataFrame (what pandas.read_parquet gives), held once at a time:
+        the plaintext is let go once parsed, each Arrow column once pandas has it (10M rows: gigabytes)."""
+        import pyarrow.parquet as pq
 
         buffer = io.BytesIO()
         self.read_into(digest, buffer)
         buffer.seek(0)
-        return pd.read_parquet(buffer, engine="pyarrow")
+        table = pq.read_table(buffer)
+        del buffer
+        return table.to_pandas(self_destruct=True, split_blocks=True)
 
     def tree_files(self, digest: str) -> dict[str, str]:
         """A stored tree's ``{relative path: sha256}``, read from its (verified) manifest alone.

@@ -101,8 +101,9 @@ class Preprocessing:
             values = frame[name]
             # each present value's str() looked up among the fitted categories (-1: unknown or missing), in
             # pandas' own hashing: no Python object per row
-            present = values.notna()
-            codes = pd.Categorical(values.astype(str).where(present), categories=list(categories)).codes.astype(np.int64)
+            if not pd.api.types.is_string_dtype(values.dtype) or values.dtype == object:
+                values = values.astype(str).where(values.notna())  # str(v) of every present value
+            codes = pd.Categorical(values, categories=list(categories)).codes.astype(np.int64)
             rows = np.flatnonzero(codes >= 0)
             out[rows, column + codes[rows]] = 1.0
             if (codes < 0).any():
