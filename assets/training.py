@@ -230,26 +230,14 @@ def _preload_evaluation(context: Any) -> None:
     thread while the sandbox trains (this process only waits on it then), so they are not paid after. Not
     waited for: a step importing one of them meanwhile waits for that module alone (Python's per-module
     import locks), and the preload imports nothing of ours."""
-    if _in_process(context):
-        preload_evaluation()
-
-
-def preload_evaluation() -> None:
-    """evaluation.preload in a daemon thread, once per process (a head start, never waited for)."""
-    with _PRELOAD_LOCK:
-        if _PRELOADING:
-            return
-        _PRELOADING.append(True)
+    if not _in_process(context):
+        return
 
     def load() -> None:
         with contextlib.suppress(Exception):  # only a head start: model_evaluation imports what it needs itself
             evaluation_core.preload()
 
     threading.Thread(target=load, name="secure-ml-preload-evaluation", daemon=True).start()
-
-
-_PRELOADING: list[bool] = []
-_PRELOAD_LOCK = threading.Lock()
 
 
 def _in_process(context: Any) -> bool:

@@ -202,15 +202,15 @@ def _warm_up(settings: Settings, picked: set[dg.AssetKey]) -> list[Prepared]:
     """Every step of run_pipeline runs in this process (execute_in_process), one after another, and their
     fixed costs are imports: begin them now, beside the ingest run, so they use the other core. Great
     Expectations in a worker process that validated_dataset hands its job to; each model's training
-    sandbox (it imports torch; trained_model claims it); the evaluation's imports in a thread. Nothing
-    here sees data or a key. Returns the sandboxes, for the caller to end if no run took them."""
+    sandbox (it imports torch; trained_model claims it). Nothing here sees data or a key. (Not the
+    evaluation's imports: in a thread of this process they would slow the ingest run's own steps;
+    trained_model starts them while it waits on its sandbox.) Returns the sandboxes, for the caller to
+    end if no run took them."""
     stages = {key.path[-1] for key in picked}
     if "validated_dataset" in stages:
         gx_validation.warm()
     warmed = [training.warm_trainer(settings.for_model(None if len(key.path) == 1 else key.path[0]))
               for key in picked if key.path[-1] == "trained_model"]
-    if "model_evaluation" in stages:
-        training.preload_evaluation()
     return [prepared for prepared in warmed if prepared is not None]
 
 

@@ -2,8 +2,7 @@
 
 Touches: run_pipeline in this process on a real Dagster instance and home, on a drop the poisoning
 screen rejects: Great Expectations in a warm worker process (the audit record says where the suite
-ran), the training sandbox started before the ingest run, the evaluation's imports in a thread; and
-that a pipeline run that stops early leaves no worker, sandbox or child process behind. Does not
+ran), the training sandbox started before the ingest run; and that a pipeline run that stops early leaves no worker, sandbox or child process behind. Does not
 touch: timing (bench/bench_scale.py measures the sample inside Dagster), a run that trains (the
 trainer claiming its warm sandbox: tests/test_end_to_end.py runs the whole pipeline through the CLI).
 """
