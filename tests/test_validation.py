@@ -112,6 +112,19 @@ def _warm(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(_worker_pids()) == 1
 
 
+def test_a_worker_that_died_waiting_is_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+
+    _warm(monkeypatch)
+    dead = gx_validation._WORKER[0]
+    os.kill(dead.pid, signal.SIGKILL)
+    dead.wait(timeout=10)
+    gx_validation.warm()
+    [alive] = gx_validation._WORKER
+    assert alive is not dead and alive.poll() is None
+    gx_validation.discard_worker()
+
+
 def test_a_warm_worker_gives_exactly_the_in_process_result(schema, sample: pd.DataFrame,  # type: ignore[no-untyped-def]
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """The worker runs the same suite with the same code; quoted values are redacted here, before the cut,
@@ -180,11 +193,13 @@ def test_a_dead_worker_changes_nothing_but_where_it_ran(schema, sample: pd.DataF
 def test_the_worker_holds_no_secret_of_its_parent(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SECURE_ML_KEK", "a" * 64)
     monkeypatch.setenv("SECURE_ML_SIGNING_PASSPHRASE", "hunter2")
+    gx_validation.discard_worker()  # one started now, with these variables set
     _warm(monkeypatch)
-    pid = _worker_pids()[0]
+    worker = gx_validation._WORKER[0]
     try:
         environ = dict(entry.split("=", 1) for entry in
-                       Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if "=" in entry)
+                       Path(f"/proc/{worker.pid}/environ").read_bytes().decode().split("\0") if "=" in entry)
+        assert worker.poll() is None, "the worker exited at once"
     finally:
         gx_validation.discard_worker()
     assert set(environ) <= {"PATH", "LANG", "LC_ALL", "TZ", "GX_ANALYTICS_ENABLED"}

@@ -322,6 +322,8 @@ def warm() -> None:
     """Start a worker process that imports Great Expectations now; the next :func:`validate` in this
     process hands it its job (one job per worker). Idempotent; a worker nobody used ends with this process."""
     with _LOCK:
+        for dead in [w for w in _WORKER if w.poll() is not None]:  # one that died waiting is replaced
+            _WORKER.remove(dead)
         if _WORKER or _STATE:  # one is waiting, or GE is loaded here already
             return
         environ = {name: os.environ[name] for name in ("PATH", "LANG", "LC_ALL", "TZ") if name in os.environ}
